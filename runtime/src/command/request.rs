@@ -1,0 +1,199 @@
+//! Turning a NATS request into a checked command: subject, command id and body.
+//!
+//! Everything here is pure, so every rule of the wire contract has a unit test.
+
+use crate::config::is_name;
+use serde_json::{Map, Value};
+
+/// The longest aggregate id.
+pub const MAX_ID_LEN: usize = 128;
+/// The longest command id (`Nats-Msg-Id`).
+pub const MAX_COMMAND_ID_LEN: usize = 128;
+
+/// A request that passed the wire checks; the command itself is decoded later.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct CommandRequest {
+    pub id: String,
+    pub command: String,
+    pub command_id: String,
+    pub body: Value,
+}
+
+/// Where an aggregate type's commands arrive: `[<prefix>.]cmd.<aggregate>.`.
+#[derive(Debug, Clone)]
+pub(crate) struct CommandSubjects {
+    root: String,
+}
+
+impl CommandSubjects {
+    pub fn new(prefix: Option<&str>, aggregate: &str) -> Self {
+        let root = match prefix {
+            Some(prefix) => format!("{prefix}.cmd.{aggregate}."),
+            None => format!("cmd.{aggregate}."),
+        };
+        CommandSubjects { root }
+    }
+
+    /// The subscription subject: every subject under the aggregate, so that malformed ones get
+    /// an `invalid` reply rather than silence.
+    pub fn wildcard(&self) -> String {
+        format!("{}>", self.root)
+    }
+
+    /// The documented pattern, for service metadata.
+    pub fn pattern(&self) -> String {
+        format!("{}<id>.<command>", self.root)
+    }
+
+    /// Splits `...cmd.<aggregate>.<id>.<command>` into id and command.
+    pub fn parse<'s>(&self, subject: &'s str) -> Result<(&'s str, &'s str), String> {
+        let rest = subject
+            .strip_prefix(&self.root)
+            .ok_or_else(|| format!("subject {subject} is not under {}", self.wildcard()))?;
+        let mut tokens = rest.split('.');
+        match (tokens.next(), tokens.next(), tokens.next()) {
+            (Some(id), Some(command), None) => {
+                check_id(id)?;
+                Ok((id, command))
+            }
+            _ => Err(format!(
+                "subject {subject} must have the form {}",
+                self.pattern()
+            )),
+        }
+    }
+}
+
+/// Aggregate ids: `[A-Za-z0-9_-]{1,128}`.
+pub(crate) fn check_id(id: &str) -> Result<(), String> {
+    if id.len() > MAX_ID_LEN || !is_name(id) {
+        return Err(format!(
+            "aggregate id {id:?} must match [A-Za-z0-9_-]{{1,{MAX_ID_LEN}}}"
+        ));
+    }
+    Ok(())
+}
+
+/// Command ids: 1 to 128 visible ASCII characters.
+pub(crate) fn check_command_id(command_id: &str) -> Result<(), String> {
+    let visible = command_id.bytes().all(|b| b.is_ascii_graphic());
+    if command_id.is_empty() || command_id.len() > MAX_COMMAND_ID_LEN || !visible {
+        return Err(format!(
+            "Nats-Msg-Id {command_id:?} must be 1 to {MAX_COMMAND_ID_LEN} visible ASCII characters"
+        ));
+    }
+    Ok(())
+}
+
+/// The body: a JSON object of the command's fields; empty means `{}`.
+pub(crate) fn parse_body(payload: &[u8], max_bytes: usize) -> Result<Value, String> {
+    if payload.len() > max_bytes {
+        return Err(format!(
+            "body is {} bytes; the limit is {max_bytes}",
+            payload.len()
+        ));
+    }
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Object(Map::new()));
+    }
+    match serde_json::from_slice(payload) {
+        Ok(Value::Object(fields)) => Ok(Value::Object(fields)),
+        Ok(_) => Err("body must be a JSON object of the command's fields".into()),
+        Err(err) => Err(format!("body is not valid JSON: {err}")),
+    }
+}
+
+/// A stable 64-bit FNV-1a fingerprint of a command, so a reused command id with a different
+/// command is recognised. Stable across builds, unlike `std`'s hasher.
+pub(crate) fn fingerprint(command: &str, body: &Value) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let text = format!("{command}\n{body}");
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_subject_splits_into_id_and_command() {
+        let subjects = CommandSubjects::new(None, "account");
+        assert_eq!(
+            subjects.parse("cmd.account.a-1.deposit"),
+            Ok(("a-1", "deposit"))
+        );
+        assert_eq!(subjects.wildcard(), "cmd.account.>");
+    }
+
+    #[test]
+    fn a_prefix_comes_before_cmd() {
+        let subjects = CommandSubjects::new(Some("eu.bank"), "account");
+        assert_eq!(
+            subjects.parse("eu.bank.cmd.account.x.open"),
+            Ok(("x", "open"))
+        );
+        assert!(subjects.parse("cmd.account.x.open").is_err());
+    }
+
+    #[test]
+    fn subjects_with_missing_or_extra_tokens_are_invalid() {
+        let subjects = CommandSubjects::new(None, "account");
+        for bad in ["cmd.account.x", "cmd.account.x.open.now"] {
+            let err = subjects.parse(bad).unwrap_err();
+            assert!(err.contains("cmd.account.<id>.<command>"), "{err}");
+        }
+    }
+
+    #[test]
+    fn ids_are_limited_to_safe_characters_and_128_bytes() {
+        assert!(check_id("Ab_9-x").is_ok());
+        assert!(check_id(&"a".repeat(128)).is_ok());
+        for bad in ["", "a b", "ä", &"a".repeat(129)] {
+            assert!(check_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn command_ids_are_visible_ascii() {
+        assert!(check_command_id("018f3a5e-7c1d-7000-8000-000000000000").is_ok());
+        for bad in ["", "a b", &"x".repeat(129)] {
+            assert!(check_command_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_empty_body_means_no_fields() {
+        assert_eq!(parse_body(b"", 10), Ok(Value::Object(Map::new())));
+        assert_eq!(parse_body(b" \n", 10), Ok(Value::Object(Map::new())));
+    }
+
+    #[test]
+    fn bodies_must_be_json_objects_within_the_limit() {
+        assert!(
+            parse_body(b"not json", 100)
+                .unwrap_err()
+                .contains("not valid JSON")
+        );
+        assert!(parse_body(b"[1]", 100).unwrap_err().contains("JSON object"));
+        assert_eq!(
+            parse_body(b"{\"a\":1}", 3).unwrap_err(),
+            "body is 7 bytes; the limit is 3"
+        );
+    }
+
+    #[test]
+    fn fingerprints_ignore_key_order_and_differ_by_content() {
+        let a = fingerprint("deposit", &serde_json::json!({"amount": 1, "memo": "x"}));
+        let b = fingerprint(
+            "deposit",
+            &serde_json::from_str(r#"{"memo":"x","amount":1}"#).unwrap(),
+        );
+        let c = fingerprint("deposit", &serde_json::json!({"amount": 2, "memo": "x"}));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+}

@@ -1,0 +1,540 @@
+//! Configuration: `jetfn.toml`, then `JETFN_*` environment variables, then `NATS_URL`.
+//!
+//! Every setting has a default, so an empty environment runs against `nats://127.0.0.1:4222`.
+//! Nested keys map to environment variables with `__` between levels:
+//! `command.max_retries` is `JETFN_COMMAND__MAX_RETRIES`. The file is `jetfn.toml` in the
+//! working directory, or the path in `JETFN_CONFIG`.
+//!
+//! ```toml
+//! [nats]
+//! url = "nats://127.0.0.1:4222"
+//! creds_file = "/etc/jetfn/account.creds"
+//!
+//! [command]
+//! max_retries = 5
+//!
+//! [stream]
+//! duplicate_window = "2m"
+//!
+//! [ledger]
+//! ttl = "7days"
+//! ```
+//!
+//! Unknown keys and bad values fail at start with a message that names the key.
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A source could not be read or a value has the wrong type; figment names the key.
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// A value has the right type but is not allowed.
+    #[error("configuration: {key}: {message}")]
+    Invalid {
+        /// The dotted key, for example `command.max_in_flight`.
+        key: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// The whole configuration of a function.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// How to reach NATS.
+    pub nats: NatsConfig,
+    /// How commands are received and retried.
+    pub command: CommandConfig,
+    /// The event stream.
+    pub stream: StreamConfig,
+    /// The idempotency ledger.
+    pub ledger: LedgerConfig,
+}
+
+/// Connection and authentication settings for NATS.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated. `NATS_URL` overrides it.
+    pub url: String,
+    /// Connection name shown in server monitoring. Defaults to `jetfn-<aggregate>`.
+    pub name: Option<String>,
+    /// A `.creds` file (JWT + nkey seed).
+    pub creds_file: Option<PathBuf>,
+    /// An nkey seed (`SU...`).
+    pub nkey_seed: Option<Secret>,
+    /// User name for user/password authentication.
+    pub user: Option<String>,
+    /// Password for user/password authentication.
+    pub password: Option<Secret>,
+    /// Token authentication.
+    pub token: Option<Secret>,
+    /// A PEM file of CA certificates to trust.
+    pub tls_ca: Option<PathBuf>,
+    /// A PEM client certificate; needs `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Refuse to connect without TLS.
+    pub tls_required: bool,
+    /// How long to wait for the first connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long to wait for a JetStream reply before a command fails as `unavailable`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            name: None,
+            creds_file: None,
+            nkey_seed: None,
+            user: None,
+            password: None,
+            token: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_required: false,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Secrets print as <redacted> through `Secret`'s Debug.
+        f.debug_struct("NatsConfig")
+            .field("url", &self.url)
+            .field("name", &self.name)
+            .field("creds_file", &self.creds_file)
+            .field("nkey_seed", &self.nkey_seed)
+            .field("user", &self.user)
+            .field("password", &self.password)
+            .field("token", &self.token)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls_required", &self.tls_required)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How commands are received, processed and retried.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommandConfig {
+    /// Optional subject prefix: commands arrive on `<prefix>.cmd.<aggregate>.<id>.<command>`.
+    pub subject_prefix: Option<String>,
+    /// The queue group instances share. `q` is the NATS services default.
+    pub queue_group: String,
+    /// Retries after an optimistic-concurrency conflict before replying `conflict`.
+    pub max_retries: u32,
+    /// The first backoff step between conflict retries; it doubles per retry, with full jitter.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// The largest backoff step.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_backoff: Duration,
+    /// Commands processed concurrently by one instance.
+    pub max_in_flight: usize,
+    /// The largest accepted command body in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for CommandConfig {
+    fn default() -> Self {
+        CommandConfig {
+            subject_prefix: None,
+            queue_group: "q".into(),
+            max_retries: 5,
+            retry_backoff: Duration::from_millis(2),
+            max_retry_backoff: Duration::from_millis(200),
+            max_in_flight: 256,
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// The aggregate's event stream.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Stream name. Defaults to the upper-cased aggregate name plus `_EVENTS`.
+    pub name: Option<String>,
+    /// Subject prefix of events: an aggregate's events go to `<subject_prefix>.<id>`.
+    /// Defaults to `evt.<aggregate>`.
+    pub subject_prefix: Option<String>,
+    /// Replicas (1 for a single server, 3 for a production cluster).
+    pub replicas: usize,
+    /// How long JetStream remembers `Nats-Msg-Id`s. Older repeats are caught by the ledger.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// The stream's size limit in bytes; new events are refused beyond it (never old ones
+    /// dropped). Unlimited when absent.
+    pub max_bytes: Option<i64>,
+    /// Create or update the stream at start-up. Turn off when `deploy/` provisions it.
+    pub provision: bool,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            name: None,
+            subject_prefix: None,
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            max_bytes: None,
+            provision: true,
+        }
+    }
+}
+
+/// The command ledger: replies by command id, kept longer than the duplicate window.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// KV bucket name. Defaults to `jetfn-ledger-<aggregate>`.
+    pub bucket: Option<String>,
+    /// How long a reply is remembered.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Replicas of the bucket.
+    pub replicas: usize,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            bucket: None,
+            ttl: Duration::from_secs(7 * 24 * 3600),
+            replicas: 1,
+        }
+    }
+}
+
+/// A string that never appears in logs or `Debug` output.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for handing to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Config {
+    /// Loads `jetfn.toml` (or `$JETFN_CONFIG`), then `JETFN_*` variables, then `NATS_URL`,
+    /// and validates the result.
+    pub fn load() -> Result<Config, ConfigError> {
+        Self::from_figment(Self::figment())
+    }
+
+    /// The layered sources [`Config::load`] reads, for callers that add their own.
+    pub fn figment() -> Figment {
+        let file = std::env::var_os("JETFN_CONFIG")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("jetfn.toml"));
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::file(file))
+            // Only nested keys (`JETFN_SECTION__KEY`) are settings; other JETFN_ variables
+            // (JETFN_CONFIG, tool paths) are not.
+            .merge(
+                Env::prefixed("JETFN_")
+                    .filter(|key| key.as_str().contains("__"))
+                    .split("__"),
+            )
+            .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats.url".into()))
+    }
+
+    /// Extracts and validates a configuration from any figment.
+    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that have the right type but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_owned(),
+            })
+        };
+        if self.nats.url.trim().is_empty() {
+            return invalid("nats.url", "must not be empty");
+        }
+        if self.nats.tls_cert.is_some() != self.nats.tls_key.is_some() {
+            return invalid("nats.tls_cert", "tls_cert and tls_key must be set together");
+        }
+        if self.nats.password.is_some() && self.nats.user.is_none() {
+            return invalid("nats.user", "must be set when nats.password is");
+        }
+        if let Some(prefix) = &self.command.subject_prefix
+            && !is_subject_prefix(prefix)
+        {
+            return invalid(
+                "command.subject_prefix",
+                "must be dot-separated tokens without spaces, `*` or `>`",
+            );
+        }
+        if self.command.queue_group.is_empty() || !is_subject_prefix(&self.command.queue_group) {
+            return invalid("command.queue_group", "must be a non-empty subject token");
+        }
+        if self.command.max_retries > 1000 {
+            return invalid("command.max_retries", "must be at most 1000");
+        }
+        if self.command.max_in_flight == 0 {
+            return invalid("command.max_in_flight", "must be at least 1");
+        }
+        if self.command.max_body_bytes == 0 {
+            return invalid("command.max_body_bytes", "must be at least 1");
+        }
+        if let Some(name) = &self.stream.name
+            && !is_name(name)
+        {
+            return invalid("stream.name", "must match [A-Za-z0-9_-]+");
+        }
+        if let Some(prefix) = &self.stream.subject_prefix
+            && !is_subject_prefix(prefix)
+        {
+            return invalid(
+                "stream.subject_prefix",
+                "must be dot-separated tokens without spaces, `*` or `>`",
+            );
+        }
+        if !(1..=5).contains(&self.stream.replicas) {
+            return invalid("stream.replicas", "must be between 1 and 5");
+        }
+        if self.stream.duplicate_window.is_zero() {
+            return invalid("stream.duplicate_window", "must be longer than 0s");
+        }
+        if self.stream.max_bytes.is_some_and(|b| b <= 0) {
+            return invalid(
+                "stream.max_bytes",
+                "must be positive (omit it for no limit)",
+            );
+        }
+        if let Some(bucket) = &self.ledger.bucket
+            && !is_name(bucket)
+        {
+            return invalid("ledger.bucket", "must match [A-Za-z0-9_-]+");
+        }
+        if self.ledger.ttl < self.stream.duplicate_window {
+            return invalid(
+                "ledger.ttl",
+                "must be at least stream.duplicate_window, or repeats could apply twice",
+            );
+        }
+        if !(1..=5).contains(&self.ledger.replicas) {
+            return invalid("ledger.replicas", "must be between 1 and 5");
+        }
+        Ok(())
+    }
+}
+
+impl NatsConfig {
+    /// Connects with these settings. `default_name` names the connection unless `name` is set.
+    pub async fn connect(&self, default_name: &str) -> Result<async_nats::Client, crate::Error> {
+        let mut options = match &self.creds_file {
+            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|e| {
+                    self.connect_error(format!("nats.creds_file {}: {e}", path.display()))
+                })?,
+            None => async_nats::ConnectOptions::new(),
+        };
+        if let Some(seed) = &self.nkey_seed {
+            options = options.nkey(seed.expose().to_owned());
+        }
+        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+            options = options.user_and_password(user.clone(), password.expose().to_owned());
+        }
+        if let Some(token) = &self.token {
+            options = options.token(token.expose().to_owned());
+        }
+        if let Some(ca) = &self.tls_ca {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        let name = self.name.clone().unwrap_or_else(|| default_name.to_owned());
+        let urls: Vec<&str> = self.url.split(',').map(str::trim).collect();
+        let addrs = urls
+            .iter()
+            .map(|url| url.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.connect_error(format!("nats.url is not a server URL: {e}")))?;
+        options
+            .name(name)
+            .require_tls(self.tls_required)
+            .connection_timeout(self.connect_timeout)
+            .request_timeout(Some(self.request_timeout))
+            .connect(addrs)
+            .await
+            .map_err(|e| self.connect_error(e.to_string()))
+    }
+
+    fn connect_error(&self, reason: String) -> crate::Error {
+        crate::Error::Connect {
+            url: redact_url(&self.url),
+            reason,
+        }
+    }
+}
+
+/// Removes `user:password@` from URLs before they are shown.
+pub(crate) fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}<redacted>@{}", &url[..scheme + 3], &url[at + 1..])
+            }
+            _ => url.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `[A-Za-z0-9_-]+`: stream, bucket and service names, and aggregate ids.
+pub(crate) fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Dot-separated literal subject tokens.
+fn is_subject_prefix(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|token| {
+            !token.is_empty()
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
+        })
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail closures return figment::Error
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn file_then_env_then_nats_url_override_each_other() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "jetfn.toml",
+                "[nats]\nurl = \"nats://file:4222\"\n[command]\nmax_retries = 3\n",
+            )?;
+            jail.set_env("JETFN_COMMAND__MAX_RETRIES", "9");
+            jail.set_env("JETFN_NATS_SERVER", "/not/a/setting");
+            let config = Config::load().unwrap();
+            assert_eq!(config.nats.url, "nats://file:4222");
+            assert_eq!(config.command.max_retries, 9);
+            jail.set_env("NATS_URL", "nats://env:4222");
+            assert_eq!(Config::load().unwrap().nats.url, "nats://env:4222");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_wrongly_typed_value_names_its_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("JETFN_COMMAND__MAX_RETRIES", "many");
+            let message = Config::load().unwrap_err().to_string().to_lowercase();
+            assert!(message.contains("command.max_retries"), "{message}");
+            assert!(message.contains("\"many\""), "{message}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused() {
+        Jail::expect_with(|jail| {
+            jail.create_file("jetfn.toml", "[command]\nmax_retrys = 3\n")?;
+            let message = Config::load().unwrap_err().to_string();
+            assert!(message.contains("max_retrys"), "{message}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn durations_use_human_units() {
+        Jail::expect_with(|jail| {
+            jail.set_env("JETFN_STREAM__DUPLICATE_WINDOW", "5s");
+            let config = Config::load().unwrap();
+            assert_eq!(config.stream.duplicate_window, Duration::from_secs(5));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn nonsensical_values_name_the_key() {
+        let mut config = Config::default();
+        config.command.max_in_flight = 0;
+        let message = config.validate().unwrap_err().to_string();
+        assert_eq!(
+            message,
+            "configuration: command.max_in_flight: must be at least 1"
+        );
+
+        let mut config = Config::default();
+        config.command.subject_prefix = Some("a.>".into());
+        let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains("command.subject_prefix"), "{message}");
+    }
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        assert_eq!(
+            redact_url("nats://bob:pw@host:4222,nats://h2:4222"),
+            "nats://<redacted>@host:4222,nats://h2:4222"
+        );
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let mut config = Config::default();
+        config.nats.token = Some(Secret::new("s3cr3t"));
+        config.nats.password = Some(Secret::new("hunter2"));
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        assert!(shown.contains("<redacted>"));
+    }
+}

@@ -1,0 +1,71 @@
+//! # jetfn
+//!
+//! Event-sourced, CQRS systems as small functions on NATS JetStream.
+//!
+//! A **command function** takes commands as NATS requests on `cmd.<aggregate>.<id>.<command>`,
+//! loads the aggregate's events from a JetStream stream, lets pure domain code decide new events,
+//! appends them with optimistic concurrency, and replies. Write the domain as an [`Aggregate`];
+//! the runtime does the rest:
+//!
+//! ```no_run
+//! # use jetfn::{Aggregate, Rejection};
+//! # #[derive(Default)] struct Account;
+//! # #[derive(serde::Deserialize)] enum Command {}
+//! # #[derive(serde::Serialize, serde::Deserialize)] enum Event {}
+//! # impl Aggregate for Account {
+//! #     const NAME: &'static str = "account";
+//! #     type Command = Command; type Event = Event;
+//! #     fn decide(&self, c: Command) -> Result<Vec<Event>, Rejection> { match c {} }
+//! #     fn evolve(self, e: &Event) -> Self { match *e {} }
+//! # }
+//! #[tokio::main]
+//! async fn main() -> Result<(), jetfn::Error> {
+//!     jetfn::command_function::<Account>().run().await
+//! }
+//! ```
+//!
+//! Modules, one concept each:
+//! * [`aggregate`]: the domain model ([`Aggregate`], [`Rejection`]);
+//! * [`command`]: command functions, the reply contract and retries;
+//! * [`store`]: the JetStream event store (load by direct get, append with OCC);
+//! * [`config`]: configuration from `jetfn.toml` and the environment;
+//! * [`telemetry`]: logging and signals;
+//! * [`testing`]: given/when/then for domain rules, without servers.
+
+pub mod aggregate;
+mod codec;
+pub mod command;
+pub mod config;
+pub mod store;
+pub mod telemetry;
+pub mod testing;
+
+pub use aggregate::{Aggregate, Rejection};
+pub use codec::CodecError;
+pub use command::{Reply, command_function};
+pub use config::Config;
+
+/// Why a function could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// NATS could not be reached or refused the credentials.
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect {
+        /// The configured URL, without credentials.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The event store is unusable (server too old, stream incompatible, JetStream down).
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// Registering or running the NATS service failed.
+    #[error("{0}")]
+    Service(String),
+    /// `Aggregate::NAME` is not a valid subject token.
+    #[error("aggregate name {0:?} must match [a-z0-9_-]+")]
+    AggregateName(&'static str),
+}
