@@ -46,7 +46,7 @@ pub fn decode_variant<T: DeserializeOwned>(name: &str, fields: Value) -> Result<
     tagged.insert(name.to_owned(), fields);
     match decode_tagged(Value::Object(tagged)) {
         // A unit variant (`Closed` rather than `Closed {}`) is stored with an empty object.
-        Err(_) if unit_variant => decode_tagged(Value::String(name.to_owned())),
+        Err(err) if unit_variant => decode_tagged(Value::String(name.to_owned())).map_err(|_| err),
         result => result,
     }
 }
@@ -142,6 +142,12 @@ mod tests {
             panic!("expected an error, got {err:?}")
         };
         assert!(message.starts_with("amount: invalid type"), "{message}");
+    }
+
+    #[test]
+    fn a_missing_field_is_reported_as_missing() {
+        let err = decode_variant::<Command>("deposit", serde_json::json!({}));
+        assert!(matches!(err, Err(CodecError::Invalid(m)) if m.contains("missing field `amount`")));
     }
 
     #[test]

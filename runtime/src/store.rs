@@ -282,6 +282,14 @@ impl EventStore {
 
     /// Loads one aggregate's events with a direct get batch.
     pub async fn load(&self, id: &str) -> Result<History, StoreError> {
+        let mut history = History::default();
+        self.catch_up(id, &mut history).await?;
+        Ok(history)
+    }
+
+    /// Appends to `history` the aggregate's events stored after `history.last_seq`, so a retry
+    /// after a conflict reads only what changed.
+    pub async fn catch_up(&self, id: &str, history: &mut History) -> Result<(), StoreError> {
         let subject = self.subject(id);
         let inbox = self.client.new_inbox();
         let mut replies = self
@@ -289,8 +297,7 @@ impl EventStore {
             .subscribe(inbox.clone())
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let mut history = History::default();
-        let mut next_seq = 1;
+        let mut next_seq = history.last_seq + 1;
         loop {
             let request = serde_json::json!({
                 "seq": next_seq,
@@ -342,7 +349,7 @@ impl EventStore {
                 }
             };
             if pending == 0 {
-                return Ok(history);
+                return Ok(());
             }
             next_seq = history.last_seq + 1;
         }

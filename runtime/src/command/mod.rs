@@ -22,7 +22,9 @@ pub use request::{MAX_COMMAND_ID_LEN, MAX_ID_LEN};
 use crate::aggregate::Aggregate;
 use crate::codec::{decode_variant, encode_variant, variant_names};
 use crate::config::Config;
-use crate::store::{Append, AppendError, EventStore, History, NewEvent, StoreSettings};
+use crate::store::{
+    Append, AppendError, EventStore, History, NewEvent, StoreSettings, StoredEvent,
+};
 use crate::{Error, telemetry};
 use async_nats::service::{self, ServiceExt};
 use async_nats::{Client, HeaderMap};
@@ -480,31 +482,29 @@ impl<A: Aggregate> Handler<A> {
         }
     }
 
-    /// Load, decide, append; on a conflict, again.
+    /// Load, decide, append; on a conflict, catch up with what changed and decide again.
     async fn decide_and_append(&self, request: &CommandRequest) -> (Reply, u32) {
+        let unavailable = |message: String| Reply::failed(ErrorKind::Unavailable, message);
+        let mut history = History::default();
+        let mut state = A::default();
         let mut retries = 0;
         loop {
-            let history = match self.store.load(&request.id).await {
-                Ok(history) => history,
-                Err(err) => {
-                    return (
-                        Reply::failed(ErrorKind::Unavailable, err.to_string()),
-                        retries,
-                    );
-                }
-            };
+            let folded = history.events.len();
+            if let Err(err) = self.store.catch_up(&request.id, &mut history).await {
+                return (unavailable(err.to_string()), retries);
+            }
             if let Some(reply) = earlier_reply(&history, request) {
                 return (reply, retries);
             }
-            let decided = match self.decide(request, &history) {
+            state = match fold(state, &history.events[folded..]) {
+                Ok(state) => state,
+                Err(message) => return (unavailable(message), retries),
+            };
+            let Decided { events, types } = match self.decide(&state, request) {
                 Ok(decided) => decided,
                 Err(reply) => return (reply, retries),
             };
-            let Decided {
-                events,
-                types,
-                version,
-            } = decided;
+            let version = (history.events.len() + events.len()) as u64;
             if events.is_empty() {
                 return (accepted(request, version, history.last_seq, types), retries);
             }
@@ -519,9 +519,7 @@ impl<A: Aggregate> Handler<A> {
             let exhausted = retries >= self.config.max_retries;
             match outcome {
                 Ok(seq) => return (accepted(request, version, seq, types), retries),
-                Err(AppendError::Unavailable(message)) => {
-                    return (Reply::failed(ErrorKind::Unavailable, message), retries);
-                }
+                Err(AppendError::Unavailable(message)) => return (unavailable(message), retries),
                 Err(AppendError::Conflict(message)) if exhausted => {
                     let message = format!(
                         "{} changed concurrently {} times in a row; last: {message}",
@@ -531,10 +529,10 @@ impl<A: Aggregate> Handler<A> {
                     return (Reply::failed(ErrorKind::Conflict, message), retries);
                 }
                 Err(AppendError::Unknown(message)) if exhausted => {
-                    return (Reply::failed(ErrorKind::Unavailable, message), retries);
+                    return (unavailable(message), retries);
                 }
                 Err(err) => {
-                    tracing::debug!(error = %err, retry = retries + 1, "reloading after conflict");
+                    tracing::debug!(error = %err, retry = retries + 1, "catching up after conflict");
                     tokio::time::sleep(self.backoff(retries)).await;
                     retries += 1;
                 }
@@ -542,33 +540,8 @@ impl<A: Aggregate> Handler<A> {
         }
     }
 
-    /// Folds the history into state and asks the domain.
-    fn decide(&self, request: &CommandRequest, history: &History) -> Result<Decided, Reply> {
-        let unavailable = |message: String| Reply::failed(ErrorKind::Unavailable, message);
-        let mut state = A::default();
-        for stored in &history.events {
-            let known = A::event_version(&stored.event_type);
-            if stored.version > known {
-                return Err(unavailable(format!(
-                    "event {} at sequence {} has schema version {}, newer than this function \
-                     knows ({known}); deploy the newer function",
-                    stored.event_type, stored.seq, stored.version
-                )));
-            }
-            let event = serde_json::from_slice(&stored.payload)
-                .map_err(|e| e.to_string())
-                .and_then(|fields| {
-                    decode_variant::<A::Event>(&stored.event_type, fields)
-                        .map_err(|e| e.to_string())
-                })
-                .map_err(|e| {
-                    unavailable(format!(
-                        "stored event {} at sequence {} cannot be decoded: {e}",
-                        stored.event_type, stored.seq
-                    ))
-                })?;
-            state = state.evolve(&event);
-        }
+    /// Asks the domain, and encodes what it decided.
+    fn decide(&self, state: &A, request: &CommandRequest) -> Result<Decided, Reply> {
         let command = self
             .decode(request)
             .map_err(|m| Reply::failed(ErrorKind::Invalid, m))?;
@@ -577,8 +550,8 @@ impl<A: Aggregate> Handler<A> {
             .map_err(|r| Reply::failed(ErrorKind::Rejected, r.message()))?;
         let mut events = Vec::with_capacity(decided.len());
         for event in &decided {
-            let (event_type, payload) =
-                encode_variant(event).map_err(|e| unavailable(e.to_string()))?;
+            let (event_type, payload) = encode_variant(event)
+                .map_err(|e| Reply::failed(ErrorKind::Unavailable, e.to_string()))?;
             events.push(NewEvent {
                 version: A::event_version(&event_type),
                 event_type,
@@ -587,13 +560,17 @@ impl<A: Aggregate> Handler<A> {
         }
         Ok(Decided {
             types: events.iter().map(|e| e.event_type.clone()).collect(),
-            version: (history.events.len() + events.len()) as u64,
             events,
         })
     }
 
-    /// Full-jitter exponential backoff: uniform in [0, min(max, base * 2^retry)].
+    /// No pause before the first retry: with one writer per aggregate per instance, the usual
+    /// rival is one other instance, and pausing would hand it the next turn as well. After that,
+    /// full-jitter exponential backoff: uniform in [0, min(max, base * 2^(retry-1))].
     fn backoff(&self, retry: u32) -> Duration {
+        let Some(retry) = retry.checked_sub(1) else {
+            return Duration::ZERO;
+        };
         let ceiling = self
             .config
             .retry_backoff
@@ -607,7 +584,33 @@ impl<A: Aggregate> Handler<A> {
 struct Decided {
     events: Vec<NewEvent>,
     types: Vec<String>,
-    version: u64,
+}
+
+/// Applies stored events to a state, checking that this code understands them.
+fn fold<A: Aggregate>(mut state: A, events: &[StoredEvent]) -> Result<A, String> {
+    for stored in events {
+        let known = A::event_version(&stored.event_type);
+        if stored.version > known {
+            return Err(format!(
+                "event {} at sequence {} has schema version {}, newer than this function knows \
+                 ({known}); deploy the newer function",
+                stored.event_type, stored.seq, stored.version
+            ));
+        }
+        let event = serde_json::from_slice(&stored.payload)
+            .map_err(|e| e.to_string())
+            .and_then(|fields| {
+                decode_variant::<A::Event>(&stored.event_type, fields).map_err(|e| e.to_string())
+            })
+            .map_err(|e| {
+                format!(
+                    "stored event {} at sequence {} cannot be decoded: {e}",
+                    stored.event_type, stored.seq
+                )
+            })?;
+        state = state.evolve(&event);
+    }
+    Ok(state)
 }
 
 fn accepted(request: &CommandRequest, version: u64, seq: u64, events: Vec<String>) -> Reply {
