@@ -1,0 +1,196 @@
+//! Helpers for command function tests: start the account function, send commands as a plain
+//! NATS client would, and read the stream back through JetStream's own API (not jetfn's loader),
+//! so tests check what is really stored.
+
+use crate::NatsServer;
+use anyhow::{Context, Result, bail};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, stream::Stream};
+use jetfn::Reply;
+use jetfn::command::RunningFunction;
+use serde_json::Value;
+use std::time::Duration;
+
+/// The account function's stream, with default configuration.
+pub const ACCOUNT_STREAM: &str = "ACCOUNT_EVENTS";
+
+/// A configuration for the account function against `nats`, with short timeouts.
+pub fn account_config(nats: &NatsServer) -> jetfn::Config {
+    let mut config = jetfn::Config::default();
+    config.nats.url = nats.url();
+    config.nats.request_timeout = Duration::from_secs(5);
+    config
+}
+
+/// Starts the account command function in this process.
+pub async fn start_account(config: jetfn::Config) -> Result<RunningFunction> {
+    jetfn::command_function::<account::Account>()
+        .with_config(config)
+        .start()
+        .await
+        .context("starting the account function")
+}
+
+/// A reply as a client sees it: the decoded body and the service error headers.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// The decoded JSON body.
+    pub reply: Reply,
+    /// The raw JSON body.
+    pub body: Value,
+    /// `Nats-Service-Error-Code`, if present.
+    pub error_code: Option<String>,
+    /// `Nats-Service-Error`, if present.
+    pub error_message: Option<String>,
+}
+
+impl Sent {
+    /// The accepted reply, or a panic naming what came instead.
+    #[track_caller]
+    pub fn accepted(&self) -> &jetfn::command::Accepted {
+        match &self.reply {
+            Reply::Accepted(accepted) => accepted,
+            Reply::Failed(failure) => panic!("expected success, got {failure:?}"),
+        }
+    }
+}
+
+/// Sends a command as raw NATS: subject, JSON body bytes and an optional `Nats-Msg-Id`.
+pub async fn send_raw(
+    client: &async_nats::Client,
+    subject: &str,
+    body: impl Into<bytes::Bytes>,
+    command_id: Option<&str>,
+) -> Result<Sent> {
+    let mut headers = HeaderMap::new();
+    if let Some(id) = command_id {
+        headers.insert("Nats-Msg-Id", id);
+    }
+    let request = async_nats::Request::new()
+        .headers(headers)
+        .payload(body.into())
+        .timeout(Some(Duration::from_secs(10)));
+    let message = client
+        .send_request(subject.to_owned(), request)
+        .await
+        .with_context(|| format!("request to {subject}"))?;
+    let body: Value = serde_json::from_slice(&message.payload)
+        .with_context(|| format!("reply body {:?}", String::from_utf8_lossy(&message.payload)))?;
+    let reply = serde_json::from_value(body.clone()).context("reply shape")?;
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+    Ok(Sent {
+        reply,
+        body,
+        error_code: header("Nats-Service-Error-Code"),
+        error_message: header("Nats-Service-Error"),
+    })
+}
+
+/// Sends `cmd.account.<id>.<command>` with a JSON body.
+pub async fn send(
+    client: &async_nats::Client,
+    id: &str,
+    command: &str,
+    body: Value,
+    command_id: Option<&str>,
+) -> Result<Sent> {
+    let subject = format!("cmd.account.{id}.{command}");
+    send_raw(client, &subject, body.to_string(), command_id).await
+}
+
+/// One message as stored in the stream.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    /// Stream sequence.
+    pub seq: u64,
+    /// Subject.
+    pub subject: String,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Payload as JSON.
+    pub payload: Value,
+}
+
+impl StoredMessage {
+    /// A header value, or "" when absent.
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Opens a stream by name.
+pub async fn stream(client: &async_nats::Client, name: &str) -> Result<Stream> {
+    jetstream::new(client.clone())
+        .get_stream(name)
+        .await
+        .with_context(|| format!("stream {name}"))
+}
+
+/// Every message of a stream on `subject` (all subjects when `None`), read one by one with the
+/// stream message API.
+pub async fn stored_messages(
+    client: &async_nats::Client,
+    stream_name: &str,
+    subject: Option<&str>,
+) -> Result<Vec<StoredMessage>> {
+    let mut stream = stream(client, stream_name).await?;
+    let state = stream.info().await?.state.clone();
+    let mut messages = Vec::new();
+    if state.messages == 0 {
+        return Ok(messages);
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        let message = stream
+            .get_raw_message(seq)
+            .await
+            .with_context(|| format!("message {seq}"))?;
+        if subject.is_some_and(|s| s != message.subject.as_str()) {
+            continue;
+        }
+        let payload = serde_json::from_slice(&message.payload)
+            .with_context(|| format!("payload of message {seq}"))?;
+        messages.push(StoredMessage {
+            seq,
+            subject: message.subject.to_string(),
+            headers: message.headers,
+            payload,
+        });
+    }
+    Ok(messages)
+}
+
+/// How many messages the stream holds.
+pub async fn message_count(client: &async_nats::Client, stream_name: &str) -> Result<u64> {
+    match jetstream::new(client.clone()).get_stream(stream_name).await {
+        Ok(mut stream) => Ok(stream.info().await?.state.messages),
+        Err(_) => Ok(0),
+    }
+}
+
+/// The balance an account's stored events add up to.
+pub fn balance(events: &[StoredMessage]) -> Result<u64> {
+    let mut balance: u64 = 0;
+    for event in events {
+        let amount = || {
+            event.payload["amount"]
+                .as_u64()
+                .with_context(|| format!("amount of event {}", event.seq))
+        };
+        match event.header("ce-type").as_str() {
+            "MoneyDeposited" => balance += amount()?,
+            "MoneyWithdrawn" => balance -= amount()?,
+            "AccountOpened" | "AccountClosed" => {}
+            other => bail!("unexpected event type {other:?} at {}", event.seq),
+        }
+    }
+    Ok(balance)
+}

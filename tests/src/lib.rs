@@ -1,0 +1,57 @@
+//! Test harness for jetfn: real, private servers and real processes, no mocks.
+//!
+//! - [`NatsServer`]: a `nats-server` (>= 2.12, JetStream on) on a free
+//!   loopback port with a temporary store; [`NatsServer::restart`] keeps the
+//!   data.
+//! - [`RedisServer`]: a `redis-server` on a free loopback port that keeps
+//!   nothing; [`RedisServer::restart_empty`] simulates losing the cache.
+//! - [`FunctionProcess`]: a built workspace binary (e.g. `account`) as a child
+//!   process, with SIGTERM / SIGKILL / bounded waits and its log.
+//!
+//! Everything is cleaned up on drop, also when a test panics; the log tail of
+//! each server or process is then printed to stderr. The binaries are found
+//! by [`nats_server_binary`], [`redis_server_binary`] and [`binary_path`];
+//! `./just test` installs missing servers and builds the workspace first.
+//!
+//! ```no_run
+//! use jetfn_tests::{FunctionProcess, NatsServer, RedisServer};
+//!
+//! # async fn demo() -> anyhow::Result<()> {
+//! jetfn_tests::init_tracing();
+//! let nats = NatsServer::start().await?;
+//! let redis = RedisServer::start().await?;
+//! let account = FunctionProcess::spawn(
+//!     "account",
+//!     &[("NATS_URL", nats.url()), ("REDIS_URL", redis.url())],
+//! )?;
+//! # Ok(()) }
+//! ```
+
+mod binaries;
+mod child;
+pub mod commands;
+mod process;
+mod servers;
+
+pub use binaries::{
+    MIN_NATS_SERVER_VERSION, NATS_SERVER_PIP_REQUIREMENT, Version, binary_path, nats_server_binary,
+    redis_server_binary,
+};
+pub use process::FunctionProcess;
+pub use servers::{NatsServer, RedisServer};
+
+/// Installs a `tracing` subscriber for tests, once per process (later calls
+/// do nothing): output goes through the test writer (captured per test), and
+/// the filter comes from `RUST_LOG`, defaulting to `warn`.
+pub fn init_tracing() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // Another subscriber may already be installed; that one then wins.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
