@@ -1,4 +1,5 @@
-//! Configuration: `jetfn.toml`, then `JETFN_*` environment variables, then `NATS_URL`.
+//! Configuration: `jetfn.toml`, then `JETFN_*` environment variables, then `NATS_URL` and
+//! `REDIS_URL`.
 //!
 //! Every setting has a default, so an empty environment runs against `nats://127.0.0.1:4222`.
 //! Nested keys map to environment variables with `__` between levels:
@@ -18,6 +19,12 @@
 //!
 //! [ledger]
 //! ttl = "7days"
+//!
+//! [redis]
+//! url = "redis://127.0.0.1:6379"
+//!
+//! [projection]
+//! partitions = 4
 //! ```
 //!
 //! Unknown keys and bad values fail at start with a message that names the key.
@@ -57,6 +64,79 @@ pub struct Config {
     pub stream: StreamConfig,
     /// The idempotency ledger.
     pub ledger: LedgerConfig,
+    /// How to reach Redis (projections).
+    pub redis: RedisConfig,
+    /// How projections consume and apply events.
+    pub projection: ProjectionConfig,
+}
+
+/// Redis connection settings.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS. `REDIS_URL` overrides it.
+    pub url: Secret,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: Secret::new("redis://127.0.0.1:6379"),
+        }
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(self.url.expose()))
+            .finish()
+    }
+}
+
+/// How projections consume and apply events.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProjectionConfig {
+    /// Partitions: each has its own consumer and checkpoint; events of one aggregate always go to
+    /// the same partition, so per-aggregate order holds while instances share the work.
+    pub partitions: u32,
+    /// The most events applied in one atomic Redis step.
+    pub batch: usize,
+    /// Attempts at an event the projection cannot decode or refuses, before it is dead-lettered.
+    pub max_attempts: u32,
+    /// How long JetStream waits for an ack before redelivering.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// How long a partition stays with an instance that stopped pulling before another takes it.
+    #[serde(with = "humantime_serde")]
+    pub pin_timeout: Duration,
+    /// Entries kept in the change feed stream (approximately).
+    pub change_feed_len: u64,
+    /// How long a replaced read-model version stays readable after a rebuild flips the pointer.
+    #[serde(with = "humantime_serde")]
+    pub rebuild_grace: Duration,
+    /// The dead-letter stream (shared by all projections; subjects `jetfn.dlq.<projection>`).
+    pub dead_letter_stream: String,
+    /// Fault injection for tests: exit the process right after this many Redis commits, before
+    /// acknowledging them. Never set it in production.
+    pub crash_after_commits: Option<u64>,
+}
+
+impl Default for ProjectionConfig {
+    fn default() -> Self {
+        ProjectionConfig {
+            partitions: 1,
+            batch: 500,
+            max_attempts: 3,
+            ack_wait: Duration::from_secs(30),
+            pin_timeout: Duration::from_secs(5),
+            change_feed_len: 10_000,
+            rebuild_grace: Duration::from_secs(5),
+            dead_letter_stream: "JETFN_DLQ".into(),
+            crash_after_commits: None,
+        }
+    }
 }
 
 /// Connection and authentication settings for NATS.
@@ -270,6 +350,7 @@ impl Config {
                     .split("__"),
             )
             .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats.url".into()))
+            .merge(Env::raw().only(&["REDIS_URL"]).map(|_| "redis.url".into()))
     }
 
     /// Extracts and validates a configuration from any figment.
@@ -354,6 +435,27 @@ impl Config {
         }
         if !(1..=5).contains(&self.ledger.replicas) {
             return invalid("ledger.replicas", "must be between 1 and 5");
+        }
+        if self.redis.url.expose().trim().is_empty() {
+            return invalid("redis.url", "must not be empty");
+        }
+        if !(1..=1024).contains(&self.projection.partitions) {
+            return invalid("projection.partitions", "must be between 1 and 1024");
+        }
+        if !(1..=10_000).contains(&self.projection.batch) {
+            return invalid("projection.batch", "must be between 1 and 10000");
+        }
+        if self.projection.max_attempts == 0 {
+            return invalid("projection.max_attempts", "must be at least 1");
+        }
+        if self.projection.ack_wait < Duration::from_secs(1) {
+            return invalid("projection.ack_wait", "must be at least 1s");
+        }
+        if self.projection.pin_timeout < Duration::from_secs(1) {
+            return invalid("projection.pin_timeout", "must be at least 1s");
+        }
+        if !is_name(&self.projection.dead_letter_stream) {
+            return invalid("projection.dead_letter_stream", "must match [A-Za-z0-9_-]+");
         }
         Ok(())
     }

@@ -28,6 +28,8 @@
 //! * [`aggregate`]: the domain model ([`Aggregate`], [`Rejection`]);
 //! * [`command`]: command functions, the reply contract and retries;
 //! * [`store`]: the JetStream event store (load by direct get, append with OCC);
+//! * [`projection`]: projection functions, exactly-once into Redis, rebuilds, dead letters;
+//! * [`readmodel`]: the Redis key layout, the atomic apply step and read-your-writes;
 //! * [`config`]: configuration from `jetfn.toml` and the environment;
 //! * [`telemetry`]: logging and signals;
 //! * [`testing`]: given/when/then for domain rules, without servers.
@@ -36,6 +38,8 @@ pub mod aggregate;
 mod codec;
 pub mod command;
 pub mod config;
+pub mod projection;
+pub mod readmodel;
 pub mod store;
 pub mod telemetry;
 pub mod testing;
@@ -44,6 +48,8 @@ pub use aggregate::{Aggregate, Rejection};
 pub use codec::CodecError;
 pub use command::{Reply, command_function};
 pub use config::Config;
+pub use projection::{Projection, Recorded, Refusal, projection_function};
+pub use readmodel::RedisWrites;
 
 /// Why a function could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +71,13 @@ pub enum Error {
     /// Registering or running the NATS service failed.
     #[error("{0}")]
     Service(String),
-    /// `Aggregate::NAME` is not a valid subject token.
-    #[error("aggregate name {0:?} must match [a-z0-9_-]+")]
+    /// `Aggregate::NAME` or `Projection::NAME` is not a valid name.
+    #[error("name {0:?} must match [a-z0-9_-]+")]
     AggregateName(&'static str),
+    /// Redis is unusable.
+    #[error("redis: {0}")]
+    Redis(String),
+    /// The command line is wrong.
+    #[error("{0}")]
+    Usage(String),
 }

@@ -1,0 +1,74 @@
+//! Account read models in Redis, for frontends.
+//!
+//! Keys (inside the live version's prefix `{account-balances}:g<G>:`):
+//! * `account:<id>` (hash): `owner`, `balance`, `status` (`open`/`closed`), `version` (events
+//!   applied), `seq` (stream sequence of the last one);
+//! * `accounts:open-by-balance` (sorted set): open accounts scored by balance;
+//! * `accounts:totals` (hash): `open_accounts`, `total_balance`.
+
+use account::{Account, Event};
+use jetfn::{Projection, Recorded, RedisWrites, Refusal};
+
+/// The projection `account-balances`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AccountBalances;
+
+/// The sorted set of open accounts by balance.
+pub const OPEN_BY_BALANCE: &str = "accounts:open-by-balance";
+/// The totals hash.
+pub const TOTALS: &str = "accounts:totals";
+
+/// The hash of one account.
+pub fn account_key(id: &str) -> String {
+    format!("account:{id}")
+}
+
+impl Projection for AccountBalances {
+    const NAME: &'static str = "account-balances";
+    type Source = Account;
+
+    fn apply(&self, event: &Recorded<Event>, writes: &mut RedisWrites) -> Result<(), Refusal> {
+        let id = event.aggregate_id.as_str();
+        let key = account_key(id);
+        match &event.event {
+            Event::AccountOpened { owner } => {
+                writes
+                    .hset(&key, "owner", owner)
+                    .hset(&key, "status", "open")
+                    .hset(&key, "balance", 0)
+                    .zadd(OPEN_BY_BALANCE, id, 0)
+                    .hincr(TOTALS, "open_accounts", 1);
+            }
+            Event::MoneyDeposited { amount } => {
+                let amount = signed(*amount)?;
+                writes
+                    .hincr(&key, "balance", amount)
+                    .zincr(OPEN_BY_BALANCE, id, amount)
+                    .hincr(TOTALS, "total_balance", amount);
+            }
+            Event::MoneyWithdrawn { amount } => {
+                let amount = signed(*amount)?;
+                writes
+                    .hincr(&key, "balance", -amount)
+                    .zincr(OPEN_BY_BALANCE, id, -amount)
+                    .hincr(TOTALS, "total_balance", -amount);
+            }
+            Event::AccountClosed {} => {
+                writes
+                    .hset(&key, "status", "closed")
+                    .zrem(OPEN_BY_BALANCE, id)
+                    .hincr(TOTALS, "open_accounts", -1);
+            }
+        }
+        writes
+            .hincr(&key, "version", 1)
+            .hset(&key, "seq", event.seq);
+        Ok(())
+    }
+}
+
+/// Redis counters are signed 64-bit; larger amounts cannot be represented.
+fn signed(amount: u64) -> Result<i64, Refusal> {
+    i64::try_from(amount)
+        .map_err(|_| Refusal::from(format!("amount {amount} exceeds Redis's range")))
+}

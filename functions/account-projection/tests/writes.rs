@@ -1,0 +1,77 @@
+//! What each account event writes to Redis, checked without servers.
+
+#![allow(clippy::unwrap_used)]
+
+use account::Event;
+use account_projection::AccountBalances;
+use jetfn::{Projection, Recorded, RedisWrites};
+
+fn writes(event: Event) -> Vec<String> {
+    let recorded = Recorded {
+        seq: 7,
+        aggregate_id: "alice".into(),
+        event_type: String::new(),
+        version: 1,
+        time: None,
+        command_id: None,
+        event,
+    };
+    let mut writes = RedisWrites::default();
+    AccountBalances.apply(&recorded, &mut writes).unwrap();
+    writes.commands()
+}
+
+#[test]
+fn opening_creates_the_account_ranks_it_and_counts_it() {
+    assert_eq!(
+        writes(Event::AccountOpened {
+            owner: "Alice".into()
+        }),
+        [
+            "HSET account:alice owner Alice",
+            "HSET account:alice status open",
+            "HSET account:alice balance 0",
+            "ZADD accounts:open-by-balance 0 alice",
+            "HINCRBY accounts:totals open_accounts 1",
+            "HINCRBY account:alice version 1",
+            "HSET account:alice seq 7",
+        ]
+    );
+}
+
+#[test]
+fn a_withdrawal_lowers_balance_rank_and_total() {
+    assert_eq!(
+        writes(Event::MoneyWithdrawn { amount: 30 }),
+        [
+            "HINCRBY account:alice balance -30",
+            "ZINCRBY accounts:open-by-balance -30 alice",
+            "HINCRBY accounts:totals total_balance -30",
+            "HINCRBY account:alice version 1",
+            "HSET account:alice seq 7",
+        ]
+    );
+}
+
+#[test]
+fn closing_marks_the_account_and_drops_it_from_the_open_set() {
+    let commands = writes(Event::AccountClosed {});
+    assert!(commands.contains(&"HSET account:alice status closed".to_owned()));
+    assert!(commands.contains(&"ZREM accounts:open-by-balance alice".to_owned()));
+    assert!(commands.contains(&"HINCRBY accounts:totals open_accounts -1".to_owned()));
+}
+
+#[test]
+fn an_amount_beyond_redis_counters_is_refused() {
+    let recorded = Recorded {
+        seq: 1,
+        aggregate_id: "a".into(),
+        event_type: String::new(),
+        version: 1,
+        time: None,
+        command_id: None,
+        event: Event::MoneyDeposited { amount: u64::MAX },
+    };
+    let mut writes = RedisWrites::default();
+    assert!(AccountBalances.apply(&recorded, &mut writes).is_err());
+}

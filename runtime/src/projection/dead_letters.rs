@@ -1,0 +1,249 @@
+//! The dead-letter stream: events a projection could not apply, with why, kept for replay.
+//!
+//! One stream (`JETFN_DLQ` by default) holds every projection's dead letters on
+//! `jetfn.dlq.<projection>`. Each keeps the original payload and headers, plus:
+//! `jetfn-dlq-projection`, `jetfn-dlq-stream`, `jetfn-dlq-subject`, `jetfn-dlq-seq` (the original
+//! stream sequence), `jetfn-dlq-error` and `jetfn-dlq-deliveries`.
+
+use super::worker::decode_recorded;
+use super::{Context, Projection};
+use crate::Error;
+use crate::config::Config;
+use crate::readmodel::{Applied, AppliedEvent, Mode, RedisWrites};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, Message, stream};
+use bytes::Bytes;
+use std::time::Duration;
+
+const PROJECTION: &str = "jetfn-dlq-projection";
+const STREAM: &str = "jetfn-dlq-stream";
+const SUBJECT: &str = "jetfn-dlq-subject";
+const SEQ: &str = "jetfn-dlq-seq";
+const ERROR: &str = "jetfn-dlq-error";
+const DELIVERIES: &str = "jetfn-dlq-deliveries";
+
+/// One dead letter.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Its sequence in the dead-letter stream.
+    pub dlq_seq: u64,
+    /// The projection that gave up on it.
+    pub projection: String,
+    /// The event stream it came from.
+    pub stream: String,
+    /// Its original subject.
+    pub subject: String,
+    /// Its original stream sequence.
+    pub seq: u64,
+    /// Its event type.
+    pub event_type: String,
+    /// Why it could not be applied.
+    pub error: String,
+    /// How often JetStream had delivered it.
+    pub deliveries: i64,
+    /// Its original payload.
+    pub payload: Bytes,
+    /// Its headers (the original ones plus the dead-letter ones).
+    pub headers: HeaderMap,
+}
+
+/// Reads and removes dead letters.
+#[derive(Debug, Clone)]
+pub struct DeadLetters {
+    stream: stream::Stream,
+}
+
+impl DeadLetters {
+    /// Opens the dead-letter stream named in `config.projection.dead_letter_stream`.
+    pub async fn connect(config: &Config) -> Result<DeadLetters, Error> {
+        let client = config.nats.connect("jetfn-dlq").await?;
+        let js = jetstream::new(client);
+        provision(&js, &config.projection.dead_letter_stream).await?;
+        Self::open(&js, &config.projection.dead_letter_stream).await
+    }
+
+    async fn open(js: &jetstream::Context, name: &str) -> Result<DeadLetters, Error> {
+        let stream = js
+            .get_stream(name)
+            .await
+            .map_err(|e| Error::Service(format!("dead-letter stream {name}: {e}")))?;
+        Ok(DeadLetters { stream })
+    }
+
+    /// The dead letters of `projection`, oldest first.
+    pub async fn list(&self, projection: &str) -> Result<Vec<DeadLetter>, Error> {
+        let subject = format!("jetfn.dlq.{projection}");
+        let mut letters = Vec::new();
+        let mut next = 1;
+        loop {
+            match self
+                .stream
+                .direct_get_next_for_subject(subject.as_str(), Some(next))
+                .await
+            {
+                Ok(message) => {
+                    next = message.sequence + 1;
+                    letters.push(letter(message.sequence, message.headers, message.payload));
+                }
+                Err(err) if err.kind() == stream::DirectGetErrorKind::NotFound => {
+                    return Ok(letters);
+                }
+                Err(err) => return Err(Error::Service(format!("reading dead letters: {err}"))),
+            }
+        }
+    }
+
+    /// Removes a dead letter (after a successful replay).
+    pub async fn remove(&self, dlq_seq: u64) -> Result<(), Error> {
+        self.stream
+            .delete_message(dlq_seq)
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::Service(format!("removing dead letter {dlq_seq}: {e}")))
+    }
+}
+
+fn letter(dlq_seq: u64, headers: HeaderMap, payload: Bytes) -> DeadLetter {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default()
+    };
+    DeadLetter {
+        dlq_seq,
+        projection: get(PROJECTION),
+        stream: get(STREAM),
+        subject: get(SUBJECT),
+        seq: get(SEQ).parse().unwrap_or(0),
+        event_type: get(crate::store::headers::CE_TYPE),
+        error: get(ERROR),
+        deliveries: get(DELIVERIES).parse().unwrap_or(0),
+        payload,
+        headers,
+    }
+}
+
+/// Creates or updates the dead-letter stream.
+pub(crate) async fn provision(js: &jetstream::Context, name: &str) -> Result<(), Error> {
+    js.create_or_update_stream(stream::Config {
+        name: name.to_owned(),
+        description: Some("jetfn dead letters: events projections could not apply".into()),
+        subjects: vec!["jetfn.dlq.>".into()],
+        storage: stream::StorageType::File,
+        allow_direct: true,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
+    .map_err(|e| Error::Service(format!("dead-letter stream {name}: {e}")))
+}
+
+/// Stores a dead letter; retries until JetStream has it, because the checkpoint will pass it.
+pub(crate) async fn send<P>(
+    context: &Context<P>,
+    projection: &str,
+    generation: u64,
+    message: &Message,
+    seq: u64,
+    error: &str,
+    deliveries: i64,
+) -> Result<(), Error> {
+    let mut headers = message.headers.clone().unwrap_or_default();
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("{projection}:g{generation}:{seq}").as_str(),
+    );
+    headers.insert(PROJECTION, projection);
+    headers.insert(STREAM, context.source.stream.as_str());
+    headers.insert(SUBJECT, message.subject.as_str());
+    headers.insert(SEQ, seq.to_string().as_str());
+    headers.insert(ERROR, error.replace(['\r', '\n'], " ").as_str());
+    headers.insert(DELIVERIES, deliveries.to_string().as_str());
+    let subject = format!("jetfn.dlq.{projection}");
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let sent = match context
+            .js
+            .publish_with_headers(subject.clone(), headers.clone(), message.payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(err) => Err(err.to_string()),
+        };
+        match sent {
+            Ok(()) => return Ok(()),
+            Err(err) => {
+                tracing::warn!(projection, seq, error = %err, "dead-letter stream unavailable; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Applies every dead letter of `P` with the current code, each at most once per version, and
+/// removes those that applied.
+pub(crate) async fn replay<P: Projection>(
+    projection: &P,
+    context: &Context<P>,
+) -> Result<usize, Error> {
+    let letters =
+        DeadLetters::open(&context.js, &context.config.projection.dead_letter_stream).await?;
+    let generation = context
+        .model
+        .activate_if_none(1)
+        .await
+        .map_err(|e| Error::Redis(e.to_string()))?;
+    let mut replayed = 0;
+    for letter in letters.list(P::NAME).await? {
+        let header = |name: &str| letter.headers.get(name).map(|v| v.as_str().to_owned());
+        let aggregate_id = letter.subject.rsplit('.').next().unwrap_or_default();
+        let writes = decode_recorded::<P>(
+            &letter.payload,
+            letter.seq,
+            aggregate_id,
+            &letter.event_type,
+            &header,
+        )
+        .and_then(|recorded| {
+            let mut writes = RedisWrites::default();
+            projection
+                .apply(&recorded, &mut writes)
+                .map(|()| writes)
+                .map_err(|refusal| format!("refused: {}", refusal.0))
+        });
+        let writes = match writes {
+            Ok(writes) => writes,
+            Err(error) => {
+                tracing::warn!(projection = P::NAME, seq = letter.seq, %error, "dead letter still fails");
+                continue;
+            }
+        };
+        let event = AppliedEvent {
+            seq: letter.seq,
+            aggregate_id: aggregate_id.to_owned(),
+            event_type: letter.event_type.clone(),
+            ops: writes.into_ops(),
+            write: true,
+        };
+        let applied = context
+            .model
+            .apply(
+                0,
+                generation,
+                Mode::Replay,
+                0,
+                context.config.projection.change_feed_len,
+                &[event],
+            )
+            .await
+            .map_err(|e| Error::Redis(e.to_string()))?;
+        if applied == Applied::Committed(0) {
+            letters.remove(letter.dlq_seq).await?;
+            replayed += 1;
+        }
+    }
+    Ok(replayed)
+}

@@ -1,0 +1,476 @@
+//! Projection functions: events in, Redis read models out, exactly once.
+//!
+//! A [`Projection`] is pure code that turns one recorded event into [`RedisWrites`]. The runtime
+//! owns delivery, batching, checkpoints, retries and acks:
+//!
+//! 1. Each partition reads a durable JetStream pull consumer (pinned to one instance at a time,
+//!    so the stream's order holds while other instances wait on standby).
+//! 2. A batch of events becomes one Lua script: it checks the checkpoint, applies the writes of
+//!    every event above it, appends the change feed and advances the checkpoint, atomically.
+//! 3. Only then are the messages acknowledged. Events at or below the checkpoint are skipped, so
+//!    redeliveries (also after a crash between the commit and the ack) change nothing.
+//!
+//! On start a partition resumes from its Redis checkpoint. When Redis lost the checkpoint, the
+//! partition replays from the stream's first event.
+
+mod dead_letters;
+mod rebuild;
+mod worker;
+
+pub use dead_letters::{DeadLetter, DeadLetters};
+
+use crate::aggregate::Aggregate;
+use crate::config::Config;
+use crate::readmodel::{ReadModel, RedisWrites};
+use crate::{Error, telemetry};
+use async_nats::service::ServiceExt;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use worker::{Source, Worker};
+
+/// Turns events of one aggregate type into Redis writes.
+///
+/// ```
+/// use jetfn::projection::{Projection, Recorded, Refusal};
+/// use jetfn::readmodel::RedisWrites;
+/// # use jetfn::{Aggregate, Rejection};
+/// # #[derive(Default)] struct Counter;
+/// # #[derive(serde::Deserialize)] enum Command {}
+/// # #[derive(serde::Serialize, serde::Deserialize)] enum Event { Added { by: u64 } }
+/// # impl Aggregate for Counter {
+/// #     const NAME: &'static str = "counter";
+/// #     type Command = Command; type Event = Event;
+/// #     fn decide(&self, c: Command) -> Result<Vec<Event>, Rejection> { match c {} }
+/// #     fn evolve(self, _: &Event) -> Self { self }
+/// # }
+///
+/// struct Totals;
+///
+/// impl Projection for Totals {
+///     const NAME: &'static str = "counter-totals";
+///     type Source = Counter;
+///
+///     fn apply(&self, event: &Recorded<Event>, writes: &mut RedisWrites) -> Result<(), Refusal> {
+///         match &event.event {
+///             Event::Added { by } => writes.hincr("totals", "sum", *by as i64),
+///         };
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait Projection: Send + Sync + 'static {
+    /// The projection's name: its Redis hash tag, consumer and service name. `[a-z0-9-]+`.
+    const NAME: &'static str;
+
+    /// The aggregate whose events it reads (its stream and event type).
+    type Source: Aggregate;
+
+    /// The writes one event causes. Keys are relative: `account:alice` is stored as
+    /// `{<NAME>}:g<version>:account:alice`. Refusing sends the event to the dead-letter stream.
+    fn apply(
+        &self,
+        event: &Recorded<<Self::Source as Aggregate>::Event>,
+        writes: &mut RedisWrites,
+    ) -> Result<(), Refusal>;
+}
+
+/// An event with its place in the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded<E> {
+    /// Stream sequence.
+    pub seq: u64,
+    /// The aggregate id.
+    pub aggregate_id: String,
+    /// The event type (`ce-type`).
+    pub event_type: String,
+    /// The event schema version.
+    pub version: u32,
+    /// When it was decided (`ce-time`), if recorded.
+    pub time: Option<String>,
+    /// The command that caused it, if recorded.
+    pub command_id: Option<String>,
+    /// The decoded event.
+    pub event: E,
+}
+
+/// A projection's refusal of an event it cannot handle: the event is dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal(pub String);
+
+impl<T: Into<String>> From<T> for Refusal {
+    fn from(message: T) -> Self {
+        Refusal(message.into())
+    }
+}
+
+/// Starts building the function that runs projection `projection`.
+pub fn projection_function<P: Projection>(projection: P) -> ProjectionFunction<P> {
+    ProjectionFunction {
+        projection: Arc::new(projection),
+        config: None,
+    }
+}
+
+/// A projection function being configured. See [`projection_function`].
+pub struct ProjectionFunction<P> {
+    projection: Arc<P>,
+    config: Option<Config>,
+}
+
+impl<P: Projection> ProjectionFunction<P> {
+    /// Uses this configuration instead of loading `jetfn.toml` and the environment.
+    pub fn with_config(mut self, config: Config) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    fn config(&self) -> Result<Config, Error> {
+        match &self.config {
+            Some(config) => {
+                config.validate()?;
+                Ok(config.clone())
+            }
+            None => Ok(Config::load()?),
+        }
+    }
+
+    /// The command-line entry point. Without arguments: run until SIGTERM or SIGINT. With
+    /// `--rebuild`: build a new version of the read model from the first event beside the live
+    /// one, switch to it, delete the old one, and exit.
+    pub async fn run(self) -> Result<(), Error> {
+        telemetry::init();
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        match args
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            [] => {
+                let running = self.start().await?;
+                running.stop_on(telemetry::shutdown_signal()).await
+            }
+            ["--rebuild"] => {
+                let generation = self.rebuild().await?;
+                tracing::info!(projection = P::NAME, generation, "rebuild complete");
+                Ok(())
+            }
+            _ => Err(Error::Usage(format!(
+                "unexpected arguments {args:?}\nusage: {} [--rebuild]",
+                P::NAME
+            ))),
+        }
+    }
+
+    /// Connects and starts every partition; the handle stops them.
+    pub async fn start(self) -> Result<RunningProjection, Error> {
+        let config = self.config()?;
+        let context = Context::<P>::connect(&config).await?;
+        let generation = context
+            .model
+            .activate_if_none(1)
+            .await
+            .map_err(|e| Error::Redis(e.to_string()))?;
+        let stats = Arc::new(Stats::new(config.projection.partitions));
+        stats.generation.store(generation, Ordering::Relaxed);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        for partition in 0..config.projection.partitions {
+            let worker = Worker::new(
+                self.projection.clone(),
+                context.clone(),
+                partition,
+                generation,
+                true,
+                stats.clone(),
+            );
+            tasks.spawn(worker.run(stop_rx.clone()));
+        }
+        let service = register_service::<P>(&context, stats.clone()).await?;
+        tasks.spawn(track_stream_end(
+            context.clone(),
+            stats.clone(),
+            stop_rx.clone(),
+        ));
+        tracing::info!(
+            projection = P::NAME,
+            stream = %context.source.stream,
+            partitions = config.projection.partitions,
+            generation,
+            "projection function ready"
+        );
+        Ok(RunningProjection {
+            stop: stop_tx,
+            tasks,
+            service: Some(service),
+            stats,
+        })
+    }
+
+    /// Builds a new version of the read model from the first event while the live version keeps
+    /// serving, switches the active pointer to it once it has caught up, waits
+    /// `projection.rebuild_grace`, and deletes the old version. Returns the new version.
+    pub async fn rebuild(self) -> Result<u64, Error> {
+        let config = self.config()?;
+        let context = Context::<P>::connect(&config).await?;
+        rebuild::rebuild(self.projection, context).await
+    }
+
+    /// Applies the dead letters of this projection again, with the current code: each at most
+    /// once per read-model version. Returns how many were applied; those that fail again stay.
+    pub async fn replay_dead_letters(self) -> Result<usize, Error> {
+        let config = self.config()?;
+        let context = Context::<P>::connect(&config).await?;
+        dead_letters::replay(&*self.projection, &context).await
+    }
+}
+
+/// A running projection function.
+pub struct RunningProjection {
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<Result<(), Error>>,
+    service: Option<async_nats::service::Service>,
+    stats: Arc<Stats>,
+}
+
+impl RunningProjection {
+    /// The least checkpoint over all partitions of the live version.
+    pub fn checkpoint(&self) -> u64 {
+        self.stats.least_checkpoint()
+    }
+
+    /// Stops after the batches in flight are committed and acknowledged.
+    pub async fn stop(mut self) -> Result<(), Error> {
+        let _ = self.stop.send(true);
+        if let Some(service) = self.service.take() {
+            let _ = service.stop().await;
+        }
+        let mut result = Ok(());
+        while let Some(joined) = self.tasks.join_next().await {
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => result = Err(err),
+                Err(err) => result = Err(Error::Service(format!("worker failed: {err}"))),
+            }
+        }
+        result
+    }
+
+    /// Runs until `signal`, then stops as [`RunningProjection::stop`] does. Returns early with
+    /// the error if a partition fails for good.
+    pub async fn stop_on(mut self, signal: impl Future<Output = ()>) -> Result<(), Error> {
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                () = &mut signal => {
+                    tracing::info!("shutting down: committing batches in flight");
+                    return self.stop().await;
+                }
+                Some(joined) = self.tasks.join_next() => {
+                    if let Ok(Err(err)) = joined {
+                        let _ = self.stop.send(true);
+                        return Err(err);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What every worker of one projection shares: connections, names and settings.
+pub(crate) struct Context<P> {
+    pub js: async_nats::jetstream::Context,
+    pub client: async_nats::Client,
+    pub model: ReadModel,
+    pub source: Source,
+    pub config: Config,
+    _projection: PhantomData<fn() -> P>,
+}
+
+impl<P> Clone for Context<P> {
+    fn clone(&self) -> Self {
+        Context {
+            js: self.js.clone(),
+            client: self.client.clone(),
+            model: self.model.clone(),
+            source: self.source.clone(),
+            config: self.config.clone(),
+            _projection: PhantomData,
+        }
+    }
+}
+
+impl<P: Projection> Context<P> {
+    async fn connect(config: &Config) -> Result<Context<P>, Error> {
+        let valid = !P::NAME.is_empty()
+            && P::NAME
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid {
+            return Err(Error::AggregateName(P::NAME));
+        }
+        let aggregate = <P::Source as Aggregate>::NAME;
+        let client = config.nats.connect(&format!("jetfn-{}", P::NAME)).await?;
+        crate::store::check_server_version(&client.server_info().version)?;
+        let model = ReadModel::connect(config.redis.url.expose(), P::NAME)
+            .await
+            .map_err(|e| Error::Redis(e.to_string()))?;
+        let js = async_nats::jetstream::new(client.clone());
+        let source = Source {
+            stream: config.stream.name.clone().unwrap_or_else(|| {
+                format!(
+                    "{}_EVENTS",
+                    aggregate.to_ascii_uppercase().replace('-', "_")
+                )
+            }),
+            subject_prefix: config
+                .stream
+                .subject_prefix
+                .clone()
+                .unwrap_or_else(|| format!("evt.{aggregate}")),
+        };
+        dead_letters::provision(&js, &config.projection.dead_letter_stream).await?;
+        Ok(Context {
+            js,
+            client,
+            model,
+            source,
+            config: config.clone(),
+            _projection: PhantomData,
+        })
+    }
+}
+
+/// Live numbers of one projection instance, for `$SRV.STATS` and logs.
+pub(crate) struct Stats {
+    pub generation: AtomicU64,
+    pub checkpoints: Vec<AtomicU64>,
+    pub stream_last_seq: AtomicU64,
+    pub processed: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl Stats {
+    fn new(partitions: u32) -> Self {
+        Stats {
+            generation: AtomicU64::new(0),
+            checkpoints: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+            stream_last_seq: AtomicU64::new(0),
+            processed: AtomicU64::new(0),
+            dead_letters: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        }
+    }
+
+    pub fn least_checkpoint(&self) -> u64 {
+        self.checkpoints
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    }
+
+    pub fn lag(&self) -> u64 {
+        self.stream_last_seq
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.least_checkpoint())
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let checkpoints: serde_json::Map<String, serde_json::Value> = self
+            .checkpoints
+            .iter()
+            .enumerate()
+            .map(|(p, c)| (format!("p{p}"), c.load(Ordering::Relaxed).into()))
+            .collect();
+        serde_json::json!({
+            "generation": self.generation.load(Ordering::Relaxed),
+            "checkpoint": self.least_checkpoint(),
+            "checkpoints": checkpoints,
+            "stream_last_seq": self.stream_last_seq.load(Ordering::Relaxed),
+            "lag": self.lag(),
+            "processed": self.processed.load(Ordering::Relaxed),
+            "dead_letters": self.dead_letters.load(Ordering::Relaxed),
+            "errors": self.errors.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Registers the projection as a NATS service: `$SRV.STATS` carries its lag and checkpoints, and
+/// `jetfn.projection.<name>.status` answers the same JSON.
+async fn register_service<P: Projection>(
+    context: &Context<P>,
+    stats: Arc<Stats>,
+) -> Result<async_nats::service::Service, Error> {
+    let for_stats = stats.clone();
+    let metadata = HashMap::from([
+        ("jetfn.kind".to_owned(), "projection".to_owned()),
+        ("jetfn.stream".to_owned(), context.source.stream.clone()),
+        (
+            "jetfn.partitions".to_owned(),
+            context.config.projection.partitions.to_string(),
+        ),
+        ("jetfn.redis_tag".to_owned(), format!("{{{}}}", P::NAME)),
+    ]);
+    let service = context
+        .client
+        .service_builder()
+        .description(format!("jetfn projection {}", P::NAME))
+        .metadata(metadata)
+        .stats_handler(move |_, _| for_stats.to_json())
+        .start(P::NAME, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| Error::Service(format!("cannot register NATS service: {e}")))?;
+    let mut status = service
+        .endpoint_builder()
+        .name("status")
+        .add(format!("jetfn.projection.{}.status", P::NAME))
+        .await
+        .map_err(|e| Error::Service(format!("cannot subscribe to status requests: {e}")))?;
+    tokio::spawn(async move {
+        while let Some(request) = status.next().await {
+            let body = serde_json::to_vec(&stats.to_json()).unwrap_or_default();
+            let _ = request.respond(Ok(body.into())).await;
+        }
+    });
+    Ok(service)
+}
+
+/// Keeps `stream_last_seq` current for lag reports, and logs the lag now and then.
+async fn track_stream_end<P: Projection>(
+    context: Context<P>,
+    stats: Arc<Stats>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let mut ticks = 0u64;
+    loop {
+        if let Ok(mut stream) = context.js.get_stream(&context.source.stream).await
+            && let Ok(info) = stream.info().await
+        {
+            stats
+                .stream_last_seq
+                .store(info.state.last_sequence, Ordering::Relaxed);
+        }
+        if ticks.is_multiple_of(30) {
+            tracing::info!(
+                projection = P::NAME,
+                lag = stats.lag(),
+                checkpoint = stats.least_checkpoint(),
+                "projection lag"
+            );
+        }
+        ticks += 1;
+        tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Rebuilding a read model without downtime.
+//!
+//! The new version `G+1` is written beside the live version `G` from the first event, by workers
+//! in build mode. When every partition has caught up with the stream, `{P}:active` is set to
+//! `G+1` in one step; live instances notice on their next batch and follow. After
+//! `projection.rebuild_grace` the old version's keys and consumers are deleted.
+
+use super::worker::{PIN_GROUP, Worker, consumer_name};
+use super::{Context, Projection, Stats};
+use crate::Error;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+pub(crate) async fn rebuild<P: Projection>(
+    projection: Arc<P>,
+    context: Context<P>,
+) -> Result<u64, Error> {
+    let redis = |e: crate::readmodel::ReadModelError| Error::Redis(e.to_string());
+    let model = &context.model;
+    let partitions = context.config.projection.partitions;
+    let old = model.active_generation().await.map_err(redis)?.unwrap_or(0);
+    let new = old + 1;
+    // Leftovers of an interrupted rebuild of the same version start over.
+    model.delete_generation(new).await.map_err(redis)?;
+    delete_consumers(&context, P::NAME, new).await;
+    tracing::info!(
+        projection = P::NAME,
+        from = old,
+        to = new,
+        "rebuilding read model"
+    );
+
+    let stats = Arc::new(Stats::new(partitions));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut workers = JoinSet::new();
+    for partition in 0..partitions {
+        let worker = Worker::new(
+            projection.clone(),
+            context.clone(),
+            partition,
+            new,
+            false,
+            stats.clone(),
+        );
+        workers.spawn(worker.run(stop_rx.clone()));
+    }
+
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    loop {
+        if let Some(Ok(Err(err))) = workers.try_join_next() {
+            let _ = stop_tx.send(true);
+            return Err(err);
+        }
+        let target = stream_last_seq(&context).await?;
+        let checkpoints = model.checkpoints(new).await.map_err(redis)?;
+        let reached = if checkpoints.len() < partitions as usize {
+            0
+        } else {
+            checkpoints.iter().map(|(_, seq)| *seq).min().unwrap_or(0)
+        };
+        if reached >= target {
+            break;
+        }
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            let rate = reached as f64 / started.elapsed().as_secs_f64().max(0.001);
+            tracing::info!(
+                projection = P::NAME,
+                reached,
+                target,
+                events_per_second = rate as u64,
+                "rebuilding"
+            );
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    model.activate(new).await.map_err(redis)?;
+    tracing::info!(
+        projection = P::NAME,
+        generation = new,
+        "read model version switched"
+    );
+    let _ = stop_tx.send(true);
+    while workers.join_next().await.is_some() {}
+    // Hand the new consumers to the live instances at once instead of after the pin timeout.
+    if let Ok(stream) = context.js.get_stream(&context.source.stream).await {
+        for partition in 0..partitions {
+            let _ = stream
+                .unpin_consumer(&consumer_name(P::NAME, new, partition), PIN_GROUP)
+                .await;
+        }
+    }
+
+    if old > 0 {
+        tokio::time::sleep(context.config.projection.rebuild_grace).await;
+        let deleted = model.delete_generation(old).await.map_err(redis)?;
+        delete_consumers(&context, P::NAME, old).await;
+        tracing::info!(
+            projection = P::NAME,
+            generation = old,
+            keys = deleted,
+            "old read model version deleted"
+        );
+    }
+    Ok(new)
+}
+
+async fn stream_last_seq<P>(context: &Context<P>) -> Result<u64, Error> {
+    let mut stream = context
+        .js
+        .get_stream(&context.source.stream)
+        .await
+        .map_err(|e| Error::Service(format!("stream {}: {e}", context.source.stream)))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| Error::Service(format!("stream {}: {e}", context.source.stream)))?;
+    Ok(info.state.last_sequence)
+}
+
+/// Deletes the consumers of every partition of a version (up to 1024, the partition limit).
+async fn delete_consumers<P>(context: &Context<P>, projection: &str, generation: u64) {
+    let Ok(stream) = context.js.get_stream(&context.source.stream).await else {
+        return;
+    };
+    for partition in 0..1024 {
+        let name = consumer_name(projection, generation, partition);
+        if stream.delete_consumer(&name).await.is_err()
+            && partition >= context.config.projection.partitions
+        {
+            break;
+        }
+    }
+}

@@ -1,0 +1,488 @@
+//! One partition of one read-model version: consume, apply atomically, then acknowledge.
+
+use super::{Context, Projection, Recorded, Stats, dead_letters};
+use crate::Error;
+use crate::aggregate::Aggregate;
+use crate::codec::decode_variant;
+use crate::readmodel::{Applied, AppliedEvent, Mode, ReadModelError, RedisWrites};
+use crate::store::headers;
+use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PriorityPolicy, pull};
+use async_nats::jetstream::{AckKind, Message};
+use futures::{FutureExt, StreamExt};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The priority group every partition consumer pins one instance in.
+pub(crate) const PIN_GROUP: &str = "jetfn";
+
+/// Where a projection's events come from.
+#[derive(Debug, Clone)]
+pub(crate) struct Source {
+    pub stream: String,
+    pub subject_prefix: String,
+}
+
+/// The durable consumer of one partition of one version.
+pub(crate) fn consumer_name(projection: &str, generation: u64, partition: u32) -> String {
+    format!("{projection}-g{generation}-p{partition}")
+}
+
+/// The partition an aggregate belongs to: FNV-1a (32 bit) of its id, modulo the partitions, the
+/// same function as NATS subject mapping's `partition()`.
+pub fn partition_of(aggregate_id: &str, partitions: u32) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in aggregate_id.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash % partitions.max(1)
+}
+
+pub(crate) struct Worker<P> {
+    projection: Arc<P>,
+    context: Context<P>,
+    partition: u32,
+    generation: u64,
+    /// Live workers follow the active pointer; build workers write a version not yet active.
+    live: bool,
+    stats: Arc<Stats>,
+    commits: u64,
+}
+
+enum Rebind {
+    /// The live version changed: follow it.
+    Moved(u64),
+    /// Redis lost the checkpoint: replay from the first event.
+    Reset,
+    /// The consumer went away or failed: bind again.
+    Again,
+}
+
+impl<P: Projection> Worker<P> {
+    pub fn new(
+        projection: Arc<P>,
+        context: Context<P>,
+        partition: u32,
+        generation: u64,
+        live: bool,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Worker {
+            projection,
+            context,
+            partition,
+            generation,
+            live,
+            stats,
+            commits: 0,
+        }
+    }
+
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), Error> {
+        let mut reset = false;
+        loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            let rebind = self.serve(reset, &mut stop).await?;
+            reset = false;
+            match rebind {
+                None => return Ok(()),
+                Some(Rebind::Moved(generation)) => {
+                    tracing::info!(
+                        projection = P::NAME,
+                        partition = self.partition,
+                        from = self.generation,
+                        to = generation,
+                        "read model version switched; following it"
+                    );
+                    self.generation = generation;
+                    self.stats.generation.store(generation, Ordering::Relaxed);
+                }
+                Some(Rebind::Reset) => {
+                    tracing::warn!(
+                        projection = P::NAME,
+                        partition = self.partition,
+                        "checkpoint gone (Redis lost its data?): rebuilding from the first event"
+                    );
+                    reset = true;
+                }
+                Some(Rebind::Again) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+
+    /// Binds the consumer and applies batches until told to stop (`None`) or to rebind.
+    async fn serve(
+        &mut self,
+        reset: bool,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Option<Rebind>, Error> {
+        if self.live
+            && let Ok(Some(active)) = self.context.model.active_generation().await
+            && active != self.generation
+        {
+            return Ok(Some(Rebind::Moved(active)));
+        }
+        let mut checkpoint = self.checkpoint().await;
+        if checkpoint == 0 && !reset {
+            // Missing checkpoint at start: if the consumer already acknowledged events, Redis
+            // lost them, and `ensure_consumer` rewinds it.
+            tracing::debug!(
+                projection = P::NAME,
+                partition = self.partition,
+                "no checkpoint"
+            );
+        }
+        let consumer = match self.ensure_consumer(checkpoint, reset).await {
+            Ok(consumer) => consumer,
+            Err(message) => {
+                tracing::warn!(projection = P::NAME, partition = self.partition, error = %message, "cannot bind consumer");
+                return Ok(Some(Rebind::Again));
+            }
+        };
+        let pull_expiry = (self.context.config.projection.pin_timeout / 2)
+            .clamp(Duration::from_millis(500), Duration::from_secs(5));
+        let mut messages = match consumer
+            .stream()
+            .group(PIN_GROUP)
+            .max_messages_per_batch(self.context.config.projection.batch)
+            .expires(pull_expiry)
+            .heartbeat(pull_expiry / 2)
+            .messages()
+            .await
+        {
+            Ok(messages) => messages,
+            Err(err) => {
+                tracing::warn!(projection = P::NAME, partition = self.partition, error = %err, "cannot pull");
+                return Ok(Some(Rebind::Again));
+            }
+        };
+        loop {
+            let first = tokio::select! {
+                _ = stop.changed() => return Ok(None),
+                next = messages.next() => next,
+            };
+            let first = match first {
+                Some(Ok(message)) => message,
+                Some(Err(err)) => {
+                    tracing::debug!(projection = P::NAME, partition = self.partition, error = %err, "pull interrupted");
+                    return Ok(Some(Rebind::Again));
+                }
+                None => return Ok(Some(Rebind::Again)),
+            };
+            let mut batch = vec![first];
+            while batch.len() < self.context.config.projection.batch {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(message))) => batch.push(message),
+                    _ => break,
+                }
+            }
+            match self.apply_batch(&batch, checkpoint).await? {
+                Applied::Committed(committed) => {
+                    checkpoint = committed;
+                    self.after_commit(&batch, committed).await;
+                }
+                Applied::Reset => return Ok(Some(Rebind::Reset)),
+                Applied::Moved(generation) => return Ok(Some(Rebind::Moved(generation))),
+            }
+        }
+    }
+
+    async fn checkpoint(&self) -> u64 {
+        match self.context.model.checkpoints(self.generation).await {
+            Ok(checkpoints) => checkpoints
+                .iter()
+                .find(|(p, _)| *p == self.partition)
+                .map_or(0, |(_, seq)| *seq),
+            Err(_) => 0,
+        }
+    }
+
+    /// Gets or creates the partition's durable consumer so that it delivers from
+    /// `checkpoint + 1`. A consumer ahead of the checkpoint (Redis lost data) is recreated.
+    async fn ensure_consumer(
+        &self,
+        checkpoint: u64,
+        reset: bool,
+    ) -> Result<consumer::Consumer<pull::Config>, String> {
+        let name = consumer_name(P::NAME, self.generation, self.partition);
+        let stream = self
+            .context
+            .js
+            .get_stream(&self.context.source.stream)
+            .await
+            .map_err(|e| format!("stream {}: {e}", self.context.source.stream))?;
+        if let Ok(mut existing) = stream.get_consumer::<pull::Config>(&name).await {
+            let ahead = existing
+                .info()
+                .await
+                .map(|info| info.ack_floor.stream_sequence > checkpoint)
+                .unwrap_or(false);
+            if !ahead && !reset {
+                return Ok(existing);
+            }
+            tracing::warn!(
+                projection = P::NAME,
+                partition = self.partition,
+                checkpoint,
+                "consumer is ahead of the Redis checkpoint: replaying from the checkpoint"
+            );
+            stream
+                .delete_consumer(&name)
+                .await
+                .map_err(|e| format!("deleting consumer {name}: {e}"))?;
+        }
+        let deliver_policy = match checkpoint {
+            0 => DeliverPolicy::All,
+            seq => DeliverPolicy::ByStartSequence {
+                start_sequence: seq + 1,
+            },
+        };
+        let batch = self.context.config.projection.batch as i64;
+        stream
+            .create_consumer(pull::Config {
+                durable_name: Some(name.clone()),
+                description: Some(format!(
+                    "jetfn projection {} version {} partition {}",
+                    P::NAME,
+                    self.generation,
+                    self.partition
+                )),
+                deliver_policy,
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: self.context.config.projection.ack_wait,
+                max_deliver: -1,
+                filter_subject: format!("{}.*", self.context.source.subject_prefix),
+                max_ack_pending: batch * 2,
+                priority_policy: PriorityPolicy::PinnedClient,
+                priority_groups: vec![PIN_GROUP.to_owned()],
+                priority_timeout: self.context.config.projection.pin_timeout,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("creating consumer {name}: {e}"))
+    }
+
+    /// Turns messages into writes and commits them, retrying Redis until it answers.
+    async fn apply_batch(&mut self, batch: &[Message], checkpoint: u64) -> Result<Applied, Error> {
+        let mut events = Vec::with_capacity(batch.len());
+        for message in batch {
+            events.push(self.prepare(message).await?);
+        }
+        let mut pause = Duration::from_millis(50);
+        let mut waited = Duration::ZERO;
+        loop {
+            let result = self
+                .context
+                .model
+                .apply(
+                    self.partition,
+                    self.generation,
+                    if self.live { Mode::Live } else { Mode::Build },
+                    checkpoint,
+                    self.context.config.projection.change_feed_len,
+                    &events,
+                )
+                .await;
+            match result {
+                Ok(applied) => return Ok(applied),
+                Err(ReadModelError::WrongType(message)) => {
+                    return Err(Error::Redis(format!(
+                        "projection {} wrote keys of the wrong type; fix the projection: {message}",
+                        P::NAME
+                    )));
+                }
+                Err(err) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(projection = P::NAME, partition = self.partition, error = %err, retry_in = ?pause, "redis unavailable; retrying the batch");
+                    tokio::time::sleep(pause).await;
+                    waited += pause;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                    // Keep JetStream from redelivering what is still being applied.
+                    if waited >= self.context.config.projection.ack_wait / 3 {
+                        waited = Duration::ZERO;
+                        for message in batch {
+                            let _ = message.ack_with(AckKind::Progress).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decodes one message and asks the projection for its writes. Events of other partitions
+    /// only advance the checkpoint; events that fail every attempt are dead-lettered first.
+    async fn prepare(&self, message: &Message) -> Result<AppliedEvent, Error> {
+        let info = message
+            .info()
+            .map_err(|e| Error::Service(format!("unreadable JetStream metadata: {e}")))?;
+        let seq = info.stream_sequence;
+        let aggregate_id = message
+            .subject
+            .as_str()
+            .rsplit('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        let event_type = header(headers::CE_TYPE).unwrap_or_default();
+        let skipped = || AppliedEvent {
+            seq,
+            aggregate_id: aggregate_id.clone(),
+            event_type: event_type.clone(),
+            ops: Vec::new(),
+            write: false,
+        };
+        let partitions = self.context.config.projection.partitions;
+        if partition_of(&aggregate_id, partitions) != self.partition {
+            return Ok(skipped());
+        }
+        let mut last_error = String::new();
+        for _attempt in 0..self.context.config.projection.max_attempts {
+            match self.writes(message, seq, &aggregate_id, &event_type, &header) {
+                Ok(writes) => {
+                    return Ok(AppliedEvent {
+                        seq,
+                        aggregate_id,
+                        event_type,
+                        ops: writes.into_ops(),
+                        write: true,
+                    });
+                }
+                Err(error) => last_error = error,
+            }
+        }
+        tracing::warn!(projection = P::NAME, seq, event_type, error = %last_error, "dead-lettering event");
+        dead_letters::send(
+            &self.context,
+            P::NAME,
+            self.generation,
+            message,
+            seq,
+            &last_error,
+            info.delivered,
+        )
+        .await?;
+        self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+        Ok(skipped())
+    }
+
+    fn writes(
+        &self,
+        message: &Message,
+        seq: u64,
+        aggregate_id: &str,
+        event_type: &str,
+        header: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<RedisWrites, String> {
+        let recorded =
+            decode_recorded::<P>(&message.payload, seq, aggregate_id, event_type, header)?;
+        let mut writes = RedisWrites::default();
+        self.projection
+            .apply(&recorded, &mut writes)
+            .map_err(|refusal| format!("refused: {}", refusal.0))?;
+        Ok(writes)
+    }
+
+    async fn after_commit(&mut self, batch: &[Message], committed: u64) {
+        self.commits += 1;
+        if self
+            .context
+            .config
+            .projection
+            .crash_after_commits
+            .is_some_and(|n| self.commits >= n)
+        {
+            tracing::error!("fault injection: exiting between the Redis commit and the acks");
+            std::process::exit(86);
+        }
+        for message in batch {
+            // A lost ack only means a redelivery, which the checkpoint skips.
+            let _ = message.ack().await;
+        }
+        if let Some(slot) = self.stats.checkpoints.get(self.partition as usize) {
+            slot.store(committed, Ordering::Relaxed);
+        }
+        self.stats
+            .processed
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        tracing::debug!(
+            projection = P::NAME,
+            partition = self.partition,
+            events = batch.len(),
+            checkpoint = committed,
+            lag = self.stats.lag(),
+            "batch applied"
+        );
+    }
+}
+
+/// Decodes a stored event for a projection, checking its schema version.
+pub(crate) fn decode_recorded<P: Projection>(
+    payload: &[u8],
+    seq: u64,
+    aggregate_id: &str,
+    event_type: &str,
+    header: &dyn Fn(&str) -> Option<String>,
+) -> Result<Recorded<<P::Source as Aggregate>::Event>, String> {
+    if event_type.is_empty() {
+        return Err(format!("no {} header", headers::CE_TYPE));
+    }
+    let version = match header(headers::EVENT_VERSION) {
+        None => 1,
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("{} is {v:?}", headers::EVENT_VERSION))?,
+    };
+    let known = <P::Source as Aggregate>::event_version(event_type);
+    if version > known {
+        return Err(format!(
+            "{event_type} has schema version {version}, newer than this projection knows ({known})"
+        ));
+    }
+    let fields =
+        serde_json::from_slice(payload).map_err(|e| format!("payload is not JSON: {e}"))?;
+    let event = decode_variant(event_type, fields).map_err(|e| format!("{event_type}: {e}"))?;
+    Ok(Recorded {
+        seq,
+        aggregate_id: aggregate_id.to_owned(),
+        event_type: event_type.to_owned(),
+        version,
+        time: header(headers::CE_TIME),
+        command_id: header(headers::COMMAND_ID),
+        event,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_follow_fnv1a_like_nats_subject_mapping() {
+        // FNV-1a 32 of "a" is 0xe40c292c.
+        assert_eq!(partition_of("a", u32::MAX), 0xe40c_292c);
+        assert_eq!(partition_of("anything", 1), 0);
+        let spread: std::collections::BTreeSet<u32> = (0..100)
+            .map(|n| partition_of(&format!("acc-{n}"), 4))
+            .collect();
+        assert_eq!(spread.len(), 4);
+    }
+
+    #[test]
+    fn consumer_names_carry_version_and_partition() {
+        assert_eq!(
+            consumer_name("account-balances", 2, 3),
+            "account-balances-g2-p3"
+        );
+    }
+}
