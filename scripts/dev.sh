@@ -15,7 +15,7 @@ set -euo pipefail
 
 # The function binaries to build and run (space-separated package/binary
 # names under functions/). Add new functions here.
-FUNCTIONS="account"
+FUNCTIONS="account account-projection"
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -210,6 +210,13 @@ $line
    ./just send account.alice.open '{"owner":"Alice","initial_deposit":100}'
  or with the nats CLI:
    nats req cmd.account.alice.deposit '{"amount":50}' -s $NATS_URL
+
+ Then read the model in Redis:
+   redis-cli -u $REDIS_URL GET '{account-balances}:active'            # live version, e.g. 1
+   redis-cli -u $REDIS_URL HGETALL '{account-balances}:g1:account:alice'
+   redis-cli -u $REDIS_URL XREAD BLOCK 0 STREAMS '{account-balances}:g1:changes' '\$'
+ Rebuild the read model without downtime:
+   NATS_URL=$NATS_URL REDIS_URL=$REDIS_URL target/debug/account-projection --rebuild
 
  Ctrl-C stops the functions, then the private servers.
 $line

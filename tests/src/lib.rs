@@ -30,6 +30,7 @@
 mod binaries;
 mod child;
 pub mod commands;
+pub mod readmodels;
 mod process;
 mod servers;
 

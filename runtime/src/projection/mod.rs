@@ -13,6 +13,7 @@
 //! On start a partition resumes from its Redis checkpoint. When Redis lost the checkpoint, the
 //! partition replays from the stream's first event.
 
+mod balance;
 mod dead_letters;
 mod rebuild;
 mod worker;
@@ -199,6 +200,15 @@ impl<P: Projection> ProjectionFunction<P> {
             stats.clone(),
             stop_rx.clone(),
         ));
+        if config.projection.partitions > 1 {
+            tasks.spawn(balance::balance(
+                context.client.clone(),
+                P::NAME,
+                stats.clone(),
+                config.projection.pin_timeout,
+                stop_rx.clone(),
+            ));
+        }
         tracing::info!(
             projection = P::NAME,
             stream = %context.source.stream,
@@ -356,6 +366,10 @@ pub(crate) struct Stats {
     pub processed: AtomicU64,
     pub dead_letters: AtomicU64,
     pub errors: AtomicU64,
+    /// When each partition last applied a batch here (ms since the epoch).
+    pub last_batch_ms: Vec<AtomicU64>,
+    /// Set to ask a partition's worker to hand its consumer to another instance.
+    pub hand_over: Vec<std::sync::atomic::AtomicBool>,
 }
 
 impl Stats {
@@ -367,6 +381,10 @@ impl Stats {
             processed: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            last_batch_ms: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+            hand_over: (0..partitions)
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
         }
     }
 

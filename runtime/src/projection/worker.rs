@@ -29,8 +29,8 @@ pub(crate) fn consumer_name(projection: &str, generation: u64, partition: u32) -
     format!("{projection}-g{generation}-p{partition}")
 }
 
-/// The partition an aggregate belongs to: FNV-1a (32 bit) of its id, modulo the partitions, the
-/// same function as NATS subject mapping's `partition()`.
+/// The partition an aggregate belongs to: FNV-1a (32 bit) of its id, modulo the partitions (the
+/// hash NATS subject mapping's `partition()` uses too).
 pub fn partition_of(aggregate_id: &str, partitions: u32) -> u32 {
     let mut hash: u32 = 0x811c_9dc5;
     for byte in aggregate_id.bytes() {
@@ -52,6 +52,8 @@ pub(crate) struct Worker<P> {
 }
 
 enum Rebind {
+    /// Another instance should take this partition: stop pulling for a while.
+    HandOver,
     /// The live version changed: follow it.
     Moved(u64),
     /// Redis lost the checkpoint: replay from the first event.
@@ -110,6 +112,14 @@ impl<P: Projection> Worker<P> {
                     reset = true;
                 }
                 Some(Rebind::Again) => tokio::time::sleep(Duration::from_millis(500)).await,
+                Some(Rebind::HandOver) => {
+                    self.release_pin().await;
+                    let pause = self.context.config.projection.pin_timeout * 2;
+                    tokio::select! {
+                        _ = stop.changed() => return Ok(()),
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                }
             }
         }
     }
@@ -161,9 +171,16 @@ impl<P: Projection> Worker<P> {
             }
         };
         loop {
+            if self.stats.hand_over[self.partition as usize].swap(false, Ordering::Relaxed) {
+                return Ok(Some(Rebind::HandOver));
+            }
             let first = tokio::select! {
                 _ = stop.changed() => return Ok(None),
-                next = messages.next() => next,
+                // Wake up now and then to notice hand-over requests.
+                next = tokio::time::timeout(Duration::from_secs(1), messages.next()) => match next {
+                    Ok(next) => next,
+                    Err(_) => continue,
+                },
             };
             let first = match first {
                 Some(Ok(message)) => message,
@@ -188,6 +205,19 @@ impl<P: Projection> Worker<P> {
                 Applied::Reset => return Ok(Some(Rebind::Reset)),
                 Applied::Moved(generation) => return Ok(Some(Rebind::Moved(generation))),
             }
+        }
+    }
+
+    /// Releases this partition's pin so a standby instance takes over at once.
+    async fn release_pin(&self) {
+        if let Ok(stream) = self
+            .context
+            .js
+            .get_stream(&self.context.source.stream)
+            .await
+        {
+            let name = consumer_name(P::NAME, self.generation, self.partition);
+            let _ = stream.unpin_consumer(&name, PIN_GROUP).await;
         }
     }
 
@@ -412,6 +442,9 @@ impl<P: Projection> Worker<P> {
         if let Some(slot) = self.stats.checkpoints.get(self.partition as usize) {
             slot.store(committed, Ordering::Relaxed);
         }
+        if let Some(slot) = self.stats.last_batch_ms.get(self.partition as usize) {
+            slot.store(super::balance::now_ms(), Ordering::Relaxed);
+        }
         self.stats
             .processed
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -468,7 +501,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn partitions_follow_fnv1a_like_nats_subject_mapping() {
+    fn partitions_follow_fnv1a_of_the_aggregate_id() {
         // FNV-1a 32 of "a" is 0xe40c292c.
         assert_eq!(partition_of("a", u32::MAX), 0xe40c_292c);
         assert_eq!(partition_of("anything", 1), 0);
