@@ -477,6 +477,15 @@ async fn track_stream_end<P: Projection>(
                 .stream_last_seq
                 .store(info.state.last_sequence, Ordering::Relaxed);
         }
+        // Checkpoints come from Redis, so standby instances report the true lag too.
+        let generation = stats.generation.load(Ordering::Relaxed);
+        if let Ok(checkpoints) = context.model.checkpoints(generation).await {
+            for (partition, seq) in checkpoints {
+                if let Some(slot) = stats.checkpoints.get(partition as usize) {
+                    slot.store(seq, Ordering::Relaxed);
+                }
+            }
+        }
         if ticks.is_multiple_of(30) {
             tracing::info!(
                 projection = P::NAME,

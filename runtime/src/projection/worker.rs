@@ -136,18 +136,8 @@ impl<P: Projection> Worker<P> {
         {
             return Ok(Some(Rebind::Moved(active)));
         }
-        let mut checkpoint = self.checkpoint().await;
-        if checkpoint == 0 && !reset {
-            // Missing checkpoint at start: if the consumer already acknowledged events, Redis
-            // lost them, and `ensure_consumer` rewinds it.
-            tracing::debug!(
-                projection = P::NAME,
-                partition = self.partition,
-                "no checkpoint"
-            );
-        }
-        let consumer = match self.ensure_consumer(checkpoint, reset).await {
-            Ok(consumer) => consumer,
+        let (consumer, mut checkpoint) = match self.ensure_consumer(reset).await {
+            Ok(bound) => bound,
             Err(message) => {
                 tracing::warn!(projection = P::NAME, partition = self.partition, error = %message, "cannot bind consumer");
                 return Ok(Some(Rebind::Again));
@@ -231,13 +221,13 @@ impl<P: Projection> Worker<P> {
         }
     }
 
-    /// Gets or creates the partition's durable consumer so that it delivers from
-    /// `checkpoint + 1`. A consumer ahead of the checkpoint (Redis lost data) is recreated.
+    /// Gets or creates the partition's durable consumer so that it delivers from the Redis
+    /// checkpoint + 1, and returns it with that checkpoint. A consumer whose acknowledgements are
+    /// ahead of the checkpoint (Redis lost data) is recreated.
     async fn ensure_consumer(
         &self,
-        checkpoint: u64,
         reset: bool,
-    ) -> Result<consumer::Consumer<pull::Config>, String> {
+    ) -> Result<(consumer::Consumer<pull::Config>, u64), String> {
         let name = consumer_name(P::NAME, self.generation, self.partition);
         let stream = self
             .context
@@ -245,14 +235,23 @@ impl<P: Projection> Worker<P> {
             .get_stream(&self.context.source.stream)
             .await
             .map_err(|e| format!("stream {}: {e}", self.context.source.stream))?;
-        if let Ok(mut existing) = stream.get_consumer::<pull::Config>(&name).await {
-            let ahead = existing
-                .info()
-                .await
-                .map(|info| info.ack_floor.stream_sequence > checkpoint)
-                .unwrap_or(false);
-            if !ahead && !reset {
-                return Ok(existing);
+        let existing = match stream.get_consumer::<pull::Config>(&name).await {
+            Ok(mut existing) => {
+                let ack_floor = existing
+                    .info()
+                    .await
+                    .map(|info| info.ack_floor.stream_sequence)
+                    .unwrap_or(0);
+                Some((existing, ack_floor))
+            }
+            Err(_) => None,
+        };
+        // Read after the ack floor: the checkpoint only grows and is committed before the acks,
+        // so a checkpoint read later is never behind the floor unless Redis lost data.
+        let checkpoint = self.checkpoint().await;
+        if let Some((existing, ack_floor)) = existing {
+            if ack_floor <= checkpoint && !reset {
+                return Ok((existing, checkpoint));
             }
             tracing::warn!(
                 projection = P::NAME,
@@ -272,7 +271,7 @@ impl<P: Projection> Worker<P> {
             },
         };
         let batch = self.context.config.projection.batch as i64;
-        stream
+        let consumer = stream
             .create_consumer(pull::Config {
                 durable_name: Some(name.clone()),
                 description: Some(format!(
@@ -293,7 +292,8 @@ impl<P: Projection> Worker<P> {
                 ..Default::default()
             })
             .await
-            .map_err(|e| format!("creating consumer {name}: {e}"))
+            .map_err(|e| format!("creating consumer {name}: {e}"))?;
+        Ok((consumer, checkpoint))
     }
 
     /// Turns messages into writes and commits them, retrying Redis until it answers.
