@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | `{P}:active` | string | the live version (generation) number `G` |
 //! | `{P}:g<G>:<key>` | any | the projection's own keys, e.g. `{account-balances}:g1:account:alice` |
-//! | `{P}:g<G>:checkpoint` | hash | `p0`..`p<n-1>`: last applied stream sequence per partition |
+//! | `{P}:g<G>:checkpoint` | hash | `p0`..`p<n-1>`: last applied stream sequence per partition; `partitions`: n |
 //! | `{P}:g<G>:changes` | stream | change feed: one entry per applied event (`seq`, `id`, `type`) |
 //! | `{P}:g<G>:replayed` | set | stream sequences applied by a dead-letter replay |
 //!
@@ -20,8 +20,8 @@
 //! # Freshness
 //!
 //! A command reply's `seq` is a consistency token: the read model reflects that command once
-//! every partition's checkpoint is at least `seq` (`HVALS {P}:g<G>:checkpoint`, take the
-//! minimum). [`ReadModel::wait_for`] does that for Rust code.
+//! every partition's checkpoint (`p0`..`p<n-1>` of `{P}:g<G>:checkpoint`, with n in its
+//! `partitions` field) is at least `seq`. [`ReadModel::wait_for`] does that for Rust code.
 
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
@@ -215,6 +215,17 @@ pub(crate) struct AppliedEvent {
     pub write: bool,
 }
 
+/// Settings of one apply step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Batch {
+    /// Change feed length.
+    pub feed_len: u64,
+    /// The projection's partition count, recorded beside the checkpoints.
+    pub partitions: u32,
+    /// Accept a hole before the first event (the stream really has one).
+    pub accept_hole: bool,
+}
+
 /// Who is applying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -229,8 +240,10 @@ pub(crate) enum Mode {
 /// What the apply script reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Applied {
-    /// Committed; the checkpoint is now this sequence.
+    /// Committed; the checkpoint is now this sequence (in replay mode: how many were new).
     Committed(u64),
+    /// The batch does not continue the checkpoint, which is this sequence; nothing was written.
+    Gap(u64),
     /// The checkpoint vanished (Redis lost its data): start again from the first event.
     Reset,
     /// The live version is now this one; nothing was written.
@@ -239,11 +252,12 @@ pub(crate) enum Applied {
 
 /// The atomic step: checks the version pointer and the checkpoint, checks key types, applies the
 /// writes of every event above the checkpoint in order, appends the change feed, and advances the
-/// checkpoint. In replay mode the gate is membership in the replayed set instead, and the
-/// checkpoint stays. KEYS: active, checkpoint (or replayed set), changes, then the projection
-/// keys. ARGV: partition field, generation, mode, expected checkpoint, feed length, event count,
-/// then per event: seq, id, type, write flag, op count, then per op: command, key index, arg
-/// count, args, wanted key type.
+/// checkpoint. Events must continue the checkpoint without a hole (unless the caller accepts
+/// one). In replay mode the gate is membership in the replayed set instead, and the checkpoint
+/// stays. KEYS: active, checkpoint (or replayed set), changes, then the projection keys. ARGV:
+/// partition field, generation, mode, expected checkpoint, feed length, event count, partition
+/// count, hole accepted, then per event: seq, id, type, write flag, op count, then per op:
+/// command, key index, arg count, args, wanted key type.
 const APPLY_SCRIPT: &str = r#"
 local mode = ARGV[3]
 local active = redis.call('GET', KEYS[1])
@@ -261,7 +275,7 @@ if mode ~= 'replay' then
   end
 end
 -- Check every key's type before the first write: a script is not rolled back on error.
-local i = 7
+local i = 9
 local events = {}
 for e = 1, tonumber(ARGV[6]) do
   local event = {seq = tonumber(ARGV[i]), id = ARGV[i + 1], type = ARGV[i + 2], write = ARGV[i + 3], ops = {}}
@@ -279,7 +293,19 @@ for e = 1, tonumber(ARGV[6]) do
   end
   table.insert(events, event)
 end
+-- Events must continue the checkpoint without a hole: a hole means messages another worker
+-- held were never applied, and they must come first.
+if mode ~= 'replay' and ARGV[8] ~= '1' then
+  local expect = checkpoint + 1
+  for _, event in ipairs(events) do
+    if event.seq >= expect then
+      if event.seq ~= expect then return {'gap', tostring(checkpoint)} end
+      expect = expect + 1
+    end
+  end
+end
 local last = checkpoint
+local fresh_count = 0
 for _, event in ipairs(events) do
   local fresh
   if mode == 'replay' then
@@ -288,6 +314,7 @@ for _, event in ipairs(events) do
     fresh = event.seq > last
   end
   if fresh then
+    fresh_count = fresh_count + 1
     if event.write == '1' then
       for _, op in ipairs(event.ops) do
         redis.call(op.cmd, op.key, unpack(ARGV, op.first, op.last))
@@ -297,9 +324,9 @@ for _, event in ipairs(events) do
     if mode ~= 'replay' then last = event.seq end
   end
 end
-if mode == 'replay' then return {'ok', '0'} end
+if mode == 'replay' then return {'ok', tostring(fresh_count)} end
 if active == false and mode == 'live' then redis.call('SET', KEYS[1], ARGV[2]) end
-redis.call('HSET', KEYS[2], ARGV[1], last)
+redis.call('HSET', KEYS[2], ARGV[1], last, 'partitions', ARGV[7])
 return {'ok', tostring(last)}
 "#;
 
@@ -379,30 +406,32 @@ impl ReadModel {
     }
 
     /// The sequence up to which the live version reflects every event: the least checkpoint over
-    /// `partitions` partitions (0 while any has none).
-    pub async fn applied_through(&self, partitions: u32) -> Result<u64, ReadModelError> {
+    /// all partitions (0 while any partition has none).
+    pub async fn applied_through(&self) -> Result<u64, ReadModelError> {
         let Some(generation) = self.active_generation().await? else {
             return Ok(0);
         };
-        let checkpoints = self.checkpoints(generation).await?;
-        if checkpoints.len() < partitions as usize {
-            return Ok(0);
+        let mut connection = self.connection.clone();
+        let fields: std::collections::HashMap<String, u64> =
+            connection.hgetall(self.keys.checkpoint(generation)).await?;
+        let partitions = fields.get("partitions").copied().unwrap_or(1);
+        let mut least = u64::MAX;
+        for partition in 0..partitions {
+            match fields.get(&format!("p{partition}")) {
+                Some(seq) => least = least.min(*seq),
+                None => return Ok(0),
+            }
         }
-        Ok(checkpoints.iter().map(|(_, seq)| *seq).min().unwrap_or(0))
+        Ok(if least == u64::MAX { 0 } else { least })
     }
 
     /// Waits until the live read model reflects stream sequence `seq` (a command reply's `seq`),
     /// or fails with [`ReadModelError::Timeout`].
-    pub async fn wait_for(
-        &self,
-        seq: u64,
-        partitions: u32,
-        timeout: Duration,
-    ) -> Result<(), ReadModelError> {
+    pub async fn wait_for(&self, seq: u64, timeout: Duration) -> Result<(), ReadModelError> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
-            let reached = self.applied_through(partitions).await?;
+            let reached = self.applied_through().await?;
             if reached >= seq {
                 return Ok(());
             }
@@ -426,7 +455,7 @@ impl ReadModel {
         generation: u64,
         mode: Mode,
         expected_checkpoint: u64,
-        feed_len: u64,
+        batch: &Batch,
         events: &[AppliedEvent],
     ) -> Result<Applied, ReadModelError> {
         let mut invocation = self.apply.prepare_invoke();
@@ -444,8 +473,10 @@ impl ReadModel {
             .arg(generation)
             .arg(mode)
             .arg(expected_checkpoint)
-            .arg(feed_len)
-            .arg(events.len());
+            .arg(batch.feed_len)
+            .arg(events.len())
+            .arg(batch.partitions)
+            .arg(if batch.accept_hole { "1" } else { "0" });
         let mut key_index = 3;
         for event in events {
             invocation
@@ -474,6 +505,7 @@ impl ReadModel {
             Ok((status, value)) => match status.as_str() {
                 "ok" => Ok(Applied::Committed(value.parse().unwrap_or(0))),
                 "reset" => Ok(Applied::Reset),
+                "gap" => Ok(Applied::Gap(value.parse().unwrap_or(0))),
                 "moved" => Ok(Applied::Moved(value.parse().unwrap_or(0))),
                 other => Err(ReadModelError::WrongType(format!(
                     "unexpected reply {other}"

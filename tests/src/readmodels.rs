@@ -173,7 +173,8 @@ pub async fn check_read_model(
     Ok(())
 }
 
-/// Waits (bounded) until the live read model's checkpoints reach the stream's last sequence.
+/// Waits (bounded) until all `partitions` checkpoints of the live read model reach the stream's
+/// last sequence.
 pub async fn wait_until_caught_up(
     client: &async_nats::Client,
     redis: &RedisServer,
@@ -185,11 +186,18 @@ pub async fn wait_until_caught_up(
     let mut stream = crate::commands::stream(client, ACCOUNT_STREAM).await?;
     loop {
         let last = stream.info().await?.state.last_sequence;
-        match model
-            .wait_for(last, partitions, Duration::from_millis(200))
-            .await
-        {
-            Ok(()) => return Ok(()),
+        match model.wait_for(last, Duration::from_millis(200)).await {
+            Ok(()) => {
+                let generation = model.active_generation().await?.unwrap_or(0);
+                if model.checkpoints(generation).await?.len() == partitions as usize {
+                    return Ok(());
+                }
+                ensure!(
+                    started.elapsed() < timeout,
+                    "not all {partitions} partitions reported"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             Err(_) if started.elapsed() < timeout => {}
             Err(err) => bail!("not caught up after {timeout:?}: {err}"),
         }

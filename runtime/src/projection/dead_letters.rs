@@ -9,7 +9,7 @@ use super::worker::decode_recorded;
 use super::{Context, Projection};
 use crate::Error;
 use crate::config::Config;
-use crate::readmodel::{Applied, AppliedEvent, Mode, RedisWrites};
+use crate::readmodel::{Applied, AppliedEvent, Batch, Mode, RedisWrites};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, Message, stream};
 use bytes::Bytes;
@@ -235,14 +235,19 @@ pub(crate) async fn replay<P: Projection>(
                 generation,
                 Mode::Replay,
                 0,
-                context.config.projection.change_feed_len,
+                &Batch {
+                    feed_len: context.config.projection.change_feed_len,
+                    partitions: context.config.projection.partitions,
+                    accept_hole: true,
+                },
                 &[event],
             )
             .await
             .map_err(|e| Error::Redis(e.to_string()))?;
-        if applied == Applied::Committed(0) {
+        // 0: already replayed into this version (a crash before the removal); just remove it.
+        if let Applied::Committed(applied) = applied {
             letters.remove(letter.dlq_seq).await?;
-            replayed += 1;
+            replayed += applied as usize;
         }
     }
     Ok(replayed)

@@ -4,7 +4,7 @@ use super::{Context, Projection, Recorded, Stats, dead_letters};
 use crate::Error;
 use crate::aggregate::Aggregate;
 use crate::codec::decode_variant;
-use crate::readmodel::{Applied, AppliedEvent, Mode, ReadModelError, RedisWrites};
+use crate::readmodel::{Applied, AppliedEvent, Batch, Mode, ReadModelError, RedisWrites};
 use crate::store::headers;
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PriorityPolicy, pull};
 use async_nats::jetstream::{AckKind, Message};
@@ -49,9 +49,13 @@ pub(crate) struct Worker<P> {
     live: bool,
     stats: Arc<Stats>,
     commits: u64,
+    /// The checkpoint the consumer was last recreated at because of a hole.
+    rewound_at: Option<u64>,
 }
 
 enum Rebind {
+    /// The batch skipped events after this checkpoint: deliver again from there.
+    Rewind(u64),
     /// Another instance should take this partition: stop pulling for a while.
     HandOver,
     /// The live version changed: follow it.
@@ -79,17 +83,18 @@ impl<P: Projection> Worker<P> {
             live,
             stats,
             commits: 0,
+            rewound_at: None,
         }
     }
 
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), Error> {
-        let mut reset = false;
+        let mut recreate = false;
         loop {
             if *stop.borrow() {
                 return Ok(());
             }
-            let rebind = self.serve(reset, &mut stop).await?;
-            reset = false;
+            let rebind = self.serve(recreate, &mut stop).await?;
+            recreate = false;
             match rebind {
                 None => return Ok(()),
                 Some(Rebind::Moved(generation)) => {
@@ -109,7 +114,17 @@ impl<P: Projection> Worker<P> {
                         partition = self.partition,
                         "checkpoint gone (Redis lost its data?): rebuilding from the first event"
                     );
-                    reset = true;
+                    recreate = true;
+                }
+                Some(Rebind::Rewind(checkpoint)) => {
+                    tracing::info!(
+                        projection = P::NAME,
+                        partition = self.partition,
+                        checkpoint,
+                        "events after the checkpoint are missing from the batch (held by a \
+                         previous worker); redelivering from the checkpoint"
+                    );
+                    recreate = true;
                 }
                 Some(Rebind::Again) => tokio::time::sleep(Duration::from_millis(500)).await,
                 Some(Rebind::HandOver) => {
@@ -127,7 +142,7 @@ impl<P: Projection> Worker<P> {
     /// Binds the consumer and applies batches until told to stop (`None`) or to rebind.
     async fn serve(
         &mut self,
-        reset: bool,
+        recreate: bool,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Option<Rebind>, Error> {
         if self.live
@@ -136,7 +151,7 @@ impl<P: Projection> Worker<P> {
         {
             return Ok(Some(Rebind::Moved(active)));
         }
-        let (consumer, mut checkpoint) = match self.ensure_consumer(reset).await {
+        let (consumer, mut checkpoint) = match self.ensure_consumer(recreate).await {
             Ok(bound) => bound,
             Err(message) => {
                 tracing::warn!(projection = P::NAME, partition = self.partition, error = %message, "cannot bind consumer");
@@ -187,13 +202,36 @@ impl<P: Projection> Worker<P> {
                     _ => break,
                 }
             }
-            match self.apply_batch(&batch, checkpoint).await? {
-                Applied::Committed(committed) => {
-                    checkpoint = committed;
-                    self.after_commit(&batch, committed).await;
+            // Redeliveries can arrive out of order; the script needs ascending sequences.
+            batch.sort_by_key(stream_seq);
+            batch.dedup_by_key(|m| stream_seq(m));
+            let mut accept_hole = false;
+            loop {
+                match self.apply_batch(&batch, checkpoint, accept_hole).await? {
+                    Applied::Committed(committed) => {
+                        checkpoint = committed;
+                        self.rewound_at = None;
+                        self.after_commit(&batch, committed).await;
+                        break;
+                    }
+                    Applied::Reset => return Ok(Some(Rebind::Reset)),
+                    Applied::Moved(generation) => return Ok(Some(Rebind::Moved(generation))),
+                    // Delivered again from the checkpoint and the hole is still there: the stream
+                    // itself has it (limits or deleted messages).
+                    Applied::Gap(at) if self.rewound_at == Some(at) => {
+                        tracing::warn!(
+                            projection = P::NAME,
+                            partition = self.partition,
+                            checkpoint = at,
+                            "the stream has no events right after the checkpoint; continuing after the hole"
+                        );
+                        accept_hole = true;
+                    }
+                    Applied::Gap(at) => {
+                        self.rewound_at = Some(at);
+                        return Ok(Some(Rebind::Rewind(at)));
+                    }
                 }
-                Applied::Reset => return Ok(Some(Rebind::Reset)),
-                Applied::Moved(generation) => return Ok(Some(Rebind::Moved(generation))),
             }
         }
     }
@@ -226,7 +264,7 @@ impl<P: Projection> Worker<P> {
     /// ahead of the checkpoint (Redis lost data) is recreated.
     async fn ensure_consumer(
         &self,
-        reset: bool,
+        recreate: bool,
     ) -> Result<(consumer::Consumer<pull::Config>, u64), String> {
         let name = consumer_name(P::NAME, self.generation, self.partition);
         let stream = self
@@ -250,15 +288,18 @@ impl<P: Projection> Worker<P> {
         // so a checkpoint read later is never behind the floor unless Redis lost data.
         let checkpoint = self.checkpoint().await;
         if let Some((existing, ack_floor)) = existing {
-            if ack_floor <= checkpoint && !reset {
+            if ack_floor <= checkpoint && !recreate {
                 return Ok((existing, checkpoint));
             }
-            tracing::warn!(
-                projection = P::NAME,
-                partition = self.partition,
-                checkpoint,
-                "consumer is ahead of the Redis checkpoint: replaying from the checkpoint"
-            );
+            if ack_floor > checkpoint {
+                tracing::warn!(
+                    projection = P::NAME,
+                    partition = self.partition,
+                    checkpoint,
+                    ack_floor,
+                    "consumer is ahead of the Redis checkpoint: replaying from the checkpoint"
+                );
+            }
             stream
                 .delete_consumer(&name)
                 .await
@@ -297,11 +338,21 @@ impl<P: Projection> Worker<P> {
     }
 
     /// Turns messages into writes and commits them, retrying Redis until it answers.
-    async fn apply_batch(&mut self, batch: &[Message], checkpoint: u64) -> Result<Applied, Error> {
+    async fn apply_batch(
+        &mut self,
+        batch: &[Message],
+        checkpoint: u64,
+        accept_hole: bool,
+    ) -> Result<Applied, Error> {
         let mut events = Vec::with_capacity(batch.len());
         for message in batch {
-            events.push(self.prepare(message).await?);
+            events.push(self.prepare(message, checkpoint).await?);
         }
+        let settings = Batch {
+            feed_len: self.context.config.projection.change_feed_len,
+            partitions: self.context.config.projection.partitions,
+            accept_hole,
+        };
         let mut pause = Duration::from_millis(50);
         let mut waited = Duration::ZERO;
         loop {
@@ -313,7 +364,7 @@ impl<P: Projection> Worker<P> {
                     self.generation,
                     if self.live { Mode::Live } else { Mode::Build },
                     checkpoint,
-                    self.context.config.projection.change_feed_len,
+                    &settings,
                     &events,
                 )
                 .await;
@@ -345,7 +396,7 @@ impl<P: Projection> Worker<P> {
 
     /// Decodes one message and asks the projection for its writes. Events of other partitions
     /// only advance the checkpoint; events that fail every attempt are dead-lettered first.
-    async fn prepare(&self, message: &Message) -> Result<AppliedEvent, Error> {
+    async fn prepare(&self, message: &Message, checkpoint: u64) -> Result<AppliedEvent, Error> {
         let info = message
             .info()
             .map_err(|e| Error::Service(format!("unreadable JetStream metadata: {e}")))?;
@@ -373,7 +424,8 @@ impl<P: Projection> Worker<P> {
             write: false,
         };
         let partitions = self.context.config.projection.partitions;
-        if partition_of(&aggregate_id, partitions) != self.partition {
+        // Already applied (a redelivery), or another partition's: the checkpoint passes it.
+        if seq <= checkpoint || partition_of(&aggregate_id, partitions) != self.partition {
             return Ok(skipped());
         }
         let mut last_error = String::new();
@@ -457,6 +509,11 @@ impl<P: Projection> Worker<P> {
             "batch applied"
         );
     }
+}
+
+/// A message's stream sequence (0 if its metadata is unreadable; `prepare` reports that).
+fn stream_seq(message: &Message) -> u64 {
+    message.info().map(|info| info.stream_sequence).unwrap_or(0)
 }
 
 /// Decodes a stored event for a projection, checking its schema version.
