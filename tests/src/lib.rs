@@ -30,8 +30,9 @@
 mod binaries;
 mod child;
 pub mod commands;
-pub mod readmodels;
+pub mod faults;
 mod process;
+pub mod readmodels;
 mod servers;
 
 pub use binaries::{

@@ -1,0 +1,800 @@
+//! Read-model versions, dead letters, partitions and stats of the account projection, against
+//! real nats-server and redis-server.
+//!
+//! Every wait here is a bounded poll: no test asserts how fast something happens, only that it
+//! happens within a generous limit.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use anyhow::{Context as _, Result, bail, ensure};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use jetfn::readmodel::Keys;
+use jetfn::{Aggregate, Projection, Recorded, RedisWrites, Refusal, Rejection};
+use jetfn_tests::commands::{ACCOUNT_STREAM, send, start_account, stored_messages, stream};
+use jetfn_tests::readmodels::{
+    PROJECTION, check_read_model, projection_config, start_projection, wait_until_caught_up,
+};
+use jetfn_tests::{NatsServer, RedisServer};
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The fields every account hash of the account projection has.
+const ACCOUNT_FIELDS: [&str; 5] = ["owner", "balance", "status", "version", "seq"];
+
+/// A small deterministic pseudo-random generator (xorshift64*), enough to pick accounts.
+struct Pick(u64);
+
+impl Pick {
+    fn new(seed: u64) -> Self {
+        Pick(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n.max(1)
+    }
+}
+
+/// FNV-1a (32 bit) modulo `partitions`: the partition the runtime routes an aggregate id to.
+fn partition_of(id: &str, partitions: u32) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in id.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash % partitions
+}
+
+/// Opens `ids` with an initial deposit, 32 at a time.
+async fn open_accounts(client: &async_nats::Client, ids: &[String], deposit: u64) -> Result<()> {
+    let mut opened = futures::stream::iter(ids.iter().map(|id| async move {
+        let sent = send(
+            client,
+            id,
+            "open",
+            json!({"owner": format!("Owner of {id}"), "initial_deposit": deposit}),
+            None,
+        )
+        .await?;
+        ensure!(
+            sent.body["ok"] == json!(true),
+            "opening {id}: {}",
+            sent.body
+        );
+        Ok(())
+    }))
+    .buffer_unordered(32);
+    while let Some(result) = opened.next().await {
+        result?;
+    }
+    Ok(())
+}
+
+/// Sends a command that must be accepted.
+async fn accepted(
+    client: &async_nats::Client,
+    id: &str,
+    command: &str,
+    body: Value,
+) -> Result<u64> {
+    let sent = send(client, id, command, body, None).await?;
+    ensure!(
+        sent.body["ok"] == json!(true),
+        "{command} on {id}: {}",
+        sent.body
+    );
+    Ok(sent.accepted().seq)
+}
+
+/// The stream's last sequence.
+async fn stream_last_seq(client: &async_nats::Client) -> Result<u64> {
+    Ok(stream(client, ACCOUNT_STREAM)
+        .await?
+        .info()
+        .await?
+        .state
+        .last_sequence)
+}
+
+/// Polls `check` until it returns `Ok(Some(_))`, or fails after `timeout` with the last reason.
+async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let started = Instant::now();
+    loop {
+        let last = match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => "condition not met".to_owned(),
+            Err(err) => format!("{err:#}"),
+        };
+        if started.elapsed() >= timeout {
+            bail!("{what}: not within {timeout:?} (last: {last})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every key of `pattern`, by SCAN.
+async fn scan_keys(
+    connection: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(connection)
+            .await?;
+        found.extend(keys);
+        if next == 0 {
+            return Ok(found);
+        }
+        cursor = next;
+    }
+}
+
+/// The names of the account stream's consumers.
+async fn consumer_names(client: &async_nats::Client) -> Result<BTreeSet<String>> {
+    let stream = stream(client, ACCOUNT_STREAM).await?;
+    let mut names = stream.consumer_names();
+    let mut found = BTreeSet::new();
+    while let Some(name) = names.next().await {
+        found.insert(name?);
+    }
+    Ok(found)
+}
+
+// --- 1. rebuild under readers -------------------------------------------------------------------
+
+/// What one reader saw while a rebuild ran.
+#[derive(Debug, Default)]
+struct ReaderReport {
+    reads: u64,
+    violations: Vec<String>,
+    /// The distinct values of the active pointer, in the order seen.
+    actives: Vec<u64>,
+}
+
+/// Reads like a frontend until `stop`: the active pointer, then a random account in that version.
+async fn read_like_a_frontend(
+    mut connection: redis::aio::MultiplexedConnection,
+    ids: Arc<Vec<String>>,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+) -> Result<ReaderReport> {
+    let keys = Keys::new(PROJECTION);
+    let mut pick = Pick::new(seed);
+    let mut report = ReaderReport::default();
+    while !stop.load(Ordering::Relaxed) {
+        let active: Option<u64> = connection.get(keys.active()).await?;
+        let Some(active) = active else {
+            if report.violations.len() < 20 {
+                report.violations.push("no active version".into());
+            }
+            continue;
+        };
+        if report.actives.last() != Some(&active) {
+            report.actives.push(active);
+        }
+        let id = &ids[pick.below(ids.len())];
+        let key = keys.key(active, &account_projection::account_key(id));
+        let hash: HashMap<String, String> = connection.hgetall(&key).await?;
+        report.reads += 1;
+        let missing: Vec<&str> = ACCOUNT_FIELDS
+            .iter()
+            .copied()
+            .filter(|field| !hash.contains_key(*field))
+            .collect();
+        if !missing.is_empty() && report.violations.len() < 20 {
+            report
+                .violations
+                .push(format!("{key} lacks {missing:?}: {hash:?}"));
+        }
+    }
+    Ok(report)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_while_readers_poll_never_shows_a_missing_or_partial_account() {
+    jetfn_tests::init_tracing();
+    let nats = NatsServer::start().await.unwrap();
+    let redis = RedisServer::start().await.unwrap();
+    let mut config = projection_config(&nats, &redis);
+    config.projection.rebuild_grace = Duration::from_secs(1);
+    let function = start_account(config.clone()).await.unwrap();
+    let projection = start_projection(config.clone()).await.unwrap();
+    let client = nats.connect().await.unwrap();
+
+    let ids: Vec<String> = (0..200).map(|n| format!("acc-{n:03}")).collect();
+    open_accounts(&client, &ids, 100).await.unwrap();
+    for (n, id) in ids.iter().enumerate().filter(|(n, _)| n % 3 == 0) {
+        accepted(&client, id, "deposit", json!({"amount": n + 1}))
+            .await
+            .unwrap();
+    }
+    wait_until_caught_up(&client, &redis, 1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let mut connection = redis.connect().await.unwrap();
+    let keys = Keys::new(PROJECTION);
+    let active: Option<u64> = connection.get(keys.active()).await.unwrap();
+    assert_eq!(active, Some(1));
+
+    let ids = Arc::new(ids);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for seed in 1..=4 {
+        readers.push(tokio::spawn(read_like_a_frontend(
+            redis.connect().await.unwrap(),
+            ids.clone(),
+            stop.clone(),
+            seed,
+        )));
+    }
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut senders = Vec::new();
+    for seed in 0..3 {
+        let (client, ids, stop, sent) = (client.clone(), ids.clone(), stop.clone(), sent.clone());
+        senders.push(tokio::spawn(async move {
+            let mut pick = Pick::new(100 + seed);
+            while !stop.load(Ordering::Relaxed) {
+                let id = &ids[pick.below(ids.len())];
+                accepted(&client, id, "deposit", json!({"amount": 1})).await?;
+                sent.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    // Let the readers and the senders get going against version 1 first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let version = tokio::time::timeout(
+        Duration::from_secs(30),
+        jetfn::projection_function(account_projection::AccountBalances)
+            .with_config(config.clone())
+            .rebuild(),
+    )
+    .await
+    .expect("rebuild did not finish within 30 s")
+    .unwrap();
+    assert_eq!(version, 2, "the rebuild reports the new version");
+
+    stop.store(true, Ordering::Relaxed);
+    for sender in senders {
+        sender.await.unwrap().unwrap();
+    }
+    assert!(
+        sent.load(Ordering::Relaxed) > 0,
+        "commands kept coming during the rebuild"
+    );
+    for (n, reader) in readers.into_iter().enumerate() {
+        let report = reader.await.unwrap().unwrap();
+        assert!(report.reads > 0, "reader {n} read nothing");
+        assert!(
+            report.violations.is_empty(),
+            "reader {n} saw missing or partial accounts: {:?}",
+            report.violations
+        );
+        assert_eq!(
+            report.actives,
+            [1, 2],
+            "reader {n}: the active pointer must flip once, from 1 to 2"
+        );
+    }
+
+    let leftovers = scan_keys(&mut connection, &format!("{}*", keys.prefix(1)))
+        .await
+        .unwrap();
+    assert!(
+        leftovers.is_empty(),
+        "version 1 keys remain after the rebuild returned: {leftovers:?}"
+    );
+    let consumers = consumer_names(&client).await.unwrap();
+    assert!(
+        !consumers
+            .iter()
+            .any(|c| c.starts_with("account-balances-g1-")),
+        "version 1 consumers remain: {consumers:?}"
+    );
+
+    // The live projection follows version 2.
+    accepted(&client, &ids[7], "withdraw", json!({"amount": 1}))
+        .await
+        .unwrap();
+    accepted(&client, "late-account", "open", json!({"owner": "Late"}))
+        .await
+        .unwrap();
+    wait_until_caught_up(&client, &redis, 1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let active: Option<u64> = connection.get(keys.active()).await.unwrap();
+    assert_eq!(active, Some(2));
+    // Version 2 was built from the first event: its change feed holds every event once.
+    let feed = check_change_feed(&client, &redis, 2).await;
+    check_read_model(&client, &redis, 1)
+        .await
+        .map_err(|e| e.context(format!("change feed: {feed:?}")))
+        .unwrap();
+    feed.unwrap();
+
+    projection.stop().await.unwrap();
+    function.stop().await.unwrap();
+}
+
+// --- 2. dead letters -----------------------------------------------------------------------------
+
+/// The account aggregate as a later release knows it: one more event type. Same name, so it reads
+/// the same stream.
+#[derive(Default)]
+struct TeleportingAccount;
+
+#[derive(Deserialize)]
+enum NoCommand {}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum TeleportingEvent {
+    AccountOpened { owner: String },
+    MoneyDeposited { amount: u64 },
+    MoneyWithdrawn { amount: u64 },
+    AccountClosed {},
+    MoneyTeleported { amount: u64 },
+}
+
+impl Aggregate for TeleportingAccount {
+    const NAME: &'static str = "account";
+    type Command = NoCommand;
+    type Event = TeleportingEvent;
+
+    fn decide(&self, command: NoCommand) -> Result<Vec<TeleportingEvent>, Rejection> {
+        match command {}
+    }
+
+    fn evolve(self, _event: &TeleportingEvent) -> Self {
+        self
+    }
+}
+
+/// The account projection, fixed to handle `MoneyTeleported`.
+struct FixedBalances;
+
+impl Projection for FixedBalances {
+    const NAME: &'static str = "account-balances";
+    type Source = TeleportingAccount;
+
+    fn apply(
+        &self,
+        event: &Recorded<TeleportingEvent>,
+        writes: &mut RedisWrites,
+    ) -> Result<(), Refusal> {
+        let known = match &event.event {
+            TeleportingEvent::MoneyTeleported { amount } => {
+                let amount = i64::try_from(*amount).map_err(|_| Refusal::from("too much"))?;
+                writes.hincr(
+                    &account_projection::account_key(&event.aggregate_id),
+                    "teleported",
+                    amount,
+                );
+                return Ok(());
+            }
+            TeleportingEvent::AccountOpened { owner } => account::Event::AccountOpened {
+                owner: owner.clone(),
+            },
+            TeleportingEvent::MoneyDeposited { amount } => {
+                account::Event::MoneyDeposited { amount: *amount }
+            }
+            TeleportingEvent::MoneyWithdrawn { amount } => {
+                account::Event::MoneyWithdrawn { amount: *amount }
+            }
+            TeleportingEvent::AccountClosed {} => account::Event::AccountClosed {},
+        };
+        let recorded = Recorded {
+            seq: event.seq,
+            aggregate_id: event.aggregate_id.clone(),
+            event_type: event.event_type.clone(),
+            version: event.version,
+            time: event.time.clone(),
+            command_id: event.command_id.clone(),
+            event: known,
+        };
+        account_projection::AccountBalances.apply(&recorded, writes)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_is_dead_lettered_with_its_metadata_and_later_events_still_apply() {
+    jetfn_tests::init_tracing();
+    let nats = NatsServer::start().await.unwrap();
+    let redis = RedisServer::start().await.unwrap();
+    let config = projection_config(&nats, &redis);
+    let function = start_account(config.clone()).await.unwrap();
+    let projection = start_projection(config.clone()).await.unwrap();
+    let client = nats.connect().await.unwrap();
+
+    accepted(
+        &client,
+        "tele",
+        "open",
+        json!({"owner": "Scotty", "initial_deposit": 10}),
+    )
+    .await
+    .unwrap();
+    accepted(&client, "other", "open", json!({"owner": "Other"}))
+        .await
+        .unwrap();
+
+    // An event type this projection's code does not know, as a newer release would store it.
+    let js = async_nats::jetstream::new(client.clone());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("ce-type", "MoneyTeleported");
+    headers.insert("ce-specversion", "1.0");
+    headers.insert("ce-subject", "tele");
+    let poison_seq = js
+        .publish_with_headers(
+            "evt.account.tele",
+            headers,
+            bytes::Bytes::from_static(br#"{"amount":5}"#),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence;
+
+    // Later events, of other accounts, keep flowing.
+    accepted(&client, "other", "deposit", json!({"amount": 40}))
+        .await
+        .unwrap();
+    accepted(&client, "after", "open", json!({"owner": "After"}))
+        .await
+        .unwrap();
+    let last = accepted(&client, "other", "withdraw", json!({"amount": 15}))
+        .await
+        .unwrap();
+    assert!(last > poison_seq);
+    wait_until_caught_up(&client, &redis, 1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    check_read_model(&client, &redis, 1).await.unwrap();
+    // check_read_model saw every checkpoint at the stream's end; the instance reports it too.
+    let end = stream_last_seq(&client).await.unwrap();
+    poll(
+        "the running projection reports its checkpoint past the poison event",
+        Duration::from_secs(10),
+        || async { Ok((projection.checkpoint() == end).then_some(())) },
+    )
+    .await
+    .unwrap();
+
+    let dead_letters = jetfn::projection::DeadLetters::connect(&config)
+        .await
+        .unwrap();
+    let letters = dead_letters.list(PROJECTION).await.unwrap();
+    assert_eq!(letters.len(), 1, "exactly one dead letter: {letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter.subject, "evt.account.tele");
+    assert_eq!(letter.seq, poison_seq);
+    assert_eq!(letter.event_type, "MoneyTeleported");
+    assert_eq!(letter.projection, PROJECTION);
+    assert_eq!(letter.stream, ACCOUNT_STREAM);
+    assert!(
+        letter.error.contains("MoneyTeleported"),
+        "the error names the type: {:?}",
+        letter.error
+    );
+    assert!(letter.deliveries >= 1, "deliveries: {}", letter.deliveries);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&letter.payload).unwrap(),
+        json!({"amount": 5})
+    );
+
+    // Replay with code that knows the type, while the real projection keeps running.
+    let mut connection = redis.connect().await.unwrap();
+    let tele_key = Keys::new(PROJECTION).key(1, &account_projection::account_key("tele"));
+    let replay = || {
+        jetfn::projection_function(FixedBalances)
+            .with_config(config.clone())
+            .replay_dead_letters()
+    };
+    assert_eq!(replay().await.unwrap(), 1, "one dead letter applied");
+    let teleported: Option<i64> = connection.hget(&tele_key, "teleported").await.unwrap();
+    assert_eq!(teleported, Some(5));
+    assert!(
+        dead_letters.list(PROJECTION).await.unwrap().is_empty(),
+        "an applied dead letter is removed"
+    );
+    assert_eq!(replay().await.unwrap(), 0, "nothing left to replay");
+    let teleported: Option<i64> = connection.hget(&tele_key, "teleported").await.unwrap();
+    assert_eq!(teleported, Some(5), "applied once");
+
+    // A copy of the letter (as after a crash between the apply and the removal) changes nothing.
+    let mut copy = letter.headers.clone();
+    copy.insert("Nats-Msg-Id", "a-copy-of-the-dead-letter");
+    js.publish_with_headers(
+        format!("jetfn.dlq.{PROJECTION}"),
+        copy,
+        letter.payload.clone(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    assert_eq!(dead_letters.list(PROJECTION).await.unwrap().len(), 1);
+    replay().await.unwrap();
+    let teleported: Option<i64> = connection.hget(&tele_key, "teleported").await.unwrap();
+    assert_eq!(
+        teleported,
+        Some(5),
+        "a dead letter applies once per version"
+    );
+    assert!(dead_letters.list(PROJECTION).await.unwrap().is_empty());
+
+    // The account keeps what the live projection wrote, plus the replayed field.
+    let hash: BTreeMap<String, String> = connection.hgetall(&tele_key).await.unwrap();
+    let tele_open_seq = stored_messages(&client, ACCOUNT_STREAM, Some("evt.account.tele"))
+        .await
+        .unwrap()
+        .iter()
+        .filter(|m| m.header("ce-type") == "MoneyDeposited")
+        .map(|m| m.seq)
+        .max()
+        .unwrap();
+    let want: BTreeMap<String, String> = [
+        ("owner", "Scotty".to_owned()),
+        ("balance", "10".to_owned()),
+        ("status", "open".to_owned()),
+        ("version", "2".to_owned()),
+        ("seq", tele_open_seq.to_string()),
+        ("teleported", "5".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    assert_eq!(hash, want);
+
+    // The live projection still applies new events.
+    accepted(&client, "other", "deposit", json!({"amount": 1}))
+        .await
+        .unwrap();
+    wait_until_caught_up(&client, &redis, 1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    projection.stop().await.unwrap();
+    function.stop().await.unwrap();
+}
+
+// --- 3. partitions ----------------------------------------------------------------------------
+
+/// Sends `rounds` deposits and withdrawals to each account, two concurrent senders per account.
+async fn churn(client: &async_nats::Client, ids: &[String], rounds: usize) -> Result<()> {
+    let mut senders = FuturesUnordered::new();
+    for (n, id) in ids.iter().enumerate() {
+        for lane in 0..2u64 {
+            let client = client.clone();
+            senders.push(async move {
+                let mut pick = Pick::new(n as u64 * 2 + lane + 1);
+                for round in 0..rounds {
+                    if round % 3 == 2 {
+                        let amount = pick.below(5) + 1;
+                        accepted(&client, id, "withdraw", json!({"amount": amount})).await?;
+                    } else {
+                        let amount = pick.below(10) + 1;
+                        accepted(&client, id, "deposit", json!({"amount": amount})).await?;
+                    }
+                }
+                anyhow::Ok(())
+            });
+        }
+    }
+    while let Some(result) = senders.next().await {
+        result?;
+    }
+    Ok(())
+}
+
+/// Checks the change feed of version `generation`: every account event of the stream exactly once,
+/// and per account in stream order.
+async fn check_change_feed(
+    client: &async_nats::Client,
+    redis: &RedisServer,
+    generation: u64,
+) -> Result<()> {
+    let mut connection = redis.connect().await?;
+    let feed: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(Keys::new(PROJECTION).changes(generation))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut connection)
+        .await?;
+    let mut last_by_account: HashMap<String, u64> = HashMap::new();
+    let mut seen = BTreeSet::new();
+    for (entry, fields) in &feed {
+        let seq: u64 = fields
+            .get("seq")
+            .with_context(|| format!("feed entry {entry} has no seq"))?
+            .parse()?;
+        let id = fields
+            .get("id")
+            .with_context(|| format!("feed entry {entry} has no id"))?;
+        ensure!(
+            seen.insert(seq),
+            "sequence {seq} is twice in the change feed"
+        );
+        if let Some(previous) = last_by_account.insert(id.clone(), seq) {
+            ensure!(
+                previous < seq,
+                "account {id}: change feed has {previous} before {seq}"
+            );
+        }
+    }
+    // The stream holds only account events and denies deletes: its sequences have no gaps.
+    let state = stream(client, ACCOUNT_STREAM)
+        .await?
+        .info()
+        .await?
+        .state
+        .clone();
+    ensure!(
+        state.messages == state.last_sequence + 1 - state.first_sequence,
+        "the stream has gaps: {state:?}"
+    );
+    let events: BTreeSet<u64> = (state.first_sequence..=state.last_sequence).collect();
+    ensure!(
+        seen == events,
+        "the change feed holds {} events, the stream {}; missing {:?}, extra {:?}",
+        seen.len(),
+        events.len(),
+        events.difference(&seen).take(10).collect::<Vec<_>>(),
+        seen.difference(&events).take(10).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_partitions_on_two_instances_keep_each_accounts_order() {
+    jetfn_tests::init_tracing();
+    let nats = NatsServer::start().await.unwrap();
+    let redis = RedisServer::start().await.unwrap();
+    let mut config = projection_config(&nats, &redis);
+    config.projection.partitions = 4;
+    config.projection.pin_timeout = Duration::from_secs(2);
+    config.projection.batch = 50;
+    let function = start_account(config.clone()).await.unwrap();
+    let first = start_projection(config.clone()).await.unwrap();
+    let second = start_projection(config.clone()).await.unwrap();
+    let client = nats.connect().await.unwrap();
+
+    let ids: Vec<String> = (0..40).map(|n| format!("p-{n:02}")).collect();
+    let partitions: BTreeSet<u32> = ids.iter().map(|id| partition_of(id, 4)).collect();
+    assert_eq!(partitions.len(), 4, "the accounts cover every partition");
+    open_accounts(&client, &ids, 1000).await.unwrap();
+    churn(&client, &ids, 30).await.unwrap();
+    let events = stream_last_seq(&client).await.unwrap();
+    assert!(events >= 2000, "only {events} events");
+
+    wait_until_caught_up(&client, &redis, 4, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let feed = check_change_feed(&client, &redis, 1).await;
+    check_read_model(&client, &redis, 4)
+        .await
+        .map_err(|e| e.context(format!("change feed: {feed:?}")))
+        .unwrap();
+    feed.unwrap();
+
+    // The first instance goes away while commands keep coming: the second takes every partition.
+    let more = {
+        let (client, ids) = (client.clone(), ids.clone());
+        tokio::spawn(async move { churn(&client, &ids, 3).await })
+    };
+    first.stop().await.unwrap();
+    more.await.unwrap().unwrap();
+    churn(&client, &ids, 1).await.unwrap();
+    let last = stream_last_seq(&client).await.unwrap();
+    wait_until_caught_up(&client, &redis, 4, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let feed = check_change_feed(&client, &redis, 1).await;
+    check_read_model(&client, &redis, 4)
+        .await
+        .map_err(|e| e.context(format!("change feed: {feed:?}")))
+        .unwrap();
+    feed.unwrap();
+    // Only the second instance is left to have applied the latest events of all four partitions,
+    // and it reports so.
+    poll(
+        "the second instance reports every partition at the stream's end",
+        Duration::from_secs(10),
+        || async { Ok((second.checkpoint() >= last).then_some(())) },
+    )
+    .await
+    .unwrap();
+
+    second.stop().await.unwrap();
+    function.stop().await.unwrap();
+}
+
+// --- 4. stats ------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_and_checkpoints_are_visible_in_srv_stats() {
+    jetfn_tests::init_tracing();
+    let nats = NatsServer::start().await.unwrap();
+    let redis = RedisServer::start().await.unwrap();
+    let config = projection_config(&nats, &redis);
+    let function = start_account(config.clone()).await.unwrap();
+    let projection = start_projection(config).await.unwrap();
+    let client = nats.connect().await.unwrap();
+
+    let ids: Vec<String> = (0..10).map(|n| format!("s-{n}")).collect();
+    open_accounts(&client, &ids, 20).await.unwrap();
+    accepted(&client, "s-3", "withdraw", json!({"amount": 5}))
+        .await
+        .unwrap();
+    wait_until_caught_up(&client, &redis, 1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let last = stream_last_seq(&client).await.unwrap();
+    assert_eq!(last, 21);
+
+    let caught_up = |data: &Value| {
+        data["lag"] == json!(0)
+            && data["checkpoint"] == json!(last)
+            && data["stream_last_seq"] == json!(last)
+    };
+    let stats = poll(
+        "$SRV.STATS shows the projection caught up",
+        Duration::from_secs(15),
+        || async {
+            let reply = client
+                .request("$SRV.STATS.account-balances", "".into())
+                .await?;
+            let stats: Value = serde_json::from_slice(&reply.payload)?;
+            Ok(caught_up(&stats["endpoints"][0]["data"]).then_some(stats))
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(stats["name"], json!(PROJECTION));
+    let data = &stats["endpoints"][0]["data"];
+    assert_eq!(data["lag"], json!(0));
+    assert_eq!(data["checkpoint"], json!(last));
+    assert_eq!(data["checkpoints"], json!({"p0": last}));
+    assert_eq!(data["generation"], json!(1));
+    assert_eq!(data["dead_letters"], json!(0));
+    assert!(
+        data["processed"].as_u64().unwrap_or(0) >= last,
+        "processed: {data}"
+    );
+
+    let reply = client
+        .request("jetfn.projection.account-balances.status", "".into())
+        .await
+        .unwrap();
+    let status: Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(status["lag"], json!(0), "status: {status}");
+    assert_eq!(status["checkpoint"], json!(last), "status: {status}");
+    assert_eq!(status["stream_last_seq"], json!(last), "status: {status}");
+    assert!(
+        status["processed"].as_u64().unwrap_or(0) >= last,
+        "status: {status}"
+    );
+
+    projection.stop().await.unwrap();
+    function.stop().await.unwrap();
+}
