@@ -30,10 +30,10 @@
 mod binaries;
 mod child;
 pub mod commands;
-pub mod faults;
 mod process;
 pub mod readmodels;
 mod servers;
+pub mod workload;
 
 pub use binaries::{
     MIN_NATS_SERVER_VERSION, NATS_SERVER_PIP_REQUIREMENT, Version, binary_path, nats_server_binary,

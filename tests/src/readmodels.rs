@@ -1,13 +1,16 @@
-//! Helpers for projection tests: run the account projection, and check its Redis read model
-//! against a fold of the stream, key by key.
+//! Helpers for projection tests: run the account function and projection ([`ReadSide`]), ask
+//! what the read model, its change feed and the projection's consumer say, and check the read
+//! model against a fold of the stream, key by key.
 
-use crate::commands::{ACCOUNT_STREAM, StoredMessage, stored_messages};
+use crate::commands::{ACCOUNT_STREAM, StoredMessage, start_account, stored_messages, stream};
 use crate::{NatsServer, RedisServer};
 use anyhow::{Context, Result, bail, ensure};
+use async_nats::jetstream::consumer::pull;
+use jetfn::command::RunningFunction;
 use jetfn::projection::RunningProjection;
 use jetfn::readmodel::{Keys, ReadModel};
 use redis::AsyncCommands;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 /// The account projection's name.
@@ -28,6 +31,90 @@ pub async fn start_projection(config: jetfn::Config) -> Result<RunningProjection
         .start()
         .await
         .context("starting the account projection")
+}
+
+/// The account function and the account projection running in this process against private
+/// servers, plus a client: how most read-side tests start. The fields are public so that a test
+/// can move the function or the projection out to stop it.
+pub struct ReadSide {
+    /// The NATS server.
+    pub nats: NatsServer,
+    /// The Redis server.
+    pub redis: RedisServer,
+    /// The configuration the function and the projection run with.
+    pub config: jetfn::Config,
+    /// A client of `nats`.
+    pub client: async_nats::Client,
+    /// The account command function.
+    pub function: RunningFunction,
+    /// The account projection.
+    pub projection: RunningProjection,
+}
+
+impl ReadSide {
+    /// Installs test tracing, starts both servers, then the function and the projection with
+    /// [`projection_config`], and connects a client.
+    pub async fn start() -> Result<ReadSide> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Like [`ReadSide::start`], with `tweak` applied to the configuration before the function
+    /// and the projection start.
+    pub async fn start_with(tweak: impl FnOnce(&mut jetfn::Config)) -> Result<ReadSide> {
+        crate::init_tracing();
+        let nats = NatsServer::start().await?;
+        let redis = RedisServer::start().await?;
+        let mut config = projection_config(&nats, &redis);
+        tweak(&mut config);
+        let function = start_account(config.clone()).await?;
+        let projection = start_projection(config.clone()).await?;
+        let client = nats.connect().await?;
+        Ok(ReadSide {
+            nats,
+            redis,
+            config,
+            client,
+            function,
+            projection,
+        })
+    }
+}
+
+/// The live version of the account read model, or an error while no version is live.
+pub async fn live_generation(redis: &RedisServer) -> Result<u64> {
+    ReadModel::connect(&redis.url(), PROJECTION)
+        .await?
+        .active_generation()
+        .await?
+        .context("no active read-model version")
+}
+
+/// The live version of the account read model and its least checkpoint (0 while a partition has
+/// none), or `None` while no version is live.
+pub async fn read_model_checkpoint(redis_url: &str, partitions: u32) -> Result<Option<(u64, u64)>> {
+    let model = ReadModel::connect(redis_url, PROJECTION).await?;
+    let Some(generation) = model.active_generation().await? else {
+        return Ok(None);
+    };
+    let checkpoints = model.checkpoints(generation).await?;
+    let least = if checkpoints.len() < partitions as usize {
+        0
+    } else {
+        checkpoints.iter().map(|(_, seq)| *seq).min().unwrap_or(0)
+    };
+    Ok(Some((generation, least)))
+}
+
+/// The stream sequence up to which the durable consumer `name` of the account stream has every
+/// message acknowledged.
+pub async fn consumer_ack_floor(client: &async_nats::Client, name: &str) -> Result<u64> {
+    let stream = stream(client, ACCOUNT_STREAM).await?;
+    let mut consumer = stream
+        .get_consumer::<pull::Config>(name)
+        .await
+        .map_err(|e| anyhow::anyhow!("consumer {name}: {e}"))?;
+    let info = consumer.info().await?;
+    Ok(info.ack_floor.stream_sequence)
 }
 
 /// One account as the read model should show it.
@@ -101,11 +188,8 @@ pub async fn check_read_model(
 ) -> Result<()> {
     let events = stored_messages(client, ACCOUNT_STREAM, None).await?;
     let expected = Expected::fold(&events)?;
+    let generation = live_generation(redis).await?;
     let model = ReadModel::connect(&redis.url(), PROJECTION).await?;
-    let generation = model
-        .active_generation()
-        .await?
-        .context("no active read-model version")?;
     let keys = Keys::new(PROJECTION);
     let mut connection = redis.connect().await?;
 
@@ -202,4 +286,134 @@ pub async fn wait_until_caught_up(
             Err(err) => bail!("not caught up after {timeout:?}: {err}"),
         }
     }
+}
+
+/// How the entries of a change feed must be ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedOrder {
+    /// The whole feed in stream order, as one partition writes it.
+    Stream,
+    /// Each account's entries in stream order; partitions interleave the accounts.
+    PerAccount,
+}
+
+/// Checks the change feed of read-model version `generation` against the account stream: every
+/// stream sequence has exactly one entry (the stream holds only account events, each of which
+/// writes, and denies deletes, so its sequences have no gaps), each entry names its account, each
+/// account's entries are in stream order and, with [`FeedOrder::Stream`], so is the whole feed.
+/// The error names what is missing, repeated, extra or out of order.
+pub async fn check_change_feed(
+    client: &async_nats::Client,
+    redis: &RedisServer,
+    generation: u64,
+    order: FeedOrder,
+) -> Result<()> {
+    let mut connection = redis.connect().await?;
+    let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(Keys::new(PROJECTION).changes(generation))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut connection)
+        .await?;
+    let mut feed = Vec::with_capacity(entries.len());
+    for (entry, fields) in &entries {
+        let seq: u64 = fields
+            .get("seq")
+            .and_then(|seq| seq.parse().ok())
+            .with_context(|| format!("change feed entry {entry} has no seq"))?;
+        let id = fields
+            .get("id")
+            .with_context(|| format!("change feed entry {entry} has no id"))?;
+        feed.push((seq, id.as_str()));
+    }
+
+    let state = stream(client, ACCOUNT_STREAM)
+        .await?
+        .info()
+        .await?
+        .state
+        .clone();
+    let events: BTreeSet<u64> = if state.messages == 0 {
+        BTreeSet::new()
+    } else {
+        ensure!(
+            state.messages == state.last_sequence + 1 - state.first_sequence,
+            "the stream has gaps: {state:?}"
+        );
+        (state.first_sequence..=state.last_sequence).collect()
+    };
+
+    let mut counts = BTreeMap::<u64, u32>::new();
+    let mut last_by_account = HashMap::<&str, u64>::new();
+    let mut account_disorder = Vec::new();
+    for (seq, id) in &feed {
+        *counts.entry(*seq).or_default() += 1;
+        if let Some(previous) = last_by_account.insert(id, *seq)
+            && previous >= *seq
+        {
+            account_disorder.push(format!("account {id}: {previous} before {seq}"));
+        }
+    }
+    let repeated: Vec<u64> = counts
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(seq, _)| *seq)
+        .collect();
+    let missing: Vec<u64> = events
+        .iter()
+        .copied()
+        .filter(|seq| !counts.contains_key(seq))
+        .collect();
+    let extra: Vec<u64> = counts
+        .keys()
+        .copied()
+        .filter(|seq| !events.contains(seq))
+        .collect();
+    let stream_disorder = match order {
+        FeedOrder::Stream => feed.windows(2).filter(|w| w[0].0 >= w[1].0).count(),
+        FeedOrder::PerAccount => 0,
+    };
+    if repeated.is_empty()
+        && missing.is_empty()
+        && extra.is_empty()
+        && account_disorder.is_empty()
+        && stream_disorder == 0
+    {
+        return Ok(());
+    }
+    let first = |seqs: &[u64]| seqs.iter().take(10).copied().collect::<Vec<_>>();
+    bail!(
+        "change feed of version {generation} has {} entries for stream {}..={} ({} events): \
+         missing {} {:?}, repeated {} {:?}, extra {} {:?}, {stream_disorder} out of stream \
+         order, {} out of account order {:?}",
+        feed.len(),
+        state.first_sequence,
+        state.last_sequence,
+        events.len(),
+        missing.len(),
+        first(&missing),
+        repeated.len(),
+        first(&repeated),
+        extra.len(),
+        first(&extra),
+        account_disorder.len(),
+        account_disorder.iter().take(10).collect::<Vec<_>>()
+    )
+}
+
+/// Checks version `generation` of the read model against the stream: its change feed with
+/// [`check_change_feed`], then, with `partitions` checkpoints, every key of the live version with
+/// [`check_read_model`]. A read-model error carries the change feed's verdict too.
+pub async fn check_read_side(
+    client: &async_nats::Client,
+    redis: &RedisServer,
+    generation: u64,
+    partitions: u32,
+    order: FeedOrder,
+) -> Result<()> {
+    let feed = check_change_feed(client, redis, generation, order).await;
+    check_read_model(client, redis, partitions)
+        .await
+        .map_err(|e| e.context(format!("change feed: {feed:?}")))?;
+    feed
 }

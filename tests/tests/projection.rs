@@ -2,26 +2,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use jetfn_tests::commands::{send, start_account};
-use jetfn_tests::readmodels::{
-    check_read_model, projection_config, start_projection, wait_until_caught_up,
-};
-use jetfn_tests::{NatsServer, RedisServer};
+use jetfn_tests::commands::send;
+use jetfn_tests::readmodels::{ReadSide, check_read_model, wait_until_caught_up};
 use serde_json::json;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_show_up_in_the_read_model_exactly_once() {
-    jetfn_tests::init_tracing();
-    let nats = NatsServer::start().await.unwrap();
-    let redis = RedisServer::start().await.unwrap();
-    let config = projection_config(&nats, &redis);
-    let function = start_account(config.clone()).await.unwrap();
-    let projection = start_projection(config).await.unwrap();
-    let client = nats.connect().await.unwrap();
+    let side = ReadSide::start().await.unwrap();
+    let (client, redis) = (&side.client, &side.redis);
 
     send(
-        &client,
+        client,
         "alice",
         "open",
         json!({"owner": "Alice", "initial_deposit": 100}),
@@ -29,20 +21,18 @@ async fn commands_show_up_in_the_read_model_exactly_once() {
     )
     .await
     .unwrap();
-    send(&client, "bob", "open", json!({"owner": "Bob"}), None)
+    send(client, "bob", "open", json!({"owner": "Bob"}), None)
         .await
         .unwrap();
-    send(&client, "alice", "withdraw", json!({"amount": 30}), None)
+    send(client, "alice", "withdraw", json!({"amount": 30}), None)
         .await
         .unwrap();
-    send(&client, "bob", "close", json!({}), None)
-        .await
-        .unwrap();
+    send(client, "bob", "close", json!({}), None).await.unwrap();
 
-    wait_until_caught_up(&client, &redis, 1, Duration::from_secs(10))
+    wait_until_caught_up(client, redis, 1, Duration::from_secs(10))
         .await
         .unwrap();
-    check_read_model(&client, &redis, 1).await.unwrap();
-    projection.stop().await.unwrap();
-    function.stop().await.unwrap();
+    check_read_model(client, redis, 1).await.unwrap();
+    side.projection.stop().await.unwrap();
+    side.function.stop().await.unwrap();
 }

@@ -4,15 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use jetfn::command::RunningFunction;
 use jetfn::readmodel::{Keys, ReadModel, ReadModelError};
 use jetfn_tests::commands::{send, start_account};
-use jetfn_tests::faults::{
-    check_change_feed, consumer_ack_floor, poll, produce_events, read_model_checkpoint,
-    stream_last_seq,
-};
 use jetfn_tests::readmodels::{
-    PROJECTION, check_read_model, projection_config, start_projection, wait_until_caught_up,
+    FeedOrder, PROJECTION, ReadSide, check_read_model, check_read_side, consumer_ack_floor,
+    live_generation, projection_config, read_model_checkpoint, wait_until_caught_up,
 };
+use jetfn_tests::workload::{poll, produce_events, stream_last_seq};
 use jetfn_tests::{FunctionProcess, NatsServer, RedisServer};
 use redis::AsyncCommands;
 use serde_json::json;
@@ -25,6 +24,19 @@ const CONSUMER: &str = "account-balances-g1-p0";
 /// How long catching up may take, generously.
 const CATCH_UP: Duration = Duration::from_secs(60);
 
+/// Both servers, the account function in this process and a client, but no projection: the
+/// tests that use this run the projection as a process.
+async fn servers_and_account() -> (NatsServer, RedisServer, RunningFunction, async_nats::Client) {
+    jetfn_tests::init_tracing();
+    let nats = NatsServer::start().await.unwrap();
+    let redis = RedisServer::start().await.unwrap();
+    let function = start_account(projection_config(&nats, &redis))
+        .await
+        .unwrap();
+    let client = nats.connect().await.unwrap();
+    (nats, redis, function, client)
+}
+
 /// The environment of an `account-projection` process against these servers, plus `extra`.
 fn projection_env(
     nats: &NatsServer,
@@ -34,6 +46,18 @@ fn projection_env(
     let mut env = vec![("NATS_URL", nats.url()), ("REDIS_URL", redis.url())];
     env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
     env
+}
+
+/// Waits until the projection (one partition) has caught up, then checks the live read-model
+/// version and its change feed, in stream order, against the stream.
+async fn catch_up_then_check_exact(client: &async_nats::Client, redis: &RedisServer) {
+    wait_until_caught_up(client, redis, 1, CATCH_UP)
+        .await
+        .unwrap();
+    let live = live_generation(redis).await.unwrap();
+    check_read_side(client, redis, live, 1, FeedOrder::Stream)
+        .await
+        .unwrap();
 }
 
 /// Stops a projection process with SIGTERM and checks that it exits 0.
@@ -49,16 +73,11 @@ async fn stop_process(mut process: FunctionProcess) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_events_fold_to_exactly_the_read_model() {
-    jetfn_tests::init_tracing();
-    let nats = NatsServer::start().await.unwrap();
-    let redis = RedisServer::start().await.unwrap();
-    let config = projection_config(&nats, &redis);
-    let function = start_account(config.clone()).await.unwrap();
-    let projection = start_projection(config).await.unwrap();
-    let client = nats.connect().await.unwrap();
+    let side = ReadSide::start().await.unwrap();
+    let (client, redis) = (&side.client, &side.redis);
 
-    let produced = produce_events(&client, 32, 300, 10_000).await.unwrap();
-    let last = stream_last_seq(&client).await.unwrap();
+    let produced = produce_events(client, 32, 300, 10_000).await.unwrap();
+    let last = stream_last_seq(client).await.unwrap();
     assert!(last >= 10_000, "only {last} events in the stream");
     assert_eq!(
         produced.events, last,
@@ -67,23 +86,17 @@ async fn ten_thousand_events_fold_to_exactly_the_read_model() {
     );
     assert!(produced.rejected > 0, "the workload sends some overdrafts");
 
-    wait_until_caught_up(&client, &redis, 1, CATCH_UP)
+    wait_until_caught_up(client, redis, 1, CATCH_UP)
         .await
         .unwrap();
-    check_read_model(&client, &redis, 1).await.unwrap();
-    projection.stop().await.unwrap();
-    function.stop().await.unwrap();
+    check_read_model(client, redis, 1).await.unwrap();
+    side.projection.stop().await.unwrap();
+    side.function.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_the_redis_commit_and_the_ack_does_not_double_count() {
-    jetfn_tests::init_tracing();
-    let nats = NatsServer::start().await.unwrap();
-    let redis = RedisServer::start().await.unwrap();
-    let function = start_account(projection_config(&nats, &redis))
-        .await
-        .unwrap();
-    let client = nats.connect().await.unwrap();
+    let (nats, redis, function, client) = servers_and_account().await;
     produce_events(&client, 8, 40, 400).await.unwrap();
     let last = stream_last_seq(&client).await.unwrap();
 
@@ -129,11 +142,7 @@ async fn a_crash_between_the_redis_commit_and_the_ack_does_not_double_count() {
 
     let resumed =
         FunctionProcess::spawn(BINARY, &projection_env(&nats, &redis, &settings)).unwrap();
-    wait_until_caught_up(&client, &redis, 1, CATCH_UP)
-        .await
-        .unwrap();
-    check_change_feed(&redis.url(), last).await.unwrap();
-    check_read_model(&client, &redis, 1).await.unwrap();
+    catch_up_then_check_exact(&client, &redis).await;
     stop_process(resumed).await;
     function.stop().await.unwrap();
 }
@@ -155,13 +164,7 @@ enum Interruption {
 /// new process takes over before JetStream redelivers what the old one held, as in production,
 /// while the test stays short.
 async fn interrupt_a_backlog_then_restart(interruption: Interruption) {
-    jetfn_tests::init_tracing();
-    let nats = NatsServer::start().await.unwrap();
-    let redis = RedisServer::start().await.unwrap();
-    let function = start_account(projection_config(&nats, &redis))
-        .await
-        .unwrap();
-    let client = nats.connect().await.unwrap();
+    let (nats, redis, function, client) = servers_and_account().await;
     produce_events(&client, 16, 150, 4_000).await.unwrap();
     let last = stream_last_seq(&client).await.unwrap();
 
@@ -201,11 +204,7 @@ async fn interrupt_a_backlog_then_restart(interruption: Interruption) {
     );
 
     let second = FunctionProcess::spawn(BINARY, &projection_env(&nats, &redis, &settings)).unwrap();
-    wait_until_caught_up(&client, &redis, 1, CATCH_UP)
-        .await
-        .unwrap();
-    check_change_feed(&url, last).await.unwrap();
-    check_read_model(&client, &redis, 1).await.unwrap();
+    catch_up_then_check_exact(&client, &redis).await;
     stop_process(second).await;
     function.stop().await.unwrap();
 }
@@ -222,13 +221,7 @@ async fn a_graceful_restart_in_the_middle_of_a_backlog_ends_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty_is_detected_and_the_read_model_is_rebuilt_exact() {
-    jetfn_tests::init_tracing();
-    let nats = NatsServer::start().await.unwrap();
-    let mut redis = RedisServer::start().await.unwrap();
-    let function = start_account(projection_config(&nats, &redis))
-        .await
-        .unwrap();
-    let client = nats.connect().await.unwrap();
+    let (nats, mut redis, function, client) = servers_and_account().await;
     let mut projection =
         FunctionProcess::spawn(BINARY, &projection_env(&nats, &redis, &[])).unwrap();
     projection
@@ -263,12 +256,7 @@ async fn redis_restarted_empty_is_detected_and_the_read_model_is_rebuilt_exact()
     }
     assert!(stream_last_seq(&client).await.unwrap() > before);
 
-    wait_until_caught_up(&client, &redis, 1, CATCH_UP)
-        .await
-        .unwrap();
-    let last = stream_last_seq(&client).await.unwrap();
-    check_change_feed(&redis.url(), last).await.unwrap();
-    check_read_model(&client, &redis, 1).await.unwrap();
+    catch_up_then_check_exact(&client, &redis).await;
     assert!(
         projection.log().contains("rebuilding from the first event"),
         "the projection should say it rebuilds; log:\n{}",
@@ -280,18 +268,13 @@ async fn redis_restarted_empty_is_detected_and_the_read_model_is_rebuilt_exact()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_for_returns_once_the_projection_reaches_the_token() {
-    jetfn_tests::init_tracing();
-    let nats = NatsServer::start().await.unwrap();
-    let redis = RedisServer::start().await.unwrap();
-    let config = projection_config(&nats, &redis);
-    let function = start_account(config.clone()).await.unwrap();
-    let projection = start_projection(config).await.unwrap();
-    let client = nats.connect().await.unwrap();
+    let side = ReadSide::start().await.unwrap();
+    let (client, redis) = (&side.client, &side.redis);
     let model = ReadModel::connect(&redis.url(), PROJECTION).await.unwrap();
     let mut connection = redis.connect().await.unwrap();
 
     let opened = send(
-        &client,
+        client,
         "reader",
         "open",
         json!({"owner": "Reader", "initial_deposit": 5}),
@@ -319,7 +302,7 @@ async fn wait_for_returns_once_the_projection_reaches_the_token() {
         assert_eq!(stored, balance, "{key} after waiting for {token}");
         assert_eq!(seq, token, "{key} after waiting for {token}");
 
-        let deposited = send(&client, "reader", "deposit", json!({"amount": n}), None)
+        let deposited = send(client, "reader", "deposit", json!({"amount": n}), None)
             .await
             .unwrap();
         balance += n;
@@ -338,25 +321,20 @@ async fn wait_for_returns_once_the_projection_reaches_the_token() {
         .await
         .unwrap();
     assert_eq!(stored, balance);
-    projection.stop().await.unwrap();
-    function.stop().await.unwrap();
+    side.projection.stop().await.unwrap();
+    side.function.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_for_times_out_cleanly_when_the_projection_cannot_reach_the_token() {
-    jetfn_tests::init_tracing();
-    let nats = NatsServer::start().await.unwrap();
-    let redis = RedisServer::start().await.unwrap();
-    let config = projection_config(&nats, &redis);
-    let function = start_account(config.clone()).await.unwrap();
-    let projection = start_projection(config).await.unwrap();
-    let client = nats.connect().await.unwrap();
-    produce_events(&client, 4, 8, 30).await.unwrap();
-    wait_until_caught_up(&client, &redis, 1, CATCH_UP)
+    let side = ReadSide::start().await.unwrap();
+    let (client, redis) = (&side.client, &side.redis);
+    produce_events(client, 4, 8, 30).await.unwrap();
+    wait_until_caught_up(client, redis, 1, CATCH_UP)
         .await
         .unwrap();
-    projection.stop().await.unwrap();
-    let last = stream_last_seq(&client).await.unwrap();
+    side.projection.stop().await.unwrap();
+    let last = stream_last_seq(client).await.unwrap();
 
     let model = ReadModel::connect(&redis.url(), PROJECTION).await.unwrap();
     // A token the read model has reached is still answered with the projection stopped.
@@ -379,5 +357,5 @@ async fn wait_for_times_out_cleanly_when_the_projection_cannot_reach_the_token()
         }
         other => panic!("expected a timeout waiting for {awaited}, got {other:?}"),
     }
-    function.stop().await.unwrap();
+    side.function.stop().await.unwrap();
 }

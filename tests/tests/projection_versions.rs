@@ -6,42 +6,27 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Result, ensure};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use jetfn::readmodel::Keys;
 use jetfn::{Aggregate, Projection, Recorded, RedisWrites, Refusal, Rejection};
-use jetfn_tests::commands::{ACCOUNT_STREAM, send, start_account, stored_messages, stream};
+use jetfn_tests::commands::{ACCOUNT_STREAM, send, stored_messages, stream};
 use jetfn_tests::readmodels::{
-    PROJECTION, check_read_model, projection_config, start_projection, wait_until_caught_up,
+    FeedOrder, PROJECTION, ReadSide, check_read_model, check_read_side, start_projection,
+    wait_until_caught_up,
 };
-use jetfn_tests::{NatsServer, RedisServer};
+use jetfn_tests::workload::{Rng, poll, stream_last_seq};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The fields every account hash of the account projection has.
 const ACCOUNT_FIELDS: [&str; 5] = ["owner", "balance", "status", "version", "seq"];
-
-/// A small deterministic pseudo-random generator (xorshift64*), enough to pick accounts.
-struct Pick(u64);
-
-impl Pick {
-    fn new(seed: u64) -> Self {
-        Pick(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n.max(1)
-    }
-}
 
 /// FNV-1a (32 bit) modulo `partitions`: the partition the runtime routes an aggregate id to.
 fn partition_of(id: &str, partitions: u32) -> u32 {
@@ -55,21 +40,9 @@ fn partition_of(id: &str, partitions: u32) -> u32 {
 
 /// Opens `ids` with an initial deposit, 32 at a time.
 async fn open_accounts(client: &async_nats::Client, ids: &[String], deposit: u64) -> Result<()> {
-    let mut opened = futures::stream::iter(ids.iter().map(|id| async move {
-        let sent = send(
-            client,
-            id,
-            "open",
-            json!({"owner": format!("Owner of {id}"), "initial_deposit": deposit}),
-            None,
-        )
-        .await?;
-        ensure!(
-            sent.body["ok"] == json!(true),
-            "opening {id}: {}",
-            sent.body
-        );
-        Ok(())
+    let mut opened = futures::stream::iter(ids.iter().map(|id| {
+        let body = json!({"owner": format!("Owner of {id}"), "initial_deposit": deposit});
+        accepted(client, id, "open", body)
     }))
     .buffer_unordered(32);
     while let Some(result) = opened.next().await {
@@ -92,36 +65,6 @@ async fn accepted(
         sent.body
     );
     Ok(sent.accepted().seq)
-}
-
-/// The stream's last sequence.
-async fn stream_last_seq(client: &async_nats::Client) -> Result<u64> {
-    Ok(stream(client, ACCOUNT_STREAM)
-        .await?
-        .info()
-        .await?
-        .state
-        .last_sequence)
-}
-
-/// Polls `check` until it returns `Ok(Some(_))`, or fails after `timeout` with the last reason.
-async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let started = Instant::now();
-    loop {
-        let last = match check().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => "condition not met".to_owned(),
-            Err(err) => format!("{err:#}"),
-        };
-        if started.elapsed() >= timeout {
-            bail!("{what}: not within {timeout:?} (last: {last})");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Every key of `pattern`, by SCAN.
@@ -178,7 +121,7 @@ async fn read_like_a_frontend(
     seed: u64,
 ) -> Result<ReaderReport> {
     let keys = Keys::new(PROJECTION);
-    let mut pick = Pick::new(seed);
+    let mut rng = Rng::new(seed);
     let mut report = ReaderReport::default();
     while !stop.load(Ordering::Relaxed) {
         let active: Option<u64> = connection.get(keys.active()).await?;
@@ -191,7 +134,7 @@ async fn read_like_a_frontend(
         if report.actives.last() != Some(&active) {
             report.actives.push(active);
         }
-        let id = &ids[pick.below(ids.len())];
+        let id = &ids[rng.below(ids.len())];
         let key = keys.key(active, &account_projection::account_key(id));
         let hash: HashMap<String, String> = connection.hgetall(&key).await?;
         report.reads += 1;
@@ -211,23 +154,21 @@ async fn read_like_a_frontend(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rebuild_while_readers_poll_never_shows_a_missing_or_partial_account() {
-    jetfn_tests::init_tracing();
-    let nats = NatsServer::start().await.unwrap();
-    let redis = RedisServer::start().await.unwrap();
-    let mut config = projection_config(&nats, &redis);
-    config.projection.rebuild_grace = Duration::from_secs(1);
-    let function = start_account(config.clone()).await.unwrap();
-    let projection = start_projection(config.clone()).await.unwrap();
-    let client = nats.connect().await.unwrap();
+    let side = ReadSide::start_with(|config| {
+        config.projection.rebuild_grace = Duration::from_secs(1);
+    })
+    .await
+    .unwrap();
+    let (client, redis) = (&side.client, &side.redis);
 
     let ids: Vec<String> = (0..200).map(|n| format!("acc-{n:03}")).collect();
-    open_accounts(&client, &ids, 100).await.unwrap();
+    open_accounts(client, &ids, 100).await.unwrap();
     for (n, id) in ids.iter().enumerate().filter(|(n, _)| n % 3 == 0) {
-        accepted(&client, id, "deposit", json!({"amount": n + 1}))
+        accepted(client, id, "deposit", json!({"amount": n + 1}))
             .await
             .unwrap();
     }
-    wait_until_caught_up(&client, &redis, 1, Duration::from_secs(20))
+    wait_until_caught_up(client, redis, 1, Duration::from_secs(20))
         .await
         .unwrap();
     let mut connection = redis.connect().await.unwrap();
@@ -251,9 +192,9 @@ async fn a_rebuild_while_readers_poll_never_shows_a_missing_or_partial_account()
     for seed in 0..3 {
         let (client, ids, stop, sent) = (client.clone(), ids.clone(), stop.clone(), sent.clone());
         senders.push(tokio::spawn(async move {
-            let mut pick = Pick::new(100 + seed);
+            let mut rng = Rng::new(100 + seed);
             while !stop.load(Ordering::Relaxed) {
-                let id = &ids[pick.below(ids.len())];
+                let id = &ids[rng.below(ids.len())];
                 accepted(&client, id, "deposit", json!({"amount": 1})).await?;
                 sent.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -267,7 +208,7 @@ async fn a_rebuild_while_readers_poll_never_shows_a_missing_or_partial_account()
     let version = tokio::time::timeout(
         Duration::from_secs(30),
         jetfn::projection_function(account_projection::AccountBalances)
-            .with_config(config.clone())
+            .with_config(side.config.clone())
             .rebuild(),
     )
     .await
@@ -305,7 +246,7 @@ async fn a_rebuild_while_readers_poll_never_shows_a_missing_or_partial_account()
         leftovers.is_empty(),
         "version 1 keys remain after the rebuild returned: {leftovers:?}"
     );
-    let consumers = consumer_names(&client).await.unwrap();
+    let consumers = consumer_names(client).await.unwrap();
     assert!(
         !consumers
             .iter()
@@ -314,27 +255,24 @@ async fn a_rebuild_while_readers_poll_never_shows_a_missing_or_partial_account()
     );
 
     // The live projection follows version 2.
-    accepted(&client, &ids[7], "withdraw", json!({"amount": 1}))
+    accepted(client, &ids[7], "withdraw", json!({"amount": 1}))
         .await
         .unwrap();
-    accepted(&client, "late-account", "open", json!({"owner": "Late"}))
+    accepted(client, "late-account", "open", json!({"owner": "Late"}))
         .await
         .unwrap();
-    wait_until_caught_up(&client, &redis, 1, Duration::from_secs(20))
+    wait_until_caught_up(client, redis, 1, Duration::from_secs(20))
         .await
         .unwrap();
     let active: Option<u64> = connection.get(keys.active()).await.unwrap();
     assert_eq!(active, Some(2));
     // Version 2 was built from the first event: its change feed holds every event once.
-    let feed = check_change_feed(&client, &redis, 2).await;
-    check_read_model(&client, &redis, 1)
+    check_read_side(client, redis, 2, 1, FeedOrder::PerAccount)
         .await
-        .map_err(|e| e.context(format!("change feed: {feed:?}")))
         .unwrap();
-    feed.unwrap();
 
-    projection.stop().await.unwrap();
-    function.stop().await.unwrap();
+    side.projection.stop().await.unwrap();
+    side.function.stop().await.unwrap();
 }
 
 // --- 2. dead letters -----------------------------------------------------------------------------
@@ -418,23 +356,18 @@ impl Projection for FixedBalances {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_event_is_dead_lettered_with_its_metadata_and_later_events_still_apply() {
-    jetfn_tests::init_tracing();
-    let nats = NatsServer::start().await.unwrap();
-    let redis = RedisServer::start().await.unwrap();
-    let config = projection_config(&nats, &redis);
-    let function = start_account(config.clone()).await.unwrap();
-    let projection = start_projection(config.clone()).await.unwrap();
-    let client = nats.connect().await.unwrap();
+    let side = ReadSide::start().await.unwrap();
+    let (client, redis, config) = (&side.client, &side.redis, &side.config);
 
     accepted(
-        &client,
+        client,
         "tele",
         "open",
         json!({"owner": "Scotty", "initial_deposit": 10}),
     )
     .await
     .unwrap();
-    accepted(&client, "other", "open", json!({"owner": "Other"}))
+    accepted(client, "other", "open", json!({"owner": "Other"}))
         .await
         .unwrap();
 
@@ -457,31 +390,31 @@ async fn a_poison_event_is_dead_lettered_with_its_metadata_and_later_events_stil
         .sequence;
 
     // Later events, of other accounts, keep flowing.
-    accepted(&client, "other", "deposit", json!({"amount": 40}))
+    accepted(client, "other", "deposit", json!({"amount": 40}))
         .await
         .unwrap();
-    accepted(&client, "after", "open", json!({"owner": "After"}))
+    accepted(client, "after", "open", json!({"owner": "After"}))
         .await
         .unwrap();
-    let last = accepted(&client, "other", "withdraw", json!({"amount": 15}))
+    let last = accepted(client, "other", "withdraw", json!({"amount": 15}))
         .await
         .unwrap();
     assert!(last > poison_seq);
-    wait_until_caught_up(&client, &redis, 1, Duration::from_secs(20))
+    wait_until_caught_up(client, redis, 1, Duration::from_secs(20))
         .await
         .unwrap();
-    check_read_model(&client, &redis, 1).await.unwrap();
+    check_read_model(client, redis, 1).await.unwrap();
     // check_read_model saw every checkpoint at the stream's end; the instance reports it too.
-    let end = stream_last_seq(&client).await.unwrap();
+    let end = stream_last_seq(client).await.unwrap();
     poll(
         "the running projection reports its checkpoint past the poison event",
         Duration::from_secs(10),
-        || async { Ok((projection.checkpoint() == end).then_some(())) },
+        || async { Ok((side.projection.checkpoint() == end).then_some(())) },
     )
     .await
     .unwrap();
 
-    let dead_letters = jetfn::projection::DeadLetters::connect(&config)
+    let dead_letters = jetfn::projection::DeadLetters::connect(config)
         .await
         .unwrap();
     let letters = dead_letters.list(PROJECTION).await.unwrap();
@@ -546,7 +479,7 @@ async fn a_poison_event_is_dead_lettered_with_its_metadata_and_later_events_stil
 
     // The account keeps what the live projection wrote, plus the replayed field.
     let hash: BTreeMap<String, String> = connection.hgetall(&tele_key).await.unwrap();
-    let tele_open_seq = stored_messages(&client, ACCOUNT_STREAM, Some("evt.account.tele"))
+    let tele_open_seq = stored_messages(client, ACCOUNT_STREAM, Some("evt.account.tele"))
         .await
         .unwrap()
         .iter()
@@ -568,14 +501,14 @@ async fn a_poison_event_is_dead_lettered_with_its_metadata_and_later_events_stil
     assert_eq!(hash, want);
 
     // The live projection still applies new events.
-    accepted(&client, "other", "deposit", json!({"amount": 1}))
+    accepted(client, "other", "deposit", json!({"amount": 1}))
         .await
         .unwrap();
-    wait_until_caught_up(&client, &redis, 1, Duration::from_secs(20))
+    wait_until_caught_up(client, redis, 1, Duration::from_secs(20))
         .await
         .unwrap();
-    projection.stop().await.unwrap();
-    function.stop().await.unwrap();
+    side.projection.stop().await.unwrap();
+    side.function.stop().await.unwrap();
 }
 
 // --- 3. partitions ----------------------------------------------------------------------------
@@ -587,13 +520,13 @@ async fn churn(client: &async_nats::Client, ids: &[String], rounds: usize) -> Re
         for lane in 0..2u64 {
             let client = client.clone();
             senders.push(async move {
-                let mut pick = Pick::new(n as u64 * 2 + lane + 1);
+                let mut rng = Rng::new(n as u64 * 2 + lane + 1);
                 for round in 0..rounds {
                     if round % 3 == 2 {
-                        let amount = pick.below(5) + 1;
+                        let amount = rng.below(5) + 1;
                         accepted(&client, id, "withdraw", json!({"amount": amount})).await?;
                     } else {
-                        let amount = pick.below(10) + 1;
+                        let amount = rng.below(10) + 1;
                         accepted(&client, id, "deposit", json!({"amount": amount})).await?;
                     }
                 }
@@ -607,114 +540,48 @@ async fn churn(client: &async_nats::Client, ids: &[String], rounds: usize) -> Re
     Ok(())
 }
 
-/// Checks the change feed of version `generation`: every account event of the stream exactly once,
-/// and per account in stream order.
-async fn check_change_feed(
-    client: &async_nats::Client,
-    redis: &RedisServer,
-    generation: u64,
-) -> Result<()> {
-    let mut connection = redis.connect().await?;
-    let feed: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
-        .arg(Keys::new(PROJECTION).changes(generation))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut connection)
-        .await?;
-    let mut last_by_account: HashMap<String, u64> = HashMap::new();
-    let mut seen = BTreeSet::new();
-    for (entry, fields) in &feed {
-        let seq: u64 = fields
-            .get("seq")
-            .with_context(|| format!("feed entry {entry} has no seq"))?
-            .parse()?;
-        let id = fields
-            .get("id")
-            .with_context(|| format!("feed entry {entry} has no id"))?;
-        ensure!(
-            seen.insert(seq),
-            "sequence {seq} is twice in the change feed"
-        );
-        if let Some(previous) = last_by_account.insert(id.clone(), seq) {
-            ensure!(
-                previous < seq,
-                "account {id}: change feed has {previous} before {seq}"
-            );
-        }
-    }
-    // The stream holds only account events and denies deletes: its sequences have no gaps.
-    let state = stream(client, ACCOUNT_STREAM)
-        .await?
-        .info()
-        .await?
-        .state
-        .clone();
-    ensure!(
-        state.messages == state.last_sequence + 1 - state.first_sequence,
-        "the stream has gaps: {state:?}"
-    );
-    let events: BTreeSet<u64> = (state.first_sequence..=state.last_sequence).collect();
-    ensure!(
-        seen == events,
-        "the change feed holds {} events, the stream {}; missing {:?}, extra {:?}",
-        seen.len(),
-        events.len(),
-        events.difference(&seen).take(10).collect::<Vec<_>>(),
-        seen.difference(&events).take(10).collect::<Vec<_>>()
-    );
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_partitions_on_two_instances_keep_each_accounts_order() {
-    jetfn_tests::init_tracing();
-    let nats = NatsServer::start().await.unwrap();
-    let redis = RedisServer::start().await.unwrap();
-    let mut config = projection_config(&nats, &redis);
-    config.projection.partitions = 4;
-    config.projection.pin_timeout = Duration::from_secs(2);
-    config.projection.batch = 50;
-    let function = start_account(config.clone()).await.unwrap();
-    let first = start_projection(config.clone()).await.unwrap();
-    let second = start_projection(config.clone()).await.unwrap();
-    let client = nats.connect().await.unwrap();
+    let side = ReadSide::start_with(|config| {
+        config.projection.partitions = 4;
+        config.projection.pin_timeout = Duration::from_secs(2);
+        config.projection.batch = 50;
+    })
+    .await
+    .unwrap();
+    let (client, redis) = (&side.client, &side.redis);
+    let second = start_projection(side.config.clone()).await.unwrap();
 
     let ids: Vec<String> = (0..40).map(|n| format!("p-{n:02}")).collect();
     let partitions: BTreeSet<u32> = ids.iter().map(|id| partition_of(id, 4)).collect();
     assert_eq!(partitions.len(), 4, "the accounts cover every partition");
-    open_accounts(&client, &ids, 1000).await.unwrap();
-    churn(&client, &ids, 30).await.unwrap();
-    let events = stream_last_seq(&client).await.unwrap();
+    open_accounts(client, &ids, 1000).await.unwrap();
+    churn(client, &ids, 30).await.unwrap();
+    let events = stream_last_seq(client).await.unwrap();
     assert!(events >= 2000, "only {events} events");
 
-    wait_until_caught_up(&client, &redis, 4, Duration::from_secs(30))
+    wait_until_caught_up(client, redis, 4, Duration::from_secs(30))
         .await
         .unwrap();
-    let feed = check_change_feed(&client, &redis, 1).await;
-    check_read_model(&client, &redis, 4)
+    check_read_side(client, redis, 1, 4, FeedOrder::PerAccount)
         .await
-        .map_err(|e| e.context(format!("change feed: {feed:?}")))
         .unwrap();
-    feed.unwrap();
 
     // The first instance goes away while commands keep coming: the second takes every partition.
     let more = {
         let (client, ids) = (client.clone(), ids.clone());
         tokio::spawn(async move { churn(&client, &ids, 3).await })
     };
-    first.stop().await.unwrap();
+    side.projection.stop().await.unwrap();
     more.await.unwrap().unwrap();
-    churn(&client, &ids, 1).await.unwrap();
-    let last = stream_last_seq(&client).await.unwrap();
-    wait_until_caught_up(&client, &redis, 4, Duration::from_secs(30))
+    churn(client, &ids, 1).await.unwrap();
+    let last = stream_last_seq(client).await.unwrap();
+    wait_until_caught_up(client, redis, 4, Duration::from_secs(30))
         .await
         .unwrap();
-    let feed = check_change_feed(&client, &redis, 1).await;
-    check_read_model(&client, &redis, 4)
+    check_read_side(client, redis, 1, 4, FeedOrder::PerAccount)
         .await
-        .map_err(|e| e.context(format!("change feed: {feed:?}")))
         .unwrap();
-    feed.unwrap();
     // Only the second instance is left to have applied the latest events of all four partitions,
     // and it reports so.
     poll(
@@ -726,30 +593,25 @@ async fn four_partitions_on_two_instances_keep_each_accounts_order() {
     .unwrap();
 
     second.stop().await.unwrap();
-    function.stop().await.unwrap();
+    side.function.stop().await.unwrap();
 }
 
 // --- 4. stats ------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_and_checkpoints_are_visible_in_srv_stats() {
-    jetfn_tests::init_tracing();
-    let nats = NatsServer::start().await.unwrap();
-    let redis = RedisServer::start().await.unwrap();
-    let config = projection_config(&nats, &redis);
-    let function = start_account(config.clone()).await.unwrap();
-    let projection = start_projection(config).await.unwrap();
-    let client = nats.connect().await.unwrap();
+    let side = ReadSide::start().await.unwrap();
+    let (client, redis) = (&side.client, &side.redis);
 
     let ids: Vec<String> = (0..10).map(|n| format!("s-{n}")).collect();
-    open_accounts(&client, &ids, 20).await.unwrap();
-    accepted(&client, "s-3", "withdraw", json!({"amount": 5}))
+    open_accounts(client, &ids, 20).await.unwrap();
+    accepted(client, "s-3", "withdraw", json!({"amount": 5}))
         .await
         .unwrap();
-    wait_until_caught_up(&client, &redis, 1, Duration::from_secs(20))
+    wait_until_caught_up(client, redis, 1, Duration::from_secs(20))
         .await
         .unwrap();
-    let last = stream_last_seq(&client).await.unwrap();
+    let last = stream_last_seq(client).await.unwrap();
     assert_eq!(last, 21);
 
     let caught_up = |data: &Value| {
@@ -795,6 +657,6 @@ async fn lag_and_checkpoints_are_visible_in_srv_stats() {
         "status: {status}"
     );
 
-    projection.stop().await.unwrap();
-    function.stop().await.unwrap();
+    side.projection.stop().await.unwrap();
+    side.function.stop().await.unwrap();
 }

@@ -1,14 +1,11 @@
-//! Helpers for fault tests of projections: a workload of valid account commands sent by many
-//! concurrent clients, and what the stream, the projection's consumer and the read model say at
-//! a given moment.
+//! Workload helpers: valid account commands sent by many concurrent clients, a small
+//! deterministic random number generator, bounded polling, and the account stream's last
+//! sequence.
 
 use crate::commands::{ACCOUNT_STREAM, send, stream};
-use crate::readmodels::PROJECTION;
 use anyhow::{Context, Result, bail};
-use async_nats::jetstream::consumer::pull;
 use jetfn::Reply;
 use jetfn::command::ErrorKind;
-use jetfn::readmodel::ReadModel;
 use serde_json::json;
 use std::future::Future;
 use std::sync::Arc;
@@ -19,33 +16,6 @@ use std::time::{Duration, Instant};
 pub async fn stream_last_seq(client: &async_nats::Client) -> Result<u64> {
     let mut stream = stream(client, ACCOUNT_STREAM).await?;
     Ok(stream.info().await?.state.last_sequence)
-}
-
-/// The live version of the account read model and its least checkpoint (0 while a partition has
-/// none), or `None` while no version is live.
-pub async fn read_model_checkpoint(redis_url: &str, partitions: u32) -> Result<Option<(u64, u64)>> {
-    let model = ReadModel::connect(redis_url, PROJECTION).await?;
-    let Some(generation) = model.active_generation().await? else {
-        return Ok(None);
-    };
-    let checkpoints = model.checkpoints(generation).await?;
-    let least = if checkpoints.len() < partitions as usize {
-        0
-    } else {
-        checkpoints.iter().map(|(_, seq)| *seq).min().unwrap_or(0)
-    };
-    Ok(Some((generation, least)))
-}
-
-/// The stream sequence up to which the durable consumer `name` has every message acknowledged.
-pub async fn consumer_ack_floor(client: &async_nats::Client, name: &str) -> Result<u64> {
-    let stream = stream(client, ACCOUNT_STREAM).await?;
-    let mut consumer = stream
-        .get_consumer::<pull::Config>(name)
-        .await
-        .map_err(|e| anyhow::anyhow!("consumer {name}: {e}"))?;
-    let info = consumer.info().await?;
-    Ok(info.ack_floor.stream_sequence)
 }
 
 /// Polls `probe` every 50 ms until it yields a value or `timeout` passes; the error names `what`
@@ -80,11 +50,19 @@ pub struct Produced {
     pub events: u64,
 }
 
-/// A small deterministic random number generator (splitmix64), so a workload is reproducible.
-struct Rng(u64);
+/// A small deterministic random number generator (splitmix64): the same seed gives the same
+/// numbers, so a workload is reproducible.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    /// A generator seeded with `seed` (any value).
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -93,8 +71,13 @@ impl Rng {
     }
 
     /// A number in `low..=high`.
-    fn between(&mut self, low: u64, high: u64) -> u64 {
-        low + self.next() % (high - low + 1)
+    pub fn between(&mut self, low: u64, high: u64) -> u64 {
+        low + self.next_u64() % (high - low + 1)
+    }
+
+    /// An index in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
     }
 }
 
@@ -162,17 +145,17 @@ async fn client_task(
     shared_events: Arc<AtomicU64>,
     min_events: u64,
 ) -> Result<Produced> {
-    let mut rng = Rng(0x5eed_0000 + task);
+    let mut rng = Rng::new(0x5eed_0000 + task);
     let mut produced = Produced::default();
     while shared_events.load(Ordering::Relaxed) < min_events {
-        let n = (rng.next() % slots.len() as u64) as usize;
+        let n = rng.below(slots.len());
         let slot = &mut slots[n];
         let id = slot.id.clone();
         // (command, body, expect rejection, state after acceptance)
         let mut steps: Vec<(&str, serde_json::Value, bool, State)> = Vec::new();
         match slot.state {
             State::New => {
-                let deposit = if rng.next().is_multiple_of(3) {
+                let deposit = if rng.next_u64().is_multiple_of(3) {
                     0
                 } else {
                     rng.between(1, 1000)
@@ -184,7 +167,7 @@ async fn client_task(
                 };
                 steps.push(("open", body, false, State::Open(deposit)));
             }
-            State::Open(balance) => match rng.next() % 100 {
+            State::Open(balance) => match rng.next_u64() % 100 {
                 0..=1 => {
                     if balance > 0 {
                         steps.push((
@@ -256,60 +239,4 @@ async fn client_task(
         }
     }
     Ok(produced)
-}
-
-/// The stream sequences in the change feed of read-model version `generation`, in feed order.
-pub async fn change_feed_seqs(redis_url: &str, generation: u64) -> Result<Vec<u64>> {
-    let model = ReadModel::connect(redis_url, PROJECTION).await?;
-    let mut connection = model.connection();
-    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(model.keys().changes(generation))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut connection)
-        .await?;
-    entries
-        .into_iter()
-        .map(|(id, fields)| {
-            fields
-                .iter()
-                .find(|(name, _)| name == "seq")
-                .and_then(|(_, seq)| seq.parse().ok())
-                .with_context(|| format!("change feed entry {id} has no seq"))
-        })
-        .collect()
-}
-
-/// Checks that the live version's change feed lists every stream sequence `1..=last` exactly
-/// once, in order (every event of the account stream writes, so each has an entry). The error
-/// names the sequences that are missing or repeated.
-pub async fn check_change_feed(redis_url: &str, last: u64) -> Result<()> {
-    let (generation, _) = read_model_checkpoint(redis_url, 1)
-        .await?
-        .context("no live read-model version")?;
-    let feed = change_feed_seqs(redis_url, generation).await?;
-    let want: Vec<u64> = (1..=last).collect();
-    if feed == want {
-        return Ok(());
-    }
-    let mut counts = std::collections::BTreeMap::<u64, u32>::new();
-    for seq in &feed {
-        *counts.entry(*seq).or_default() += 1;
-    }
-    let missing: Vec<u64> = want
-        .iter()
-        .copied()
-        .filter(|s| !counts.contains_key(s))
-        .collect();
-    let repeated: Vec<u64> = counts
-        .iter()
-        .filter(|(_, n)| **n > 1)
-        .map(|(s, _)| *s)
-        .collect();
-    let out_of_order = feed.windows(2).filter(|w| w[0] >= w[1]).count();
-    bail!(
-        "change feed of version {generation} has {} entries for stream 1..={last}: \
-         missing {missing:?}, repeated {repeated:?}, {out_of_order} out of order",
-        feed.len()
-    )
 }
