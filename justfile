@@ -34,3 +34,7 @@ build:
 # Measure appends (one message vs atomic batch vs envelope) and loads; reported, not asserted.
 bench:
     cargo bench -p jetfn-tests --bench append
+
+# Regenerate the JSON Schemas in schemas/ from the Rust types (a test fails when they drift).
+schemas:
+    cargo run -q -p jetfn-tests --bin jetfn-schemas

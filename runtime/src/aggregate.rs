@@ -4,6 +4,7 @@
 //! [`Aggregate::decide`], appends what it returns and replies. That keeps domain rules testable
 //! without servers (see [`crate::testing`]).
 
+use schemars::JsonSchema;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::fmt;
@@ -17,19 +18,22 @@ use std::fmt;
 ///   `Deposit { amount }` and unknown fields are refused.
 /// * `Event` is an enum too. Its variant name is the stored event type (`ce-type` header) and its
 ///   fields are the stored JSON payload.
+/// * Both derive `schemars::JsonSchema`, so the contract is published as JSON Schema; put the
+///   rules there too (`#[schemars(range(min = 1))]`), and in the types' deserialization.
 ///
 /// ```
 /// use jetfn::{Aggregate, Rejection};
+/// use schemars::JsonSchema;
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Default)]
 /// struct Counter { value: u64 }
 ///
-/// #[derive(Deserialize)]
+/// #[derive(Deserialize, JsonSchema)]
 /// #[serde(rename_all = "snake_case", deny_unknown_fields)]
 /// enum Command { Add { by: u64 } }
 ///
-/// #[derive(Serialize, Deserialize)]
+/// #[derive(Serialize, Deserialize, JsonSchema)]
 /// enum Event { Added { by: u64 } }
 ///
 /// impl Aggregate for Counter {
@@ -56,11 +60,12 @@ pub trait Aggregate: Default + Send + Sync + 'static {
     /// It must match `[a-z0-9_-]+`.
     const NAME: &'static str;
 
-    /// What clients ask for. Deserialized from the subject's command token and the body.
-    type Command: DeserializeOwned + Send;
+    /// What clients ask for. Deserialized from the subject's command token and the body; its
+    /// JSON Schema is published in `schemas/` and in `$SRV.INFO`.
+    type Command: DeserializeOwned + JsonSchema + Send;
 
-    /// What happened. Stored one message per event.
-    type Event: Serialize + DeserializeOwned + Send + Sync;
+    /// What happened. Stored one message per event; its JSON Schema is published in `schemas/`.
+    type Event: Serialize + DeserializeOwned + JsonSchema + Send + Sync;
 
     /// Decides which events a command causes in the current state, or rejects it.
     ///

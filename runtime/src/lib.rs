@@ -10,8 +10,8 @@
 //! ```no_run
 //! # use jetfn::{Aggregate, Rejection};
 //! # #[derive(Default)] struct Account;
-//! # #[derive(serde::Deserialize)] enum Command {}
-//! # #[derive(serde::Serialize, serde::Deserialize)] enum Event {}
+//! # #[derive(serde::Deserialize, schemars::JsonSchema)] enum Command {}
+//! # #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)] enum Event {}
 //! # impl Aggregate for Account {
 //! #     const NAME: &'static str = "account";
 //! #     type Command = Command; type Event = Event;
@@ -30,6 +30,7 @@
 //! * [`store`]: the JetStream event store (load by direct get, append with OCC);
 //! * [`projection`]: projection functions, exactly-once into Redis, rebuilds, dead letters;
 //! * [`readmodel`]: the Redis key layout, the atomic apply step and read-your-writes;
+//! * [`schema`]: JSON Schemas of commands, events and replies, generated from the types;
 //! * [`config`]: configuration from `jetfn.toml` and the environment;
 //! * [`telemetry`]: logging and signals;
 //! * [`testing`]: given/when/then for domain rules, without servers.
@@ -40,6 +41,7 @@ pub mod command;
 pub mod config;
 pub mod projection;
 pub mod readmodel;
+pub mod schema;
 pub mod store;
 pub mod telemetry;
 pub mod testing;

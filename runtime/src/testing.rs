@@ -4,8 +4,8 @@
 //! # use jetfn::{Aggregate, Rejection};
 //! # use serde::{Deserialize, Serialize};
 //! # #[derive(Default)] struct Counter { value: u64 }
-//! # #[derive(Deserialize)] enum Command { Add { by: u64 } }
-//! # #[derive(Debug, PartialEq, Serialize, Deserialize)] enum Event { Added { by: u64 } }
+//! # #[derive(Deserialize, schemars::JsonSchema)] enum Command { Add { by: u64 } }
+//! # #[derive(Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)] enum Event { Added { by: u64 } }
 //! # impl Aggregate for Counter {
 //! #     const NAME: &'static str = "counter";
 //! #     type Command = Command; type Event = Event;

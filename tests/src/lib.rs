@@ -32,6 +32,7 @@ mod child;
 pub mod commands;
 mod process;
 pub mod readmodels;
+pub mod schemas;
 mod servers;
 pub mod workload;
 

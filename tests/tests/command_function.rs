@@ -525,13 +525,13 @@ struct Switch {
     on: bool,
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 enum SwitchCommand {
     TurnOn {},
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 enum SwitchEvent {
     TurnedOn {},
 }
@@ -651,6 +651,14 @@ async fn the_service_is_discoverable_with_its_commands() {
     assert_eq!(
         info["metadata"]["jetfn.commands"],
         "open,deposit,withdraw,close"
+    );
+    let schemas: serde_json::Value =
+        serde_json::from_str(info["metadata"]["jetfn.schemas"].as_str().unwrap()).unwrap();
+    let names: Vec<&String> = schemas.as_object().unwrap().keys().collect();
+    assert_eq!(names, ["close", "deposit", "open", "withdraw"]);
+    assert_eq!(
+        schemas["deposit"]["$id"],
+        "urn:jetfn:account:command:deposit"
     );
     assert_eq!(info["endpoints"][0]["subject"], "cmd.account.>");
     let ping = client.request("$SRV.PING", "".into()).await.unwrap();

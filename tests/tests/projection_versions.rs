@@ -282,10 +282,10 @@ async fn a_rebuild_while_readers_poll_never_shows_a_missing_or_partial_account()
 #[derive(Default)]
 struct TeleportingAccount;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 enum NoCommand {}
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 enum TeleportingEvent {
     AccountOpened { owner: String },
     MoneyDeposited { amount: u64 },

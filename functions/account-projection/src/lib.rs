@@ -8,6 +8,40 @@
 
 use account::{Account, Event};
 use jetfn::{Projection, Recorded, RedisWrites, Refusal};
+use schemars::JsonSchema;
+
+/// The hash `account:<id>` as a frontend reads it (`HGETALL`). Redis returns every value as a
+/// string; numbers are decimal integers.
+#[derive(Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[allow(dead_code)] // describes Redis data for the schema; never built in Rust
+pub struct AccountRecord {
+    /// The holder's name.
+    owner: String,
+    /// The balance in minor units.
+    #[schemars(regex(pattern = r"^-?[0-9]+$"))]
+    balance: String,
+    /// `open` or `closed`.
+    #[schemars(regex(pattern = r"^(open|closed)$"))]
+    status: String,
+    /// How many of the account's events the record reflects.
+    #[schemars(regex(pattern = r"^[0-9]+$"))]
+    version: String,
+    /// The stream sequence of the last event it reflects: compare with a command reply's `seq`.
+    #[schemars(regex(pattern = r"^[0-9]+$"))]
+    seq: String,
+}
+
+/// The hash `accounts:totals`.
+#[derive(Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[allow(dead_code)] // describes Redis data for the schema; never built in Rust
+pub struct TotalsRecord {
+    /// Open accounts.
+    #[schemars(regex(pattern = r"^-?[0-9]+$"))]
+    open_accounts: String,
+    /// The sum of open accounts' balances, in minor units.
+    #[schemars(regex(pattern = r"^-?[0-9]+$"))]
+    total_balance: String,
+}
 
 /// The projection `account-balances`.
 #[derive(Debug, Default, Clone, Copy)]

@@ -4,6 +4,7 @@
 //! `deposit {amount}`, `withdraw {amount}`, `close {}`. Amounts are integers > 0 in minor units.
 
 use jetfn::{Aggregate, Rejection};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// An account's state, folded from its events.
@@ -28,7 +29,7 @@ pub enum Status {
 }
 
 /// What clients can ask of an account.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
     /// Opens the account, optionally with a first deposit.
@@ -54,7 +55,7 @@ pub enum Command {
 }
 
 /// What happened to an account.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Event {
     /// The account was opened.
     AccountOpened {
@@ -76,8 +77,9 @@ pub enum Event {
 }
 
 /// An amount of money in minor units: an integer of at least 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(try_from = "u64")]
+#[schemars(extend("minimum" = 1))]
 pub struct Amount(u64);
 
 impl Amount {
@@ -99,8 +101,9 @@ impl TryFrom<u64> for Amount {
 }
 
 /// An account holder's name: not blank, at most 200 characters.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(try_from = "String")]
+#[schemars(extend("minLength" = 1, "maxLength" = 200, "pattern" = "\\S"))]
 pub struct Owner(String);
 
 impl TryFrom<String> for Owner {

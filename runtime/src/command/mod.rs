@@ -48,8 +48,8 @@ use tracing::Instrument;
 /// ```no_run
 /// # use jetfn::{Aggregate, Rejection};
 /// # #[derive(Default)] struct Account;
-/// # #[derive(serde::Deserialize)] enum Command {}
-/// # #[derive(serde::Serialize, serde::Deserialize)] enum Event {}
+/// # #[derive(serde::Deserialize, schemars::JsonSchema)] enum Command {}
+/// # #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)] enum Event {}
 /// # impl Aggregate for Account {
 /// #     const NAME: &'static str = "account";
 /// #     type Command = Command; type Event = Event;
@@ -285,7 +285,9 @@ async fn register_service<A: Aggregate>(
     version: &str,
 ) -> Result<(service::Service, service::endpoint::Endpoint), Error> {
     let commands = variant_names::<A::Command>().join(",");
+    let schemas = serde_json::to_string(&crate::schema::command_schemas::<A>()).unwrap_or_default();
     let metadata = HashMap::from([
+        ("jetfn.schemas".to_owned(), schemas),
         ("jetfn.kind".to_owned(), "command".to_owned()),
         ("jetfn.aggregate".to_owned(), A::NAME.to_owned()),
         ("jetfn.commands".to_owned(), commands),

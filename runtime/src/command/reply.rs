@@ -4,6 +4,7 @@
 //! Failure: `{"ok":false,"error":{"kind":K,"message":"..."}}`, with the same code and message in
 //! the `Nats-Service-Error-Code` and `Nats-Service-Error` headers.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -18,7 +19,7 @@ pub enum Reply {
 }
 
 /// A successful command.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Accepted {
     /// The aggregate id.
     pub id: String,
@@ -32,7 +33,7 @@ pub struct Accepted {
 }
 
 /// A failed command.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Failure {
     /// What kind of failure.
     pub kind: ErrorKind,
@@ -41,7 +42,7 @@ pub struct Failure {
 }
 
 /// The kinds of failure, each with an HTTP-like status code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// 400: not JSON, wrong types, missing fields, unknown command, bad id, too large.

@@ -43,8 +43,8 @@ use worker::{Source, Worker};
 /// use jetfn::readmodel::RedisWrites;
 /// # use jetfn::{Aggregate, Rejection};
 /// # #[derive(Default)] struct Counter;
-/// # #[derive(serde::Deserialize)] enum Command {}
-/// # #[derive(serde::Serialize, serde::Deserialize)] enum Event { Added { by: u64 } }
+/// # #[derive(serde::Deserialize, schemars::JsonSchema)] enum Command {}
+/// # #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)] enum Event { Added { by: u64 } }
 /// # impl Aggregate for Counter {
 /// #     const NAME: &'static str = "counter";
 /// #     type Command = Command; type Event = Event;
