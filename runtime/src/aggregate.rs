@@ -7,6 +7,8 @@
 use schemars::JsonSchema;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::collections::HashMap;
 use std::fmt;
 
 /// An event-sourced aggregate: a state type with its commands and events.
@@ -77,11 +79,107 @@ pub trait Aggregate: Default + Send + Sync + 'static {
     /// so it never fails.
     fn evolve(self, event: &Self::Event) -> Self;
 
-    /// The schema version of an event type, stored in the `jetfn-event-version` header so
-    /// consumers can route without decoding the payload. Defaults to 1.
+    /// The current schema version of an event type, stored in the `jetfn-event-version` header
+    /// so consumers can route without decoding the payload. Defaults to 1. Raise it when an
+    /// event's shape changes, and register an upcaster from the old version.
     fn event_version(_event_type: &str) -> u32 {
         1
     }
+
+    /// Upcasters that turn stored payloads of older event versions into the current shape, on
+    /// load and in projections. Called once per function start.
+    fn upcasters() -> Upcasters {
+        Upcasters::default()
+    }
+}
+
+type Upcast = Box<dyn Fn(Value) -> Result<Value, String> + Send + Sync>;
+
+/// Upcasters by (event type, from version): each turns a payload of version `v` into `v + 1`.
+///
+/// ```
+/// use jetfn::aggregate::Upcasters;
+/// use serde_json::json;
+///
+/// // MoneyDeposited v1 was {"cents": n}; v2 is {"amount": n, "currency": "EUR"}.
+/// let upcasters = Upcasters::default().add("MoneyDeposited", 1, |v1| {
+///     let cents = v1["cents"].as_u64().ok_or("cents is missing")?;
+///     Ok(json!({"amount": cents, "currency": "EUR"}))
+/// });
+/// let v2 = upcasters.upcast("MoneyDeposited", 1, 2, json!({"cents": 5})).unwrap();
+/// assert_eq!(v2, json!({"amount": 5, "currency": "EUR"}));
+/// ```
+#[derive(Default)]
+pub struct Upcasters {
+    steps: HashMap<(String, u32), Upcast>,
+}
+
+impl Upcasters {
+    /// Registers the step from `from_version` to `from_version + 1` of `event_type`.
+    pub fn add(
+        mut self,
+        event_type: &str,
+        from_version: u32,
+        upcast: impl Fn(Value) -> Result<Value, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.steps
+            .insert((event_type.to_owned(), from_version), Box::new(upcast));
+        self
+    }
+
+    /// Brings a payload from `version` to `current`, one registered step at a time.
+    pub fn upcast(
+        &self,
+        event_type: &str,
+        mut version: u32,
+        current: u32,
+        mut payload: Value,
+    ) -> Result<Value, String> {
+        while version < current {
+            let step = self
+                .steps
+                .get(&(event_type.to_owned(), version))
+                .ok_or_else(|| {
+                    format!(
+                        "no upcaster registered for {event_type} from version {version} to {}",
+                        version + 1
+                    )
+                })?;
+            payload = step(payload)
+                .map_err(|e| format!("upcasting {event_type} from version {version}: {e}"))?;
+            version += 1;
+        }
+        Ok(payload)
+    }
+}
+
+impl fmt::Debug for Upcasters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut steps: Vec<_> = self.steps.keys().collect();
+        steps.sort();
+        f.debug_struct("Upcasters").field("steps", &steps).finish()
+    }
+}
+
+/// Decodes a stored event of aggregate `A`: checks its version, upcasts older payloads, and
+/// builds the event. Errors say what is wrong, for replies and dead letters.
+pub(crate) fn decode_stored<A: Aggregate>(
+    upcasters: &Upcasters,
+    event_type: &str,
+    version: u32,
+    payload: &[u8],
+) -> Result<A::Event, String> {
+    let current = A::event_version(event_type);
+    if version > current {
+        return Err(format!(
+            "{event_type} has schema version {version}, newer than this code knows ({current}); \
+             deploy the newer function"
+        ));
+    }
+    let fields: Value =
+        serde_json::from_slice(payload).map_err(|e| format!("payload is not JSON: {e}"))?;
+    let fields = upcasters.upcast(event_type, version, current, fields)?;
+    crate::codec::decode_variant(event_type, fields).map_err(|e| format!("{event_type}: {e}"))
 }
 
 /// The domain's refusal of a command: a business rule said no.

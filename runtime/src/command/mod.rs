@@ -19,7 +19,7 @@ mod request;
 pub use reply::{Accepted, ErrorKind, Failure, Reply};
 pub use request::{MAX_COMMAND_ID_LEN, MAX_ID_LEN};
 
-use crate::aggregate::Aggregate;
+use crate::aggregate::{Aggregate, Upcasters, decode_stored};
 use crate::codec::{decode_variant, encode_variant, variant_names};
 use crate::config::Config;
 use crate::store::{
@@ -137,6 +137,7 @@ impl<A: Aggregate> CommandFunction<A> {
         let subjects = CommandSubjects::new(config.command.subject_prefix.as_deref(), A::NAME);
         let handler = Arc::new(Handler::<A> {
             store,
+            upcasters: A::upcasters(),
             ledger,
             locks: KeyedLocks::default(),
             counters: Arc::default(),
@@ -365,6 +366,7 @@ async fn serve<A: Aggregate>(
 
 struct Handler<A> {
     store: EventStore,
+    upcasters: Upcasters,
     ledger: Ledger,
     locks: KeyedLocks,
     counters: Arc<Counters>,
@@ -498,7 +500,7 @@ impl<A: Aggregate> Handler<A> {
             if let Some(reply) = earlier_reply(&history, request) {
                 return (reply, retries);
             }
-            state = match fold(state, &history.events[folded..]) {
+            state = match fold(state, &history.events[folded..], &self.upcasters) {
                 Ok(state) => state,
                 Err(message) => return (unavailable(message), retries),
             };
@@ -588,28 +590,26 @@ struct Decided {
     types: Vec<String>,
 }
 
-/// Applies stored events to a state, checking that this code understands them.
-fn fold<A: Aggregate>(mut state: A, events: &[StoredEvent]) -> Result<A, String> {
+/// Applies stored events to a state, upcasting old versions and refusing what this code does not
+/// understand.
+fn fold<A: Aggregate>(
+    mut state: A,
+    events: &[StoredEvent],
+    upcasters: &Upcasters,
+) -> Result<A, String> {
     for stored in events {
-        let known = A::event_version(&stored.event_type);
-        if stored.version > known {
-            return Err(format!(
-                "event {} at sequence {} has schema version {}, newer than this function knows \
-                 ({known}); deploy the newer function",
-                stored.event_type, stored.seq, stored.version
-            ));
-        }
-        let event = serde_json::from_slice(&stored.payload)
-            .map_err(|e| e.to_string())
-            .and_then(|fields| {
-                decode_variant::<A::Event>(&stored.event_type, fields).map_err(|e| e.to_string())
-            })
-            .map_err(|e| {
-                format!(
-                    "stored event {} at sequence {} cannot be decoded: {e}",
-                    stored.event_type, stored.seq
-                )
-            })?;
+        let event = decode_stored::<A>(
+            upcasters,
+            &stored.event_type,
+            stored.version,
+            &stored.payload,
+        )
+        .map_err(|e| {
+            format!(
+                "stored event at sequence {} cannot be used: {e}",
+                stored.seq
+            )
+        })?;
         state = state.evolve(&event);
     }
     Ok(state)

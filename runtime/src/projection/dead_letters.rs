@@ -201,6 +201,7 @@ pub(crate) async fn replay<P: Projection>(
         let header = |name: &str| letter.headers.get(name).map(|v| v.as_str().to_owned());
         let aggregate_id = letter.subject.rsplit('.').next().unwrap_or_default();
         let writes = decode_recorded::<P>(
+            &context.upcasters,
             &letter.payload,
             letter.seq,
             aggregate_id,

@@ -297,6 +297,7 @@ impl RunningProjection {
 /// What every worker of one projection shares: connections, names and settings.
 pub(crate) struct Context<P> {
     pub js: async_nats::jetstream::Context,
+    pub upcasters: Arc<crate::aggregate::Upcasters>,
     pub client: async_nats::Client,
     pub model: ReadModel,
     pub source: Source,
@@ -308,6 +309,7 @@ impl<P> Clone for Context<P> {
     fn clone(&self) -> Self {
         Context {
             js: self.js.clone(),
+            upcasters: self.upcasters.clone(),
             client: self.client.clone(),
             model: self.model.clone(),
             source: self.source.clone(),
@@ -349,6 +351,7 @@ impl<P: Projection> Context<P> {
         dead_letters::provision(&js, &config.projection.dead_letter_stream).await?;
         Ok(Context {
             js,
+            upcasters: Arc::new(<P::Source as Aggregate>::upcasters()),
             client,
             model,
             source,

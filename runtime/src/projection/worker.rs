@@ -2,8 +2,7 @@
 
 use super::{Context, Projection, Recorded, Stats, dead_letters};
 use crate::Error;
-use crate::aggregate::Aggregate;
-use crate::codec::decode_variant;
+use crate::aggregate::{Aggregate, Upcasters, decode_stored};
 use crate::readmodel::{Applied, AppliedEvent, Batch, Mode, ReadModelError, RedisWrites};
 use crate::store::headers;
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PriorityPolicy, pull};
@@ -466,8 +465,14 @@ impl<P: Projection> Worker<P> {
         event_type: &str,
         header: &dyn Fn(&str) -> Option<String>,
     ) -> Result<RedisWrites, String> {
-        let recorded =
-            decode_recorded::<P>(&message.payload, seq, aggregate_id, event_type, header)?;
+        let recorded = decode_recorded::<P>(
+            &self.context.upcasters,
+            &message.payload,
+            seq,
+            aggregate_id,
+            event_type,
+            header,
+        )?;
         let mut writes = RedisWrites::default();
         self.projection
             .apply(&recorded, &mut writes)
@@ -516,8 +521,9 @@ fn stream_seq(message: &Message) -> u64 {
     message.info().map(|info| info.stream_sequence).unwrap_or(0)
 }
 
-/// Decodes a stored event for a projection, checking its schema version.
+/// Decodes a stored event for a projection: version check, upcasting, decoding.
 pub(crate) fn decode_recorded<P: Projection>(
+    upcasters: &Upcasters,
     payload: &[u8],
     seq: u64,
     aggregate_id: &str,
@@ -533,15 +539,7 @@ pub(crate) fn decode_recorded<P: Projection>(
             .parse()
             .map_err(|_| format!("{} is {v:?}", headers::EVENT_VERSION))?,
     };
-    let known = <P::Source as Aggregate>::event_version(event_type);
-    if version > known {
-        return Err(format!(
-            "{event_type} has schema version {version}, newer than this projection knows ({known})"
-        ));
-    }
-    let fields =
-        serde_json::from_slice(payload).map_err(|e| format!("payload is not JSON: {e}"))?;
-    let event = decode_variant(event_type, fields).map_err(|e| format!("{event_type}: {e}"))?;
+    let event = decode_stored::<P::Source>(upcasters, event_type, version, payload)?;
     Ok(Recorded {
         seq,
         aggregate_id: aggregate_id.to_owned(),
