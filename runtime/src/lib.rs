@@ -27,6 +27,7 @@
 //! Modules, one concept each:
 //! * [`aggregate`]: the domain model ([`Aggregate`], [`Rejection`]);
 //! * [`command`]: command functions, the reply contract and retries;
+//! * [`client`]: a typed client that sends commands with idempotency keys and retries;
 //! * [`store`]: the JetStream event store (load by direct get, append with OCC);
 //! * [`projection`]: projection functions, exactly-once into Redis, rebuilds, dead letters;
 //! * [`readmodel`]: the Redis key layout, the atomic apply step and read-your-writes;
@@ -36,6 +37,7 @@
 //! * [`testing`]: given/when/then for domain rules, without servers.
 
 pub mod aggregate;
+pub mod client;
 mod codec;
 pub mod command;
 pub mod config;

@@ -28,8 +28,8 @@ pub enum Status {
     Closed,
 }
 
-/// What clients can ask of an account.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+/// What clients can ask of an account (serializable too, for typed Rust clients).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
     /// Opens the account, optionally with a first deposit.
@@ -77,8 +77,8 @@ pub enum Event {
 }
 
 /// An amount of money in minor units: an integer of at least 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
-#[serde(try_from = "u64")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(try_from = "u64", into = "u64")]
 #[schemars(extend("minimum" = 1))]
 pub struct Amount(u64);
 
@@ -101,8 +101,8 @@ impl TryFrom<u64> for Amount {
 }
 
 /// An account holder's name: not blank, at most 200 characters.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(try_from = "String", into = "String")]
 #[schemars(extend("minLength" = 1, "maxLength" = 200, "pattern" = "\\S"))]
 pub struct Owner(String);
 
@@ -117,6 +117,18 @@ impl TryFrom<String> for Owner {
             return Err("owner must be at most 200 characters".into());
         }
         Ok(Owner(value))
+    }
+}
+
+impl From<Amount> for u64 {
+    fn from(amount: Amount) -> u64 {
+        amount.0
+    }
+}
+
+impl From<Owner> for String {
+    fn from(owner: Owner) -> String {
+        owner.0
     }
 }
 
