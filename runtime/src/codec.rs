@@ -38,8 +38,8 @@ pub fn encode_variant<T: Serialize>(value: &T) -> Result<(String, Vec<u8>), Code
 
 /// Rebuilds an enum value from its variant name and its fields.
 ///
-/// Errors name the failing field path, for example `amount: invalid type: string "x", expected
-/// u64`.
+/// Errors name the failing field as a JSON pointer, for example `/amount: invalid type: string
+/// "x", expected u64`.
 pub fn decode_variant<T: DeserializeOwned>(name: &str, fields: Value) -> Result<T, CodecError> {
     let unit_variant = fields.as_object().is_some_and(Map::is_empty);
     let mut tagged = Map::new();
@@ -64,7 +64,7 @@ fn decode_tagged<T: DeserializeOwned>(value: Value) -> Result<T, CodecError> {
         if path.is_empty() {
             CodecError::Invalid(inner)
         } else {
-            CodecError::Invalid(format!("{}: {inner}", path.join(".")))
+            CodecError::Invalid(format!("/{}: {inner}", path.join("/")))
         }
     })
 }
@@ -141,7 +141,7 @@ mod tests {
         let Err(CodecError::Invalid(message)) = err else {
             panic!("expected an error, got {err:?}")
         };
-        assert!(message.starts_with("amount: invalid type"), "{message}");
+        assert!(message.starts_with("/amount: invalid type"), "{message}");
     }
 
     #[test]

@@ -246,17 +246,17 @@ async fn invalid_input_replies_400_naming_the_problem_and_appends_nothing() {
         (
             "cmd.account.acc-3.deposit",
             r#"{"amount": "ten"}"#.into(),
-            "amount: invalid type",
+            "/amount: invalid type",
         ),
         (
             "cmd.account.acc-3.deposit",
             r#"{"amount": -5}"#.into(),
-            "amount: invalid value",
+            "/amount: invalid value",
         ),
         (
             "cmd.account.acc-3.deposit",
             r#"{"amount": 0}"#.into(),
-            "amount: an amount must be at least 1",
+            "/amount: an amount must be at least 1",
         ),
         (
             "cmd.account.acc-3.deposit",
@@ -271,7 +271,7 @@ async fn invalid_input_replies_400_naming_the_problem_and_appends_nothing() {
         (
             "cmd.account.new-1.open",
             r#"{"owner": ""}"#.into(),
-            "owner: owner must not be empty",
+            "/owner: owner must not be empty",
         ),
         (
             "cmd.account.acc-3.fly",
