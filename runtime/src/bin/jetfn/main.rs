@@ -1,0 +1,3 @@
+//! The `jetfn` command-line tool.
+
+fn main() {}
