@@ -14,19 +14,18 @@
 //! partition replays from the stream's first event.
 
 mod balance;
+mod control;
 mod dead_letters;
 mod rebuild;
 mod worker;
 
 pub use dead_letters::{DeadLetter, DeadLetters};
+pub use rebuild::RebuildProgress;
 
 use crate::aggregate::Aggregate;
 use crate::config::Config;
 use crate::readmodel::{ReadModel, RedisWrites};
 use crate::{Error, telemetry};
-use async_nats::service::ServiceExt;
-use futures::StreamExt;
-use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -194,7 +193,8 @@ impl<P: Projection> ProjectionFunction<P> {
             );
             tasks.spawn(worker.run(stop_rx.clone()));
         }
-        let service = register_service::<P>(&context, stats.clone()).await?;
+        let service =
+            control::register(self.projection.clone(), context.clone(), stats.clone()).await?;
         tasks.spawn(track_stream_end(
             context.clone(),
             stats.clone(),
@@ -230,7 +230,7 @@ impl<P: Projection> ProjectionFunction<P> {
     pub async fn rebuild(self) -> Result<u64, Error> {
         let config = self.config()?;
         let context = Context::<P>::connect(&config).await?;
-        rebuild::rebuild(self.projection, context).await
+        rebuild::rebuild(self.projection, context, |_| {}).await
     }
 
     /// Applies the dead letters of this projection again, with the current code: each at most
@@ -405,7 +405,7 @@ impl Stats {
             .saturating_sub(self.least_checkpoint())
     }
 
-    fn to_json(&self) -> serde_json::Value {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
         let checkpoints: serde_json::Map<String, serde_json::Value> = self
             .checkpoints
             .iter()
@@ -423,46 +423,6 @@ impl Stats {
             "errors": self.errors.load(Ordering::Relaxed),
         })
     }
-}
-
-/// Registers the projection as a NATS service: `$SRV.STATS` carries its lag and checkpoints, and
-/// `jetfn.projection.<name>.status` answers the same JSON.
-async fn register_service<P: Projection>(
-    context: &Context<P>,
-    stats: Arc<Stats>,
-) -> Result<async_nats::service::Service, Error> {
-    let for_stats = stats.clone();
-    let metadata = HashMap::from([
-        ("jetfn.kind".to_owned(), "projection".to_owned()),
-        ("jetfn.stream".to_owned(), context.source.stream.clone()),
-        (
-            "jetfn.partitions".to_owned(),
-            context.config.projection.partitions.to_string(),
-        ),
-        ("jetfn.redis_tag".to_owned(), format!("{{{}}}", P::NAME)),
-    ]);
-    let service = context
-        .client
-        .service_builder()
-        .description(format!("jetfn projection {}", P::NAME))
-        .metadata(metadata)
-        .stats_handler(move |_, _| for_stats.to_json())
-        .start(P::NAME, env!("CARGO_PKG_VERSION"))
-        .await
-        .map_err(|e| Error::Service(format!("cannot register NATS service: {e}")))?;
-    let mut status = service
-        .endpoint_builder()
-        .name("status")
-        .add(format!("jetfn.projection.{}.status", P::NAME))
-        .await
-        .map_err(|e| Error::Service(format!("cannot subscribe to status requests: {e}")))?;
-    tokio::spawn(async move {
-        while let Some(request) = status.next().await {
-            let body = serde_json::to_vec(&stats.to_json()).unwrap_or_default();
-            let _ = request.respond(Ok(body.into())).await;
-        }
-    });
-    Ok(service)
 }
 
 /// Keeps `stream_last_seq` current for lag reports, and logs the lag now and then.

@@ -13,9 +13,25 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+/// How far a rebuild is, reported while it runs and once at the end (`done`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RebuildProgress {
+    /// The version being built.
+    pub generation: u64,
+    /// The least checkpoint of the new version.
+    pub reached: u64,
+    /// The stream's last sequence.
+    pub target: u64,
+    /// Events applied per second so far.
+    pub events_per_second: u64,
+    /// The pointer has flipped and the old version is gone.
+    pub done: bool,
+}
+
 pub(crate) async fn rebuild<P: Projection>(
     projection: Arc<P>,
     context: Context<P>,
+    progress: impl Fn(RebuildProgress),
 ) -> Result<u64, Error> {
     let redis = |e: crate::readmodel::ReadModelError| Error::Redis(e.to_string());
     let model = &context.model;
@@ -49,7 +65,7 @@ pub(crate) async fn rebuild<P: Projection>(
 
     let started = Instant::now();
     let mut last_report = Instant::now();
-    loop {
+    let mut final_report = loop {
         if let Some(Ok(Err(err))) = workers.try_join_next() {
             let _ = stop_tx.send(true);
             return Err(err);
@@ -61,22 +77,30 @@ pub(crate) async fn rebuild<P: Projection>(
         } else {
             checkpoints.iter().map(|(_, seq)| *seq).min().unwrap_or(0)
         };
+        let rate = (reached as f64 / started.elapsed().as_secs_f64().max(0.001)) as u64;
+        let report = RebuildProgress {
+            generation: new,
+            reached,
+            target,
+            events_per_second: rate,
+            done: false,
+        };
         if reached >= target {
-            break;
+            break report;
         }
-        if last_report.elapsed() >= Duration::from_secs(1) {
-            let rate = reached as f64 / started.elapsed().as_secs_f64().max(0.001);
+        if last_report.elapsed() >= Duration::from_millis(500) {
             tracing::info!(
                 projection = P::NAME,
                 reached,
                 target,
-                events_per_second = rate as u64,
+                events_per_second = rate,
                 "rebuilding"
             );
+            progress(report);
             last_report = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
 
     model.activate(new).await.map_err(redis)?;
     tracing::info!(
@@ -106,6 +130,8 @@ pub(crate) async fn rebuild<P: Projection>(
             "old read model version deleted"
         );
     }
+    final_report.done = true;
+    progress(final_report);
     Ok(new)
 }
 

@@ -1,0 +1,131 @@
+//! A projection instance as a NATS service: `$SRV.STATS` carries its lag and checkpoints, and
+//! three endpoints (queue group `q`, so one instance answers each request) control it:
+//!
+//! * `jetfn.projection.<name>.status`: the same JSON as the stats data;
+//! * `jetfn.projection.<name>.rebuild`: starts a rebuild in this instance and replies
+//!   `{"started":true,"generation":G}`; progress is published on
+//!   `jetfn.projection.<name>.rebuild.progress` as [`RebuildProgress`] JSON, ending with
+//!   `"done":true`;
+//! * `jetfn.projection.<name>.dlq.replay`: replays the dead letters, replies `{"replayed":n}`.
+//!
+//! Failures reply `{"error":"..."}`.
+
+use super::rebuild::{self, RebuildProgress};
+use super::{Context, Projection, Stats, dead_letters};
+use crate::Error;
+use async_nats::service::{self, ServiceExt};
+use futures::StreamExt;
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub(crate) async fn register<P: Projection>(
+    projection: Arc<P>,
+    context: Context<P>,
+    stats: Arc<Stats>,
+) -> Result<service::Service, Error> {
+    let for_stats = stats.clone();
+    let metadata = HashMap::from([
+        ("jetfn.kind".to_owned(), "projection".to_owned()),
+        ("jetfn.stream".to_owned(), context.source.stream.clone()),
+        (
+            "jetfn.partitions".to_owned(),
+            context.config.projection.partitions.to_string(),
+        ),
+        ("jetfn.redis_tag".to_owned(), format!("{{{}}}", P::NAME)),
+    ]);
+    let service = context
+        .client
+        .service_builder()
+        .description(format!("jetfn projection {}", P::NAME))
+        .metadata(metadata)
+        .stats_handler(move |_, _| for_stats.to_json())
+        .start(P::NAME, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| Error::Service(format!("cannot register NATS service: {e}")))?;
+    let endpoint = |name: &'static str, subject: String| {
+        let service = &service;
+        async move {
+            service
+                .endpoint_builder()
+                .name(name)
+                .add(subject)
+                .await
+                .map_err(|e| Error::Service(format!("cannot subscribe to {name} requests: {e}")))
+        }
+    };
+    let base = format!("jetfn.projection.{}", P::NAME);
+    let mut status = endpoint("status", format!("{base}.status")).await?;
+    let mut rebuilds = endpoint("rebuild", format!("{base}.rebuild")).await?;
+    let mut replays = endpoint("dlq-replay", format!("{base}.dlq.replay")).await?;
+
+    tokio::spawn(async move {
+        while let Some(request) = status.next().await {
+            respond(&request, stats.to_json()).await;
+        }
+    });
+    let rebuilding = Arc::new(AtomicBool::new(false));
+    let (for_rebuild, for_replay) = (context.clone(), context);
+    let projection_for_replay = projection.clone();
+    tokio::spawn(async move {
+        while let Some(request) = rebuilds.next().await {
+            let reply = start_rebuild(projection.clone(), for_rebuild.clone(), &rebuilding).await;
+            respond(&request, reply).await;
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(request) = replays.next().await {
+            let reply = match dead_letters::replay(&*projection_for_replay, &for_replay).await {
+                Ok(replayed) => json!({ "replayed": replayed }),
+                Err(err) => json!({ "error": err.to_string() }),
+            };
+            respond(&request, reply).await;
+        }
+    });
+    Ok(service)
+}
+
+/// Starts a rebuild in the background unless one is running here.
+async fn start_rebuild<P: Projection>(
+    projection: Arc<P>,
+    context: Context<P>,
+    rebuilding: &Arc<AtomicBool>,
+) -> serde_json::Value {
+    if rebuilding.swap(true, Ordering::SeqCst) {
+        return json!({ "error": format!("a rebuild of {} is already running", P::NAME) });
+    }
+    let generation = match context.model.active_generation().await {
+        Ok(active) => active.unwrap_or(0) + 1,
+        Err(err) => {
+            rebuilding.store(false, Ordering::SeqCst);
+            return json!({ "error": err.to_string() });
+        }
+    };
+    let rebuilding = rebuilding.clone();
+    tokio::spawn(async move {
+        let client = context.client.clone();
+        let subject = format!("jetfn.projection.{}.rebuild.progress", P::NAME);
+        let publish = |progress: RebuildProgress| {
+            let (client, subject) = (client.clone(), subject.clone());
+            let body = serde_json::to_vec(&progress).unwrap_or_default();
+            tokio::spawn(async move {
+                let _ = client.publish(subject, body.into()).await;
+            });
+        };
+        if let Err(err) = rebuild::rebuild(projection, context, publish).await {
+            tracing::error!(projection = P::NAME, error = %err, "rebuild failed");
+            let body = json!({ "error": err.to_string(), "done": true }).to_string();
+            let _ = client.publish(subject, body.into()).await;
+        }
+        rebuilding.store(false, Ordering::SeqCst);
+    });
+    json!({ "started": true, "generation": generation })
+}
+
+async fn respond(request: &service::Request, body: serde_json::Value) {
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    if let Err(err) = request.respond(Ok(bytes.into())).await {
+        tracing::debug!(error = %err, "control reply not sent");
+    }
+}
