@@ -155,6 +155,8 @@ pub struct Append<'a> {
     pub command: &'a str,
     /// The events, in order; at least one.
     pub events: &'a [NewEvent],
+    /// The command's trace, stored on every event (`traceparent`, `tracestate`).
+    pub trace: Option<&'a crate::telemetry::TraceContext>,
 }
 
 /// Where and how an aggregate type's events are stored.
@@ -473,6 +475,9 @@ impl EventStore {
         headers.insert(headers::EVENT_VERSION, event.version.to_string().as_str());
         headers.insert(headers::COMMAND_ID, append.command_id);
         headers.insert(headers::COMMAND, append.command);
+        if let Some(trace) = append.trace {
+            trace.write(&mut headers);
+        }
         headers
     }
 }

@@ -19,13 +19,14 @@ mod request;
 pub use reply::{Accepted, ErrorKind, Failure, Reply};
 pub use request::{MAX_COMMAND_ID_LEN, MAX_ID_LEN};
 
+use crate::Error;
 use crate::aggregate::{Aggregate, Upcasters, decode_stored};
 use crate::codec::{decode_variant, encode_variant, variant_names};
 use crate::config::Config;
 use crate::store::{
     Append, AppendError, EventStore, History, NewEvent, StoreSettings, StoredEvent,
 };
-use crate::{Error, telemetry};
+use crate::telemetry::{self, TraceContext};
 use async_nats::service::{self, ServiceExt};
 use async_nats::{Client, HeaderMap};
 use futures::StreamExt;
@@ -385,6 +386,7 @@ impl<A: Aggregate> Handler<A> {
             id = tracing::field::Empty,
             command = tracing::field::Empty,
             command_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
             outcome = tracing::field::Empty,
             retries = tracing::field::Empty,
             duration_ms = tracing::field::Empty,
@@ -394,6 +396,7 @@ impl<A: Aggregate> Handler<A> {
                 span.record("id", command.id.as_str());
                 span.record("command", command.command.as_str());
                 span.record("command_id", command.command_id.as_str());
+                span.record("trace_id", command.trace.trace_id.as_str());
                 self.execute(&command).instrument(span.clone()).await
             }
             Err(message) => (Reply::failed(ErrorKind::Invalid, message), 0),
@@ -425,11 +428,15 @@ impl<A: Aggregate> Handler<A> {
             None => uuid::Uuid::now_v7().to_string(),
         };
         let body = request::parse_body(&message.payload, self.config.max_body_bytes)?;
+        let trace = TraceContext::from_headers(message.headers.as_ref())
+            .unwrap_or_else(TraceContext::new_root)
+            .child();
         let request = CommandRequest {
             id: id.to_owned(),
             command: command.to_owned(),
             command_id,
             body,
+            trace,
         };
         self.decode(&request)?;
         Ok(request)
@@ -518,6 +525,7 @@ impl<A: Aggregate> Handler<A> {
                 command_id: &request.command_id,
                 command: &request.command,
                 events: &events,
+                trace: Some(&request.trace),
             };
             let outcome = self.store.append(append).await;
             let exhausted = retries >= self.config.max_retries;

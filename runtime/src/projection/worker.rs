@@ -5,6 +5,7 @@ use crate::Error;
 use crate::aggregate::{Aggregate, Upcasters, decode_stored};
 use crate::readmodel::{Applied, AppliedEvent, Batch, Mode, ReadModelError, RedisWrites};
 use crate::store::headers;
+use crate::telemetry::TraceContext;
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PriorityPolicy, pull};
 use async_nats::jetstream::{AckKind, Message};
 use futures::{FutureExt, StreamExt};
@@ -473,10 +474,21 @@ impl<P: Projection> Worker<P> {
             event_type,
             header,
         )?;
+        let trace = TraceContext::from_headers(message.headers.as_ref());
+        let span = tracing::debug_span!(
+            "apply",
+            projection = P::NAME,
+            seq,
+            event_type,
+            id = aggregate_id,
+            trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
+        );
+        let _entered = span.enter();
         let mut writes = RedisWrites::default();
         self.projection
             .apply(&recorded, &mut writes)
             .map_err(|refusal| format!("refused: {}", refusal.0))?;
+        tracing::debug!(writes = writes.commands().len(), "event projected");
         Ok(writes)
     }
 
