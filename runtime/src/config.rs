@@ -68,6 +68,27 @@ pub struct Config {
     pub redis: RedisConfig,
     /// How projections consume and apply events.
     pub projection: ProjectionConfig,
+    /// The optional liveness/readiness HTTP endpoint.
+    pub health: HealthConfig,
+}
+
+/// The liveness/readiness HTTP endpoint (`GET /livez`, `GET /readyz`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// The port; no endpoint when absent.
+    pub port: Option<u16>,
+    /// The address to listen on.
+    pub address: String,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            port: None,
+            address: "0.0.0.0".into(),
+        }
+    }
 }
 
 /// Redis connection settings.

@@ -41,6 +41,7 @@ pub mod client;
 mod codec;
 pub mod command;
 pub mod config;
+mod health;
 pub mod projection;
 pub mod readmodel;
 pub mod schema;

@@ -19,7 +19,6 @@ mod request;
 pub use reply::{Accepted, ErrorKind, Failure, Reply};
 pub use request::{MAX_COMMAND_ID_LEN, MAX_ID_LEN};
 
-use crate::Error;
 use crate::aggregate::{Aggregate, Upcasters, decode_stored};
 use crate::codec::{decode_variant, encode_variant, variant_names};
 use crate::config::Config;
@@ -27,6 +26,7 @@ use crate::store::{
     Append, AppendError, EventStore, History, NewEvent, StoreSettings, StoredEvent,
 };
 use crate::telemetry::{self, TraceContext};
+use crate::{Error, health};
 use async_nats::service::{self, ServiceExt};
 use async_nats::{Client, HeaderMap};
 use futures::StreamExt;
@@ -156,10 +156,14 @@ impl<A: Aggregate> CommandFunction<A> {
             "command function ready"
         );
         let (stop_tx, stop_rx) = watch::channel(false);
+        let ready = stop_rx.clone();
+        let health =
+            health::serve(&config.health, client.clone(), move || !*ready.borrow()).await?;
         let task = tokio::spawn(serve(client, handler, service, endpoint, stop_rx));
         Ok(RunningFunction {
             stop: stop_tx,
             task,
+            _health: health,
         })
     }
 }
@@ -170,6 +174,7 @@ impl<A: Aggregate> CommandFunction<A> {
 pub struct RunningFunction {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), Error>>,
+    _health: Option<health::HealthServer>,
 }
 
 impl RunningFunction {

@@ -216,11 +216,17 @@ impl<P: Projection> ProjectionFunction<P> {
             generation,
             "projection function ready"
         );
+        let (for_health, stopping) = (stats.clone(), stop_rx.clone());
+        let health = crate::health::serve(&config.health, context.client.clone(), move || {
+            !*stopping.borrow() && for_health.bound.iter().all(|b| b.load(Ordering::Relaxed))
+        })
+        .await?;
         Ok(RunningProjection {
             stop: stop_tx,
             tasks,
             service: Some(service),
             stats,
+            _health: health,
         })
     }
 
@@ -248,6 +254,7 @@ pub struct RunningProjection {
     tasks: JoinSet<Result<(), Error>>,
     service: Option<async_nats::service::Service>,
     stats: Arc<Stats>,
+    _health: Option<crate::health::HealthServer>,
 }
 
 impl RunningProjection {
@@ -373,6 +380,8 @@ pub(crate) struct Stats {
     pub last_batch_ms: Vec<AtomicU64>,
     /// Set to ask a partition's worker to hand its consumer to another instance.
     pub hand_over: Vec<std::sync::atomic::AtomicBool>,
+    /// Whether each partition's worker has bound its consumer (readiness).
+    pub bound: Vec<std::sync::atomic::AtomicBool>,
 }
 
 impl Stats {
@@ -386,6 +395,9 @@ impl Stats {
             errors: AtomicU64::new(0),
             last_batch_ms: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
             hand_over: (0..partitions)
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
+            bound: (0..partitions)
                 .map(|_| std::sync::atomic::AtomicBool::new(false))
                 .collect(),
         }

@@ -152,7 +152,12 @@ impl<P: Projection> Worker<P> {
             return Ok(Some(Rebind::Moved(active)));
         }
         let (consumer, mut checkpoint) = match self.ensure_consumer(recreate).await {
-            Ok(bound) => bound,
+            Ok(bound) => {
+                if let Some(flag) = self.stats.bound.get(self.partition as usize) {
+                    flag.store(true, Ordering::Relaxed);
+                }
+                bound
+            }
             Err(message) => {
                 tracing::warn!(projection = P::NAME, partition = self.partition, error = %message, "cannot bind consumer");
                 return Ok(Some(Rebind::Again));
