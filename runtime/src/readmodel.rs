@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum ReadModelError {
     /// Redis is unreachable or answered with an error.
-    #[error("redis: {0}")]
+    #[error("{0}")]
     Redis(#[from] redis::RedisError),
     /// The read model did not reach the sequence in time.
     #[error(
