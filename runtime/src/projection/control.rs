@@ -106,18 +106,30 @@ async fn start_rebuild<P: Projection>(
     tokio::spawn(async move {
         let client = context.client.clone();
         let subject = format!("jetfn.projection.{}.rebuild.progress", P::NAME);
-        let publish = |progress: RebuildProgress| {
+        // One publisher, so progress reports arrive in order.
+        let (reports, mut pending) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
+        let publisher = tokio::spawn({
             let (client, subject) = (client.clone(), subject.clone());
-            let body = serde_json::to_vec(&progress).unwrap_or_default();
-            tokio::spawn(async move {
-                let _ = client.publish(subject, body.into()).await;
-            });
+            async move {
+                while let Some(report) = pending.recv().await {
+                    let body = serde_json::to_vec(&report).unwrap_or_default();
+                    let _ = client.publish(subject.clone(), body.into()).await;
+                }
+                let _ = client.flush().await;
+            }
+        });
+        let progress = {
+            let reports = reports.clone();
+            move |progress: RebuildProgress| {
+                let _ = reports.send(serde_json::to_value(progress).unwrap_or_default());
+            }
         };
-        if let Err(err) = rebuild::rebuild(projection, context, publish).await {
+        if let Err(err) = rebuild::rebuild(projection, context, progress).await {
             tracing::error!(projection = P::NAME, error = %err, "rebuild failed");
-            let body = json!({ "error": err.to_string(), "done": true }).to_string();
-            let _ = client.publish(subject, body.into()).await;
+            let _ = reports.send(json!({ "error": err.to_string(), "done": true }));
         }
+        drop(reports);
+        let _ = publisher.await;
         rebuilding.store(false, Ordering::SeqCst);
     });
     json!({ "started": true, "generation": generation })

@@ -1,0 +1,277 @@
+//! What every subcommand shares: the configuration and connection, errors with exit codes,
+//! durations, requests, and output (lines, tables, JSON).
+
+use anyhow::{Context, Result, anyhow};
+use async_nats::{Client, HeaderMap, RequestErrorKind};
+use jetfn::Config;
+use std::fmt;
+use std::io::Write;
+use std::time::Duration;
+
+/// Options that apply to every subcommand.
+pub struct Global {
+    /// `--server`/`NATS_URL`, if given.
+    pub server: Option<String>,
+    /// `--json`.
+    pub json: bool,
+}
+
+impl Global {
+    /// The jetfn configuration (`jetfn.toml`, `JETFN_*`, `NATS_URL`), with `--server` applied.
+    pub fn config(&self) -> Result<Config> {
+        let mut config = Config::load().context("reading the jetfn configuration")?;
+        if let Some(server) = &self.server {
+            if server.trim().is_empty() {
+                return Err(usage("--server must not be empty"));
+            }
+            config.nats.url = server.clone();
+        } else if let Some(url) = dev_url(&config) {
+            config.nats.url = url;
+        }
+        Ok(config)
+    }
+
+    /// Connects to NATS; an error names the URL.
+    pub async fn connect(&self) -> Result<(Client, Config)> {
+        let config = self.config()?;
+        let client = config.nats.connect("jetfn-cli").await?;
+        Ok((client, config))
+    }
+}
+
+/// Where `just dev` runs NATS: the URL it writes to `.jetfn/nats.url` (as `scripts/send.py`
+/// reads it), used only when nothing else names a server.
+fn dev_url(config: &Config) -> Option<String> {
+    let configured = std::env::var_os("NATS_URL").is_some()
+        || std::env::var_os("JETFN_NATS__URL").is_some()
+        || config.nats.url != jetfn::config::NatsConfig::default().url;
+    if configured {
+        return None;
+    }
+    let url = std::fs::read_to_string(".jetfn/nats.url").ok()?;
+    let url = url.trim();
+    (!url.is_empty()).then(|| url.to_owned())
+}
+
+/// A wrong command line: exit status 2.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl fmt::Display for Usage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// An error for a wrong argument (exit status 2).
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Usage(message.into()))
+}
+
+/// The exit status for `err`: 2 for usage errors, else `default`.
+pub fn exit_code(err: &anyhow::Error, default: u8) -> u8 {
+    if err.chain().any(|cause| cause.is::<Usage>()) {
+        2
+    } else {
+        default
+    }
+}
+
+/// Parses `500ms`, `5s`, `2m`; zero is refused. For clap's `value_parser`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime_serde::re::humantime::parse_duration(text)
+        .map_err(|e| format!("{e} (write a duration such as 500ms, 5s or 2m)"))?;
+    if duration.is_zero() {
+        return Err("must be longer than 0".into());
+    }
+    Ok(duration)
+}
+
+/// A duration in the largest unit that shows it exactly: `120s`, `1500ms`, `7ns`.
+pub fn format_nanos(nanos: u128) -> String {
+    const UNITS: [(u128, &str); 4] = [
+        (1_000_000_000, "s"),
+        (1_000_000, "ms"),
+        (1_000, "µs"),
+        (1, "ns"),
+    ];
+    if nanos == 0 {
+        return "0s".into();
+    }
+    for (size, unit) in UNITS {
+        if nanos.is_multiple_of(size) {
+            return format!("{}{unit}", nanos / size);
+        }
+    }
+    format!("{nanos}ns")
+}
+
+/// A duration for humans, as [`format_nanos`].
+pub fn format_duration(duration: Duration) -> String {
+    format_nanos(duration.as_nanos())
+}
+
+/// `bytes` as `512 B`, `3.1 KiB`, `12.0 MiB`.
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// URLs without `user:password@`, for messages.
+pub fn redact(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}<redacted>@{}", &url[..scheme + 3], &url[at + 1..])
+            }
+            _ => url.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Sends a request and waits up to `timeout` for the reply. No responders and timeouts become
+/// errors naming the subject and the server.
+pub async fn request(
+    client: &Client,
+    config: &Config,
+    subject: &str,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+    timeout: Duration,
+) -> Result<async_nats::Message> {
+    let request = async_nats::Request::new()
+        .headers(headers)
+        .payload(body)
+        .timeout(Some(timeout));
+    client
+        .send_request(subject.to_owned(), request)
+        .await
+        .map_err(|err| match err.kind() {
+            RequestErrorKind::NoResponders => anyhow!(
+                "nobody answers on {subject} at {} (no responders)",
+                redact(&config.nats.url)
+            ),
+            RequestErrorKind::TimedOut => {
+                anyhow!("no reply on {subject} within {}", format_duration(timeout))
+            }
+            _ => anyhow!("request on {subject} failed: {err}"),
+        })
+}
+
+/// A service endpoint's JSON reply; `{"error":...}` bodies and NATS service error headers
+/// become errors.
+pub fn endpoint_reply(message: &async_nats::Message, what: &str) -> Result<serde_json::Value> {
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+    let body: Option<serde_json::Value> = serde_json::from_slice(&message.payload).ok();
+    if let Some(error) = body.as_ref().and_then(|b| b.get("error")) {
+        let error = error
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| error.to_string());
+        return Err(anyhow!("{what}: {error}"));
+    }
+    if let Some(error) = header("Nats-Service-Error") {
+        let code = header("Nats-Service-Error-Code").unwrap_or_default();
+        return Err(anyhow!("{what}: {error} ({code})"));
+    }
+    body.ok_or_else(|| {
+        anyhow!(
+            "{what}: the reply is not JSON: {:?}",
+            String::from_utf8_lossy(&message.payload)
+        )
+    })
+}
+
+/// Writes one line to stdout. A closed pipe (`jetfn tail | head`) ends the program quietly.
+pub fn say(line: impl fmt::Display) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(err) = writeln!(stdout, "{line}") {
+        if err.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("jetfn: writing to stdout: {err}");
+        std::process::exit(1);
+    }
+}
+
+/// Pretty JSON on stdout.
+pub fn say_json(value: &serde_json::Value) {
+    say(serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string()));
+}
+
+/// Left-aligned columns separated by two spaces, with a header row.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| {
+                if i == last {
+                    (*cell).to_owned()
+                } else {
+                    let pad = widths[i].saturating_sub(cell.chars().count());
+                    format!("{cell}{}", " ".repeat(pad))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let mut out = vec![line(headers.to_vec())];
+    out.extend(
+        rows.iter()
+            .map(|row| line(row.iter().map(String::as_str).collect())),
+    );
+    out.join("\n")
+}
+
+/// `[a-z0-9_-]+`: aggregate types and projection names.
+pub fn is_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// `[A-Za-z0-9_-]{1,128}`: aggregate ids.
+pub fn is_aggregate_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Checks a projection name given on the command line.
+pub fn projection_name(name: &str) -> Result<&str> {
+    if is_service_name(name) {
+        Ok(name)
+    } else {
+        Err(usage(format!(
+            "projection name {name:?} must match [a-z0-9_-]+ (for example account-balances)"
+        )))
+    }
+}
