@@ -54,7 +54,9 @@ async fn a_projection_is_ready_once_its_consumers_are_bound() {
     let nats = NatsServer::start().await.unwrap();
     let redis = RedisServer::start().await.unwrap();
     let port = free_port();
-    let function = start_account(projection_config(&nats, &redis)).await.unwrap();
+    let function = start_account(projection_config(&nats, &redis))
+        .await
+        .unwrap();
     let mut config = projection_config(&nats, &redis);
     config.health.port = Some(port);
     config.health.address = "127.0.0.1".into();

@@ -275,3 +275,27 @@ pub fn projection_name(name: &str) -> Result<&str> {
         )))
     }
 }
+
+/// Asks a running instance of projection `name` to do something (`rebuild`, `dlq.replay`) over
+/// its control endpoint `jetfn.projection.<name>.<action>`, and returns the JSON reply.
+pub async fn ask_projection(
+    client: &Client,
+    config: &Config,
+    name: &str,
+    action: &str,
+    what: &str,
+    timeout: std::time::Duration,
+) -> Result<serde_json::Value> {
+    let subject = format!("jetfn.projection.{name}.{action}");
+    let reply = request(
+        client,
+        config,
+        &subject,
+        async_nats::HeaderMap::new(),
+        bytes::Bytes::from_static(b"{}"),
+        timeout,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e:#}; is the projection {name} running?"))?;
+    endpoint_reply(&reply, what)
+}

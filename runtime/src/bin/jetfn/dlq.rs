@@ -1,7 +1,7 @@
 //! `jetfn dlq list|replay`: a projection's dead letters.
 
 use crate::common::{
-    Global, endpoint_reply, parse_duration, projection_name, request, say, say_json, table,
+    Global, ask_projection, parse_duration, projection_name, say, say_json, table,
 };
 use anyhow::{Result, anyhow};
 use jetfn::projection::DeadLetters;
@@ -116,21 +116,15 @@ async fn list(global: &Global, projection: &str) -> Result<ExitCode> {
 
 async fn replay(global: &Global, projection: &str, timeout: Duration) -> Result<ExitCode> {
     let (client, config) = global.connect().await?;
-    let subject = format!("jetfn.projection.{projection}.dlq.replay");
-    let reply = request(
+    let body = ask_projection(
         &client,
         &config,
-        &subject,
-        async_nats::HeaderMap::new(),
-        bytes::Bytes::from_static(b"{}"),
+        projection,
+        "dlq.replay",
+        &format!("replaying the dead letters of {projection}"),
         timeout,
     )
-    .await
-    .map_err(|e| anyhow!("{e:#}; is the projection {projection} running?"))?;
-    let body = endpoint_reply(
-        &reply,
-        &format!("replaying the dead letters of {projection}"),
-    )?;
+    .await?;
     let replayed = body
         .get("replayed")
         .and_then(Value::as_u64)

@@ -2,8 +2,7 @@
 //! the progress it publishes until the new version is live.
 
 use crate::common::{
-    Global, endpoint_reply, format_duration, parse_duration, projection_name, request, say,
-    say_json,
+    Global, ask_projection, format_duration, parse_duration, projection_name, say, say_json,
 };
 use anyhow::{Context, Result, anyhow};
 use futures::StreamExt;
@@ -84,18 +83,15 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         .with_context(|| format!("subscribing to {progress_subject}"))?;
     client.flush().await.context("subscribing to progress")?;
 
-    let subject = format!("jetfn.projection.{name}.rebuild");
-    let reply = request(
+    let started = ask_projection(
         &client,
         &config,
-        &subject,
-        async_nats::HeaderMap::new(),
-        bytes::Bytes::from_static(b"{}"),
+        name,
+        "rebuild",
+        &format!("rebuilding {name}"),
         timeout,
     )
-    .await
-    .map_err(|e| anyhow!("{e:#}; is the projection {name} running?"))?;
-    let started = endpoint_reply(&reply, &format!("rebuilding {name}"))?;
+    .await?;
     let generation = started
         .get("generation")
         .and_then(serde_json::Value::as_u64)
