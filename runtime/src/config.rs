@@ -516,6 +516,16 @@ impl NatsConfig {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.connect_error(format!("nats.url is not a server URL: {e}")))?;
         options
+            .event_callback(|event| async move {
+                match &event {
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(message))
+                        if crate::permissions::report(message) => {}
+                    async_nats::Event::ServerError(_) | async_nats::Event::ClientError(_) => {
+                        tracing::warn!("nats: {event}")
+                    }
+                    _ => tracing::info!("nats: {event}"),
+                }
+            })
             .name(name)
             .require_tls(self.tls_required)
             .connection_timeout(self.connect_timeout)

@@ -42,6 +42,7 @@ mod codec;
 pub mod command;
 pub mod config;
 mod health;
+mod permissions;
 pub mod projection;
 pub mod readmodel;
 pub mod schema;

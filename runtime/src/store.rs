@@ -299,6 +299,7 @@ impl EventStore {
             .subscribe(inbox.clone())
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let mut violations = crate::permissions::watch();
         let mut next_seq = history.last_seq + 1;
         loop {
             let request = serde_json::json!({
@@ -315,13 +316,22 @@ impl EventStore {
                 .await
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?;
             let pending = loop {
-                let message = tokio::time::timeout(self.settings.timeout, replies.next())
+                let next = async {
+                    tokio::select! {
+                        message = replies.next() => Ok(message),
+                        denied = crate::permissions::denied(&mut violations, &self.direct_get_subject) => Err(denied),
+                    }
+                };
+                let message = tokio::time::timeout(self.settings.timeout, next)
                     .await
                     .map_err(|_| {
                         StoreError::Unavailable(format!(
                             "no direct get reply from stream {} within {:?}",
                             self.settings.stream, self.settings.timeout
                         ))
+                    })?
+                    .map_err(|denied| {
+                        StoreError::Unavailable(format!("permission denied: {denied}"))
                     })?
                     .ok_or_else(|| StoreError::Unavailable("connection closed".into()))?;
                 match message.status {
@@ -437,7 +447,14 @@ impl EventStore {
             .headers(headers)
             .payload(payload)
             .timeout(Some(self.settings.timeout));
-        match self.client.send_request(subject.to_owned(), request).await {
+        let mut violations = crate::permissions::watch();
+        let sent = tokio::select! {
+            sent = self.client.send_request(subject.to_owned(), request) => sent,
+            denied = crate::permissions::denied(&mut violations, subject) => {
+                return Err(AppendError::Unavailable(format!("permission denied: {denied}")));
+            }
+        };
+        match sent {
             Ok(message) => Ok(message.payload),
             Err(err) => match err.kind() {
                 async_nats::RequestErrorKind::TimedOut => Err(AppendError::Unknown(format!(
@@ -496,7 +513,8 @@ fn merge_managed(mut current: stream::Config, desired: &stream::Config) -> strea
     current.deny_purge = true;
     current.discard = stream::DiscardPolicy::New;
     current.duplicate_window = desired.duplicate_window;
-    current.num_replicas = desired.num_replicas;
+    // Never lower replicas: an operator's R3 stays R3 whatever a function's default says.
+    current.num_replicas = current.num_replicas.max(desired.num_replicas);
     if desired.max_bytes > 0 {
         current.max_bytes = desired.max_bytes;
     }

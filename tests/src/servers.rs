@@ -101,6 +101,10 @@ pub struct NatsServer {
     name: String,
     child: Option<Child>,
     dir: TempDir,
+    /// A configuration file passed with `-c` (see [`NatsServer::start_with_config`]).
+    config: Option<PathBuf>,
+    /// The user and password the readiness probe logs in with.
+    login: Option<(String, String)>,
 }
 
 impl NatsServer {
@@ -110,6 +114,30 @@ impl NatsServer {
     /// (e.g. the port was taken meanwhile) it is retried on a new port, up to
     /// 3 attempts. Errors include the tail of the server log.
     pub async fn start() -> Result<NatsServer> {
+        Self::start_inner(None, None).await
+    }
+
+    /// Like [`start`](NatsServer::start), with `extra_config` (nats-server configuration text,
+    /// e.g. an `authorization` block) written to `nats.conf` in the server's temporary directory
+    /// and passed with `-c`. The harness still chooses the address, port, JetStream store and
+    /// server name: its command-line flags override the file. [`restart`](NatsServer::restart)
+    /// uses the same file.
+    ///
+    /// When the configuration requires authentication, `login` (user, password) is what the
+    /// readiness probe connects with; that user must be allowed to publish `$JS.API.INFO` and
+    /// subscribe to `_INBOX.>`. [`connect`](NatsServer::connect) stays anonymous.
+    pub async fn start_with_config(
+        extra_config: &str,
+        login: Option<(&str, &str)>,
+    ) -> Result<NatsServer> {
+        let login = login.map(|(user, password)| (user.to_owned(), password.to_owned()));
+        Self::start_inner(Some(extra_config), login).await
+    }
+
+    async fn start_inner(
+        extra_config: Option<&str>,
+        login: Option<(String, String)>,
+    ) -> Result<NatsServer> {
         let binary = nats_server_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("jetfn-nats-")
@@ -123,7 +151,14 @@ impl NatsServer {
             name: format!("jetfn-test-{}", uuid::Uuid::new_v4().simple()),
             child: None,
             dir,
+            config: None,
+            login,
         };
+        if let Some(text) = extra_config {
+            let path = server.dir.path().join("nats.conf");
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+            server.config = Some(path);
+        }
         let mut attempt = 1;
         loop {
             server.port = free_port()?;
@@ -150,7 +185,11 @@ impl NatsServer {
             ),
         )?;
         let (stdout, stderr) = log_stdio(&log)?;
-        let mut child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let mut child = command
             .args([
                 "-a",
                 "127.0.0.1",
@@ -168,8 +207,9 @@ impl NatsServer {
             .with_context(|| format!("spawning {}", self.binary.display()))?;
         let url = self.url();
         let name = self.name.clone();
+        let login = self.login.clone();
         let result = wait_ready("nats-server", &mut child, &log, || {
-            probe_nats(url.clone(), name.clone())
+            probe_nats(url.clone(), name.clone(), login.clone())
         })
         .await;
         match result {
@@ -285,8 +325,14 @@ impl std::fmt::Debug for NatsServer {
 
 /// Ready = we reach *our* server (not another one that grabbed the port) and
 /// JetStream answers.
-async fn probe_nats(url: String, name: String) -> Result<()> {
-    let client = async_nats::ConnectOptions::new()
+async fn probe_nats(url: String, name: String, login: Option<(String, String)>) -> Result<()> {
+    let options = match login {
+        Some((user, password)) => {
+            async_nats::ConnectOptions::with_user_and_password(user, password)
+        }
+        None => async_nats::ConnectOptions::new(),
+    };
+    let client = options
         .connection_timeout(Duration::from_millis(500))
         .connect(&url)
         .await

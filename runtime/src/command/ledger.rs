@@ -26,7 +26,7 @@ pub(crate) struct Ledger {
 }
 
 impl Ledger {
-    /// Opens the bucket, creating or updating it.
+    /// Opens the bucket, creating it if it does not exist.
     pub async fn open(
         client: async_nats::Client,
         bucket: &str,
@@ -34,8 +34,12 @@ impl Ledger {
         replicas: usize,
     ) -> Result<Ledger, StoreError> {
         let js = jetstream::new(client);
+        // An existing bucket is left as it is (an operator may have raised its replicas).
+        if let Ok(kv) = js.get_key_value(bucket).await {
+            return Ok(Ledger { kv });
+        }
         let kv = js
-            .create_or_update_key_value(kv::Config {
+            .create_key_value(kv::Config {
                 bucket: bucket.to_owned(),
                 description: "jetfn command ledger: command id -> first reply".into(),
                 history: 1,

@@ -146,8 +146,20 @@ impl<A: Aggregate> CommandFunction<A> {
             config: config.command.clone(),
             _aggregate: PhantomData,
         });
+        let mut violations = crate::permissions::watch();
         let (service, endpoint) =
             register_service(&client, &handler, &names, &self.version).await?;
+        // A denied subscription is reported asynchronously; a flush makes sure it has arrived.
+        let flushed = tokio::time::timeout(config.nats.request_timeout, client.flush()).await;
+        if flushed.is_err() {
+            return Err(Error::Service(
+                "NATS did not confirm the subscriptions".into(),
+            ));
+        }
+        let wildcard = handler.subjects.wildcard();
+        if let Some(denied) = crate::permissions::already_denied(&mut violations, &wildcard) {
+            return Err(Error::Service(format!("permission denied: {denied}")));
+        }
         tracing::info!(
             aggregate = A::NAME,
             subjects = %handler.subjects.wildcard(),
@@ -362,10 +374,12 @@ async fn serve<A: Aggregate>(
         }
     }
     while in_flight.join_next().await.is_some() {}
-    client
-        .flush()
-        .await
-        .map_err(|e| Error::Service(format!("flushing replies failed: {e}")))?;
+    // Without a server (it went away) there is nothing to flush to; do not wait for it forever.
+    match tokio::time::timeout(Duration::from_secs(5), client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "replies may not have been flushed"),
+        Err(_) => tracing::warn!("NATS unreachable at shutdown: replies may not have been flushed"),
+    }
     tracing::info!(aggregate = A::NAME, "command function stopped");
     Ok(())
 }

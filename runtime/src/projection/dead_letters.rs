@@ -124,9 +124,12 @@ fn letter(dlq_seq: u64, headers: HeaderMap, payload: Bytes) -> DeadLetter {
     }
 }
 
-/// Creates or updates the dead-letter stream.
+/// Creates the dead-letter stream if it does not exist (an existing one is left as it is).
 pub(crate) async fn provision(js: &jetstream::Context, name: &str) -> Result<(), Error> {
-    js.create_or_update_stream(stream::Config {
+    if js.get_stream(name).await.is_ok() {
+        return Ok(());
+    }
+    js.get_or_create_stream(stream::Config {
         name: name.to_owned(),
         description: Some("jetfn dead letters: events projections could not apply".into()),
         subjects: vec!["jetfn.dlq.>".into()],

@@ -1,0 +1,373 @@
+//! The functions run under exactly the NATS permissions of `deploy/nats/permissions.conf`, and a
+//! missing permission shows up as a bounded failure, not a hang.
+//!
+//! Both functions run as processes configured the way a deployment configures them
+//! (`JETFN_NATS__USER`, `JETFN_NATS__PASSWORD`), against a nats-server whose only users are the
+//! ones of the deploy file.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use futures::StreamExt;
+use jetfn::command::ErrorKind;
+use jetfn_tests::commands::{ACCOUNT_STREAM, send};
+use jetfn_tests::workload::poll;
+use jetfn_tests::{FunctionProcess, NatsServer, RedisServer};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const ACCOUNT_PASSWORD: &str = "account-pw-1";
+const PROJECTION_PASSWORD: &str = "balances-pw-2";
+const CLIENT_PASSWORD: &str = "client-pw-3";
+const DEPLOY_PASSWORD: &str = "deploy-pw-4";
+
+const PATIENCE: Duration = Duration::from_secs(30);
+/// The line of the account user that allows appending events.
+const EVENT_PUBLISH_LINE: &str = "\"evt.account.*\"";
+
+/// `deploy/nats/permissions.conf` with its password variables defined in front of it.
+fn deploy_permissions() -> String {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/nats/permissions.conf"
+    );
+    let permissions = std::fs::read_to_string(path).unwrap();
+    format!(
+        "JETFN_ACCOUNT_PASSWORD: \"{ACCOUNT_PASSWORD}\"\n\
+         JETFN_ACCOUNT_BALANCES_PASSWORD: \"{PROJECTION_PASSWORD}\"\n\
+         JETFN_CLIENT_PASSWORD: \"{CLIENT_PASSWORD}\"\n\
+         JETFN_DEPLOY_PASSWORD: \"{DEPLOY_PASSWORD}\"\n\
+         {permissions}"
+    )
+}
+
+async fn start_nats(config: &str) -> NatsServer {
+    NatsServer::start_with_config(config, Some(("jetfn-deploy", DEPLOY_PASSWORD)))
+        .await
+        .unwrap()
+}
+
+async fn login(nats: &NatsServer, user: &str, password: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .connect(nats.url())
+        .await
+        .unwrap()
+}
+
+fn account_process(nats: &NatsServer, extra: &[(&str, String)]) -> FunctionProcess {
+    let mut env = vec![
+        ("NATS_URL", nats.url()),
+        ("JETFN_NATS__USER", "account".to_owned()),
+        ("JETFN_NATS__PASSWORD", ACCOUNT_PASSWORD.to_owned()),
+    ];
+    env.extend(extra.iter().cloned());
+    FunctionProcess::spawn("account", &env).unwrap()
+}
+
+/// Every permission violation the server logged.
+fn violations(nats: &NatsServer) -> Vec<String> {
+    nats.log()
+        .lines()
+        .filter(|line| line.contains("Violation"))
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn request_json(client: &async_nats::Client, subject: &str) -> Value {
+    let reply = tokio::time::timeout(PATIENCE, client.request(subject.to_owned(), "".into()))
+        .await
+        .unwrap_or_else(|_| panic!("no reply on {subject}"))
+        .unwrap();
+    serde_json::from_slice(&reply.payload).unwrap()
+}
+
+async fn balance(redis: &RedisServer, generation: u64, id: &str) -> Option<i64> {
+    let mut redis = redis.connect().await.ok()?;
+    let key = format!("{{account-balances}}:g{generation}:account:{id}");
+    redis::cmd("HGET")
+        .arg(&key)
+        .arg("balance")
+        .query_async::<Option<i64>>(&mut redis)
+        .await
+        .ok()?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_functions_work_with_exactly_the_deploy_permissions() {
+    jetfn_tests::init_tracing();
+    let nats = start_nats(&deploy_permissions()).await;
+    let redis = RedisServer::start().await.unwrap();
+
+    let mut account = account_process(&nats, &[]);
+    account
+        .wait_for_log("command function ready", PATIENCE)
+        .await
+        .unwrap();
+    // Two partitions, so the instances count each other over $SRV.PING too.
+    let mut projection = FunctionProcess::spawn(
+        "account-projection",
+        &[
+            ("NATS_URL", nats.url()),
+            ("REDIS_URL", redis.url()),
+            ("JETFN_NATS__USER", "account-balances".to_owned()),
+            ("JETFN_NATS__PASSWORD", PROJECTION_PASSWORD.to_owned()),
+            ("JETFN_PROJECTION__PARTITIONS", "2".to_owned()),
+            ("JETFN_PROJECTION__PIN_TIMEOUT", "1s".to_owned()),
+        ],
+    )
+    .unwrap();
+    projection
+        .wait_for_log("projection function ready", PATIENCE)
+        .await
+        .unwrap();
+
+    // Commands, as a client with only the client permissions sends them: an atomic batch
+    // (open with a deposit), a single event, a repeat answered from the ledger, a rejection.
+    let client = login(&nats, "jetfn-client", CLIENT_PASSWORD).await;
+    let opened = send(
+        &client,
+        "alice",
+        "open",
+        json!({"owner": "Alice", "initial_deposit": 100}),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(opened.accepted().version, 2, "{:?}", opened.body);
+    let deposited = send(
+        &client,
+        "alice",
+        "deposit",
+        json!({"amount": 50}),
+        Some("d-1"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(deposited.accepted().version, 3);
+    let repeated = send(
+        &client,
+        "alice",
+        "deposit",
+        json!({"amount": 50}),
+        Some("d-1"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(repeated.body, deposited.body);
+    let refused = send(&client, "alice", "withdraw", json!({"amount": 1000}), None)
+        .await
+        .unwrap();
+    assert_eq!(refused.reply.error_kind(), Some(ErrorKind::Rejected));
+    let bob = send(&client, "bob", "open", json!({"owner": "Bob"}), None)
+        .await
+        .unwrap();
+    bob.accepted();
+
+    // The read model follows.
+    let shown = poll("alice's balance in the read model", PATIENCE, || async {
+        Ok(balance(&redis, 1, "alice").await.filter(|b| *b == 150))
+    })
+    .await
+    .unwrap();
+    assert_eq!(shown, 150);
+
+    // An event the projection refuses goes to the dead-letter stream (published by the
+    // projection's user). Only the account user may publish events.
+    let writer = login(&nats, "account", ACCOUNT_PASSWORD).await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("ce-type", "NoSuchEvent");
+    headers.insert("Nats-Msg-Id", "bad:1:0");
+    let ack = async_nats::jetstream::new(writer)
+        .publish_with_headers("evt.account.bad", headers, "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(ack.sequence > 0);
+    let operator = login(&nats, "jetfn-deploy", DEPLOY_PASSWORD).await;
+    let operator_js = async_nats::jetstream::new(operator.clone());
+    let dead = poll("the dead letter", PATIENCE, || async {
+        let mut dlq = operator_js.get_stream("JETFN_DLQ").await?;
+        let messages = dlq.info().await?.state.messages;
+        Ok((messages == 1).then_some(messages))
+    })
+    .await
+    .unwrap();
+    assert_eq!(dead, 1);
+
+    // Status, dead-letter replay (reads the dead-letter stream) and a rebuild (new consumers,
+    // deleting and unpinning the old ones), all served under the projection's permissions.
+    let status = poll("the dead letter in the status", PATIENCE, || async {
+        let status = request_json(&operator, "jetfn.projection.account-balances.status").await;
+        Ok((status["dead_letters"] == json!(1)).then_some(status))
+    })
+    .await
+    .unwrap();
+    assert_eq!(status["errors"], json!(0), "{status}");
+    let replayed = request_json(&operator, "jetfn.projection.account-balances.dlq.replay").await;
+    assert_eq!(replayed, json!({"replayed": 0}));
+    let mut progress = operator
+        .subscribe("jetfn.projection.account-balances.rebuild.progress")
+        .await
+        .unwrap();
+    let started = request_json(&operator, "jetfn.projection.account-balances.rebuild").await;
+    assert_eq!(started, json!({"started": true, "generation": 2}));
+    loop {
+        let report = tokio::time::timeout(PATIENCE, progress.next())
+            .await
+            .expect("rebuild progress")
+            .unwrap();
+        let report: Value = serde_json::from_slice(&report.payload).unwrap();
+        assert!(report.get("error").is_none(), "{report}");
+        if report["done"] == json!(true) {
+            break;
+        }
+    }
+    let rebuilt = poll("alice in the rebuilt read model", PATIENCE, || async {
+        Ok(balance(&redis, 2, "alice").await.filter(|b| *b == 150))
+    })
+    .await
+    .unwrap();
+    assert_eq!(rebuilt, 150);
+    // The live projection follows the new version.
+    let after = send(&client, "alice", "deposit", json!({"amount": 1}), None)
+        .await
+        .unwrap();
+    after.accepted();
+    poll(
+        "the deposit in the rebuilt read model",
+        PATIENCE,
+        || async { Ok(balance(&redis, 2, "alice").await.filter(|b| *b == 151)) },
+    )
+    .await
+    .unwrap();
+
+    // Nothing was refused on the way.
+    assert_eq!(violations(&nats), Vec::<String>::new());
+    for function in [&account, &projection] {
+        assert!(
+            !function.log().contains("Permissions Violation"),
+            "{}",
+            function.log()
+        );
+    }
+    account.terminate().unwrap();
+    projection.terminate().unwrap();
+    assert!(account.wait(PATIENCE).await.unwrap().success());
+    assert!(projection.wait(PATIENCE).await.unwrap().success());
+}
+
+/// A command function that may not publish its events: the server drops each publish and sends
+/// the connection `-ERR 'Permissions Violation for Publish to "evt.account.<id>"'`; the function
+/// ties that report to the pending append and replies `unavailable` naming the permission at
+/// once, without waiting out the request timeout or retrying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_function_that_may_not_publish_events_fails_in_bounded_time() {
+    jetfn_tests::init_tracing();
+    let full = deploy_permissions();
+    assert_eq!(
+        full.matches(EVENT_PUBLISH_LINE).count(),
+        1,
+        "permissions.conf should allow {EVENT_PUBLISH_LINE} on exactly one line"
+    );
+    let crippled: String = full
+        .lines()
+        .filter(|line| line.trim() != EVENT_PUBLISH_LINE)
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let nats = start_nats(&crippled).await;
+    let mut account = account_process(
+        &nats,
+        &[
+            ("JETFN_NATS__REQUEST_TIMEOUT", "1s".to_owned()),
+            ("JETFN_COMMAND__MAX_RETRIES", "1".to_owned()),
+        ],
+    );
+    // Start-up needs no event publish: the stream and the ledger are provisioned.
+    account
+        .wait_for_log("command function ready", PATIENCE)
+        .await
+        .unwrap();
+
+    let client = login(&nats, "jetfn-client", CLIENT_PASSWORD).await;
+    for (id, body) in [
+        // One event: a single publish.
+        ("alice", json!({"owner": "Alice"})),
+        // Two events: an atomic batch, refused at its first message.
+        ("bob", json!({"owner": "Bob", "initial_deposit": 5})),
+    ] {
+        let sent = send(&client, id, "open", body, None).await.unwrap();
+        let failure = match &sent.reply {
+            jetfn::Reply::Failed(failure) => failure.clone(),
+            jetfn::Reply::Accepted(accepted) => panic!("accepted without permission: {accepted:?}"),
+        };
+        assert_eq!(failure.kind, ErrorKind::Unavailable, "{:?}", sent.body);
+        assert_eq!(sent.error_code.as_deref(), Some("503"));
+        // The server's refusal is named, at once, instead of a timeout.
+        let message = &failure.message;
+        assert!(
+            message.starts_with("permission denied: Permissions Violation for Publish to")
+                && message.contains(&format!("\"evt.account.{id}\"")),
+            "{message}"
+        );
+        eprintln!("open {id}: {}", sent.body);
+    }
+
+    // The server refused exactly the event publishes, and said so.
+    let refused = violations(&nats);
+    assert!(!refused.is_empty());
+    for line in &refused {
+        assert!(
+            line.contains("Publish Violation") && line.contains("evt.account."),
+            "{line}"
+        );
+    }
+    eprintln!("server: {refused:#?}");
+    // The function's log has async-nats's INFO line about the server error, and the warning
+    // about the unacknowledged append.
+    let log = account.log();
+    assert!(log.contains("command failed"), "{log}");
+    assert!(
+        log.contains("Permissions Violation for Publish to"),
+        "{log}"
+    );
+    for line in log
+        .lines()
+        .filter(|l| l.contains("Violation") || l.contains("command failed"))
+    {
+        eprintln!("function: {line}");
+    }
+
+    // Nothing was stored.
+    let operator = login(&nats, "jetfn-deploy", DEPLOY_PASSWORD).await;
+    let mut stream = async_nats::jetstream::new(operator)
+        .get_stream(ACCOUNT_STREAM)
+        .await
+        .unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
+    account.terminate().unwrap();
+    assert!(account.wait(PATIENCE).await.unwrap().success());
+}
+
+/// A command function that may not subscribe to its commands refuses to start, naming the
+/// subject, instead of reporting ready while nobody answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_function_that_may_not_subscribe_to_its_commands_does_not_start() {
+    jetfn_tests::init_tracing();
+    let crippled: String = deploy_permissions()
+        .lines()
+        .filter(|line| line.trim() != "\"cmd.account.> q\"")
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let nats = start_nats(&crippled).await;
+    let mut account = account_process(&nats, &[]);
+    let status = account.wait(PATIENCE).await.unwrap();
+    assert!(!status.success());
+    let log = account.log();
+    assert!(
+        log.contains(
+            "permission denied: Permissions Violation for Subscription to \"cmd.account.>\""
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("command function ready"), "{log}");
+}
