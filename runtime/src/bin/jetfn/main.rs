@@ -5,6 +5,7 @@
 
 mod common;
 mod deploy;
+mod dev;
 mod dlq;
 mod projection;
 mod send;
@@ -23,6 +24,7 @@ Examples:
   jetfn dlq list account-balances
   jetfn projection rebuild account-balances
   jetfn deploy diff --dir deploy/jetstream
+  jetfn dev                      # private NATS + Redis and the functions, until Ctrl-C
 
 The server is --server, else $NATS_URL, else nats.url of the jetfn configuration
 (jetfn.toml or $JETFN_CONFIG, JETFN_NATS__URL), else the server of a running `just dev`
@@ -65,6 +67,8 @@ enum Command {
     Projection(projection::Args),
     /// Compare or apply declarative JetStream resources (streams, KV buckets, consumers)
     Deploy(deploy::Args),
+    /// Run a local development environment: NATS, Redis and the functions, until Ctrl-C
+    Dev(dev::Args),
 }
 
 fn main() -> ExitCode {
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
             Command::Dlq(args) => dlq::run(&global, args).await,
             Command::Projection(args) => projection::run(&global, args).await,
             Command::Deploy(args) => deploy::run(&global, args).await,
+            Command::Dev(args) => dev::run(&global, args).await,
         }
     });
     // Do not wait for lingering tasks (a NATS connection's reader) at exit.
