@@ -13,6 +13,7 @@ source "$root/scripts/tools.sh"
 ensure_nats_server
 ensure_redis_server
 ensure_nextest
+ensure_python_client_deps
 echo "jetfn: nats-server $JETFN_NATS_SERVER, redis-server $JETFN_REDIS_SERVER, tests via $JETFN_TEST_RUNNER"
 
 step() {

@@ -5,6 +5,7 @@
 #   ensure_nats_server   # exports JETFN_NATS_SERVER (a nats-server >= 2.12)
 #   ensure_redis_server  # exports JETFN_REDIS_SERVER
 #   ensure_nextest       # exports JETFN_TEST_RUNNER=nextest|cargo-test
+#   ensure_python_client_deps  # nats-py and redis for examples/python (its test)
 #
 # Each function installs what is missing (pip / apt-get) and prints one short
 # line for each thing it installs.
@@ -180,4 +181,25 @@ ensure_nextest() {
         _jetfn_say "cargo-nextest not found; using plain 'cargo test' (cargo install cargo-nextest --locked for nicer output)"
         export JETFN_TEST_RUNNER=cargo-test
     fi
+}
+
+# Installs the Python example client's packages (examples/python/requirements.txt:
+# nats-py, redis) unless `import nats, redis` already works; the python_client
+# test runs that client.
+ensure_python_client_deps() {
+    local root requirements
+    root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    requirements="$root/examples/python/requirements.txt"
+    if command -v python3 >/dev/null 2>&1 && python3 -c 'import nats, redis' >/dev/null 2>&1; then
+        return 0
+    fi
+    _jetfn_say "installing the Python client's packages with: python3 -m pip install -r examples/python/requirements.txt"
+    _jetfn_pip_install -r "$requirements" || {
+        _jetfn_say "could not install $requirements"
+        return 1
+    }
+    python3 -c 'import nats, redis' >/dev/null 2>&1 || {
+        _jetfn_say "installed $requirements but python3 still cannot import nats and redis"
+        return 1
+    }
 }

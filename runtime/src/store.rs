@@ -40,6 +40,8 @@ pub mod headers {
     pub const COMMAND_ID: &str = "jetfn-command-id";
     /// The name of the command that caused the event.
     pub const COMMAND: &str = "jetfn-command";
+    /// A fingerprint of the command's name and body, so a reused command id is recognised.
+    pub const COMMAND_FINGERPRINT: &str = "jetfn-command-fingerprint";
     /// JetStream's deduplication id.
     pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
     /// JetStream's optimistic-concurrency precondition.
@@ -118,6 +120,8 @@ pub struct StoredEvent {
     pub version: u32,
     /// The command that caused it, if recorded.
     pub command_id: Option<String>,
+    /// The fingerprint of that command, if recorded.
+    pub fingerprint: Option<String>,
     /// The JSON payload.
     pub payload: Bytes,
 }
@@ -155,6 +159,8 @@ pub struct Append<'a> {
     pub command: &'a str,
     /// The events, in order; at least one.
     pub events: &'a [NewEvent],
+    /// The command's fingerprint, stored on every event.
+    pub fingerprint: Option<&'a str>,
     /// The command's trace, stored on every event (`traceparent`, `tracestate`).
     pub trace: Option<&'a crate::telemetry::TraceContext>,
 }
@@ -492,6 +498,9 @@ impl EventStore {
         headers.insert(headers::EVENT_VERSION, event.version.to_string().as_str());
         headers.insert(headers::COMMAND_ID, append.command_id);
         headers.insert(headers::COMMAND, append.command);
+        if let Some(fingerprint) = append.fingerprint {
+            headers.insert(headers::COMMAND_FINGERPRINT, fingerprint);
+        }
         if let Some(trace) = append.trace {
             trace.write(&mut headers);
         }
@@ -591,6 +600,7 @@ fn stored_event(message: &async_nats::Message) -> Result<StoredEvent, StoreError
         event_type: event_type.to_owned(),
         version,
         command_id: header_str(headers, headers::COMMAND_ID).map(str::to_owned),
+        fingerprint: header_str(headers, headers::COMMAND_FINGERPRINT).map(str::to_owned),
         payload: message.payload.clone(),
     })
 }

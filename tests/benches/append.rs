@@ -69,6 +69,7 @@ async fn appends(store: &EventStore, events: &[NewEvent]) -> Vec<Duration> {
                 command_id: &command_id,
                 command: "bench",
                 events,
+                fingerprint: None,
                 trace: None,
             })
             .await

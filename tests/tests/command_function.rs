@@ -467,6 +467,17 @@ async fn a_repeated_command_id_after_the_duplicate_window_gets_the_first_reply_a
         .await
         .unwrap();
     kv.purge("acc-5.late-2").await.unwrap();
+    // A different command under that id is still refused, and does not overwrite the first.
+    let different = send(
+        &client,
+        "acc-5",
+        "deposit",
+        json!({"amount": 99}),
+        Some("late-2"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(different.reply.error_kind(), Some(ErrorKind::Invalid));
     let again = send(
         &client,
         "acc-5",

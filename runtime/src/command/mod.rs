@@ -454,6 +454,7 @@ impl<A: Aggregate> Handler<A> {
             id: id.to_owned(),
             command: command.to_owned(),
             command_id,
+            fingerprint: request::fingerprint(command, &body),
             body,
             trace,
         };
@@ -477,16 +478,10 @@ impl<A: Aggregate> Handler<A> {
     /// Answers a checked command, returning the reply and the number of conflict retries.
     async fn execute(&self, request: &CommandRequest) -> (Reply, u32) {
         {
-            let fingerprint = request::fingerprint(&request.command, &request.body);
+            let fingerprint = request.fingerprint.clone();
             match self.ledger.get(&request.id, &request.command_id).await {
                 Ok(Some(entry)) if entry.fingerprint == fingerprint => return (entry.reply, 0),
-                Ok(Some(_)) => {
-                    let message = format!(
-                        "command id {:?} was already used for a different command on {}",
-                        request.command_id, request.id
-                    );
-                    return (Reply::failed(ErrorKind::Invalid, message), 0);
-                }
+                Ok(Some(_)) => return (reused_id(request), 0),
                 Ok(None) => {}
                 Err(err) => return (Reply::failed(ErrorKind::Unavailable, err), 0),
             }
@@ -544,6 +539,7 @@ impl<A: Aggregate> Handler<A> {
                 command_id: &request.command_id,
                 command: &request.command,
                 events: &events,
+                fingerprint: Some(&request.fingerprint),
                 trace: Some(&request.trace),
             };
             let outcome = self.store.append(append).await;
@@ -651,18 +647,34 @@ fn accepted(request: &CommandRequest, version: u64, seq: u64, events: Vec<String
     })
 }
 
-/// The reply a command already got, recognised by its id on the stored events.
+/// The reply a command already got, recognised by its id on the stored events; `invalid` when
+/// the id was used for a different command (its events record the command's fingerprint).
 fn earlier_reply(history: &History, request: &CommandRequest) -> Option<Reply> {
     let mut found: Option<(usize, u64)> = None;
     let mut types = Vec::new();
     for (index, event) in history.events.iter().enumerate() {
         if event.command_id.as_deref() == Some(request.command_id.as_str()) {
+            if event
+                .fingerprint
+                .as_deref()
+                .is_some_and(|f| f != request.fingerprint)
+            {
+                return Some(reused_id(request));
+            }
             found = Some((index, event.seq));
             types.push(event.event_type.clone());
         }
     }
     let (index, seq) = found?;
     Some(accepted(request, index as u64 + 1, seq, types))
+}
+
+fn reused_id(request: &CommandRequest) -> Reply {
+    let message = format!(
+        "command id {:?} was already used for a different command on {}",
+        request.command_id, request.id
+    );
+    Reply::failed(ErrorKind::Invalid, message)
 }
 
 async fn respond(request: &service::Request, reply: &Reply) -> Result<(), String> {

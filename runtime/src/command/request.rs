@@ -17,6 +17,8 @@ pub(crate) struct CommandRequest {
     pub command: String,
     pub command_id: String,
     pub body: Value,
+    /// Fingerprint of command and body, to recognise a reused command id.
+    pub fingerprint: String,
     /// The caller's trace (or a new one), continued by the stored events.
     pub trace: crate::telemetry::TraceContext,
 }
