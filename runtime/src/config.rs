@@ -523,7 +523,7 @@ impl NatsConfig {
                     async_nats::Event::ServerError(_) | async_nats::Event::ClientError(_) => {
                         tracing::warn!("nats: {event}")
                     }
-                    _ => tracing::info!("nats: {event}"),
+                    _ => tracing::debug!("nats: {event}"),
                 }
             })
             .name(name)

@@ -889,9 +889,18 @@ fn banner(b: &Banner<'_>) {
         b.functions.join(", "),
         b.rust_log
     );
+    // The way this very binary was invoked, so the hint works without jetfn on PATH.
+    let jetfn = std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            let cwd = std::env::current_dir().ok()?;
+            exe.strip_prefix(&cwd).ok().map(|p| p.display().to_string())
+        })
+        .unwrap_or_else(|| "jetfn".to_owned());
     text += &format!(
         " Send a first command, from another terminal in this directory:\n   \
-         jetfn send account.alice.open '{{\"owner\":\"Alice\",\"initial_deposit\":100}}'\n \
+         {jetfn} send account.alice.open '{{\"owner\":\"Alice\",\"initial_deposit\":100}}'\n \
+         (or: ./just send account.alice.open '{{\"owner\":\"Alice\"}}')\n \
          Then read the model in Redis:\n   \
          redis-cli -u {redis} HGETALL '{{account-balances}}:g1:account:alice'\n\n \
          Ctrl-C stops the functions, then the private servers.\n{rule}"
