@@ -15,17 +15,125 @@ use rand::Rng;
 use tracing_subscriber::EnvFilter;
 
 /// Installs a subscriber filtered by `RUST_LOG` (default `info`), as text or, with
-/// `JETFN_LOG_FORMAT=json`, as JSON lines. Does nothing if a subscriber is already installed,
-/// so tests and embedding programs keep theirs.
+/// `JETFN_LOG_FORMAT=json`, as JSON lines. With the `otlp` feature and
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, command and apply
+/// spans are also exported over OTLP/HTTP, whatever `RUST_LOG` says. Does nothing if a
+/// subscriber is already installed, so tests and embedding programs keep theirs.
 pub fn init() {
+    use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("JETFN_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = if json {
-        builder.json().with_current_span(true).try_init()
+    let (text_layer, json_layer) = if json {
+        let layer = tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true);
+        (None, Some(layer))
     } else {
-        builder.try_init()
+        (Some(tracing_subscriber::fmt::layer()), None)
     };
+    let logs = text_layer.map(|l| l.with_filter(filter.clone()));
+    let json_logs = json_layer.map(|l| l.with_filter(filter));
+    let registry = tracing_subscriber::registry().with(logs).with(json_logs);
+    #[cfg(feature = "otlp")]
+    let registry = registry.with(otlp::layer());
+    let _ = registry.try_init();
+}
+
+/// Flushes exported spans (with the `otlp` feature); call before the process exits.
+pub fn shutdown() {
+    #[cfg(feature = "otlp")]
+    otlp::shutdown();
+}
+
+/// Makes `span` part of `trace` for span exporters (with the `otlp` feature; otherwise the trace
+/// id is only a field).
+pub(crate) fn link(span: &tracing::Span, trace: &TraceContext) {
+    #[cfg(feature = "otlp")]
+    otlp::link(span, trace);
+    #[cfg(not(feature = "otlp"))]
+    let _ = (span, trace);
+}
+
+#[cfg(feature = "otlp")]
+mod otlp {
+    use super::TraceContext;
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider,
+    };
+    use opentelemetry_otlp::{Protocol, WithExportConfig};
+    use opentelemetry_sdk::Resource;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use std::sync::OnceLock;
+    use tracing::Subscriber;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::registry::LookupSpan;
+
+    static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+    /// The export layer, when an OTLP endpoint is configured in the environment.
+    pub(super) fn layer<S>() -> Option<impl Layer<S>>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let configured = [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        ]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some());
+        if !configured {
+            return None;
+        }
+        let exporter = match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .build()
+        {
+            Ok(exporter) => exporter,
+            Err(err) => {
+                eprintln!("jetfn: OTLP export disabled: {err}");
+                return None;
+            }
+        };
+        let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "jetfn".into());
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(Resource::builder().with_service_name(service).build())
+            .build();
+        let tracer = provider.tracer("jetfn");
+        let _ = PROVIDER.set(provider);
+        let spans = Targets::new().with_target("jetfn", tracing::Level::DEBUG);
+        Some(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(spans),
+        )
+    }
+
+    pub(super) fn shutdown() {
+        if let Some(provider) = PROVIDER.get() {
+            let _ = provider.shutdown();
+        }
+    }
+
+    pub(super) fn link(span: &tracing::Span, trace: &TraceContext) {
+        let (Ok(trace_id), Ok(span_id)) = (
+            TraceId::from_hex(&trace.trace_id),
+            SpanId::from_hex(&trace.parent_id),
+        ) else {
+            return;
+        };
+        let flags = if trace.flags == "01" {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        let remote = SpanContext::new(trace_id, span_id, flags, true, TraceState::default());
+        let context = opentelemetry::Context::new().with_remote_span_context(remote);
+        let _ = span.set_parent(context);
+    }
 }
 
 /// A W3C trace context (`traceparent` plus optional `tracestate`).

@@ -97,7 +97,9 @@ impl<A: Aggregate> CommandFunction<A> {
     pub async fn run(self) -> Result<(), Error> {
         telemetry::init();
         let running = self.start().await?;
-        running.stop_on(telemetry::shutdown_signal()).await
+        let stopped = running.stop_on(telemetry::shutdown_signal()).await;
+        telemetry::shutdown();
+        stopped
     }
 
     /// Connects, provisions the stream and ledger, and starts serving. The returned handle stops
@@ -416,6 +418,7 @@ impl<A: Aggregate> Handler<A> {
                 span.record("command", command.command.as_str());
                 span.record("command_id", command.command_id.as_str());
                 span.record("trace_id", command.trace.trace_id.as_str());
+                telemetry::link(&span, &command.trace);
                 self.execute(&command).instrument(span.clone()).await
             }
             Err(message) => (Reply::failed(ErrorKind::Invalid, message), 0),

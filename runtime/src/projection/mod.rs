@@ -155,7 +155,9 @@ impl<P: Projection> ProjectionFunction<P> {
         {
             [] => {
                 let running = self.start().await?;
-                running.stop_on(telemetry::shutdown_signal()).await
+                let stopped = running.stop_on(telemetry::shutdown_signal()).await;
+                telemetry::shutdown();
+                stopped
             }
             ["--rebuild"] => {
                 let generation = self.rebuild().await?;

@@ -488,6 +488,9 @@ impl<P: Projection> Worker<P> {
             id = aggregate_id,
             trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
         );
+        if let Some(trace) = &trace {
+            crate::telemetry::link(&span, trace);
+        }
         let _entered = span.enter();
         let mut writes = RedisWrites::default();
         self.projection
