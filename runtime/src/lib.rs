@@ -41,6 +41,8 @@ pub mod client;
 mod codec;
 pub mod command;
 pub mod config;
+#[cfg(feature = "cli")]
+pub mod devtools;
 mod health;
 mod permissions;
 pub mod projection;

