@@ -44,20 +44,6 @@ pub(crate) async fn denied(watch: &mut broadcast::Receiver<String>, subject: &st
     }
 }
 
-/// A report already received that names `subject`, if any (for checks right after a flush).
-pub(crate) fn already_denied(
-    watch: &mut broadcast::Receiver<String>,
-    subject: &str,
-) -> Option<String> {
-    let quoted = format!("\"{subject}\"");
-    while let Ok(message) = watch.try_recv() {
-        if message.contains(&quoted) {
-            return Some(message);
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,13 +60,5 @@ mod tests {
         ));
         let message = denied(&mut watching, "evt.account.alice").await;
         assert!(message.ends_with(r#""evt.account.alice""#));
-    }
-
-    #[test]
-    fn a_past_violation_is_found_after_the_fact() {
-        let mut watching = watch();
-        report(r#"Permissions Violation for Subscription to "cmd.x.>""#);
-        assert!(already_denied(&mut watching, "cmd.x.>").is_some());
-        assert!(already_denied(&mut watching, "cmd.x.>").is_none());
     }
 }

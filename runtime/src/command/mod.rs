@@ -44,6 +44,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+/// How long start-up waits for a refusal of the command subscription to surface.
+const SUBSCRIPTION_VERDICT: Duration = Duration::from_millis(250);
+
 /// Starts building the command function of aggregate `A`.
 ///
 /// ```no_run
@@ -158,8 +161,15 @@ impl<A: Aggregate> CommandFunction<A> {
                 "NATS did not confirm the subscriptions".into(),
             ));
         }
+        // The server's refusal reaches the connection before the flush's reply, but async-nats
+        // hands it to the event callback on its own task: give that a moment.
         let wildcard = handler.subjects.wildcard();
-        if let Some(denied) = crate::permissions::already_denied(&mut violations, &wildcard) {
+        let refused = tokio::time::timeout(
+            SUBSCRIPTION_VERDICT,
+            crate::permissions::denied(&mut violations, &wildcard),
+        )
+        .await;
+        if let Ok(denied) = refused {
             return Err(Error::Service(format!("permission denied: {denied}")));
         }
         tracing::info!(
