@@ -206,27 +206,39 @@ impl TraceContext {
     }
 }
 
-/// Completes on SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let interrupt = async {
+/// Waits for one signal; never completes when its handler could not be installed.
+#[cfg(unix)]
+async fn recv(handler: Option<&mut tokio::signal::unix::Signal>) {
+    match handler {
+        Some(handler) => {
+            handler.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// A future that completes on SIGTERM or SIGINT (Ctrl-C). The handlers are installed when this
+/// is called, not when the future is first polled, so a signal that arrives while a function is
+/// still starting is not lost (and does not kill the process with the default action).
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate()).ok();
+        let mut interrupt = signal(SignalKind::interrupt()).ok();
+        async move {
+            tokio::select! {
+                () = recv(interrupt.as_mut()) => tracing::info!("SIGINT received"),
+                () = recv(terminate.as_mut()) => tracing::info!("SIGTERM received"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => tracing::info!("SIGINT received"),
-        () = terminate => tracing::info!("SIGTERM received"),
+        tracing::info!("Ctrl-C received");
     }
 }
 

@@ -99,8 +99,9 @@ impl<A: Aggregate> CommandFunction<A> {
     /// returns. Initialises logging from `RUST_LOG` unless the caller already did.
     pub async fn run(self) -> Result<(), Error> {
         telemetry::init();
+        let signal = telemetry::shutdown_signal();
         let running = self.start().await?;
-        let stopped = running.stop_on(telemetry::shutdown_signal()).await;
+        let stopped = running.stop_on(signal).await;
         telemetry::shutdown();
         stopped
     }

@@ -154,8 +154,9 @@ impl<P: Projection> ProjectionFunction<P> {
             .as_slice()
         {
             [] => {
+                let signal = telemetry::shutdown_signal();
                 let running = self.start().await?;
-                let stopped = running.stop_on(telemetry::shutdown_signal()).await;
+                let stopped = running.stop_on(signal).await;
                 telemetry::shutdown();
                 stopped
             }
