@@ -41,8 +41,29 @@ impl From<anyhow::Error> for LaunchError {
 }
 
 /// Polls `probe` every 20 ms until it succeeds, the child exits, or
-/// `READY_TIMEOUT` passes. On failure the child is killed and reaped.
+/// `READY_TIMEOUT` passes; returns the ready child. On failure the child is
+/// killed and reaped.
 async fn wait_ready<F, Fut>(
+    what: &str,
+    mut child: Child,
+    log: &Path,
+    probe: F,
+) -> Result<Child, LaunchError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    match probe_until_ready(what, &mut child, log, probe).await {
+        Ok(()) => Ok(child),
+        Err(e) => {
+            let _ = kill_and_reap(&mut child);
+            Err(e)
+        }
+    }
+}
+
+/// The polling loop of [`wait_ready`].
+async fn probe_until_ready<F, Fut>(
     what: &str,
     child: &mut Child,
     log: &Path,
@@ -189,7 +210,7 @@ impl NatsServer {
         if let Some(config) = &self.config {
             command.arg("-c").arg(config);
         }
-        let mut child = command
+        let child = command
             .args([
                 "-a",
                 "127.0.0.1",
@@ -208,20 +229,12 @@ impl NatsServer {
         let url = self.url();
         let name = self.name.clone();
         let login = self.login.clone();
-        let result = wait_ready("nats-server", &mut child, &log, || {
+        let child = wait_ready("nats-server", child, &log, || {
             probe_nats(url.clone(), name.clone(), login.clone())
         })
-        .await;
-        match result {
-            Ok(()) => {
-                self.child = Some(child);
-                Ok(())
-            }
-            Err(e) => {
-                let _ = kill_and_reap(&mut child);
-                Err(e)
-            }
-        }
+        .await?;
+        self.child = Some(child);
+        Ok(())
     }
 
     /// `nats://127.0.0.1:PORT`.
@@ -422,7 +435,7 @@ impl RedisServer {
             ),
         )?;
         let (stdout, stderr) = log_stdio(&log)?;
-        let mut child = Command::new(&self.binary)
+        let child = Command::new(&self.binary)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
@@ -436,20 +449,12 @@ impl RedisServer {
             .with_context(|| format!("spawning {}", self.binary.display()))?;
         let url = self.url();
         let pid = child.id();
-        let result = wait_ready("redis-server", &mut child, &log, || {
+        let child = wait_ready("redis-server", child, &log, || {
             probe_redis(url.clone(), pid)
         })
-        .await;
-        match result {
-            Ok(()) => {
-                self.child = Some(child);
-                Ok(())
-            }
-            Err(e) => {
-                let _ = kill_and_reap(&mut child);
-                Err(e)
-            }
-        }
+        .await?;
+        self.child = Some(child);
+        Ok(())
     }
 
     /// `redis://127.0.0.1:PORT`.

@@ -10,7 +10,8 @@ use jetfn::command::ErrorKind;
 use jetfn::projection::DeadLetters;
 use jetfn::readmodel::{Keys, ReadModel};
 use jetfn::{Aggregate, Projection, Recorded, RedisWrites, Refusal, Rejection};
-use jetfn_tests::commands::{account_config, send_raw};
+use jetfn_tests::commands::send_raw;
+use jetfn_tests::readmodels::projection_config;
 use jetfn_tests::workload::poll;
 use jetfn_tests::{NatsServer, RedisServer};
 use redis::AsyncCommands;
@@ -170,8 +171,7 @@ async fn version_1_events_are_read_by_version_2_code_in_the_aggregate_and_the_pr
     jetfn_tests::init_tracing();
     let nats = NatsServer::start().await.unwrap();
     let redis = RedisServer::start().await.unwrap();
-    let mut config = account_config(&nats);
-    config.redis.url = jetfn::config::Secret::new(redis.url());
+    let config = projection_config(&nats, &redis);
     let client = nats.connect().await.unwrap();
 
     let old = jetfn::command_function::<v1::Wallet>()
@@ -230,8 +230,7 @@ async fn events_newer_than_the_code_or_of_unknown_types_are_clear_errors() {
     jetfn_tests::init_tracing();
     let nats = NatsServer::start().await.unwrap();
     let redis = RedisServer::start().await.unwrap();
-    let mut config = account_config(&nats);
-    config.redis.url = jetfn::config::Secret::new(redis.url());
+    let config = projection_config(&nats, &redis);
     let client = nats.connect().await.unwrap();
     let function = jetfn::command_function::<v2::Wallet>()
         .with_config(config.clone())

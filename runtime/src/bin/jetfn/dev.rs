@@ -486,46 +486,23 @@ async fn start_nats(
     stop: &watch::Receiver<bool>,
 ) -> Result<(Server, String)> {
     let store = state.join("nats");
-    let log = state.join("nats.log");
     std::fs::create_dir_all(&store).with_context(|| format!("creating {}", store.display()))?;
-    std::fs::write(&log, "").with_context(|| format!("creating {}", log.display()))?;
     let name = format!("jetfn-dev-{}", std::process::id());
-    let mut last = anyhow!("nats-server did not start");
-    for attempt in 1..=3 {
-        let port = free_port()?;
-        let (stdout, stderr) = log_stdio(
-            &log,
-            &format!("starting nats-server on 127.0.0.1:{port} (attempt {attempt})"),
-        )?;
-        let child = Command::new(binary)
+    let server = Launch {
+        name: "nats-server",
+        binary,
+        log: state.join("nats.log"),
+    };
+    let args = |port: u16, command: &mut Command| {
+        command
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(&store)
-            .args(["--server_name", &name])
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let mut server = Server {
-            name: "nats-server",
-            pid: child.id().unwrap_or_default(),
-            child,
-        };
-        let name = name.clone();
-        match wait_ready(&mut server, &log, stop, || probe_nats(port, &name)).await {
-            Ok(()) => return Ok((server, format!("nats://127.0.0.1:{port}"))),
-            Err(err) => {
-                stop_child(&mut server.child, server.name, Duration::from_secs(2)).await;
-                if err.is::<Interrupted>() {
-                    return Err(err);
-                }
-                last = err;
-            }
-        }
-    }
-    Err(last.context(format!("could not start nats-server {}", binary.display())))
+            .args(["--server_name", &name]);
+    };
+    let (server, port) = server
+        .start(stop, args, |port, _pid| probe_nats(port, &name))
+        .await?;
+    Ok((server, format!("nats://127.0.0.1:{port}")))
 }
 
 async fn start_redis(
@@ -534,46 +511,74 @@ async fn start_redis(
     stop: &watch::Receiver<bool>,
 ) -> Result<(Server, String)> {
     let dir = state.join("redis");
-    let log = state.join("redis.log");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(&log, "").with_context(|| format!("creating {}", log.display()))?;
-    let mut last = anyhow!("redis-server did not start");
-    for attempt in 1..=3 {
-        let port = free_port()?;
-        let (stdout, stderr) = log_stdio(
-            &log,
-            &format!("starting redis-server on 127.0.0.1:{port} (attempt {attempt})"),
-        )?;
-        let child = Command::new(binary)
+    let server = Launch {
+        name: "redis-server",
+        binary,
+        log: state.join("redis.log"),
+    };
+    let args = |port: u16, command: &mut Command| {
+        command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let pid = child.id().unwrap_or_default();
-        let mut server = Server {
-            name: "redis-server",
-            pid,
-            child,
-        };
-        match wait_ready(&mut server, &log, stop, || probe_redis(port, pid)).await {
-            Ok(()) => return Ok((server, format!("redis://127.0.0.1:{port}"))),
-            Err(err) => {
-                stop_child(&mut server.child, server.name, Duration::from_secs(2)).await;
-                if err.is::<Interrupted>() {
-                    return Err(err);
+            .arg(&dir);
+    };
+    let (server, port) = server.start(stop, args, probe_redis).await?;
+    Ok((server, format!("redis://127.0.0.1:{port}")))
+}
+
+/// How to start one private server.
+struct Launch<'a> {
+    name: &'static str,
+    binary: &'a Path,
+    log: PathBuf,
+}
+
+impl Launch<'_> {
+    /// Starts the server on a free port, its output in the log, until `probe(port, pid)` says it
+    /// is ready; tries 3 ports, since a free port can be taken before the server binds it.
+    async fn start<Fut>(
+        &self,
+        stop: &watch::Receiver<bool>,
+        args: impl Fn(u16, &mut Command),
+        probe: impl Fn(u16, u32) -> Fut,
+    ) -> Result<(Server, u16)>
+    where
+        Fut: Future<Output = bool>,
+    {
+        let (name, log) = (self.name, &self.log);
+        std::fs::write(log, "").with_context(|| format!("creating {}", log.display()))?;
+        let mut last = anyhow!("{name} did not start");
+        for attempt in 1..=3 {
+            let port = free_port()?;
+            let header = format!("starting {name} on 127.0.0.1:{port} (attempt {attempt})");
+            let (stdout, stderr) = log_stdio(log, &header)?;
+            let mut command = Command::new(self.binary);
+            args(port, &mut command);
+            let child = command
+                .stdin(Stdio::null())
+                .stdout(stdout)
+                .stderr(stderr)
+                .process_group(0)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting {}", self.binary.display()))?;
+            let pid = child.id().unwrap_or_default();
+            let mut server = Server { name, pid, child };
+            match wait_ready(&mut server, log, stop, || probe(port, pid)).await {
+                Ok(()) => return Ok((server, port)),
+                Err(err) => {
+                    stop_child(&mut server.child, name, Duration::from_secs(2)).await;
+                    if err.is::<Interrupted>() {
+                        return Err(err);
+                    }
+                    last = err;
                 }
-                last = err;
             }
         }
+        Err(last.context(format!("could not start {name} {}", self.binary.display())))
     }
-    Err(last.context(format!("could not start redis-server {}", binary.display())))
 }
 
 /// Polls `probe` every 20 ms for up to [`READY_WITHIN`] while the server runs.
