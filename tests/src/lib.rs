@@ -4,7 +4,8 @@
 //!   loopback port with a temporary store; [`NatsServer::restart`] keeps the
 //!   data.
 //! - [`RedisServer`]: a `redis-server` on a free loopback port that keeps
-//!   nothing; [`RedisServer::restart_empty`] simulates losing the cache.
+//!   nothing; [`RedisServer::restart_empty`] simulates losing the cache, and
+//!   [`RedisServer::builder`]`.persistent()` keeps an AOF across restarts.
 //! - [`FunctionProcess`]: a built workspace binary (e.g. `account`) as a child
 //!   process, with SIGTERM / SIGKILL / bounded waits and its log.
 //!
@@ -30,6 +31,7 @@
 mod binaries;
 mod child;
 pub mod commands;
+pub mod faults;
 mod process;
 pub mod readmodels;
 pub mod schemas;
@@ -41,7 +43,7 @@ pub use binaries::{
     redis_server_binary,
 };
 pub use process::FunctionProcess;
-pub use servers::{NatsServer, RedisServer};
+pub use servers::{NatsServer, RedisBuilder, RedisServer};
 
 /// Installs a `tracing` subscriber for tests, once per process (later calls
 /// do nothing): output goes through the test writer (captured per test), and

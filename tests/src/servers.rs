@@ -278,6 +278,17 @@ impl NatsServer {
         Ok(())
     }
 
+    /// Kills the server (SIGKILL), as a crash would, and reaps it. The port
+    /// and the store are kept for [`restart`](NatsServer::restart). Does
+    /// nothing if it is already stopped.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let status = kill_and_reap(&mut child)?;
+            log_note(&self.log_path(), &format!("nats-server killed ({status})"))?;
+        }
+        Ok(())
+    }
+
     /// Stops the server (if running) and starts it again on the same port
     /// with the same JetStream store, then waits until it is ready. Data in
     /// JetStream survives; clients reconnect by themselves.
@@ -365,7 +376,10 @@ async fn probe_nats(url: String, name: String, login: Option<(String, String)>) 
 }
 
 /// A private `redis-server` on a free loopback port that keeps nothing on
-/// disk (`--save "" --appendonly no`), working in a temporary directory.
+/// disk (`--save "" --appendonly no`), working in a temporary directory; with
+/// [`RedisBuilder::persistent`] it writes an append-only file synced on every
+/// write instead, so [`RedisServer::kill`] and [`RedisServer::restart`] keep
+/// the data.
 ///
 /// Dropping it SIGKILLs the server, waits for it, and removes the directory —
 /// also when the test panics (and then the tail of the log is printed).
@@ -383,14 +397,45 @@ pub struct RedisServer {
     port: u16,
     child: Option<Child>,
     dir: TempDir,
+    /// AOF with `appendfsync always`, kept across restarts (see [`RedisBuilder::persistent`]).
+    persistent: bool,
+}
+
+/// How to start a [`RedisServer`]: [`RedisServer::builder`].
+#[derive(Debug, Default)]
+pub struct RedisBuilder {
+    persistent: bool,
+}
+
+impl RedisBuilder {
+    /// Keeps the data: an append-only file synced on every write (`--appendonly yes
+    /// --appendfsync always`), kept across [`RedisServer::restart`] and [`RedisServer::kill`].
+    pub fn persistent(mut self) -> Self {
+        self.persistent = true;
+        self
+    }
+
+    /// Starts the server; see [`RedisServer::start`].
+    pub async fn start(self) -> Result<RedisServer> {
+        RedisServer::start_inner(self.persistent).await
+    }
 }
 
 impl RedisServer {
+    /// How to start one: [`RedisBuilder::persistent`] keeps the data across restarts.
+    pub fn builder() -> RedisBuilder {
+        RedisBuilder::default()
+    }
+
     /// Starts `redis-server --port P --bind 127.0.0.1 --save "" --appendonly no
     /// --dir DIR --logfile DIR/redis.log` on a free port and waits (at most
     /// 10 s) until `PING` answers `PONG` from this very process. Retried on a
     /// new port (3 attempts) if the server dies during startup.
     pub async fn start() -> Result<RedisServer> {
+        Self::start_inner(false).await
+    }
+
+    async fn start_inner(persistent: bool) -> Result<RedisServer> {
         let binary = redis_server_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("jetfn-redis-")
@@ -401,6 +446,7 @@ impl RedisServer {
             port: 0,
             child: None,
             dir,
+            persistent,
         };
         let mut attempt = 1;
         loop {
@@ -421,8 +467,9 @@ impl RedisServer {
     async fn launch(&mut self, attempt: u32) -> Result<(), LaunchError> {
         let log = self.log_path();
         let data = self.data_dir();
-        // A fresh, empty data directory every time: nothing survives a restart.
-        if data.exists() {
+        // A fresh, empty data directory every time, unless persistent: then the append-only
+        // file of the last run is read back.
+        if data.exists() && !self.persistent {
             std::fs::remove_dir_all(&data)
                 .with_context(|| format!("emptying {}", data.display()))?;
         }
@@ -435,9 +482,16 @@ impl RedisServer {
             ),
         )?;
         let (stdout, stderr) = log_stdio(&log)?;
+        let persistence: &[&str] = if self.persistent {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
         let child = Command::new(&self.binary)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--save", ""])
+            .args(persistence)
+            .args(["--daemonize", "no"])
             .arg("--dir")
             .arg(&data)
             .arg("--logfile")
@@ -485,14 +539,45 @@ impl RedisServer {
             .with_context(|| format!("connecting to redis-server at {}", self.url()))
     }
 
-    /// Kills the server (SIGKILL) and starts a new one on the same port with
-    /// no data at all, then waits until it answers `PING`. Simulates a cache
-    /// that lost everything.
-    pub async fn restart_empty(&mut self) -> Result<()> {
+    /// Kills the server (SIGKILL), as a crash would, and reaps it; a persistent server's data
+    /// is kept for [`restart`](RedisServer::restart). Does nothing if it is already stopped.
+    pub fn kill(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
             let status = kill_and_reap(&mut child)?;
             log_note(&self.log_path(), &format!("redis-server killed ({status})"))?;
         }
+        Ok(())
+    }
+
+    /// Stops the server (if running: SIGTERM, SIGKILL after 10 s) and starts it again on the
+    /// same port, then waits until it answers `PING`. A persistent server comes back with its
+    /// data; any other comes back empty.
+    pub async fn restart(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let status = stop_gracefully(&mut child, STOP_GRACE).await?;
+            log_note(
+                &self.log_path(),
+                &format!("redis-server stopped ({status})"),
+            )?;
+        }
+        self.relaunch().await
+    }
+
+    /// Kills the server (SIGKILL) and starts a new one on the same port with
+    /// no data at all, then waits until it answers `PING`. Simulates a cache
+    /// that lost everything.
+    pub async fn restart_empty(&mut self) -> Result<()> {
+        self.kill()?;
+        let data = self.data_dir();
+        if data.exists() {
+            std::fs::remove_dir_all(&data)
+                .with_context(|| format!("emptying {}", data.display()))?;
+        }
+        self.relaunch().await
+    }
+
+    /// Launches on the same port, retrying while the old socket lingers.
+    async fn relaunch(&mut self) -> Result<()> {
         let mut attempt = 1;
         loop {
             match self.launch(attempt).await {
