@@ -44,6 +44,9 @@ pub mod config;
 #[cfg(feature = "cli")]
 pub mod devtools;
 mod direct;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod health;
 mod permissions;
 pub mod projection;
