@@ -957,6 +957,13 @@ impl<A: Aggregate> Handler<A> {
         }
         match setup.codec.encode(&cached.state) {
             Ok(state) => {
+                // Commands before the previous snapshot have their ledger entries stored (that
+                // snapshot waited for them), so the ledger answers for them from now on.
+                let before = cached.snapshot_version;
+                cached.applied.retain(|_, entry| match &entry.reply {
+                    Reply::Accepted(accepted) => accepted.version > before,
+                    Reply::Failed(_) => false,
+                });
                 cached.snapshot_version = cached.version;
                 self.writer.queue(Job::Snapshot {
                     id: request.id.clone(),
