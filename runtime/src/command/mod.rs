@@ -645,7 +645,13 @@ impl<A: Aggregate> Handler<A> {
             );
             return (unavailable(message), 0);
         };
-        let mut guard = slot.lock().await;
+        // The ledger is asked while the command waits for its aggregate: on a busy aggregate the
+        // answer is there when its turn comes. A repeat queued behind its first attempt is still
+        // caught: the cache, checked first under the lock, knows what the first attempt did.
+        let (mut guard, ledger) = tokio::join!(
+            slot.lock(),
+            self.ledger.get(&request.id, &request.command_id)
+        );
         // Taken only once the aggregate is ours, so commands queued on a busy aggregate never
         // keep an idle one waiting.
         let Ok(_permit) = self.permits.acquire().await else {
@@ -660,7 +666,7 @@ impl<A: Aggregate> Handler<A> {
             },
         };
         let outcome = self
-            .decide_and_append(&mut cached, request, command, fresh)
+            .decide_and_append(&mut cached, request, command, fresh, ledger)
             .await;
         if outcome.keep {
             *guard = Some(cached);
@@ -785,11 +791,12 @@ impl<A: Aggregate> Handler<A> {
         request: &CommandRequest,
         command: A::Command,
         mut fresh: bool,
+        ledger: Result<Option<Entry>, crate::store::StoreError>,
     ) -> Outcome {
         if let Some(entry) = cached.reply_of(&request.command_id) {
             return Outcome::new(answer(entry, request), 0);
         }
-        match self.ledger.get(&request.id, &request.command_id).await {
+        match ledger {
             Ok(Some(entry)) => {
                 let reply = answer(&entry, request);
                 cached.recent.remember(&request.command_id, entry);
