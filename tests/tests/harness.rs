@@ -145,6 +145,37 @@ async fn redis_server_answers_ping_and_restart_empty_forgets_data() {
 }
 
 #[tokio::test]
+async fn persistent_redis_keeps_its_data_across_a_kill_and_a_restart() {
+    let mut redis = RedisServer::builder()
+        .persistent()
+        .start()
+        .await
+        .expect("start redis-server");
+    let mut con = redis.connect().await.expect("connect");
+    let () = redis::cmd("SET")
+        .arg("jetfn:harness")
+        .arg("kept")
+        .query_async(&mut con)
+        .await
+        .expect("SET");
+    let (port, pid) = (redis.port(), redis.pid().expect("running"));
+
+    redis.kill().expect("SIGKILL");
+    assert_eq!(redis.pid(), None);
+    assert!(process_is_gone(pid));
+    redis.restart().await.expect("restart");
+    assert_eq!(redis.port(), port, "restart keeps the port");
+
+    let mut con = redis.connect().await.expect("reconnect");
+    let value: Option<String> = redis::cmd("GET")
+        .arg("jetfn:harness")
+        .query_async(&mut con)
+        .await
+        .expect("GET");
+    assert_eq!(value.as_deref(), Some("kept"), "{}", redis.log());
+}
+
+#[tokio::test]
 async fn servers_are_stopped_when_the_harness_is_dropped() {
     let nats = NatsServer::start().await.expect("start nats-server");
     let redis = RedisServer::start().await.expect("start redis-server");

@@ -3,7 +3,7 @@
 //! Nothing is ever deleted; destructive changes need `--force`, and changes JetStream cannot make
 //! in place (the storage type) are refused even then.
 
-mod files;
+pub mod files;
 mod plan;
 
 use crate::common::{Global, say, say_json};
@@ -56,23 +56,38 @@ enum Command {
     Apply(Options),
 }
 
-#[derive(clap::Args)]
-struct Options {
+/// What `diff` and `apply` work on.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Options {
     /// The directory of resource files
     #[arg(long, default_value = "deploy/jetstream", value_name = "DIR")]
-    dir: PathBuf,
+    pub dir: PathBuf,
 
     /// Allow destructive changes (never deletions, never storage changes)
     #[arg(long)]
-    force: bool,
+    pub force: bool,
 }
 
 /// Runs `diff` or `apply`.
 pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
-    let (apply, options) = match args.command {
-        Command::Diff(options) => (false, options),
-        Command::Apply(options) => (true, options),
-    };
+    match args.command {
+        Command::Diff(options) => diff(global, &options).await,
+        Command::Apply(options) => apply(global, &options).await,
+    }
+}
+
+/// `jetfn deploy diff`: prints what [`apply`] would create or change, and changes nothing.
+pub async fn diff(global: &Global, options: &Options) -> Result<ExitCode> {
+    compare(global, options, false).await
+}
+
+/// `jetfn deploy apply`: creates or updates the resources declared in `options.dir`; refuses
+/// destructive changes without `options.force` and changes nothing then.
+pub async fn apply(global: &Global, options: &Options) -> Result<ExitCode> {
+    compare(global, options, true).await
+}
+
+async fn compare(global: &Global, options: &Options, apply: bool) -> Result<ExitCode> {
     let declared = files::load(&options.dir)?;
     if declared.is_empty() {
         eprintln!(
