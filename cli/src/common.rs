@@ -249,8 +249,8 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out.join("\n")
 }
 
-/// `[a-z0-9_-]+`: aggregate types and projection names.
-pub fn is_service_name(name: &str) -> bool {
+/// `[a-z0-9_-]+`: aggregate types.
+pub fn is_aggregate_name(name: &str) -> bool {
     !name.is_empty()
         && name
             .bytes()
@@ -265,13 +265,17 @@ pub fn is_aggregate_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-/// Checks a projection name given on the command line.
+/// Checks a projection name given on the command line: `[a-z0-9-]+`, the runtime's rule.
 pub fn projection_name(name: &str) -> Result<&str> {
-    if is_service_name(name) {
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if valid {
         Ok(name)
     } else {
         Err(usage(format!(
-            "projection name {name:?} must match [a-z0-9_-]+ (for example account-balances)"
+            "projection name {name:?} must match [a-z0-9-]+ (for example account-balances)"
         )))
     }
 }

@@ -1,7 +1,7 @@
 //! `jetfn tail`: follow an aggregate type's (or one aggregate's) events live, through an ordered
 //! consumer: ephemeral, in memory, nothing durable left behind.
 
-use crate::common::{Global, is_aggregate_id, is_service_name, redact, say, usage};
+use crate::common::{Global, is_aggregate_id, is_aggregate_name, redact, say, usage};
 use anyhow::{Context, Result, anyhow};
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
@@ -18,8 +18,11 @@ Examples:
 
 Each event is one line: stream sequence, time (ce-time), type (ce-type), aggregate id and
 payload. --json prints JSON lines {\"seq\",\"time\",\"type\",\"id\",\"version\",\"payload\"}.
-The stream is <AGGREGATE>_EVENTS (upper case, - as _) unless --stream names another; events
-are read from the subjects evt.<aggregate>.<id>.";
+The stream and the subjects are the ones the functions use, from the same configuration
+(jetfn.toml or $JETFN_CONFIG, JETFN_* variables): the stream is --stream, else stream.name
+(JETFN_STREAM__NAME), else <AGGREGATE>_EVENTS (upper case, - as _); events are read from
+<prefix>.<id>, the prefix being stream.subject_prefix (JETFN_STREAM__SUBJECT_PREFIX), else
+evt.<aggregate>.";
 
 /// Arguments of `jetfn tail`.
 #[derive(clap::Args)]
@@ -42,7 +45,7 @@ pub struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     limit: Option<u64>,
 
-    /// The stream to read (default <AGGREGATE>_EVENTS)
+    /// The stream to read (default: stream.name of the configuration, else <AGGREGATE>_EVENTS)
     #[arg(long, value_name = "NAME")]
     stream: Option<String>,
 }
@@ -53,7 +56,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         Some((aggregate, id)) => (aggregate, Some(id)),
         None => (args.target.as_str(), None),
     };
-    if !is_service_name(aggregate) {
+    if !is_aggregate_name(aggregate) {
         return Err(usage(format!(
             "aggregate {aggregate:?} must match [a-z0-9_-]+ (e.g. account or account.alice)"
         )));
@@ -65,15 +68,12 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
             "aggregate id {id:?} must be 1-128 characters of A-Z, a-z, 0-9, _ and -"
         )));
     }
-    let stream_name = args.stream.clone().unwrap_or_else(|| {
-        format!(
-            "{}_EVENTS",
-            aggregate.to_ascii_uppercase().replace('-', "_")
-        )
-    });
+    let config = global.config()?;
+    let names = EventNames::new(aggregate, &config);
+    let stream_name = args.stream.clone().unwrap_or(names.stream);
     let filter = match id {
-        Some(id) => format!("evt.{aggregate}.{id}"),
-        None => format!("evt.{aggregate}.*"),
+        Some(id) => format!("{}.{id}", names.event_prefix),
+        None => format!("{}.*", names.event_prefix),
     };
     let (deliver_policy, from_text) = match (args.from, args.all) {
         (Some(seq), _) => (
@@ -86,7 +86,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         (None, false) => (consumer::DeliverPolicy::New, "new events only".into()),
     };
 
-    let (client, config) = global.connect().await?;
+    let client = config.nats.connect("jetfn-cli").await?;
     let js = jetstream::new(client);
     let stream = js.get_stream(&stream_name).await.map_err(|err| {
         let not_found = matches!(
@@ -144,6 +144,30 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         seen += 1;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where an aggregate type's events are, under the configuration the functions read.
+struct EventNames {
+    stream: String,
+    event_prefix: String,
+}
+
+impl EventNames {
+    fn new(aggregate: &str, config: &jetfn::Config) -> EventNames {
+        EventNames {
+            stream: config.stream.name.clone().unwrap_or_else(|| {
+                format!(
+                    "{}_EVENTS",
+                    aggregate.to_ascii_uppercase().replace('-', "_")
+                )
+            }),
+            event_prefix: config
+                .stream
+                .subject_prefix
+                .clone()
+                .unwrap_or_else(|| format!("evt.{aggregate}")),
+        }
+    }
 }
 
 /// One event as printed.

@@ -73,7 +73,13 @@ fn command(args: &[&str]) -> (tokio::process::Command, tempfile::TempDir) {
 
 /// Runs `jetfn args` to the end (at most [`RUN_LIMIT`]).
 async fn jetfn(args: &[&str]) -> Run {
+    jetfn_with_env(args, &[]).await
+}
+
+/// Runs `jetfn args` with the extra environment `envs` (e.g. `JETFN_*` configuration).
+async fn jetfn_with_env(args: &[&str], envs: &[(&str, &str)]) -> Run {
     let (mut command, _dir) = command(args);
+    command.envs(envs.iter().copied());
     let output = tokio::time::timeout(RUN_LIMIT, command.output())
         .await
         .unwrap_or_else(|_| panic!("jetfn {args:?} did not finish within {RUN_LIMIT:?}"))
@@ -233,6 +239,24 @@ async fn send_refuses_bad_arguments_before_connecting() {
     assert!(run.stderr.contains(nowhere), "{run:?}");
 }
 
+#[tokio::test]
+async fn projection_names_follow_the_runtime_rule_without_underscores() {
+    let nowhere = "nats://127.0.0.1:1";
+    for args in [
+        ["dlq", "list", "account_balances"],
+        ["dlq", "replay", "account_balances"],
+        ["projection", "rebuild", "account_balances"],
+    ] {
+        let run = jetfn(&with_server(nowhere, &args)).await;
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+        assert!(
+            run.stderr.contains("must match [a-z0-9-]+"),
+            "{args:?}: {run:?}"
+        );
+        assert!(!run.stderr.contains("cannot connect"), "{args:?}: {run:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_prints_the_events_as_json_lines() {
     jetfn_tests::init_tracing();
@@ -346,6 +370,79 @@ async fn tail_prints_the_events_as_json_lines() {
     assert_eq!(run.code, 1, "{run:?}");
     assert!(
         run.stderr.contains("NOTHING_EVENTS") && run.stderr.contains("--stream"),
+        "{run:?}"
+    );
+}
+
+/// A deployment with its own stream and event subjects: `jetfn tail` reads the same
+/// configuration as the function, so it follows the events there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follows_the_stream_and_subject_prefix_of_the_configuration() {
+    jetfn_tests::init_tracing();
+    let nats = NatsServer::start().await.unwrap();
+    let url = nats.url();
+    let deployment = [
+        ("JETFN_STREAM__NAME", "TENANT1_ACCOUNTS"),
+        ("JETFN_STREAM__SUBJECT_PREFIX", "tenant1.evt.account"),
+    ];
+    let mut envs: Vec<(&str, String)> = vec![("NATS_URL", url.clone())];
+    envs.extend(deployment.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    let mut account = FunctionProcess::spawn("account", &envs).unwrap();
+    account
+        .wait_for_log("command function ready", RUN_LIMIT)
+        .await
+        .unwrap();
+    let client = nats.connect().await.unwrap();
+    let opened = send(
+        &client,
+        "carol",
+        "open",
+        json!({"owner": "Carol", "initial_deposit": 3}),
+        None,
+    )
+    .await
+    .unwrap();
+    let seq = opened.accepted().seq;
+    let js = jetstream::new(client.clone());
+    let stored = js
+        .get_stream("TENANT1_ACCOUNTS")
+        .await
+        .unwrap()
+        .get_raw_message(seq)
+        .await
+        .unwrap();
+    assert_eq!(stored.subject.as_str(), "tenant1.evt.account.carol");
+
+    let run = jetfn_with_env(
+        &with_server(
+            &url,
+            &["--json", "tail", "account", "--all", "--limit", "2"],
+        ),
+        &deployment,
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let events: Vec<(u64, String, String)> = run
+        .json_lines()
+        .iter()
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap(),
+                e["type"].as_str().unwrap().to_owned(),
+                e["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            (seq - 1, "AccountOpened".to_owned(), "carol".to_owned()),
+            (seq, "MoneyDeposited".to_owned(), "carol".to_owned()),
+        ]
+    );
+    assert!(
+        run.stderr
+            .contains("following tenant1.evt.account.* in TENANT1_ACCOUNTS"),
         "{run:?}"
     );
 }
