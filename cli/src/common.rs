@@ -79,14 +79,32 @@ pub fn exit_code(err: &anyhow::Error, default: u8) -> u8 {
     }
 }
 
-/// Parses `500ms`, `5s`, `2m`; zero is refused. For clap's `value_parser`.
+/// The longest duration an argument may give: a year, far beyond any useful wait, and far
+/// below what the clock can add without overflowing.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// Parses `500ms`, `5s`, `2m`; zero and more than [`MAX_DURATION`] are refused. For clap's
+/// `value_parser`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let duration = humantime_serde::re::humantime::parse_duration(text)
         .map_err(|e| format!("{e} (write a duration such as 500ms, 5s or 2m)"))?;
     if duration.is_zero() {
         return Err("must be longer than 0".into());
     }
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "{text} is too long: at most {} (a year)",
+            format_duration(MAX_DURATION)
+        ));
+    }
     Ok(duration)
+}
+
+/// `now + wait`, or an error when the clock cannot count that far.
+pub fn deadline_after(wait: Duration) -> Result<tokio::time::Instant> {
+    tokio::time::Instant::now()
+        .checked_add(wait)
+        .ok_or_else(|| usage(format!("{} is too long to wait for", format_duration(wait))))
 }
 
 /// A duration in the largest unit that shows it exactly: `120s`, `1500ms`, `7ns`.

@@ -10,7 +10,6 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::ExitCode;
 use std::time::Duration;
-use tokio::time::Instant;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -232,7 +231,7 @@ async fn collect(
         .flush()
         .await
         .with_context(|| format!("asking {subject}"))?;
-    let deadline = Instant::now() + wait;
+    let deadline = crate::common::deadline_after(wait)?;
     let mut values = Vec::new();
     while expected.is_none_or(|n| values.len() < n) {
         let Ok(Some(message)) = tokio::time::timeout_at(deadline, replies.next()).await else {
@@ -262,9 +261,9 @@ fn add_stats(service: &mut Service, stats: &Value) {
         let count = |key: &str| endpoint.get(key).and_then(Value::as_u64).unwrap_or(0);
         // A projection's status endpoint counts `jetfn status`-like polls, not work.
         if name != "status" {
-            service.requests += count("num_requests");
+            service.requests = service.requests.saturating_add(count("num_requests"));
         }
-        service.errors += count("num_errors");
+        service.errors = service.errors.saturating_add(count("num_errors"));
         // The same data is attached to every endpoint of an instance: take it once.
         if data.is_none()
             && let Some(d) = endpoint.get("data").filter(|d| d.is_object())
@@ -274,11 +273,12 @@ fn add_stats(service: &mut Service, stats: &Value) {
     }
     if let Some(data) = data {
         let count = |key: &str| data.get(key).and_then(Value::as_u64).unwrap_or(0);
-        service.errors += match service.metadata.get("jetfn.kind").map(String::as_str) {
-            Some("command") => count("conflict") + count("unavailable"),
+        let errors = match service.metadata.get("jetfn.kind").map(String::as_str) {
+            Some("command") => count("conflict").saturating_add(count("unavailable")),
             Some("projection") => count("errors"),
             _ => 0,
         };
+        service.errors = service.errors.saturating_add(errors);
         service.data.push(data);
     }
 }
@@ -320,7 +320,7 @@ fn sum_data(data: &[Value], key: &str) -> Value {
     }
     data.iter()
         .filter_map(|d| d.get(key).and_then(Value::as_u64))
-        .sum::<u64>()
+        .fold(0u64, u64::saturating_add)
         .into()
 }
 

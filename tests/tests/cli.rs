@@ -239,6 +239,50 @@ async fn send_refuses_bad_arguments_before_connecting() {
     assert!(run.stderr.contains(nowhere), "{run:?}");
 }
 
+/// Durations beyond what the clock can add, and numbers at the edge of their type, are
+/// refused with a message (exit 2) or served; the CLI never panics (exit 101).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_argument_makes_the_cli_panic() {
+    let nats = NatsServer::start().await.unwrap();
+    let url = nats.url();
+    let huge = "18446744073709551615s";
+    let cases: [&[&str]; 7] = [
+        &["status", "--wait", huge],
+        &["status", "--wait", "400days"],
+        &["send", "account.a.open", "{}", "--timeout", huge],
+        &["dlq", "replay", "account-balances", "--timeout", huge],
+        &[
+            "projection",
+            "rebuild",
+            "account-balances",
+            "--timeout",
+            huge,
+        ],
+        &[
+            "projection",
+            "rebuild",
+            "account-balances",
+            "--idle-timeout",
+            huge,
+        ],
+        &["status", "--wait", "99999999999999999999999s"],
+    ];
+    for args in cases {
+        let run = jetfn(&with_server(&url, args)).await;
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+        assert!(
+            run.stderr.contains("too long") || run.stderr.contains("too large"),
+            "{args:?}: {run:?}"
+        );
+    }
+    // The largest sequence and limit are valid numbers: no panic, an answer from the server.
+    let max = u64::MAX.to_string();
+    let run = jetfn(&with_server(&url, &["tail", "nothing", "--from", &max])).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    let run = jetfn(&with_server(&url, &["tail", "nothing", "--limit", &max])).await;
+    assert_eq!(run.code, 1, "{run:?}");
+}
+
 #[tokio::test]
 async fn projection_names_follow_the_runtime_rule_without_underscores() {
     let nowhere = "nats://127.0.0.1:1";
