@@ -929,6 +929,83 @@ async fn deploy_creates_updates_and_refuses_destructive_changes() {
     );
 }
 
+/// Every file is judged against the server before the first change: a later file the server
+/// would refuse stops the whole apply, and the error names that file and its resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_applies_nothing_when_a_later_file_would_be_refused() {
+    jetfn_tests::init_tracing();
+    let nats = NatsServer::start().await.unwrap();
+    let js = jetstream::new(nats.connect().await.unwrap());
+    let url = nats.url();
+    js.create_stream(stream::Config {
+        name: "TAKEN".into(),
+        subjects: vec!["taken.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = Resources::new();
+    dir.write(
+        "a-good.json",
+        &json!({"kind": "stream", "config": {"name": "GOOD", "subjects": ["good.*"]}}),
+    );
+    dir.write(
+        "b-bucket.json",
+        &json!({"kind": "kv", "config": {"bucket": "good-bucket", "history": 2}}),
+    );
+    let bad_files = [
+        (
+            json!({"kind": "stream", "config": {"name": "BAD", "subjects": ["taken.x"]}}),
+            "stream BAD",
+            "overlaps taken.> of stream TAKEN",
+        ),
+        (
+            json!({"kind": "stream", "config": {"name": "BAD", "subjects": ["good.>"]}}),
+            "stream BAD",
+            "overlaps good.* of stream GOOD (declared by another file)",
+        ),
+        (
+            json!({"kind": "consumer", "stream": "GOOD", "config": {
+                "durable_name": "audit", "filter_subject": "elsewhere.*"}}),
+            "consumer GOOD/audit",
+            "matches none of the subjects of stream GOOD",
+        ),
+        (
+            json!({"kind": "stream", "config": {
+                "name": "BAD", "subjects": ["bad.*"], "num_replicas": 3}}),
+            "stream BAD",
+            "not part of a cluster",
+        ),
+    ];
+    for (document, resource, reason) in bad_files {
+        dir.write("c-bad.json", &document);
+        let run = jetfn(&["--server", &url, "deploy", "apply", "--dir", dir.path()]).await;
+        assert_ne!(run.code, 0, "{document}: {run:?}");
+        assert!(
+            run.stderr
+                .contains(&format!("c-bad.json: {resource}: refused: "))
+                && run.stderr.contains(reason)
+                && run.stderr.contains("nothing was applied"),
+            "{document}: {run:?}"
+        );
+        assert!(js.get_stream("GOOD").await.is_err(), "{document}: {run:?}");
+        assert!(
+            js.get_key_value("good-bucket").await.is_err(),
+            "{document}: {run:?}"
+        );
+        // diff shows the same refusal and changes nothing either.
+        let run = jetfn(&["--server", &url, "deploy", "diff", "--dir", dir.path()]).await;
+        assert_eq!(run.code, 0, "{run:?}");
+        assert!(run.stdout.contains(reason), "{run:?}");
+    }
+
+    std::fs::remove_file(dir.0.path().join("c-bad.json")).unwrap();
+    let run = jetfn(&["--server", &url, "deploy", "apply", "--dir", dir.path()]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    js.get_stream("GOOD").await.unwrap();
+    js.get_key_value("good-bucket").await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_refuses_unreadable_files_naming_the_file_and_field() {
     let nats = NatsServer::start().await.unwrap();

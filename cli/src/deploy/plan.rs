@@ -7,7 +7,7 @@
 //! default (`duplicate_window`, `num_replicas`, `ack_wait`, ...) is left alone when the file
 //! leaves it unset.
 
-use super::files::{Declared, Resource, json_of, kv_config, typed};
+use super::files::{Declared, Resource, consumer_config, json_of, kv_config, stream_config, typed};
 use crate::common::{format_bytes, format_nanos};
 use anyhow::{Context, Result, anyhow, bail};
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
@@ -56,6 +56,16 @@ const SERVER_DEFAULTS: &[&str] = &[
     "consumer_limits",
     "first_seq",
     "max_expires",
+];
+
+/// Consumer fields JetStream refuses to change on an existing consumer.
+const CONSUMER_FIXED: &[&str] = &[
+    "deliver_policy",
+    "opt_start_seq",
+    "opt_start_time",
+    "ack_policy",
+    "replay_policy",
+    "max_waiting",
 ];
 
 /// Fields that name the resource rather than configure it.
@@ -108,12 +118,18 @@ pub enum Action {
 
 /// The request that applies an item.
 #[derive(Debug)]
-enum Step {
+pub enum Step {
+    /// Nothing to do.
     Nothing,
+    /// Create a stream.
     CreateStream(Box<stream::Config>),
+    /// Update a stream (or the stream of a KV bucket).
     UpdateStream(Box<stream::Config>),
+    /// Create a KV bucket.
     CreateKv(Box<kv::Config>),
+    /// Create a consumer on the stream.
     CreateConsumer(String, Box<pull::Config>),
+    /// Update a consumer of the stream.
     UpdateConsumer(String, Box<pull::Config>),
 }
 
@@ -128,7 +144,8 @@ pub struct Item {
     pub action: Action,
     /// The fields that differ (for updates).
     pub changes: Vec<Change>,
-    step: Step,
+    /// The request that applies it.
+    pub step: Step,
 }
 
 impl Item {
@@ -153,19 +170,20 @@ pub async fn plan(js: &jetstream::Context, declared: &[Declared]) -> Result<Vec<
         let label = declared.resource.label();
         let item = match &declared.resource {
             Resource::Stream { name, config } => {
-                let item = plan_stream(js, name, config, &[]).await?;
-                if item.0 == Action::Create {
+                let item = plan_stream(js, name, config, &[]).await;
+                if item.as_ref().is_ok_and(|item| item.0 == Action::Create) {
                     created_streams.insert(name.clone());
                 }
                 item
             }
-            Resource::Kv { bucket, config } => plan_kv(js, bucket, config).await?,
+            Resource::Kv { bucket, config } => plan_kv(js, bucket, config).await,
             Resource::Consumer {
                 stream,
                 name,
                 config,
-            } => plan_consumer(js, stream, name, config, &created_streams).await?,
-        };
+            } => plan_consumer(js, stream, name, config, &created_streams).await,
+        }
+        .with_context(|| format!("{} ({label})", declared.file.display()))?;
         let (action, changes, step) = item;
         items.push(Item {
             label,
@@ -188,7 +206,7 @@ async fn plan_stream(
     names: &[(&str, &str)],
 ) -> Result<Planned> {
     let Some(mut stream) = existing_stream(js, name).await? else {
-        let config: stream::Config = typed(config, json_of(&stream::Config::default())?)?;
+        let config = stream_config(config)?;
         return Ok((
             Action::Create,
             Vec::new(),
@@ -259,7 +277,7 @@ async fn plan_consumer(
     created_streams: &BTreeSet<String>,
 ) -> Result<Planned> {
     let create = || -> Result<Planned> {
-        let config: pull::Config = typed(config, json_of(&pull::Config::default())?)?;
+        let config = consumer_config(config)?;
         Ok((
             Action::Create,
             Vec::new(),
@@ -286,8 +304,13 @@ async fn plan_consumer(
         .map(|(field, from, to)| Change {
             from: show(&field, &from),
             to: show(&field, &to),
+            problem: CONSUMER_FIXED.contains(&field.as_str()).then(|| {
+                Problem::Impossible(format!(
+                    "JetStream cannot change the {field} of an existing consumer; jetfn deploy \
+                     never deletes one (create a consumer under a new durable_name instead)"
+                ))
+            }),
             field,
-            problem: None,
         })
         .collect();
     if changes.is_empty() {
