@@ -146,18 +146,7 @@ pub fn format_bytes(bytes: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
-/// URLs without `user:password@`, for messages.
-pub fn redact(urls: &str) -> String {
-    urls.split(',')
-        .map(|url| match (url.find("://"), url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}<redacted>@{}", &url[..scheme + 3], &url[at + 1..])
-            }
-            _ => url.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
+pub use jetfn::config::redact_url as redact;
 
 /// Sends a request and waits up to `timeout` for the reply. No responders and timeouts become
 /// errors naming the subject and the server.

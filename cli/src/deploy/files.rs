@@ -323,7 +323,7 @@ pub fn typed<T: serde::de::DeserializeOwned>(
 }
 
 /// Fields in nanoseconds.
-const DURATION_FIELDS: &[&str] = &[
+pub const DURATION_FIELDS: &[&str] = &[
     "max_age",
     "duplicate_window",
     "ack_wait",
@@ -331,6 +331,7 @@ const DURATION_FIELDS: &[&str] = &[
     "max_expires",
     "subject_delete_marker_ttl",
     "priority_timeout",
+    "backoff",
 ];
 
 /// The `stream::Config` a stream file describes: its fields over the defaults.

@@ -7,7 +7,9 @@
 //! default (`duplicate_window`, `num_replicas`, `ack_wait`, ...) is left alone when the file
 //! leaves it unset.
 
-use super::files::{Declared, Resource, consumer_config, json_of, kv_config, stream_config, typed};
+use super::files::{
+    DURATION_FIELDS, Declared, Resource, consumer_config, json_of, kv_config, stream_config, typed,
+};
 use crate::common::{format_bytes, format_nanos};
 use anyhow::{Context, Result, anyhow, bail};
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
@@ -30,18 +32,6 @@ const LIMITS: &[&str] = &[
     "max_batch",
     "max_expires",
     "max_value_size",
-];
-
-/// Fields in nanoseconds.
-const DURATIONS: &[&str] = &[
-    "max_age",
-    "duplicate_window",
-    "ack_wait",
-    "inactive_threshold",
-    "max_expires",
-    "subject_delete_marker_ttl",
-    "priority_timeout",
-    "backoff",
 ];
 
 /// Fields the server fills in when they are not set: an unset value in a file leaves them alone.
@@ -405,7 +395,7 @@ fn normal(field: &str, value: &Value) -> Value {
 /// A value for humans: durations as `120s`, limits `<= 0` as `unlimited`.
 fn show(field: &str, value: &Value) -> String {
     let limit = LIMITS.contains(&field);
-    let duration = DURATIONS.contains(&field);
+    let duration = DURATION_FIELDS.contains(&field);
     match value {
         Value::Null if limit => "unlimited".into(),
         Value::Null => "unset".into(),
