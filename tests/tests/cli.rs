@@ -1006,6 +1006,50 @@ async fn deploy_applies_nothing_when_a_later_file_would_be_refused() {
     js.get_key_value("good-bucket").await.unwrap();
 }
 
+/// What only the server can judge (here: its disk limit) may still be refused during `apply`:
+/// the error then names the file, what was applied before it, and what was not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_says_what_was_applied_when_the_server_refuses_a_request() {
+    let nats = NatsServer::start_with_config("jetstream { max_file_store: 10MB }", None)
+        .await
+        .unwrap();
+    let js = jetstream::new(nats.connect().await.unwrap());
+    let dir = Resources::new();
+    dir.write(
+        "a-good.json",
+        &json!({"kind": "stream", "config": {"name": "GOOD", "subjects": ["good.*"]}}),
+    );
+    dir.write(
+        "b-big.json",
+        &json!({"kind": "stream", "config": {
+            "name": "BIG", "subjects": ["big.*"], "max_bytes": 1_000_000_000}}),
+    );
+    dir.write(
+        "c-later.json",
+        &json!({"kind": "stream", "config": {"name": "LATER", "subjects": ["later.*"]}}),
+    );
+    let run = jetfn(&[
+        "--server",
+        &nats.url(),
+        "deploy",
+        "apply",
+        "--dir",
+        dir.path(),
+    ])
+    .await;
+    assert_ne!(run.code, 0, "{run:?}");
+    assert!(
+        run.stderr.contains("b-big.json")
+            && run.stderr.contains("Applied before it: stream GOOD.")
+            && run
+                .stderr
+                .contains("Not applied: stream BIG and what follows: stream LATER"),
+        "{run:?}"
+    );
+    js.get_stream("GOOD").await.unwrap();
+    assert!(js.get_stream("LATER").await.is_err());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_refuses_unreadable_files_naming_the_file_and_field() {
     let nats = NatsServer::start().await.unwrap();
