@@ -12,7 +12,7 @@
 //! creds_file = "/etc/jetfn/account.creds"
 //!
 //! [command]
-//! max_retries = 5
+//! max_retries = 100
 //!
 //! [stream]
 //! duplicate_window = "2m"
@@ -243,6 +243,11 @@ pub struct CommandConfig {
     pub queue_group: String,
     /// Retries after an optimistic-concurrency conflict before replying `conflict`.
     pub max_retries: u32,
+    /// How long a command may keep retrying conflicts before replying `conflict`, however many
+    /// retries are left. Every conflict means another command succeeded, so on a busy aggregate
+    /// retries make progress; this bounds how long one command waits for its turn.
+    #[serde(with = "humantime_serde")]
+    pub conflict_budget: Duration,
     /// The first backoff step between conflict retries; it doubles per retry, with full jitter.
     #[serde(with = "humantime_serde")]
     pub retry_backoff: Duration,
@@ -253,6 +258,16 @@ pub struct CommandConfig {
     pub max_in_flight: usize,
     /// The largest accepted command body in bytes.
     pub max_body_bytes: usize,
+    /// Aggregates whose folded state an instance keeps (least recently used are dropped).
+    /// 0 keeps none: every command loads its aggregate.
+    pub cache_entries: usize,
+    /// Recent command ids remembered per cached aggregate, answered without a ledger read.
+    pub recent_commands: usize,
+    /// Commands that may wait for one aggregate; more are answered `unavailable`, so one busy
+    /// aggregate cannot hold up the others.
+    pub max_queued_per_aggregate: usize,
+    /// For aggregates that opt in to snapshots: write one every this many events.
+    pub snapshot_every: u64,
 }
 
 impl Default for CommandConfig {
@@ -260,11 +275,16 @@ impl Default for CommandConfig {
         CommandConfig {
             subject_prefix: None,
             queue_group: "q".into(),
-            max_retries: 5,
+            max_retries: 100,
+            conflict_budget: Duration::from_secs(2),
             retry_backoff: Duration::from_millis(2),
             max_retry_backoff: Duration::from_millis(200),
             max_in_flight: 256,
             max_body_bytes: 64 * 1024,
+            cache_entries: 100_000,
+            recent_commands: 16,
+            max_queued_per_aggregate: 1024,
+            snapshot_every: 1000,
         }
     }
 }
@@ -417,6 +437,12 @@ impl Config {
         }
         if self.command.max_body_bytes == 0 {
             return invalid("command.max_body_bytes", "must be at least 1");
+        }
+        if self.command.max_queued_per_aggregate == 0 {
+            return invalid("command.max_queued_per_aggregate", "must be at least 1");
+        }
+        if self.command.snapshot_every == 0 {
+            return invalid("command.snapshot_every", "must be at least 1");
         }
         if let Some(name) = &self.stream.name
             && !is_name(name)

@@ -41,6 +41,7 @@ pub mod client;
 mod codec;
 pub mod command;
 pub mod config;
+mod direct;
 mod health;
 mod permissions;
 pub mod projection;
@@ -49,6 +50,7 @@ pub mod schema;
 pub mod store;
 pub mod telemetry;
 pub mod testing;
+pub mod wire;
 
 pub use aggregate::{Aggregate, Rejection};
 pub use codec::CodecError;
@@ -78,8 +80,8 @@ pub enum Error {
     #[error("{0}")]
     Service(String),
     /// `Aggregate::NAME` or `Projection::NAME` is not a valid name.
-    #[error("name {0:?} must match [a-z0-9_-]+")]
-    AggregateName(&'static str),
+    #[error(transparent)]
+    Name(#[from] wire::NameError),
     /// Redis is unusable.
     #[error("redis: {0}")]
     Redis(String),

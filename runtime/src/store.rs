@@ -11,42 +11,21 @@
 //! repeated publish inside the duplicate window, and its `jetfn-command-id` header lets a reload
 //! recognise a command that was already applied, at any age.
 
+use crate::direct::DirectGets;
+use crate::wire::event::{self as wire_event, EventMeta};
+use crate::wire::jetstream::{self as wire_js, DirectReply, PubAck};
+use crate::wire::{MalformedEvent, names};
 use async_nats::jetstream::{self, stream};
-use async_nats::{Client, HeaderMap, StatusCode};
+use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
-use futures::StreamExt;
-use serde::Deserialize;
+use futures::future::BoxFuture;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{OnceCell, Semaphore};
 
-/// Header names of stored events.
-pub mod headers {
-    /// CloudEvents spec version, always `1.0`.
-    pub const CE_SPECVERSION: &str = "ce-specversion";
-    /// CloudEvents id: unique per event (`<aggregate id>:<command id>:<index>`).
-    pub const CE_ID: &str = "ce-id";
-    /// CloudEvents type: the event's variant name, e.g. `MoneyDeposited`.
-    pub const CE_TYPE: &str = "ce-type";
-    /// CloudEvents source: `/jetfn/<aggregate>`.
-    pub const CE_SOURCE: &str = "ce-source";
-    /// CloudEvents subject: the aggregate id.
-    pub const CE_SUBJECT: &str = "ce-subject";
-    /// CloudEvents time: when the command was decided (RFC 3339).
-    pub const CE_TIME: &str = "ce-time";
-    /// CloudEvents data content type, always `application/json`.
-    pub const CE_DATACONTENTTYPE: &str = "ce-datacontenttype";
-    /// The event's schema version (an integer, 1 unless the aggregate says otherwise).
-    pub const EVENT_VERSION: &str = "jetfn-event-version";
-    /// The id of the command that caused the event.
-    pub const COMMAND_ID: &str = "jetfn-command-id";
-    /// The name of the command that caused the event.
-    pub const COMMAND: &str = "jetfn-command";
-    /// A fingerprint of the command's name and body, so a reused command id is recognised.
-    pub const COMMAND_FINGERPRINT: &str = "jetfn-command-fingerprint";
-    /// JetStream's deduplication id.
-    pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
-    /// JetStream's optimistic-concurrency precondition.
-    pub const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
-}
+pub use crate::wire::StoredEvent;
+/// Header names of stored events (they live in [`crate::wire::header`]).
+pub use crate::wire::header as headers;
 
 /// The lowest nats-server version jetfn runs on: atomic batch publish arrived in 2.12.
 pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 12, 0);
@@ -54,11 +33,10 @@ pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 12, 0);
 /// Events read per direct-get batch request.
 const LOAD_BATCH: usize = 1000;
 
-/// JetStream error codes that mean "someone else appended first".
-const WRONG_LAST_SEQUENCE: u64 = 10071;
-const CLUSTERED_IN_FLIGHT: u64 = 10164;
-/// An atomic batch carried a `Nats-Msg-Id` already stored: our own earlier attempt landed.
-const BATCH_DUPLICATE_MSG_ID: u64 = 10201;
+/// Atomic batches one instance keeps in flight per stream, below the server's limit of 50.
+const MAX_INFLIGHT_BATCHES: usize = 40;
+/// How often an atomic batch refused for too many in flight (10210) is tried again.
+const INFLIGHT_BATCH_RETRIES: u32 = 50;
 
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -85,13 +63,8 @@ pub enum StoreError {
         message: String,
     },
     /// A stored event is malformed (missing headers, not JSON).
-    #[error("event at stream sequence {seq} is malformed: {reason}")]
-    Malformed {
-        /// Its stream sequence.
-        seq: u64,
-        /// What is wrong.
-        reason: String,
-    },
+    #[error(transparent)]
+    Malformed(#[from] MalformedEvent),
 }
 
 /// Why an append did not happen.
@@ -107,23 +80,9 @@ pub enum AppendError {
     /// JetStream refused the events or is unreachable.
     #[error("append failed: {0}")]
     Unavailable(String),
-}
-
-/// One stored event, not yet decoded.
-#[derive(Debug, Clone)]
-pub struct StoredEvent {
-    /// Stream sequence.
-    pub seq: u64,
-    /// The event type (`ce-type`).
-    pub event_type: String,
-    /// The event schema version (`jetfn-event-version`).
-    pub version: u32,
-    /// The command that caused it, if recorded.
-    pub command_id: Option<String>,
-    /// The fingerprint of that command, if recorded.
-    pub fingerprint: Option<String>,
-    /// The JSON payload.
-    pub payload: Bytes,
+    /// Too many atomic batches are in flight on the stream; try again shortly.
+    #[error("append failed: {0}")]
+    TooManyBatches(String),
 }
 
 /// An aggregate's stored events in order.
@@ -191,16 +150,20 @@ pub struct EventStore {
     settings: StoreSettings,
     direct_get_subject: String,
     source: String,
+    reads: Arc<OnceCell<DirectGets>>,
+    batches: Arc<Semaphore>,
 }
 
 impl EventStore {
     /// A store over an existing connection. Call [`EventStore::provision`] to create the stream.
     pub fn new(client: Client, settings: StoreSettings) -> Self {
         EventStore {
-            direct_get_subject: format!("$JS.API.DIRECT.GET.{}", settings.stream),
+            direct_get_subject: names::direct_get(&settings.stream),
             source: format!("/jetfn/{}", settings.aggregate),
             client,
             settings,
+            reads: Arc::default(),
+            batches: Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES)),
         }
     }
 
@@ -220,7 +183,8 @@ impl EventStore {
     }
 
     /// Creates the stream, or updates the settings jetfn relies on. Idempotent, so every
-    /// instance may run it at start-up.
+    /// instance may run it at start-up. A stream that holds another aggregate type's events (the
+    /// default names of `a-b` and `a_b` are the same) is refused.
     pub async fn provision(&self) -> Result<(), StoreError> {
         let js = jetstream::new(self.client.clone());
         let desired = self.stream_config();
@@ -232,14 +196,7 @@ impl EventStore {
                     .map_err(|e| StoreError::Unavailable(e.to_string()))?
                     .config
                     .clone();
-                if current.storage != stream::StorageType::File {
-                    return Err(StoreError::IncompatibleStream {
-                        stream: self.settings.stream.clone(),
-                        message: "uses memory storage; jetfn needs file storage and JetStream \
-                                  cannot change it in place"
-                            .into(),
-                    });
-                }
+                self.check_compatible(&current)?;
                 let merged = merge_managed(current.clone(), &desired);
                 if merged != current {
                     tracing::info!(stream = %self.settings.stream, "updating stream settings");
@@ -266,6 +223,29 @@ impl EventStore {
         }
     }
 
+    fn check_compatible(&self, current: &stream::Config) -> Result<(), StoreError> {
+        let incompatible = |message: String| StoreError::IncompatibleStream {
+            stream: self.settings.stream.clone(),
+            message,
+        };
+        if current.storage != stream::StorageType::File {
+            return Err(incompatible(
+                "uses memory storage; jetfn needs file storage and JetStream cannot change it \
+                 in place"
+                    .into(),
+            ));
+        }
+        let owner = current.metadata.get(names::STREAM_AGGREGATE_METADATA);
+        if let Some(owner) = owner.filter(|o| **o != self.settings.aggregate) {
+            return Err(incompatible(format!(
+                "holds the events of aggregate {owner:?}, not {:?}; give one of them its own \
+                 stream with stream.name",
+                self.settings.aggregate
+            )));
+        }
+        Ok(())
+    }
+
     /// The stream configuration jetfn needs.
     pub fn stream_config(&self) -> stream::Config {
         stream::Config {
@@ -284,6 +264,11 @@ impl EventStore {
             allow_atomic_publish: true,
             deny_delete: true,
             deny_purge: true,
+            metadata: [(
+                names::STREAM_AGGREGATE_METADATA.to_owned(),
+                self.settings.aggregate.clone(),
+            )]
+            .into(),
             ..Default::default()
         }
     }
@@ -298,105 +283,107 @@ impl EventStore {
     /// Appends to `history` the aggregate's events stored after `history.last_seq`, so a retry
     /// after a conflict reads only what changed.
     pub async fn catch_up(&self, id: &str, history: &mut History) -> Result<(), StoreError> {
-        let subject = self.subject(id);
-        let inbox = self.client.new_inbox();
-        let mut replies = self
-            .client
-            .subscribe(inbox.clone())
+        let events = self.read_after(id, history.last_seq).await?;
+        if let Some(last) = events.last() {
+            history.last_seq = last.seq;
+        }
+        history.events.extend(events);
+        Ok(())
+    }
+
+    async fn reads(&self) -> Result<&DirectGets, StoreError> {
+        self.reads
+            .get_or_try_init(|| DirectGets::start(self.client.clone(), self.settings.timeout))
             .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let mut violations = crate::permissions::watch();
-        let mut next_seq = history.last_seq + 1;
+    }
+
+    /// The events of aggregate `id` stored after stream sequence `after`, oldest first.
+    ///
+    /// Long tails are read in pipelined batches: the next batch is requested as soon as the
+    /// current one has been asked for, so the server's answers overlap the reading.
+    pub async fn read_after(&self, id: &str, after: u64) -> Result<Vec<StoredEvent>, StoreError> {
+        let subject = self.subject(id);
+        let reads = self.reads().await?;
+        let mut events = Vec::new();
+        let mut next_seq = after + 1;
         loop {
-            let request = serde_json::json!({
-                "seq": next_seq,
-                "next_by_subj": subject,
-                "batch": LOAD_BATCH,
-            });
-            self.client
-                .publish_with_reply(
-                    self.direct_get_subject.clone(),
-                    inbox.clone(),
-                    request.to_string().into(),
-                )
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let body = wire_js::direct_get_batch(next_seq, &subject, LOAD_BATCH);
+            let mut replies = reads.request(&self.direct_get_subject, body).await?;
             let pending = loop {
-                let next = async {
-                    tokio::select! {
-                        message = replies.next() => Ok(message),
-                        denied = crate::permissions::denied(&mut violations, &self.direct_get_subject) => Err(denied),
-                    }
-                };
-                let message = tokio::time::timeout(self.settings.timeout, next)
-                    .await
-                    .map_err(|_| {
-                        StoreError::Unavailable(format!(
-                            "no direct get reply from stream {} within {:?}",
-                            self.settings.stream, self.settings.timeout
-                        ))
-                    })?
-                    .map_err(|denied| {
-                        StoreError::Unavailable(format!("permission denied: {denied}"))
-                    })?
-                    .ok_or_else(|| StoreError::Unavailable("connection closed".into()))?;
-                match message.status {
-                    None | Some(StatusCode::OK) => {
-                        let event = stored_event(&message)?;
-                        history.last_seq = event.seq;
-                        history.events.push(event);
-                    }
-                    // End of batch: more may follow.
-                    Some(status) if status.as_u16() == 204 => {
-                        break header_u64(&message.headers, "Nats-Num-Pending").unwrap_or(0);
-                    }
-                    // Nothing (more) on the subject.
-                    Some(StatusCode::NOT_FOUND) => break 0,
-                    Some(StatusCode::NO_RESPONDERS) => {
-                        return Err(StoreError::Unavailable(format!(
-                            "stream {} does not exist or does not allow direct get",
-                            self.settings.stream
-                        )));
-                    }
-                    Some(status) => {
-                        return Err(StoreError::Unavailable(format!(
-                            "direct get failed: {status} {}",
-                            message.description.unwrap_or_default()
-                        )));
-                    }
+                match wire_js::direct_reply(&replies.next().await?) {
+                    DirectReply::Event(event) => events.push(event),
+                    DirectReply::EndOfBatch { pending } => break pending,
+                    DirectReply::NotFound => break 0,
+                    DirectReply::Malformed(malformed) => return Err(malformed.into()),
+                    DirectReply::NoStream => return Err(self.no_stream()),
+                    DirectReply::Failed(message) => return Err(StoreError::Unavailable(message)),
                 }
             };
-            if pending == 0 {
-                return Ok(());
+            match events.last() {
+                Some(last) if pending > 0 => next_seq = last.seq + 1,
+                _ => return Ok(events),
             }
-            next_seq = history.last_seq + 1;
         }
+    }
+
+    /// The stream sequence of aggregate `id`'s last event (0 when it has none): one direct get.
+    pub async fn last_seq(&self, id: &str) -> Result<u64, StoreError> {
+        let subject = self.subject(id);
+        let reads = self.reads().await?;
+        let body = wire_js::direct_get_last(&subject);
+        let mut replies = reads.request(&self.direct_get_subject, body).await?;
+        match wire_js::direct_reply(&replies.next().await?) {
+            DirectReply::Event(event) => Ok(event.seq),
+            DirectReply::NotFound => Ok(0),
+            DirectReply::Malformed(malformed) => Err(malformed.into()),
+            DirectReply::NoStream => Err(self.no_stream()),
+            DirectReply::EndOfBatch { .. } => Err(StoreError::Unavailable(
+                "direct get of the last message answered as a batch".into(),
+            )),
+            DirectReply::Failed(message) => Err(StoreError::Unavailable(message)),
+        }
+    }
+
+    fn no_stream(&self) -> StoreError {
+        StoreError::Unavailable(format!(
+            "stream {} does not exist or does not allow direct get",
+            self.settings.stream
+        ))
     }
 
     /// Appends a command's events, all or nothing, if the aggregate is still at
     /// `expected_last_seq`. Returns the stream sequence of the last event.
     pub async fn append(&self, append: Append<'_>) -> Result<u64, AppendError> {
         let subject = self.subject(append.aggregate_id);
-        let time = now_rfc3339();
-        let mut messages = append.events.iter().enumerate().map(|(index, event)| {
-            let headers = self.event_headers(&append, index, event, &time);
-            (headers, Bytes::from(event.payload.clone()))
-        });
-        match append.events.len() {
+        let time = wire_event::now_rfc3339();
+        let meta = EventMeta {
+            source: &self.source,
+            aggregate_id: append.aggregate_id,
+            command_id: append.command_id,
+            command: append.command,
+            fingerprint: append.fingerprint,
+            trace: append.trace,
+            time: &time,
+        };
+        let mut messages: Vec<(HeaderMap, Bytes)> = append
+            .events
+            .iter()
+            .enumerate()
+            .map(|(index, event)| {
+                let headers = wire_event::headers(&meta, index, &event.event_type, event.version);
+                (headers, Bytes::from(event.payload.clone()))
+            })
+            .collect();
+        match messages.len() {
             0 => Err(AppendError::Unavailable("nothing to append".into())),
             1 => {
-                let Some((mut headers, payload)) = messages.next() else {
-                    return Err(AppendError::Unavailable("nothing to append".into()));
-                };
-                headers.insert(
-                    headers::EXPECTED_LAST_SUBJECT_SEQUENCE,
-                    append.expected_last_seq.to_string().as_str(),
-                );
+                let (mut headers, payload) = messages.remove(0);
+                wire_js::expect_last_subject_sequence(&mut headers, append.expected_last_seq);
                 let reply = self.request(&subject, headers, payload).await?;
-                parse_pub_ack(&reply)
+                acknowledged(&reply)
             }
-            count => {
-                self.append_atomic_batch(&subject, append.expected_last_seq, count, messages)
+            _ => {
+                self.append_atomic_batch(&subject, append.expected_last_seq, messages)
                     .await
             }
         }
@@ -404,34 +391,61 @@ impl EventStore {
 
     /// ADR-50 atomic batch: the first message is a request (carrying the precondition), the
     /// middle ones are plain publishes, the last is a request with the commit flag whose reply is
-    /// the PubAck for the whole batch.
+    /// the PubAck for the whole batch. At most [`MAX_INFLIGHT_BATCHES`] run at once per
+    /// instance, and a refusal for too many batches in flight (10210) is retried with backoff.
     async fn append_atomic_batch(
         &self,
         subject: &str,
         expected_last_seq: u64,
-        count: usize,
-        messages: impl Iterator<Item = (HeaderMap, Bytes)>,
+        messages: Vec<(HeaderMap, Bytes)>,
+    ) -> Result<u64, AppendError> {
+        let _slot = self
+            .batches
+            .acquire()
+            .await
+            .map_err(|_| AppendError::Unavailable("shutting down".into()))?;
+        let mut attempt = 0;
+        loop {
+            match self
+                .send_batch(subject, expected_last_seq, messages.clone())
+                .await
+            {
+                Err(AppendError::TooManyBatches(message)) if attempt < INFLIGHT_BATCH_RETRIES => {
+                    tracing::debug!(error = %message, attempt, "waiting for atomic batch room");
+                    attempt += 1;
+                    let jitter = rand::random::<u64>() % 5;
+                    tokio::time::sleep(Duration::from_millis(2 + jitter) * attempt.min(10)).await;
+                }
+                Err(AppendError::TooManyBatches(message)) => {
+                    return Err(AppendError::Unavailable(message));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn send_batch(
+        &self,
+        subject: &str,
+        expected_last_seq: u64,
+        messages: Vec<(HeaderMap, Bytes)>,
     ) -> Result<u64, AppendError> {
         let batch_id = uuid::Uuid::new_v4().simple().to_string();
-        for (index, (mut headers, payload)) in messages.enumerate() {
+        let count = messages.len();
+        for (index, (mut headers, payload)) in messages.into_iter().enumerate() {
             let position = index + 1;
-            headers.insert("Nats-Batch-Id", batch_id.as_str());
-            headers.insert("Nats-Batch-Sequence", position.to_string().as_str());
+            wire_js::batch_headers(&mut headers, &batch_id, position, count);
             if position == 1 {
-                headers.insert(
-                    headers::EXPECTED_LAST_SUBJECT_SEQUENCE,
-                    expected_last_seq.to_string().as_str(),
-                );
+                wire_js::expect_last_subject_sequence(&mut headers, expected_last_seq);
             }
             if position == count {
-                headers.insert("Nats-Batch-Commit", "1");
                 let reply = self.request(subject, headers, payload).await?;
-                return parse_pub_ack(&reply);
+                return acknowledged(&reply);
             } else if position == 1 {
                 let reply = self.request(subject, headers, payload).await?;
                 if !reply.is_empty() {
                     // An early refusal; the commit reply would say the same.
-                    parse_pub_ack(&reply)?;
+                    acknowledged(&reply)?;
                 }
             } else {
                 self.client
@@ -477,34 +491,40 @@ impl EventStore {
             },
         }
     }
+}
 
-    fn event_headers(
-        &self,
-        append: &Append<'_>,
-        index: usize,
-        event: &NewEvent,
-        time: &str,
-    ) -> HeaderMap {
-        let msg_id = format!("{}:{}:{index}", append.aggregate_id, append.command_id);
-        let mut headers = HeaderMap::new();
-        headers.insert(headers::NATS_MSG_ID, msg_id.as_str());
-        headers.insert(headers::CE_SPECVERSION, "1.0");
-        headers.insert(headers::CE_ID, msg_id.as_str());
-        headers.insert(headers::CE_TYPE, event.event_type.as_str());
-        headers.insert(headers::CE_SOURCE, self.source.as_str());
-        headers.insert(headers::CE_SUBJECT, append.aggregate_id);
-        headers.insert(headers::CE_TIME, time);
-        headers.insert(headers::CE_DATACONTENTTYPE, "application/json");
-        headers.insert(headers::EVENT_VERSION, event.version.to_string().as_str());
-        headers.insert(headers::COMMAND_ID, append.command_id);
-        headers.insert(headers::COMMAND, append.command);
-        if let Some(fingerprint) = append.fingerprint {
-            headers.insert(headers::COMMAND_FINGERPRINT, fingerprint);
-        }
-        if let Some(trace) = append.trace {
-            trace.write(&mut headers);
-        }
-        headers
+/// Where the command loop reads and appends events: JetStream in production, an in-memory log
+/// in the loop's unit tests (where conflicts, lost acks and outages can be injected).
+pub(crate) trait EventLog: Send + Sync + 'static {
+    /// The events of aggregate `id` stored after stream sequence `after`, oldest first.
+    fn read_after<'a>(
+        &'a self,
+        id: &'a str,
+        after: u64,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>>;
+
+    /// The stream sequence of aggregate `id`'s last event, 0 when there is none.
+    fn last_seq<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// Appends a command's events if the aggregate is still at `append.expected_last_seq`.
+    fn append<'a>(&'a self, append: Append<'a>) -> BoxFuture<'a, Result<u64, AppendError>>;
+}
+
+impl EventLog for EventStore {
+    fn read_after<'a>(
+        &'a self,
+        id: &'a str,
+        after: u64,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
+        Box::pin(EventStore::read_after(self, id, after))
+    }
+
+    fn last_seq<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(EventStore::last_seq(self, id))
+    }
+
+    fn append<'a>(&'a self, append: Append<'a>) -> BoxFuture<'a, Result<u64, AppendError>> {
+        Box::pin(EventStore::append(self, append))
     }
 }
 
@@ -530,93 +550,31 @@ fn merge_managed(mut current: stream::Config, desired: &stream::Config) -> strea
     current
 }
 
-#[derive(Deserialize)]
-struct PubAck {
-    #[serde(default)]
-    seq: u64,
-    #[serde(default)]
-    duplicate: bool,
-    #[serde(default)]
-    error: Option<ApiError>,
-}
-
-#[derive(Deserialize)]
-struct ApiError {
-    #[serde(default)]
-    err_code: u64,
-    #[serde(default)]
-    description: String,
-}
-
-/// Reads a JetStream publish acknowledgement.
+/// Turns a publish acknowledgement into the append's outcome.
 ///
 /// A duplicate ack means an earlier attempt of this command already stored the event; it is
-/// reported as a conflict so the caller reloads and answers from the stored history.
-fn parse_pub_ack(reply: &[u8]) -> Result<u64, AppendError> {
-    let ack: PubAck = serde_json::from_slice(reply).map_err(|e| {
-        AppendError::Unavailable(format!(
-            "unreadable acknowledgement {:?}: {e}",
-            String::from_utf8_lossy(reply)
-        ))
-    })?;
-    match ack.error {
-        Some(error) => match error.err_code {
-            WRONG_LAST_SEQUENCE | CLUSTERED_IN_FLIGHT | BATCH_DUPLICATE_MSG_ID => Err(
-                AppendError::Conflict(format!("{} ({})", error.description, error.err_code)),
-            ),
-            code => Err(AppendError::Unavailable(format!(
-                "{} (JetStream error {code})",
-                error.description
-            ))),
-        },
-        None if ack.duplicate => Err(AppendError::Conflict(format!(
-            "already stored at sequence {} (duplicate)",
-            ack.seq
+/// reported as a conflict so the caller catches up and answers from the stored history.
+fn acknowledged(reply: &[u8]) -> Result<u64, AppendError> {
+    let ack = wire_js::parse_pub_ack(reply).map_err(AppendError::Unavailable)?;
+    match ack {
+        PubAck::Stored(seq) => Ok(seq),
+        PubAck::Duplicate(seq) => Err(AppendError::Conflict(format!(
+            "already stored at sequence {seq} (duplicate)"
         ))),
-        None if ack.seq == 0 => Err(AppendError::Unavailable(
-            "acknowledgement without a sequence".into(),
-        )),
-        None => Ok(ack.seq),
+        ack if ack.is_conflict() => Err(AppendError::Conflict(ack_text(&ack))),
+        PubAck::Refused {
+            code: wire_js::BATCH_TOO_MANY_INFLIGHT,
+            ..
+        } => Err(AppendError::TooManyBatches(ack_text(&ack))),
+        ack => Err(AppendError::Unavailable(ack_text(&ack))),
     }
 }
 
-fn stored_event(message: &async_nats::Message) -> Result<StoredEvent, StoreError> {
-    let headers = &message.headers;
-    let seq = header_u64(headers, "Nats-Sequence").ok_or_else(|| StoreError::Malformed {
-        seq: 0,
-        reason: "direct get reply without Nats-Sequence".into(),
-    })?;
-    let malformed = |reason: String| StoreError::Malformed { seq, reason };
-    let event_type = header_str(headers, headers::CE_TYPE)
-        .ok_or_else(|| malformed(format!("no {} header", headers::CE_TYPE)))?;
-    let version = match header_str(headers, headers::EVENT_VERSION) {
-        None => 1,
-        Some(v) => v
-            .parse()
-            .map_err(|_| malformed(format!("{} is {v:?}", headers::EVENT_VERSION)))?,
-    };
-    Ok(StoredEvent {
-        seq,
-        event_type: event_type.to_owned(),
-        version,
-        command_id: header_str(headers, headers::COMMAND_ID).map(str::to_owned),
-        fingerprint: header_str(headers, headers::COMMAND_FINGERPRINT).map(str::to_owned),
-        payload: message.payload.clone(),
-    })
-}
-
-fn header_str<'a>(headers: &'a Option<HeaderMap>, name: &str) -> Option<&'a str> {
-    headers.as_ref()?.get(name).map(|v| v.as_str())
-}
-
-fn header_u64(headers: &Option<HeaderMap>, name: &str) -> Option<u64> {
-    header_str(headers, name)?.parse().ok()
-}
-
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+fn ack_text(ack: &PubAck) -> String {
+    match ack {
+        PubAck::Refused { code, description } => format!("{description} (JetStream error {code})"),
+        PubAck::Stored(seq) | PubAck::Duplicate(seq) => format!("stored at {seq}"),
+    }
 }
 
 /// Compares a server version string (`2.15.1`, `2.12.0-beta.1`) with [`MIN_SERVER_VERSION`].
@@ -666,29 +624,30 @@ mod tests {
     #[test]
     fn a_wrong_last_sequence_is_a_conflict() {
         let reply = br#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 7"},"stream":"T","seq":0}"#;
-        assert!(matches!(
-            parse_pub_ack(reply),
-            Err(AppendError::Conflict(_))
-        ));
+        assert!(matches!(acknowledged(reply), Err(AppendError::Conflict(_))));
     }
 
     #[test]
-    fn a_failed_commit_with_seq_zero_is_not_a_success() {
+    fn a_failed_commit_names_the_servers_reason() {
         let reply = br#"{"error":{"code":400,"err_code":10077,"description":"maximum bytes exceeded"},"stream":"T","seq":0}"#;
-        let err = parse_pub_ack(reply).unwrap_err().to_string();
+        let err = acknowledged(reply).unwrap_err().to_string();
         assert!(err.contains("maximum bytes exceeded"), "{err}");
     }
 
     #[test]
-    fn an_ack_returns_the_sequence() {
-        assert_eq!(parse_pub_ack(br#"{"stream":"T","seq":42}"#).unwrap(), 42);
+    fn too_many_batches_in_flight_is_waited_out_not_reported() {
+        let reply = br#"{"error":{"code":429,"err_code":10210,"description":"atomic publish too many inflight"},"stream":"T","seq":0}"#;
+        assert!(matches!(
+            acknowledged(reply),
+            Err(AppendError::TooManyBatches(_))
+        ));
     }
 
     #[test]
     fn a_duplicate_ack_sends_the_caller_back_to_the_stored_history() {
         let duplicate = br#"{"stream":"T","seq":7,"duplicate":true}"#;
         assert!(matches!(
-            parse_pub_ack(duplicate),
+            acknowledged(duplicate),
             Err(AppendError::Conflict(_))
         ));
     }

@@ -1378,9 +1378,16 @@ async fn p35_to_p41_p43_discovery() {
             "rejected",
             "conflict",
             "unavailable",
-            "retries"
+            "retries",
+            "cache"
         ]),
         "P39"
+    );
+    let cache = field_names(&data["cache"]);
+    assert_eq!(
+        cache,
+        BTreeSet::from(["hits", "misses", "evictions", "entries", "capacity"]),
+        "P39: {data}"
     );
     let count = |key: &str| data[key].as_u64().unwrap();
     let outcomes = ["accepted", "invalid", "rejected", "conflict", "unavailable"];

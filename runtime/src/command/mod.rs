@@ -2,38 +2,52 @@
 //!
 //! For every request on `cmd.<aggregate>.<id>.<command>` the runtime
 //! 1. checks the subject, the command id (`Nats-Msg-Id`) and the body, and decodes the command;
-//! 2. answers a repeated command id from the ledger;
-//! 3. loads the aggregate's events, folds them into state and calls `decide`;
-//! 4. appends the new events with `Nats-Expected-Last-Subject-Sequence`, and on a conflict
-//!    reloads and decides again, up to `command.max_retries` times with jittered backoff;
-//! 5. records the reply in the ledger and sends it.
+//! 2. takes the aggregate's slot in the state cache (its lock inside the instance), loading the
+//!    aggregate on a miss: the latest snapshot, if the aggregate has them, then the events
+//!    after it;
+//! 3. answers a repeated command id from the cache's recent commands or the ledger;
+//! 4. decides on the cached state and appends the new events with
+//!    `Nats-Expected-Last-Subject-Sequence` set to the cached sequence; on a conflict it catches
+//!    up from that sequence and decides again, up to `command.max_retries` times within
+//!    `command.conflict_budget`;
+//! 5. replies. An accepted command's ledger entry is written after the reply (its events
+//!    identify it until then); a rejection or an empty decision is first checked against the
+//!    aggregate's current sequence and recorded, then sent.
 //!
 //! Commands for one aggregate are processed one at a time per instance, so conflicts only arise
 //! between instances.
 
+mod cache;
 mod ledger;
-mod locks;
+#[cfg(test)]
+mod memory;
 mod reply;
 mod request;
+mod snapshots;
+#[cfg(test)]
+mod tests;
+mod writer;
 
+pub use crate::wire::names::MAX_ID_LEN;
 pub use reply::{Accepted, ErrorKind, Failure, Reply};
-pub use request::{MAX_COMMAND_ID_LEN, MAX_ID_LEN};
+pub use request::MAX_COMMAND_ID_LEN;
 
-use crate::aggregate::{Aggregate, Upcasters, decode_stored};
+use crate::aggregate::{Aggregate, Snapshots, Upcasters, decode_stored};
 use crate::codec::{decode_variant, encode_variant, variant_names};
 use crate::config::Config;
-use crate::store::{
-    Append, AppendError, EventStore, History, NewEvent, StoreSettings, StoredEvent,
-};
+use crate::direct::DirectGets;
+use crate::store::{Append, AppendError, EventLog, EventStore, NewEvent, StoreSettings};
 use crate::telemetry::{self, TraceContext};
+use crate::wire::{AggregateNames, CommandSubjects, header, names};
 use crate::{Error, health};
 use async_nats::service::{self, ServiceExt};
 use async_nats::{Client, HeaderMap};
+use cache::{Cached, QueueFull, StateCache};
 use futures::StreamExt;
-use ledger::{Entry, Ledger};
-use locks::KeyedLocks;
+use ledger::{CommandLedger, Entry, KvLedger};
 use rand::Rng;
-use request::{CommandRequest, CommandSubjects};
+use request::CommandRequest;
+use snapshots::{KvSnapshots, SnapshotRecord, SnapshotStore};
 use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -43,9 +57,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
+use writer::{Job, Writer};
 
-/// How long start-up waits for a refusal of the command subscription to surface.
-const SUBSCRIPTION_VERDICT: Duration = Duration::from_millis(250);
+/// How long start-up lets an already received refusal of the command subscription surface.
+const REFUSAL_GRACE: Duration = Duration::from_millis(5);
 
 /// Starts building the command function of aggregate `A`.
 ///
@@ -106,8 +121,8 @@ impl<A: Aggregate> CommandFunction<A> {
         stopped
     }
 
-    /// Connects, provisions the stream and ledger, and starts serving. The returned handle stops
-    /// the function gracefully.
+    /// Connects, provisions the stream, ledger and snapshot buckets, and starts serving. The
+    /// returned handle stops the function gracefully.
     pub async fn start(self) -> Result<RunningFunction, Error> {
         let config = match self.config {
             Some(config) => {
@@ -116,14 +131,19 @@ impl<A: Aggregate> CommandFunction<A> {
             }
             None => Config::load()?,
         };
-        let names = Names::of::<A>(&config)?;
-        let client = config.nats.connect(&names.connection).await?;
+        let names = AggregateNames::new(A::NAME, &config)?;
+        let connection = config
+            .nats
+            .name
+            .clone()
+            .unwrap_or_else(|| names.connection());
+        let client = config.nats.connect(&connection).await?;
         let store = EventStore::new(
             client.clone(),
             StoreSettings {
                 aggregate: A::NAME.to_owned(),
                 stream: names.stream.clone(),
-                subject_prefix: names.event_subject_prefix.clone(),
+                subject_prefix: names.event_prefix.clone(),
                 replicas: config.stream.replicas,
                 duplicate_window: config.stream.duplicate_window,
                 max_bytes: config.stream.max_bytes,
@@ -134,39 +154,59 @@ impl<A: Aggregate> CommandFunction<A> {
         if config.stream.provision {
             store.provision().await?;
         }
-        let ledger = Ledger::open(
+        let reads = Arc::new(DirectGets::start(client.clone(), config.nats.request_timeout).await?);
+        let ledger = KvLedger::open(
             client.clone(),
+            reads.clone(),
             &names.ledger_bucket,
             config.ledger.ttl,
             config.ledger.replicas,
         )
         .await?;
-        let subjects = CommandSubjects::new(config.command.subject_prefix.as_deref(), A::NAME);
-        let handler = Arc::new(Handler::<A> {
-            store,
-            upcasters: A::upcasters(),
-            ledger,
-            locks: KeyedLocks::default(),
-            counters: Arc::default(),
-            subjects,
-            config: config.command.clone(),
-            _aggregate: PhantomData,
-        });
+        let upcasters = A::upcasters();
+        let snapshots = match A::snapshots() {
+            Some(codec) => {
+                let store = KvSnapshots::open(
+                    client.clone(),
+                    reads,
+                    &names.snapshot_bucket,
+                    config.stream.replicas,
+                )
+                .await?;
+                Some(SnapshotSetup {
+                    format: snapshots::format_of::<A>(codec.version(), &upcasters),
+                    store: Arc::new(store),
+                    codec,
+                })
+            }
+            None => None,
+        };
+        let (handler, writer) = Handler::<A>::new(
+            Arc::new(store),
+            Arc::new(ledger),
+            snapshots,
+            upcasters,
+            names.commands.clone(),
+            config.command.clone(),
+            config.ledger.ttl,
+        );
+        let handler = Arc::new(handler);
         let mut violations = crate::permissions::watch();
         let (service, endpoint) =
             register_service(&client, &handler, &names, &self.version).await?;
-        // A denied subscription is reported asynchronously; a flush makes sure it has arrived.
+        // A denied subscription is reported asynchronously. The server sends its refusal before
+        // the flush's PONG, so once the flush returns the refusal is already queued for the
+        // connection's event task; a moment's grace lets that task hand it over. Anything later
+        // stops the serving loop.
         let flushed = tokio::time::timeout(config.nats.request_timeout, client.flush()).await;
         if flushed.is_err() {
             return Err(Error::Service(
                 "NATS did not confirm the subscriptions".into(),
             ));
         }
-        // The server's refusal reaches the connection before the flush's reply, but async-nats
-        // hands it to the event callback on its own task: give that a moment.
         let wildcard = handler.subjects.wildcard();
         let refused = tokio::time::timeout(
-            SUBSCRIPTION_VERDICT,
+            REFUSAL_GRACE,
             crate::permissions::denied(&mut violations, &wildcard),
         )
         .await;
@@ -184,7 +224,15 @@ impl<A: Aggregate> CommandFunction<A> {
         let ready = stop_rx.clone();
         let health =
             health::serve(&config.health, client.clone(), move || !*ready.borrow()).await?;
-        let task = tokio::spawn(serve(client, handler, service, endpoint, stop_rx));
+        let serving = Serving {
+            client,
+            handler,
+            service,
+            endpoint,
+            writer,
+            violations,
+        };
+        let task = tokio::spawn(serve(serving, stop_rx));
         Ok(RunningFunction {
             stop: stop_tx,
             task,
@@ -226,50 +274,124 @@ impl RunningFunction {
     }
 }
 
-/// The names an aggregate's resources get from the configuration.
-struct Names {
-    service: String,
-    connection: String,
-    stream: String,
-    event_subject_prefix: String,
-    ledger_bucket: String,
+async fn register_service<A: Aggregate>(
+    client: &Client,
+    handler: &Arc<Handler<A>>,
+    names: &AggregateNames,
+    version: &str,
+) -> Result<(service::Service, service::endpoint::Endpoint), Error> {
+    let commands = variant_names::<A::Command>().join(",");
+    let schemas = serde_json::to_string(&crate::schema::command_schemas::<A>()).unwrap_or_default();
+    let metadata = HashMap::from([
+        (names::meta::SCHEMAS.to_owned(), schemas),
+        (names::meta::KIND.to_owned(), "command".to_owned()),
+        (names::meta::AGGREGATE.to_owned(), A::NAME.to_owned()),
+        (names::meta::COMMANDS.to_owned(), commands),
+        (names::meta::STREAM.to_owned(), names.stream.clone()),
+        (
+            names::meta::EVENTS.to_owned(),
+            format!("{}.<id>", names.event_prefix),
+        ),
+    ]);
+    let stats = handler.clone();
+    let service = client
+        .service_builder()
+        .description(format!("jetfn command function for aggregate {}", A::NAME))
+        .metadata(metadata)
+        .queue_group(&handler.config.queue_group)
+        .stats_handler(move |_endpoint, _stats| stats.stats())
+        .start(A::NAME, version)
+        .await
+        .map_err(|e| Error::Service(format!("cannot register NATS service: {e}")))?;
+    let endpoint = service
+        .endpoint_builder()
+        .name("commands")
+        .metadata(HashMap::from([(
+            "subject".to_owned(),
+            handler.subjects.pattern(),
+        )]))
+        .add(handler.subjects.wildcard())
+        .await
+        .map_err(|e| Error::Service(format!("cannot subscribe to commands: {e}")))?;
+    Ok((service, endpoint))
 }
 
-impl Names {
-    fn of<A: Aggregate>(config: &Config) -> Result<Names, Error> {
-        let aggregate = A::NAME;
-        let valid = !aggregate.is_empty()
-            && aggregate
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-        if !valid {
-            return Err(Error::AggregateName(aggregate));
+/// What the serving loop owns.
+struct Serving<A: Aggregate> {
+    client: Client,
+    handler: Arc<Handler<A>>,
+    service: service::Service,
+    endpoint: service::endpoint::Endpoint,
+    writer: tokio::task::JoinHandle<()>,
+    violations: tokio::sync::broadcast::Receiver<String>,
+}
+
+/// Takes requests until told to stop, then drains: the endpoint unsubscribes, already received
+/// requests are still processed, the background writes finish, and the loop ends.
+async fn serve<A: Aggregate>(
+    serving: Serving<A>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let Serving {
+        client,
+        handler,
+        service,
+        mut endpoint,
+        writer,
+        mut violations,
+    } = serving;
+    // Requests waiting for their aggregate hold no processing permit (that is taken after the
+    // aggregate's lock), so this only bounds memory.
+    let pending = Arc::new(Semaphore::new(
+        handler.config.max_in_flight.saturating_mul(16),
+    ));
+    let wildcard = handler.subjects.wildcard();
+    let mut in_flight = JoinSet::new();
+    let mut service = Some(service);
+    let mut result = Ok(());
+    loop {
+        tokio::select! {
+            changed = stop.changed(), if service.is_some() => {
+                if (changed.is_err() || *stop.borrow())
+                    && let Some(service) = service.take()
+                {
+                    // Unsubscribes the endpoint; buffered requests still come through.
+                    let _ = service.stop().await;
+                }
+            }
+            denied = crate::permissions::denied(&mut violations, &wildcard) => {
+                result = Err(Error::Service(format!("permission denied: {denied}")));
+                break;
+            }
+            request = endpoint.next() => {
+                let Some(request) = request else { break };
+                let Ok(permit) = pending.clone().acquire_owned().await else { break };
+                let handler = handler.clone();
+                in_flight.spawn(async move {
+                    handler.handle(request).await;
+                    drop(permit);
+                });
+            }
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
         }
-        Ok(Names {
-            service: aggregate.to_owned(),
-            connection: config
-                .nats
-                .name
-                .clone()
-                .unwrap_or_else(|| format!("jetfn-{aggregate}")),
-            stream: config.stream.name.clone().unwrap_or_else(|| {
-                format!(
-                    "{}_EVENTS",
-                    aggregate.to_ascii_uppercase().replace('-', "_")
-                )
-            }),
-            event_subject_prefix: config
-                .stream
-                .subject_prefix
-                .clone()
-                .unwrap_or_else(|| format!("evt.{aggregate}")),
-            ledger_bucket: config
-                .ledger
-                .bucket
-                .clone()
-                .unwrap_or_else(|| format!("jetfn-ledger-{aggregate}")),
-        })
     }
+    while in_flight.join_next().await.is_some() {}
+    // The handler's writer queue closes with the last handler; wait for its writes.
+    drop(handler);
+    if tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .is_err()
+    {
+        tracing::warn!("background ledger writes did not finish at shutdown");
+    }
+    // Without a server (it went away) there is nothing to flush to; do not wait for it forever.
+    match tokio::time::timeout(Duration::from_secs(5), client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "replies may not have been flushed"),
+        Err(_) => tracing::warn!("NATS unreachable at shutdown: replies may not have been flushed"),
+    }
+    tracing::info!(aggregate = A::NAME, "command function stopped");
+    result
 }
 
 /// Outcome counters reported in `$SRV.STATS` endpoint data.
@@ -310,105 +432,86 @@ impl Counters {
     }
 }
 
-async fn register_service<A: Aggregate>(
-    client: &Client,
-    handler: &Arc<Handler<A>>,
-    names: &Names,
-    version: &str,
-) -> Result<(service::Service, service::endpoint::Endpoint), Error> {
-    let commands = variant_names::<A::Command>().join(",");
-    let schemas = serde_json::to_string(&crate::schema::command_schemas::<A>()).unwrap_or_default();
-    let metadata = HashMap::from([
-        ("jetfn.schemas".to_owned(), schemas),
-        ("jetfn.kind".to_owned(), "command".to_owned()),
-        ("jetfn.aggregate".to_owned(), A::NAME.to_owned()),
-        ("jetfn.commands".to_owned(), commands),
-        ("jetfn.stream".to_owned(), names.stream.clone()),
-        (
-            "jetfn.events".to_owned(),
-            format!("{}.<id>", names.event_subject_prefix),
-        ),
-    ]);
-    let counters = handler.counters.clone();
-    let service = client
-        .service_builder()
-        .description(format!("jetfn command function for aggregate {}", A::NAME))
-        .metadata(metadata)
-        .queue_group(&handler.config.queue_group)
-        .stats_handler(move |_endpoint, _stats| counters.to_json())
-        .start(&names.service, version)
-        .await
-        .map_err(|e| Error::Service(format!("cannot register NATS service: {e}")))?;
-    let endpoint = service
-        .endpoint_builder()
-        .name("commands")
-        .metadata(HashMap::from([(
-            "subject".to_owned(),
-            handler.subjects.pattern(),
-        )]))
-        .add(handler.subjects.wildcard())
-        .await
-        .map_err(|e| Error::Service(format!("cannot subscribe to commands: {e}")))?;
-    Ok((service, endpoint))
+/// Snapshots of an aggregate that opted in: where they go and how they are written.
+struct SnapshotSetup<A> {
+    store: Arc<dyn SnapshotStore>,
+    codec: Snapshots<A>,
+    format: String,
 }
 
-/// Takes requests until told to stop, then drains: the endpoint unsubscribes, already received
-/// requests are still processed, and the loop ends when all have replied.
-async fn serve<A: Aggregate>(
-    client: Client,
-    handler: Arc<Handler<A>>,
-    service: service::Service,
-    mut endpoint: service::endpoint::Endpoint,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), Error> {
-    let permits = Arc::new(Semaphore::new(handler.config.max_in_flight));
-    let mut in_flight = JoinSet::new();
-    let mut service = Some(service);
-    loop {
-        tokio::select! {
-            changed = stop.changed(), if service.is_some() => {
-                if (changed.is_err() || *stop.borrow())
-                    && let Some(service) = service.take()
-                {
-                    // Unsubscribes the endpoint; buffered requests still come through.
-                    let _ = service.stop().await;
-                }
-            }
-            request = endpoint.next() => {
-                let Some(request) = request else { break };
-                let Ok(permit) = permits.clone().acquire_owned().await else { break };
-                let handler = handler.clone();
-                in_flight.spawn(async move {
-                    handler.handle(request).await;
-                    drop(permit);
-                });
-            }
-            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-        }
-    }
-    while in_flight.join_next().await.is_some() {}
-    // Without a server (it went away) there is nothing to flush to; do not wait for it forever.
-    match tokio::time::timeout(Duration::from_secs(5), client.flush()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => tracing::warn!(error = %err, "replies may not have been flushed"),
-        Err(_) => tracing::warn!("NATS unreachable at shutdown: replies may not have been flushed"),
-    }
-    tracing::info!(aggregate = A::NAME, "command function stopped");
-    Ok(())
-}
-
-struct Handler<A> {
-    store: EventStore,
+/// Decides commands for aggregate type `A` over an event log and a ledger.
+struct Handler<A: Aggregate> {
+    log: Arc<dyn EventLog>,
+    ledger: Arc<dyn CommandLedger>,
+    snapshots: Option<SnapshotSetup<A>>,
+    writer: Writer,
+    cache: StateCache<A>,
+    permits: Semaphore,
     upcasters: Upcasters,
-    ledger: Ledger,
-    locks: KeyedLocks,
-    counters: Arc<Counters>,
+    counters: Counters,
     subjects: CommandSubjects,
     config: crate::config::CommandConfig,
-    _aggregate: PhantomData<fn() -> A>,
+    /// How long the ledger remembers a reply; cached replies are forgotten as soon.
+    ledger_ttl: Duration,
+}
+
+/// The outcome of one command in the loop.
+struct Outcome {
+    reply: Reply,
+    retries: u32,
+    /// Whether the cached state is still good (false after a fold error).
+    keep: bool,
+}
+
+impl Outcome {
+    fn new(reply: Reply, retries: u32) -> Self {
+        Outcome {
+            reply,
+            retries,
+            keep: true,
+        }
+    }
+}
+
+fn unavailable(message: impl Into<String>) -> Reply {
+    Reply::failed(ErrorKind::Unavailable, message)
 }
 
 impl<A: Aggregate> Handler<A> {
+    /// A handler and the task of its background writer.
+    fn new(
+        log: Arc<dyn EventLog>,
+        ledger: Arc<dyn CommandLedger>,
+        snapshots: Option<SnapshotSetup<A>>,
+        upcasters: Upcasters,
+        subjects: CommandSubjects,
+        config: crate::config::CommandConfig,
+        ledger_ttl: Duration,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (writer, task) =
+            Writer::start(ledger.clone(), snapshots.as_ref().map(|s| s.store.clone()));
+        let handler = Handler {
+            log,
+            ledger,
+            snapshots,
+            writer,
+            cache: StateCache::new(config.cache_entries, config.max_queued_per_aggregate),
+            permits: Semaphore::new(config.max_in_flight),
+            upcasters,
+            counters: Counters::default(),
+            subjects,
+            config,
+            ledger_ttl,
+        };
+        (handler, task)
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let mut stats = self.counters.to_json();
+        stats["cache"] = self.cache.to_json();
+        stats
+    }
+
     async fn handle(&self, request: service::Request) {
         let started = Instant::now();
         let message = &request.message;
@@ -424,13 +527,15 @@ impl<A: Aggregate> Handler<A> {
             duration_ms = tracing::field::Empty,
         );
         let (reply, retries) = match self.check(message) {
-            Ok(command) => {
-                span.record("id", command.id.as_str());
-                span.record("command", command.command.as_str());
-                span.record("command_id", command.command_id.as_str());
-                span.record("trace_id", command.trace.trace_id.as_str());
-                telemetry::link(&span, &command.trace);
-                self.execute(&command).instrument(span.clone()).await
+            Ok((checked, command)) => {
+                span.record("id", checked.id.as_str());
+                span.record("command", checked.command.as_str());
+                span.record("command_id", checked.command_id.as_str());
+                span.record("trace_id", checked.trace.trace_id.as_str());
+                telemetry::link(&span, &checked.trace);
+                self.execute(&checked, command)
+                    .instrument(span.clone())
+                    .await
             }
             Err(message) => (Reply::failed(ErrorKind::Invalid, message), 0),
         };
@@ -451,12 +556,12 @@ impl<A: Aggregate> Handler<A> {
     }
 
     /// The wire checks: subject, command id, body, and decoding into the command type.
-    fn check(&self, message: &async_nats::Message) -> Result<CommandRequest, String> {
+    fn check(&self, message: &async_nats::Message) -> Result<(CommandRequest, A::Command), String> {
         let (id, command) = self.subjects.parse(&message.subject)?;
-        let command_id = match message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
+        let command_id = match header::get(message.headers.as_ref(), header::MSG_ID) {
             Some(value) => {
-                request::check_command_id(value.as_str())?;
-                value.as_str().to_owned()
+                request::check_command_id(value)?;
+                value.to_owned()
             }
             None => uuid::Uuid::now_v7().to_string(),
         };
@@ -472,8 +577,8 @@ impl<A: Aggregate> Handler<A> {
             body,
             trace,
         };
-        self.decode(&request)?;
-        Ok(request)
+        let decoded = self.decode(&request)?;
+        Ok((request, decoded))
     }
 
     fn decode(&self, request: &CommandRequest) -> Result<A::Command, String> {
@@ -490,119 +595,340 @@ impl<A: Aggregate> Handler<A> {
     }
 
     /// Answers a checked command, returning the reply and the number of conflict retries.
-    async fn execute(&self, request: &CommandRequest) -> (Reply, u32) {
-        {
-            let fingerprint = request.fingerprint.clone();
-            match self.ledger.get(&request.id, &request.command_id).await {
-                Ok(Some(entry)) if entry.fingerprint == fingerprint => return (entry.reply, 0),
-                Ok(Some(_)) => return (reused_id(request), 0),
-                Ok(None) => {}
-                Err(err) => return (Reply::failed(ErrorKind::Unavailable, err), 0),
-            }
-            let _writer = self.locks.lock(&request.id).await;
-            let (reply, retries) = self.decide_and_append(request).await;
-            if matches!(&reply, Reply::Accepted(_))
-                || reply.error_kind() == Some(ErrorKind::Rejected)
-            {
-                let entry = Entry {
-                    fingerprint,
-                    reply: reply.clone(),
-                };
-                if let Err(err) = self
-                    .ledger
-                    .put(&request.id, &request.command_id, &entry)
-                    .await
-                {
-                    // Accepted commands stay recognisable from their stored events.
-                    tracing::warn!(error = %err, "reply not recorded in the ledger");
-                }
-            }
-            (reply, retries)
+    async fn execute(&self, request: &CommandRequest, command: A::Command) -> (Reply, u32) {
+        let Ok(slot) = self.cache.slot(&request.id) else {
+            let QueueFull = QueueFull;
+            let message = format!(
+                "{} has {} commands waiting in this instance; retry with the same command id",
+                request.id, self.config.max_queued_per_aggregate
+            );
+            return (unavailable(message), 0);
+        };
+        let mut guard = slot.lock().await;
+        // Taken only once the aggregate is ours, so commands queued on a busy aggregate never
+        // keep an idle one waiting.
+        let Ok(_permit) = self.permits.acquire().await else {
+            return (unavailable("shutting down"), 0);
+        };
+        self.cache.count(guard.is_some());
+        let (mut cached, fresh) = match guard.take() {
+            Some(cached) => (cached, false),
+            None => match self.load(&request.id).await {
+                Ok(cached) => (cached, true),
+                Err(reply) => return (reply, 0),
+            },
+        };
+        let outcome = self
+            .decide_and_append(&mut cached, request, command, fresh)
+            .await;
+        if outcome.keep {
+            *guard = Some(cached);
         }
+        (outcome.reply, outcome.retries)
     }
 
-    /// Load, decide, append; on a conflict, catch up with what changed and decide again.
-    async fn decide_and_append(&self, request: &CommandRequest) -> (Reply, u32) {
-        let unavailable = |message: String| Reply::failed(ErrorKind::Unavailable, message);
-        let mut history = History::default();
-        let mut state = A::default();
+    /// A cold load: the latest usable snapshot, then the events after it.
+    async fn load(&self, id: &str) -> Result<Cached<A>, Reply> {
+        let mut cached = Cached::empty(self.config.recent_commands, self.ledger_ttl);
+        if let Some(setup) = &self.snapshots {
+            match setup.store.get(id).await {
+                Ok(Some(record)) if record.format == setup.format => {
+                    match setup.codec.decode(record.state) {
+                        Ok(state) => {
+                            cached.state = state;
+                            cached.last_seq = record.seq;
+                            cached.version = record.version;
+                            cached.snapshot_version = record.version;
+                        }
+                        Err(err) => {
+                            tracing::warn!(id, error = %err, "snapshot unreadable; loading the events")
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(err) => tracing::debug!(id, error = %err, "no snapshot; loading the events"),
+            }
+        }
+        self.catch_up(&mut cached, id, None)
+            .await
+            .map(|_| cached)
+            .map_err(|(reply, _)| reply)
+    }
+
+    /// Folds the events stored after the cached sequence into the cached state, remembering
+    /// their commands. Returns the earlier reply of `request`'s command id when its events are
+    /// among them. An error carries whether the cached state is still usable.
+    async fn catch_up(
+        &self,
+        cached: &mut Cached<A>,
+        id: &str,
+        request: Option<&CommandRequest>,
+    ) -> Result<Option<Reply>, (Reply, bool)> {
+        let events = self
+            .log
+            .read_after(id, cached.last_seq)
+            .await
+            .map_err(|e| (unavailable(e.to_string()), true))?;
+        let mut earlier = None;
+        // The command whose events are being folded: (id, fingerprint, event types).
+        let mut group: Option<(String, Option<String>, Vec<String>)> = None;
+        for stored in &events {
+            let event = decode_stored::<A>(
+                &self.upcasters,
+                &stored.event_type,
+                stored.version,
+                &stored.payload,
+            )
+            .map_err(|e| {
+                let message = format!(
+                    "stored event at sequence {} cannot be used: {e}",
+                    stored.seq
+                );
+                (unavailable(message), false)
+            })?;
+            // A command's events are contiguous: a new id ends the previous command, whose
+            // reply ends at the version and sequence folded so far.
+            if group.as_ref().map(|(c, _, _)| Some(c)) != Some(stored.command_id.as_ref())
+                && let Some(done) = group.take()
+            {
+                self.remember_folded(cached, id, done);
+            }
+            cached.state = std::mem::take(&mut cached.state).evolve(&event);
+            cached.last_seq = stored.seq;
+            cached.version += 1;
+            if let Some(command_id) = &stored.command_id {
+                let (_, _, types) = group.get_or_insert_with(|| {
+                    (command_id.clone(), stored.fingerprint.clone(), Vec::new())
+                });
+                types.push(stored.event_type.clone());
+            }
+        }
+        if let Some(done) = group.take() {
+            self.remember_folded(cached, id, done);
+        }
+        if let Some(request) = request
+            && let Some(entry) = cached.applied.get(&request.command_id)
+            && events
+                .iter()
+                .any(|e| e.command_id.as_deref() == Some(&request.command_id))
+        {
+            earlier = Some(answer(entry, request));
+        }
+        Ok(earlier)
+    }
+
+    /// Remembers a command found on folded events, ending at the cached version.
+    fn remember_folded(
+        &self,
+        cached: &mut Cached<A>,
+        id: &str,
+        (command_id, fingerprint, types): (String, Option<String>, Vec<String>),
+    ) {
+        let reply = Reply::Accepted(Accepted {
+            id: id.to_owned(),
+            version: cached.version,
+            seq: cached.last_seq,
+            events: types,
+        });
+        let entry = Entry {
+            fingerprint: fingerprint.unwrap_or_default(),
+            reply,
+        };
+        cached.applied.insert(command_id, entry);
+    }
+
+    /// Decide, append; on a conflict, catch up with what changed and decide again.
+    async fn decide_and_append(
+        &self,
+        cached: &mut Cached<A>,
+        request: &CommandRequest,
+        command: A::Command,
+        mut fresh: bool,
+    ) -> Outcome {
+        if let Some(entry) = cached.reply_of(&request.command_id) {
+            return Outcome::new(answer(entry, request), 0);
+        }
+        match self.ledger.get(&request.id, &request.command_id).await {
+            Ok(Some(entry)) => {
+                let reply = answer(&entry, request);
+                cached.recent.remember(&request.command_id, entry);
+                return Outcome::new(reply, 0);
+            }
+            Ok(None) => {}
+            Err(err) => return Outcome::new(unavailable(err.to_string()), 0),
+        }
+        let started = Instant::now();
+        let mut command = Some(command);
         let mut retries = 0;
         loop {
-            let folded = history.events.len();
-            if let Err(err) = self.store.catch_up(&request.id, &mut history).await {
-                return (unavailable(err.to_string()), retries);
-            }
-            if let Some(reply) = earlier_reply(&history, request) {
-                return (reply, retries);
-            }
-            state = match fold(state, &history.events[folded..], &self.upcasters) {
-                Ok(state) => state,
-                Err(message) => return (unavailable(message), retries),
+            // Decoded once per attempt: the first attempt uses the checked command.
+            let command = match command.take() {
+                Some(command) => command,
+                None => match self.decode(request) {
+                    Ok(command) => command,
+                    Err(m) => return Outcome::new(Reply::failed(ErrorKind::Invalid, m), retries),
+                },
             };
-            let Decided { events, types } = match self.decide(&state, request) {
-                Ok(decided) => decided,
-                Err(reply) => return (reply, retries),
+            let decided = match cached.state.decide(command) {
+                Ok(events) if !events.is_empty() => events,
+                outcome => {
+                    // Nothing to append, so OCC cannot catch a stale state: make sure the state
+                    // is current before this outcome becomes the command's answer for good.
+                    if !fresh {
+                        match self.is_current(cached, &request.id).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                fresh = true;
+                                match self.catch_up(cached, &request.id, Some(request)).await {
+                                    Ok(Some(reply)) => return Outcome::new(reply, retries),
+                                    Ok(None) => continue,
+                                    Err((reply, keep)) => {
+                                        return Outcome {
+                                            reply,
+                                            retries,
+                                            keep,
+                                        };
+                                    }
+                                }
+                            }
+                            Err(reply) => return Outcome::new(reply, retries),
+                        }
+                    }
+                    let reply = match outcome {
+                        Err(rejection) => Reply::rejected(&rejection),
+                        Ok(_) => accepted(request, cached.version, cached.last_seq, Vec::new()),
+                    };
+                    return Outcome::new(self.record_now(cached, request, reply).await, retries);
+                }
             };
-            let version = (history.events.len() + events.len()) as u64;
-            if events.is_empty() {
-                return (accepted(request, version, history.last_seq, types), retries);
-            }
+            let encoded = match encode::<A>(&decided) {
+                Ok(encoded) => encoded,
+                Err(reply) => return Outcome::new(reply, retries),
+            };
             let append = Append {
                 aggregate_id: &request.id,
-                expected_last_seq: history.last_seq,
+                expected_last_seq: cached.last_seq,
                 command_id: &request.command_id,
                 command: &request.command,
-                events: &events,
+                events: &encoded,
                 fingerprint: Some(&request.fingerprint),
                 trace: Some(&request.trace),
             };
-            let outcome = self.store.append(append).await;
-            let exhausted = retries >= self.config.max_retries;
-            match outcome {
-                Ok(seq) => return (accepted(request, version, seq, types), retries),
-                Err(AppendError::Unavailable(message)) => return (unavailable(message), retries),
+            let exhausted = retries >= self.config.max_retries
+                || started.elapsed() >= self.config.conflict_budget;
+            match self.log.append(append).await {
+                Ok(seq) => {
+                    for event in &decided {
+                        cached.state = std::mem::take(&mut cached.state).evolve(event);
+                    }
+                    cached.last_seq = seq;
+                    cached.version += decided.len() as u64;
+                    let types = encoded.into_iter().map(|e| e.event_type).collect();
+                    let reply = accepted(request, cached.version, seq, types);
+                    self.record_later(cached, request, &reply);
+                    return Outcome::new(reply, retries);
+                }
+                Err(AppendError::Unavailable(message) | AppendError::TooManyBatches(message)) => {
+                    return Outcome::new(unavailable(message), retries);
+                }
                 Err(AppendError::Conflict(message)) if exhausted => {
                     let message = format!(
                         "{} changed concurrently {} times in a row; last: {message}",
                         request.id,
                         retries + 1
                     );
-                    return (Reply::failed(ErrorKind::Conflict, message), retries);
+                    return Outcome::new(Reply::failed(ErrorKind::Conflict, message), retries);
                 }
                 Err(AppendError::Unknown(message)) if exhausted => {
-                    return (unavailable(message), retries);
+                    return Outcome::new(unavailable(message), retries);
                 }
                 Err(err) => {
                     tracing::debug!(error = %err, retry = retries + 1, "catching up after conflict");
-                    tokio::time::sleep(self.backoff(retries)).await;
                     retries += 1;
+                    fresh = true;
+                    match self.catch_up(cached, &request.id, Some(request)).await {
+                        Ok(Some(reply)) => return Outcome::new(reply, retries),
+                        Ok(None) => {}
+                        Err((reply, keep)) => {
+                            return Outcome {
+                                reply,
+                                retries,
+                                keep,
+                            };
+                        }
+                    }
+                    tokio::time::sleep(self.backoff(retries - 1)).await;
                 }
             }
         }
     }
 
-    /// Asks the domain, and encodes what it decided.
-    fn decide(&self, state: &A, request: &CommandRequest) -> Result<Decided, Reply> {
-        let command = self
-            .decode(request)
-            .map_err(|m| Reply::failed(ErrorKind::Invalid, m))?;
-        let decided = state
-            .decide(command)
-            .map_err(|r| Reply::failed(ErrorKind::Rejected, r.message()))?;
-        let mut events = Vec::with_capacity(decided.len());
-        for event in &decided {
-            let (event_type, payload) = encode_variant(event)
-                .map_err(|e| Reply::failed(ErrorKind::Unavailable, e.to_string()))?;
-            events.push(NewEvent {
-                version: A::event_version(&event_type),
-                event_type,
-                payload,
-            });
+    /// Whether no event was appended to the aggregate since it was cached: one direct get.
+    async fn is_current(&self, cached: &Cached<A>, id: &str) -> Result<bool, Reply> {
+        let last = self
+            .log
+            .last_seq(id)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        Ok(last == cached.last_seq)
+    }
+
+    /// Records a reply that left no event behind before it is sent: only the ledger knows it.
+    async fn record_now(
+        &self,
+        cached: &mut Cached<A>,
+        request: &CommandRequest,
+        reply: Reply,
+    ) -> Reply {
+        let entry = Entry {
+            fingerprint: request.fingerprint.clone(),
+            reply,
+        };
+        if let Err(err) = self
+            .ledger
+            .put(&request.id, &request.command_id, &entry)
+            .await
+        {
+            // Unrecorded, a resend could be decided differently: let the client retry.
+            return unavailable(format!("could not record the outcome: {err}"));
         }
-        Ok(Decided {
-            types: events.iter().map(|e| e.event_type.clone()).collect(),
-            events,
-        })
+        cached.recent.remember(&request.command_id, entry.clone());
+        entry.reply
+    }
+
+    /// Queues the ledger entry of an accepted command, and a snapshot when one is due.
+    fn record_later(&self, cached: &mut Cached<A>, request: &CommandRequest, reply: &Reply) {
+        let entry = Entry {
+            fingerprint: request.fingerprint.clone(),
+            reply: reply.clone(),
+        };
+        cached
+            .applied
+            .insert(request.command_id.clone(), entry.clone());
+        self.writer.queue(Job::Ledger {
+            id: request.id.clone(),
+            command_id: request.command_id.clone(),
+            entry,
+        });
+        let Some(setup) = &self.snapshots else { return };
+        if cached.version < cached.snapshot_version + self.config.snapshot_every {
+            return;
+        }
+        match setup.codec.encode(&cached.state) {
+            Ok(state) => {
+                cached.snapshot_version = cached.version;
+                self.writer.queue(Job::Snapshot {
+                    id: request.id.clone(),
+                    record: SnapshotRecord {
+                        format: setup.format.clone(),
+                        seq: cached.last_seq,
+                        version: cached.version,
+                        state,
+                    },
+                });
+            }
+            Err(err) => tracing::warn!(id = %request.id, error = %err, "state not snapshotted"),
+        }
     }
 
     /// No pause before the first retry: with one writer per aggregate per instance, the usual
@@ -622,34 +948,30 @@ impl<A: Aggregate> Handler<A> {
     }
 }
 
-struct Decided {
-    events: Vec<NewEvent>,
-    types: Vec<String>,
+/// Encodes what the domain decided.
+fn encode<A: Aggregate>(events: &[A::Event]) -> Result<Vec<NewEvent>, Reply> {
+    events
+        .iter()
+        .map(|event| {
+            let (event_type, payload) =
+                encode_variant(event).map_err(|e| unavailable(e.to_string()))?;
+            Ok(NewEvent {
+                version: A::event_version(&event_type),
+                event_type,
+                payload,
+            })
+        })
+        .collect()
 }
 
-/// Applies stored events to a state, upcasting old versions and refusing what this code does not
-/// understand.
-fn fold<A: Aggregate>(
-    mut state: A,
-    events: &[StoredEvent],
-    upcasters: &Upcasters,
-) -> Result<A, String> {
-    for stored in events {
-        let event = decode_stored::<A>(
-            upcasters,
-            &stored.event_type,
-            stored.version,
-            &stored.payload,
-        )
-        .map_err(|e| {
-            format!(
-                "stored event at sequence {} cannot be used: {e}",
-                stored.seq
-            )
-        })?;
-        state = state.evolve(&event);
+/// The reply a command already got; `invalid` when its id was used for a different command.
+fn answer(entry: &Entry, request: &CommandRequest) -> Reply {
+    // Events written before fingerprints were recorded carry none: trust the id.
+    if entry.fingerprint.is_empty() || entry.fingerprint == request.fingerprint {
+        entry.reply.clone()
+    } else {
+        reused_id(request)
     }
-    Ok(state)
 }
 
 fn accepted(request: &CommandRequest, version: u64, seq: u64, events: Vec<String>) -> Reply {
@@ -659,28 +981,6 @@ fn accepted(request: &CommandRequest, version: u64, seq: u64, events: Vec<String
         seq,
         events,
     })
-}
-
-/// The reply a command already got, recognised by its id on the stored events; `invalid` when
-/// the id was used for a different command (its events record the command's fingerprint).
-fn earlier_reply(history: &History, request: &CommandRequest) -> Option<Reply> {
-    let mut found: Option<(usize, u64)> = None;
-    let mut types = Vec::new();
-    for (index, event) in history.events.iter().enumerate() {
-        if event.command_id.as_deref() == Some(request.command_id.as_str()) {
-            if event
-                .fingerprint
-                .as_deref()
-                .is_some_and(|f| f != request.fingerprint)
-            {
-                return Some(reused_id(request));
-            }
-            found = Some((index, event.seq));
-            types.push(event.event_type.clone());
-        }
-    }
-    let (index, seq) = found?;
-    Some(accepted(request, index as u64 + 1, seq, types))
 }
 
 fn reused_id(request: &CommandRequest) -> Reply {
@@ -695,12 +995,12 @@ async fn respond(request: &service::Request, reply: &Reply) -> Result<(), String
     let mut headers = HeaderMap::new();
     if let Reply::Failed(failure) = reply {
         headers.insert(
-            service::NATS_SERVICE_ERROR_CODE,
+            header::SERVICE_ERROR_CODE,
             failure.kind.code().to_string().as_str(),
         );
         // Header values cannot hold line breaks.
         let message = failure.message.replace(['\r', '\n'], " ");
-        headers.insert(service::NATS_SERVICE_ERROR, message.as_str());
+        headers.insert(header::SERVICE_ERROR, message.as_str());
     }
     request
         .respond_with_headers(Ok(reply.to_json().into()), headers)

@@ -39,6 +39,10 @@ pub struct Failure {
     pub kind: ErrorKind,
     /// A human-readable explanation.
     pub message: String,
+    /// A machine-readable code for rejections, when the domain gives one
+    /// (for example `insufficient_funds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 /// The kinds of failure, each with an HTTP-like status code.
@@ -89,6 +93,16 @@ impl Reply {
         Reply::Failed(Failure {
             kind,
             message: message.into(),
+            code: None,
+        })
+    }
+
+    /// The rejection of a command by the domain, with its code if it has one.
+    pub fn rejected(rejection: &crate::Rejection) -> Reply {
+        Reply::Failed(Failure {
+            kind: ErrorKind::Rejected,
+            message: rejection.message().to_owned(),
+            code: rejection.code().map(str::to_owned),
         })
     }
 
@@ -191,6 +205,17 @@ mod tests {
             json!({"ok":false,"error":{"kind":"rejected","message":"insufficient funds"}})
         );
         assert_eq!(serde_json::from_value::<Reply>(json).unwrap(), reply);
+    }
+
+    #[test]
+    fn a_rejection_with_a_code_carries_it_as_error_code() {
+        let rejection = crate::Rejection::new("insufficient funds").with_code("insufficient_funds");
+        let json: serde_json::Value =
+            serde_json::from_slice(&Reply::rejected(&rejection).to_json()).unwrap();
+        assert_eq!(
+            json,
+            json!({"ok":false,"error":{"kind":"rejected","message":"insufficient funds","code":"insufficient_funds"}})
+        );
     }
 
     #[test]

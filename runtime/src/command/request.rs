@@ -2,11 +2,8 @@
 //!
 //! Everything here is pure, so every rule of the wire contract has a unit test.
 
-use crate::config::is_name;
 use serde_json::{Map, Value};
 
-/// The longest aggregate id.
-pub const MAX_ID_LEN: usize = 128;
 /// The longest command id (`Nats-Msg-Id`).
 pub const MAX_COMMAND_ID_LEN: usize = 128;
 
@@ -23,67 +20,13 @@ pub(crate) struct CommandRequest {
     pub trace: crate::telemetry::TraceContext,
 }
 
-/// Where an aggregate type's commands arrive: `[<prefix>.]cmd.<aggregate>.`.
-#[derive(Debug, Clone)]
-pub(crate) struct CommandSubjects {
-    root: String,
-}
-
-impl CommandSubjects {
-    pub fn new(prefix: Option<&str>, aggregate: &str) -> Self {
-        let root = match prefix {
-            Some(prefix) => format!("{prefix}.cmd.{aggregate}."),
-            None => format!("cmd.{aggregate}."),
-        };
-        CommandSubjects { root }
-    }
-
-    /// The subscription subject: every subject under the aggregate, so that malformed ones get
-    /// an `invalid` reply rather than silence.
-    pub fn wildcard(&self) -> String {
-        format!("{}>", self.root)
-    }
-
-    /// The documented pattern, for service metadata.
-    pub fn pattern(&self) -> String {
-        format!("{}<id>.<command>", self.root)
-    }
-
-    /// Splits `...cmd.<aggregate>.<id>.<command>` into id and command.
-    pub fn parse<'s>(&self, subject: &'s str) -> Result<(&'s str, &'s str), String> {
-        let rest = subject
-            .strip_prefix(&self.root)
-            .ok_or_else(|| format!("subject {subject} is not under {}", self.wildcard()))?;
-        let mut tokens = rest.split('.');
-        match (tokens.next(), tokens.next(), tokens.next()) {
-            (Some(id), Some(command), None) => {
-                check_id(id)?;
-                Ok((id, command))
-            }
-            _ => Err(format!(
-                "subject {subject} must have the form {}",
-                self.pattern()
-            )),
-        }
-    }
-}
-
-/// Aggregate ids: `[A-Za-z0-9_-]{1,128}`.
-pub(crate) fn check_id(id: &str) -> Result<(), String> {
-    if id.len() > MAX_ID_LEN || !is_name(id) {
-        return Err(format!(
-            "aggregate id {id:?} must match [A-Za-z0-9_-]{{1,{MAX_ID_LEN}}}"
-        ));
-    }
-    Ok(())
-}
-
 /// Command ids: 1 to 128 visible ASCII characters.
 pub(crate) fn check_command_id(command_id: &str) -> Result<(), String> {
     let visible = command_id.bytes().all(|b| b.is_ascii_graphic());
     if command_id.is_empty() || command_id.len() > MAX_COMMAND_ID_LEN || !visible {
         return Err(format!(
-            "Nats-Msg-Id {command_id:?} must be 1 to {MAX_COMMAND_ID_LEN} visible ASCII characters"
+            "{} {command_id:?} must be 1 to {MAX_COMMAND_ID_LEN} visible ASCII characters",
+            crate::wire::header::MSG_ID
         ));
     }
     Ok(())
@@ -122,44 +65,6 @@ pub(crate) fn fingerprint(command: &str, body: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_command_subject_splits_into_id_and_command() {
-        let subjects = CommandSubjects::new(None, "account");
-        assert_eq!(
-            subjects.parse("cmd.account.a-1.deposit"),
-            Ok(("a-1", "deposit"))
-        );
-        assert_eq!(subjects.wildcard(), "cmd.account.>");
-    }
-
-    #[test]
-    fn a_prefix_comes_before_cmd() {
-        let subjects = CommandSubjects::new(Some("eu.bank"), "account");
-        assert_eq!(
-            subjects.parse("eu.bank.cmd.account.x.open"),
-            Ok(("x", "open"))
-        );
-        assert!(subjects.parse("cmd.account.x.open").is_err());
-    }
-
-    #[test]
-    fn subjects_with_missing_or_extra_tokens_are_invalid() {
-        let subjects = CommandSubjects::new(None, "account");
-        for bad in ["cmd.account.x", "cmd.account.x.open.now"] {
-            let err = subjects.parse(bad).unwrap_err();
-            assert!(err.contains("cmd.account.<id>.<command>"), "{err}");
-        }
-    }
-
-    #[test]
-    fn ids_are_limited_to_safe_characters_and_128_bytes() {
-        assert!(check_id("Ab_9-x").is_ok());
-        assert!(check_id(&"a".repeat(128)).is_ok());
-        for bad in ["", "a b", "ä", &"a".repeat(129)] {
-            assert!(check_id(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn command_ids_are_visible_ascii() {

@@ -331,13 +331,7 @@ impl<P> Clone for Context<P> {
 
 impl<P: Projection> Context<P> {
     async fn connect(config: &Config) -> Result<Context<P>, Error> {
-        let valid = !P::NAME.is_empty()
-            && P::NAME
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !valid {
-            return Err(Error::AggregateName(P::NAME));
-        }
+        crate::wire::names::check_projection_name(P::NAME)?;
         let aggregate = <P::Source as Aggregate>::NAME;
         let client = config.nats.connect(&format!("jetfn-{}", P::NAME)).await?;
         crate::store::check_server_version(&client.server_info().version)?;

@@ -1,0 +1,129 @@
+//! Snapshots: an aggregate's folded state at a stream sequence, in a KV bucket, for cold loads.
+//!
+//! A snapshot records the state's JSON, the stream sequence and version it was folded up to,
+//! and a *format* string: the aggregate's snapshot version, its event versions and its
+//! registered upcasters. A snapshot whose format differs from the running code's is ignored
+//! (the aggregate is loaded from its events), so a snapshot is never misread after the state's
+//! shape, an event version or an upcaster changed.
+
+use super::ledger::{direct_get_value, open_bucket};
+use crate::aggregate::{Aggregate, Upcasters};
+use crate::codec::variant_names;
+use crate::direct::DirectGets;
+use crate::store::StoreError;
+use crate::wire::names;
+use async_nats::jetstream::{self, kv};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// One stored snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct SnapshotRecord {
+    /// What code wrote it; see [`format_of`].
+    pub format: String,
+    /// The stream sequence of the last event folded in.
+    pub seq: u64,
+    /// The number of events folded in.
+    pub version: u64,
+    /// The state.
+    pub state: serde_json::Value,
+}
+
+/// The format of `A`'s snapshots under the running code.
+pub(crate) fn format_of<A: Aggregate>(snapshot_version: u32, upcasters: &Upcasters) -> String {
+    let events: Vec<String> = variant_names::<A::Event>()
+        .iter()
+        .map(|t| format!("{t}={}", A::event_version(t)))
+        .collect();
+    let steps: Vec<String> = upcasters
+        .steps()
+        .iter()
+        .map(|(t, v)| format!("{t}@{v}"))
+        .collect();
+    format!(
+        "v{snapshot_version};events:{};upcasters:{}",
+        events.join(","),
+        steps.join(",")
+    )
+}
+
+/// Where snapshots are kept: a KV bucket in production, memory in unit tests.
+pub(crate) trait SnapshotStore: Send + Sync + 'static {
+    /// The latest snapshot of aggregate `id`.
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<SnapshotRecord>, StoreError>>;
+    /// Stores a snapshot of aggregate `id`.
+    fn put<'a>(
+        &'a self,
+        id: &'a str,
+        record: &'a SnapshotRecord,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+}
+
+/// Snapshots in a JetStream KV bucket, one key per aggregate, latest only.
+pub(crate) struct KvSnapshots {
+    js: jetstream::Context,
+    bucket: String,
+    direct_get: String,
+    reads: Arc<DirectGets>,
+}
+
+impl KvSnapshots {
+    /// Opens the bucket, creating it if it does not exist.
+    pub async fn open(
+        client: async_nats::Client,
+        reads: Arc<DirectGets>,
+        bucket: &str,
+        replicas: usize,
+    ) -> Result<KvSnapshots, StoreError> {
+        let js = jetstream::new(client);
+        open_bucket(
+            &js,
+            kv::Config {
+                bucket: bucket.to_owned(),
+                description: "jetfn snapshots: aggregate id -> folded state".into(),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(KvSnapshots {
+            js,
+            bucket: bucket.to_owned(),
+            direct_get: names::direct_get(&names::kv_stream(bucket)),
+            reads,
+        })
+    }
+}
+
+impl SnapshotStore for KvSnapshots {
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<SnapshotRecord>, StoreError>> {
+        Box::pin(async move {
+            let subject = names::kv_subject(&self.bucket, id);
+            let value = direct_get_value(&self.reads, &self.direct_get, &subject).await?;
+            // An unreadable snapshot is no snapshot: the events are the truth.
+            Ok(value.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
+        })
+    }
+
+    fn put<'a>(
+        &'a self,
+        id: &'a str,
+        record: &'a SnapshotRecord,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let bytes =
+                serde_json::to_vec(record).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let failed = |e: String| StoreError::Unavailable(format!("snapshot write failed: {e}"));
+            self.js
+                .publish(names::kv_subject(&self.bucket, id), bytes.into())
+                .await
+                .map_err(|e| failed(e.to_string()))?
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            Ok(())
+        })
+    }
+}

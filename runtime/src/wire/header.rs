@@ -1,0 +1,75 @@
+//! Every header jetfn reads or writes, by name.
+//!
+//! JetStream's and the service API's own headers are async-nats's constants, re-exported here
+//! under the names jetfn's code uses, so the rest of the crate never spells a header.
+
+use async_nats::HeaderMap;
+use async_nats::header::IntoHeaderName;
+pub use async_nats::header::{
+    NATS_BATCH_COMMIT, NATS_BATCH_ID, NATS_BATCH_SEQUENCE,
+    NATS_EXPECTED_LAST_SUBJECT_SEQUENCE as EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_LAST_SEQUENCE,
+    NATS_MESSAGE_ID as MSG_ID, NATS_SEQUENCE, NATS_SUBJECT,
+};
+pub use async_nats::service::{
+    NATS_SERVICE_ERROR as SERVICE_ERROR, NATS_SERVICE_ERROR_CODE as SERVICE_ERROR_CODE,
+};
+
+/// The value of [`NATS_BATCH_COMMIT`] that commits a batch with its last message.
+pub const BATCH_COMMIT_FINAL: &str = async_nats::header::NATS_BATCH_COMMIT_FINAL;
+/// Messages still matching a direct get batch after its end (status 204 reply).
+pub const NUM_PENDING: &str = "Nats-Num-Pending";
+
+/// CloudEvents spec version, always `1.0`.
+pub const CE_SPECVERSION: &str = "ce-specversion";
+/// CloudEvents id: unique per event (`<aggregate id>:<command id>:<index>`).
+pub const CE_ID: &str = "ce-id";
+/// CloudEvents type: the event's variant name, e.g. `MoneyDeposited`.
+pub const CE_TYPE: &str = "ce-type";
+/// CloudEvents source: `/jetfn/<aggregate>`.
+pub const CE_SOURCE: &str = "ce-source";
+/// CloudEvents subject: the aggregate id.
+pub const CE_SUBJECT: &str = "ce-subject";
+/// CloudEvents time: when the command was decided (RFC 3339).
+pub const CE_TIME: &str = "ce-time";
+/// CloudEvents data content type, always `application/json`.
+pub const CE_DATACONTENTTYPE: &str = "ce-datacontenttype";
+
+/// The event's schema version (an integer, 1 unless the aggregate says otherwise).
+pub const EVENT_VERSION: &str = "jetfn-event-version";
+/// The id of the command that caused the event.
+pub const COMMAND_ID: &str = "jetfn-command-id";
+/// The name of the command that caused the event.
+pub const COMMAND: &str = "jetfn-command";
+/// A fingerprint of the command's name and body, so a reused command id is recognised.
+pub const COMMAND_FINGERPRINT: &str = "jetfn-command-fingerprint";
+
+/// W3C trace context: the sending span.
+pub const TRACEPARENT: &str = "traceparent";
+/// W3C trace context: vendor state.
+pub const TRACESTATE: &str = "tracestate";
+
+/// Dead letters: the projection that refused the event.
+pub const DLQ_PROJECTION: &str = "jetfn-dlq-projection";
+/// Dead letters: the stream the event came from.
+pub const DLQ_STREAM: &str = "jetfn-dlq-stream";
+/// Dead letters: the event's original subject.
+pub const DLQ_SUBJECT: &str = "jetfn-dlq-subject";
+/// Dead letters: the event's original stream sequence.
+pub const DLQ_SEQ: &str = "jetfn-dlq-seq";
+/// Dead letters: why the projection refused it.
+pub const DLQ_ERROR: &str = "jetfn-dlq-error";
+/// Dead letters: how many deliveries were tried.
+pub const DLQ_DELIVERIES: &str = "jetfn-dlq-deliveries";
+
+/// The value of header `name`, if present.
+pub fn get(headers: Option<&HeaderMap>, name: impl IntoHeaderName) -> Option<&str> {
+    headers?.get(name).map(|v| v.as_str())
+}
+
+/// The value of header `name` as an unsigned integer, if present and numeric.
+pub fn get_u64(headers: Option<&HeaderMap>, name: impl IntoHeaderName) -> Option<u64> {
+    get(headers, name)?.parse().ok()
+}
+
+/// KV: the operation a bucket entry records (`DEL` or `PURGE` for a removed key).
+pub const KV_OPERATION: &str = "KV-Operation";

@@ -1,0 +1,344 @@
+//! Every name jetfn gives to things on NATS: subjects, streams, buckets, consumers, services.
+//!
+//! The defaults derive from the aggregate or projection name; configuration can override the
+//! stream, the event subject prefix, the ledger bucket and the command subject prefix.
+
+use crate::config::{Config, is_name};
+
+/// The first token of every command subject: `[<prefix>.]cmd.<aggregate>.<id>.<command>`.
+pub const COMMAND_ROOT: &str = "cmd";
+/// The stream of dead letters unless `projection.dead_letter_stream` names another.
+pub const DEFAULT_DLQ_STREAM: &str = "JETFN_DLQ";
+/// The subjects of the dead-letter stream.
+pub const DLQ_SUBJECTS: &str = "jetfn.dlq.>";
+/// The name of a projection's status endpoint.
+pub const STATUS: &str = "status";
+/// The name of a projection's rebuild endpoint.
+pub const REBUILD: &str = "rebuild";
+/// The name of a projection's dead-letter replay endpoint.
+pub const DLQ_REPLAY: &str = "dlq.replay";
+
+/// Keys of `$SRV.INFO` metadata that jetfn functions publish.
+pub mod meta {
+    /// `command` or `projection`.
+    pub const KIND: &str = "jetfn.kind";
+    /// The aggregate type a command function serves or a projection reads.
+    pub const AGGREGATE: &str = "jetfn.aggregate";
+    /// The command names, comma-separated.
+    pub const COMMANDS: &str = "jetfn.commands";
+    /// Each command's JSON Schema, as a JSON object by command name.
+    pub const SCHEMAS: &str = "jetfn.schemas";
+    /// The event stream.
+    pub const STREAM: &str = "jetfn.stream";
+    /// The event subject pattern, `<prefix>.<id>`.
+    pub const EVENTS: &str = "jetfn.events";
+    /// A projection's partition count.
+    pub const PARTITIONS: &str = "jetfn.partitions";
+    /// A projection's Redis hash tag.
+    pub const REDIS_TAG: &str = "jetfn.redis_tag";
+}
+
+/// A name that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {name:?} must match {rule}")]
+pub struct NameError {
+    /// What kind of name it is.
+    pub what: &'static str,
+    /// The name.
+    pub name: String,
+    /// The rule it breaks.
+    pub rule: &'static str,
+}
+
+/// The rule for aggregate names.
+pub const AGGREGATE_NAME_RULE: &str = "[a-z0-9_-]+";
+/// The rule for projection names.
+pub const PROJECTION_NAME_RULE: &str = "[a-z0-9-]+";
+
+/// Aggregate names: `[a-z0-9_-]+`, the `<aggregate>` token of command and event subjects.
+pub fn check_aggregate_name(name: &str) -> Result<(), NameError> {
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    valid.then_some(()).ok_or_else(|| NameError {
+        what: "aggregate name",
+        name: name.to_owned(),
+        rule: AGGREGATE_NAME_RULE,
+    })
+}
+
+/// Projection names: `[a-z0-9-]+`. They appear in Redis keys, consumer names and subjects.
+pub fn check_projection_name(name: &str) -> Result<(), NameError> {
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    valid.then_some(()).ok_or_else(|| NameError {
+        what: "projection name",
+        name: name.to_owned(),
+        rule: PROJECTION_NAME_RULE,
+    })
+}
+
+/// The default stream of an aggregate type: `<AGGREGATE>_EVENTS`, upper case, `-` as `_`.
+///
+/// `a-b` and `a_b` share a default; the stream records its aggregate
+/// ([`STREAM_AGGREGATE_METADATA`]) and a second aggregate type is refused at start-up.
+pub fn default_stream(aggregate: &str) -> String {
+    format!(
+        "{}_EVENTS",
+        aggregate.to_ascii_uppercase().replace('-', "_")
+    )
+}
+
+/// Stream metadata key naming the aggregate type whose events a stream holds.
+pub const STREAM_AGGREGATE_METADATA: &str = "jetfn.aggregate";
+
+/// Where one aggregate type's events, commands and ledger live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AggregateNames {
+    /// The aggregate type.
+    pub aggregate: String,
+    /// The event stream.
+    pub stream: String,
+    /// Events of aggregate `id` are stored on `<event_prefix>.<id>`.
+    pub event_prefix: String,
+    /// The command ledger's KV bucket.
+    pub ledger_bucket: String,
+    /// The snapshot KV bucket.
+    pub snapshot_bucket: String,
+    /// Where commands arrive.
+    pub commands: CommandSubjects,
+}
+
+impl AggregateNames {
+    /// The names of aggregate type `aggregate` under `config`.
+    pub fn new(aggregate: &str, config: &Config) -> Result<AggregateNames, NameError> {
+        check_aggregate_name(aggregate)?;
+        Ok(AggregateNames {
+            aggregate: aggregate.to_owned(),
+            stream: config
+                .stream
+                .name
+                .clone()
+                .unwrap_or_else(|| default_stream(aggregate)),
+            event_prefix: config
+                .stream
+                .subject_prefix
+                .clone()
+                .unwrap_or_else(|| format!("evt.{aggregate}")),
+            ledger_bucket: config
+                .ledger
+                .bucket
+                .clone()
+                .unwrap_or_else(|| format!("jetfn-ledger-{aggregate}")),
+            snapshot_bucket: format!("jetfn-snapshots-{aggregate}"),
+            commands: CommandSubjects::new(config.command.subject_prefix.as_deref(), aggregate),
+        })
+    }
+
+    /// The subject of one aggregate's events.
+    pub fn event_subject(&self, id: &str) -> String {
+        format!("{}.{id}", self.event_prefix)
+    }
+
+    /// The subject filter of every event of this aggregate type.
+    pub fn event_filter(&self) -> String {
+        format!("{}.*", self.event_prefix)
+    }
+
+    /// The CloudEvents source of this aggregate type's events.
+    pub fn event_source(&self) -> String {
+        format!("/jetfn/{}", self.aggregate)
+    }
+
+    /// The default NATS connection name of the command function.
+    pub fn connection(&self) -> String {
+        format!("jetfn-{}", self.aggregate)
+    }
+}
+
+/// The subject that direct-gets messages of `stream`.
+pub fn direct_get(stream: &str) -> String {
+    format!("$JS.API.DIRECT.GET.{stream}")
+}
+
+/// The stream behind KV bucket `bucket`.
+pub fn kv_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
+/// The subject of `key` in KV bucket `bucket`.
+pub fn kv_subject(bucket: &str, key: &str) -> String {
+    format!("$KV.{bucket}.{key}")
+}
+
+/// The subject that pings every instance of service `name`.
+pub fn service_ping(name: &str) -> String {
+    format!("$SRV.PING.{name}")
+}
+
+/// A projection's control endpoint: `jetfn.projection.<name>.<action>`, with `action` one of
+/// [`STATUS`], [`REBUILD`], [`DLQ_REPLAY`].
+pub fn projection_endpoint(projection: &str, action: &str) -> String {
+    format!("jetfn.projection.{projection}.{action}")
+}
+
+/// Where a running rebuild publishes its progress.
+pub fn rebuild_progress(projection: &str) -> String {
+    format!("jetfn.projection.{projection}.rebuild.progress")
+}
+
+/// The subject of a projection's dead letters.
+pub fn dlq_subject(projection: &str) -> String {
+    format!("jetfn.dlq.{projection}")
+}
+
+/// The durable consumer of one partition of one read-model version.
+pub fn projection_consumer(projection: &str, generation: u64, partition: u32) -> String {
+    format!("{projection}-g{generation}-p{partition}")
+}
+
+/// Where an aggregate type's commands arrive: `[<prefix>.]cmd.<aggregate>.`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandSubjects {
+    root: String,
+}
+
+impl CommandSubjects {
+    /// The command subjects of `aggregate`, under an optional prefix.
+    pub fn new(prefix: Option<&str>, aggregate: &str) -> Self {
+        let root = match prefix.filter(|p| !p.is_empty()) {
+            Some(prefix) => format!("{prefix}.{COMMAND_ROOT}.{aggregate}."),
+            None => format!("{COMMAND_ROOT}.{aggregate}."),
+        };
+        CommandSubjects { root }
+    }
+
+    /// The subject of one command: `[<prefix>.]cmd.<aggregate>.<id>.<command>`.
+    pub fn subject(&self, id: &str, command: &str) -> String {
+        format!("{}{id}.{command}", self.root)
+    }
+
+    /// The subscription subject: every subject under the aggregate, so that malformed ones get
+    /// an `invalid` reply rather than silence.
+    pub fn wildcard(&self) -> String {
+        format!("{}>", self.root)
+    }
+
+    /// The documented pattern, for service metadata.
+    pub fn pattern(&self) -> String {
+        format!("{}<id>.<command>", self.root)
+    }
+
+    /// Splits `...cmd.<aggregate>.<id>.<command>` into id and command.
+    pub fn parse<'s>(&self, subject: &'s str) -> Result<(&'s str, &'s str), String> {
+        let rest = subject
+            .strip_prefix(&self.root)
+            .ok_or_else(|| format!("subject {subject} is not under {}", self.wildcard()))?;
+        let mut tokens = rest.split('.');
+        match (tokens.next(), tokens.next(), tokens.next()) {
+            (Some(id), Some(command), None) => {
+                check_id(id)?;
+                Ok((id, command))
+            }
+            _ => Err(format!(
+                "subject {subject} must have the form {}",
+                self.pattern()
+            )),
+        }
+    }
+}
+
+/// The longest aggregate id.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Aggregate ids: `[A-Za-z0-9_-]{1,128}`.
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.len() > MAX_ID_LEN || !is_name(id) {
+        return Err(format!(
+            "aggregate id {id:?} must match [A-Za-z0-9_-]{{1,{MAX_ID_LEN}}}"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_subjects_split_id_and_command() {
+        let subjects = CommandSubjects::new(None, "account");
+        assert_eq!(
+            subjects.parse("cmd.account.a-1.deposit"),
+            Ok(("a-1", "deposit"))
+        );
+        assert_eq!(subjects.wildcard(), "cmd.account.>");
+        assert_eq!(
+            subjects.subject("a-1", "deposit"),
+            "cmd.account.a-1.deposit"
+        );
+    }
+
+    #[test]
+    fn a_prefix_comes_before_cmd() {
+        let subjects = CommandSubjects::new(Some("eu"), "account");
+        assert_eq!(subjects.subject("x", "open"), "eu.cmd.account.x.open");
+        assert!(subjects.parse("cmd.account.x.open").is_err());
+    }
+
+    #[test]
+    fn malformed_command_subjects_name_the_expected_form() {
+        let subjects = CommandSubjects::new(None, "account");
+        for bad in ["cmd.account.x", "cmd.account.x.open.now"] {
+            let err = subjects.parse(bad).unwrap_err();
+            assert!(err.contains("cmd.account.<id>.<command>"), "{err}");
+        }
+    }
+
+    #[test]
+    fn ids_are_limited_to_safe_characters_and_128_bytes() {
+        assert!(check_id("Ab_9-x").is_ok());
+        assert!(check_id(&"a".repeat(128)).is_ok());
+        for bad in ["", "a b", "ä", &"a".repeat(129)] {
+            assert!(check_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn projection_names_allow_no_underscore_and_say_so() {
+        assert!(check_projection_name("account-balances").is_ok());
+        let err = check_projection_name("account_balances").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"projection name "account_balances" must match [a-z0-9-]+"#
+        );
+        assert!(check_projection_name("").is_err());
+    }
+
+    #[test]
+    fn aggregate_names_allow_underscore_and_hyphen() {
+        assert!(check_aggregate_name("a_b-c1").is_ok());
+        let err = check_aggregate_name("Account").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"aggregate name "Account" must match [a-z0-9_-]+"#
+        );
+    }
+
+    #[test]
+    fn configuration_overrides_the_default_names() {
+        let mut config = Config::default();
+        let names = AggregateNames::new("bank-account", &config).unwrap();
+        assert_eq!(names.stream, "BANK_ACCOUNT_EVENTS");
+        assert_eq!(names.event_subject("a"), "evt.bank-account.a");
+        assert_eq!(names.ledger_bucket, "jetfn-ledger-bank-account");
+        config.stream.name = Some("LEDGER".into());
+        config.stream.subject_prefix = Some("eu.events".into());
+        let names = AggregateNames::new("bank-account", &config).unwrap();
+        assert_eq!(names.stream, "LEDGER");
+        assert_eq!(names.event_filter(), "eu.events.*");
+    }
+}
