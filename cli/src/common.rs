@@ -4,6 +4,7 @@
 use anyhow::{Context, Result, anyhow};
 use async_nats::{Client, HeaderMap, RequestErrorKind};
 use jetfn::Config;
+use jetfn::wire::{header, names};
 use std::fmt;
 use std::io::Write;
 use std::time::Duration;
@@ -180,13 +181,7 @@ pub async fn request(
 /// A service endpoint's JSON reply; `{"error":...}` bodies and NATS service error headers
 /// become errors.
 pub fn endpoint_reply(message: &async_nats::Message, what: &str) -> Result<serde_json::Value> {
-    let header = |name: &str| {
-        message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_owned())
-    };
+    let header = |name| header::get(message.headers.as_ref(), name);
     let body: Option<serde_json::Value> = serde_json::from_slice(&message.payload).ok();
     if let Some(error) = body.as_ref().and_then(|b| b.get("error")) {
         let error = error
@@ -195,8 +190,8 @@ pub fn endpoint_reply(message: &async_nats::Message, what: &str) -> Result<serde
             .unwrap_or_else(|| error.to_string());
         return Err(anyhow!("{what}: {error}"));
     }
-    if let Some(error) = header("Nats-Service-Error") {
-        let code = header("Nats-Service-Error-Code").unwrap_or_default();
+    if let Some(error) = header(header::SERVICE_ERROR) {
+        let code = header(header::SERVICE_ERROR_CODE).unwrap_or_default();
         return Err(anyhow!("{what}: {error} ({code})"));
     }
     body.ok_or_else(|| {
@@ -256,39 +251,15 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out.join("\n")
 }
 
-/// `[a-z0-9_-]+`: aggregate types.
-pub fn is_aggregate_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-}
-
-/// `[A-Za-z0-9_-]{1,128}`: aggregate ids.
-pub fn is_aggregate_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
 /// Checks a projection name given on the command line: `[a-z0-9-]+`, the runtime's rule.
 pub fn projection_name(name: &str) -> Result<&str> {
-    let valid = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if valid {
-        Ok(name)
-    } else {
-        Err(usage(format!(
-            "projection name {name:?} must match [a-z0-9-]+ (for example account-balances)"
-        )))
-    }
+    names::check_projection_name(name)
+        .map(|()| name)
+        .map_err(|e| usage(format!("{e} (for example account-balances)")))
 }
 
-/// Asks a running instance of projection `name` to do something (`rebuild`, `dlq.replay`) over
-/// its control endpoint `jetfn.projection.<name>.<action>`, and returns the JSON reply.
+/// Asks a running instance of projection `name` to do something ([`names::REBUILD`],
+/// [`names::DLQ_REPLAY`]) over its control endpoint, and returns the JSON reply.
 pub async fn ask_projection(
     client: &Client,
     config: &Config,
@@ -297,7 +268,7 @@ pub async fn ask_projection(
     what: &str,
     timeout: std::time::Duration,
 ) -> Result<serde_json::Value> {
-    let subject = format!("jetfn.projection.{name}.{action}");
+    let subject = names::projection_endpoint(name, action);
     let reply = request(
         client,
         config,

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use async_nats::Client;
 use async_nats::jetstream;
 use futures::{StreamExt, TryStreamExt};
+use jetfn::wire::names::{self, meta};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::ExitCode;
@@ -50,7 +51,7 @@ struct Service {
 pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     let (client, config) = global.connect().await?;
     let mut services: BTreeMap<String, Service> = BTreeMap::new();
-    for ping in collect(&client, "$SRV.PING", args.wait, None).await? {
+    for ping in collect(&client, names::SERVICE_PING_ALL, args.wait, None).await? {
         let (Some(name), Some(id)) = (str_of(&ping, "name"), str_of(&ping, "id")) else {
             continue;
         };
@@ -73,7 +74,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         async move {
             let wait = Duration::from_secs(2);
             let (info_subject, stats_subject) =
-                (format!("$SRV.INFO.{name}"), format!("$SRV.STATS.{name}"));
+                (names::service_info(&name), names::service_stats(&name));
             let (info, stats) = tokio::join!(
                 collect(&client, &info_subject, wait, Some(expected)),
                 collect(&client, &stats_subject, wait, Some(expected)),
@@ -93,7 +94,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         }
         service.kind = service
             .metadata
-            .get("jetfn.kind")
+            .get(meta::KIND)
             .cloned()
             .unwrap_or_else(|| "-".into());
     }
@@ -112,14 +113,14 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
                 "processed": sum_data(&s.data, "processed"),
                 "errors": s.errors,
                 "metadata": s.metadata.iter()
-                    .filter(|(k, _)| k.as_str() != "jetfn.schemas")
+                    .filter(|(k, _)| k.as_str() != meta::SCHEMAS)
                     .collect::<BTreeMap<_, _>>(),
             })
         })
         .collect();
     let projections: Vec<Value> = services
         .iter()
-        .filter(|(_, s)| s.kind == "projection")
+        .filter(|(_, s)| s.kind == names::KIND_PROJECTION)
         .map(|(name, s)| projection_json(name, s))
         .collect();
 
@@ -147,7 +148,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         let rows: Vec<Vec<String>> = functions
             .iter()
             .map(|f| {
-                let handled = if f["kind"] == "projection" {
+                let handled = if f["kind"] == names::KIND_PROJECTION {
                     &f["processed"]
                 } else {
                     &f["requests"]
@@ -273,9 +274,9 @@ fn add_stats(service: &mut Service, stats: &Value) {
     }
     if let Some(data) = data {
         let count = |key: &str| data.get(key).and_then(Value::as_u64).unwrap_or(0);
-        let errors = match service.metadata.get("jetfn.kind").map(String::as_str) {
-            Some("command") => count("conflict").saturating_add(count("unavailable")),
-            Some("projection") => count("errors"),
+        let errors = match service.metadata.get(meta::KIND).map(String::as_str) {
+            Some(names::KIND_COMMAND) => count("conflict").saturating_add(count("unavailable")),
+            Some(names::KIND_PROJECTION) => count("errors"),
             _ => 0,
         };
         service.errors = service.errors.saturating_add(errors);
@@ -301,8 +302,8 @@ fn projection_json(name: &str, service: &Service) -> Value {
     json!({
         "name": name,
         "instances": service.instances.len(),
-        "stream": service.metadata.get("jetfn.stream"),
-        "partitions": service.metadata.get("jetfn.partitions").and_then(|p| p.parse::<u64>().ok()),
+        "stream": service.metadata.get(meta::STREAM),
+        "partitions": service.metadata.get(meta::PARTITIONS).and_then(|p| p.parse::<u64>().ok()),
         "generation": field("generation"),
         "checkpoint": field("checkpoint"),
         "checkpoints": field("checkpoints"),

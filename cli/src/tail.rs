@@ -1,11 +1,11 @@
 //! `jetfn tail`: follow an aggregate type's (or one aggregate's) events live, through an ordered
 //! consumer: ephemeral, in memory, nothing durable left behind.
 
-use crate::common::{Global, is_aggregate_id, is_aggregate_name, redact, say, usage};
+use crate::common::{Global, redact, say, usage};
 use anyhow::{Context, Result, anyhow};
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use jetfn::store::headers;
+use jetfn::wire::{AggregateNames, StoredEvent, header, names};
 use serde_json::{Value, json};
 use std::process::ExitCode;
 
@@ -56,24 +56,17 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         Some((aggregate, id)) => (aggregate, Some(id)),
         None => (args.target.as_str(), None),
     };
-    if !is_aggregate_name(aggregate) {
-        return Err(usage(format!(
-            "aggregate {aggregate:?} must match [a-z0-9_-]+ (e.g. account or account.alice)"
-        )));
-    }
-    if let Some(id) = id
-        && !is_aggregate_id(id)
-    {
-        return Err(usage(format!(
-            "aggregate id {id:?} must be 1-128 characters of A-Z, a-z, 0-9, _ and -"
-        )));
+    names::check_aggregate_name(aggregate)
+        .map_err(|e| usage(format!("{e} (e.g. account or account.alice)")))?;
+    if let Some(id) = id {
+        names::check_id(id).map_err(usage)?;
     }
     let config = global.config()?;
-    let names = EventNames::new(aggregate, &config);
-    let stream_name = args.stream.clone().unwrap_or(names.stream);
+    let names = AggregateNames::new(aggregate, &config).map_err(|e| usage(e.to_string()))?;
+    let stream_name = args.stream.clone().unwrap_or_else(|| names.stream.clone());
     let filter = match id {
-        Some(id) => format!("{}.{id}", names.event_prefix),
-        None => format!("{}.*", names.event_prefix),
+        Some(id) => names.event_subject(id),
+        None => names.event_filter(),
     };
     let (deliver_policy, from_text) = match (args.from, args.all) {
         (Some(seq), _) => (
@@ -146,37 +139,13 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Where an aggregate type's events are, under the configuration the functions read.
-struct EventNames {
-    stream: String,
-    event_prefix: String,
-}
-
-impl EventNames {
-    fn new(aggregate: &str, config: &jetfn::Config) -> EventNames {
-        EventNames {
-            stream: config.stream.name.clone().unwrap_or_else(|| {
-                format!(
-                    "{}_EVENTS",
-                    aggregate.to_ascii_uppercase().replace('-', "_")
-                )
-            }),
-            event_prefix: config
-                .stream
-                .subject_prefix
-                .clone()
-                .unwrap_or_else(|| format!("evt.{aggregate}")),
-        }
-    }
-}
-
 /// One event as printed.
 struct Event {
     seq: u64,
     time: Option<String>,
     event_type: Option<String>,
     id: String,
-    version: u64,
+    version: u32,
     payload: Value,
 }
 
@@ -185,32 +154,30 @@ impl Event {
         let info = message
             .info()
             .map_err(|e| anyhow!("a message without JetStream metadata: {e}"))?;
-        let header = |name: &str| {
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-        };
-        let id = header(headers::CE_SUBJECT).unwrap_or_else(|| {
-            message
-                .subject
-                .rsplit('.')
-                .next()
-                .unwrap_or_default()
-                .to_owned()
-        });
+        let headers = message.headers.as_ref();
+        let id = header::get(headers, header::CE_SUBJECT)
+            .or_else(|| message.subject.rsplit('.').next())
+            .unwrap_or_default()
+            .to_owned();
         let payload = serde_json::from_slice(&message.payload).unwrap_or_else(|_| {
             Value::String(String::from_utf8_lossy(&message.payload).into_owned())
         });
+        // Something that is not a jetfn event is still shown, without type and version.
+        let (time, event_type, version) =
+            match StoredEvent::decode(info.stream_sequence, headers, message.payload.clone()) {
+                Ok(event) => (event.time, Some(event.event_type), event.version),
+                Err(_) => (
+                    header::get(headers, header::CE_TIME).map(str::to_owned),
+                    None,
+                    1,
+                ),
+            };
         Ok(Event {
             seq: info.stream_sequence,
-            time: header(headers::CE_TIME),
-            event_type: header(headers::CE_TYPE),
+            time,
+            event_type,
             id,
-            version: header(headers::EVENT_VERSION)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1),
+            version,
             payload,
         })
     }

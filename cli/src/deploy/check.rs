@@ -11,6 +11,7 @@ use super::plan::{Item, Step};
 use anyhow::{Context, Result};
 use async_nats::jetstream::{self, stream};
 use futures::TryStreamExt;
+use jetfn::wire::names;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -101,8 +102,8 @@ pub async fn check(
                 }
                 replicas(item, config.num_replicas, &mut refuse);
                 Planned {
-                    name: format!("KV_{}", config.bucket),
-                    subjects: vec![format!("$KV.{}.>", config.bucket)],
+                    name: names::kv_stream(&config.bucket),
+                    subjects: vec![names::kv_subject(&config.bucket, ">")],
                     item: Some(item),
                     external: false,
                 }

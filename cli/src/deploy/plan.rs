@@ -14,6 +14,7 @@ use crate::common::{format_bytes, format_nanos};
 use anyhow::{Context, Result, anyhow, bail};
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use futures::{StreamExt, TryStreamExt};
+use jetfn::wire::names;
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -239,7 +240,7 @@ async fn plan_kv(
     bucket: &str,
     config: &Map<String, Value>,
 ) -> Result<Planned> {
-    let stream_name = format!("KV_{bucket}");
+    let stream_name = names::kv_stream(bucket);
     if existing_stream(js, &stream_name).await?.is_none() {
         let kv = kv_config(config)?;
         return Ok((Action::Create, Vec::new(), Step::CreateKv(Box::new(kv))));
@@ -593,7 +594,7 @@ pub async fn not_managed(js: &jetstream::Context, declared: &[Declared]) -> Resu
     names.sort();
     let mut found = Vec::new();
     for name in names {
-        if let Some(bucket) = name.strip_prefix("KV_") {
+        if let Some(bucket) = names::kv_bucket(&name) {
             if !buckets.contains(bucket) {
                 found.push(format!("kv {bucket}"));
             }
