@@ -9,6 +9,9 @@ use std::fmt;
 use std::io::Write;
 use std::time::Duration;
 
+/// The NATS connection name of the CLI, as the server's monitoring shows it.
+pub const CONNECTION: &str = "jetfn-cli";
+
 /// Options that apply to every subcommand.
 pub struct Global {
     /// `--server`/`NATS_URL`, if given.
@@ -35,7 +38,7 @@ impl Global {
     /// Connects to NATS; an error names the URL.
     pub async fn connect(&self) -> Result<(Client, Config)> {
         let config = self.config()?;
-        let client = config.nats.connect("jetfn-cli").await?;
+        let client = config.nats.connect(CONNECTION).await?;
         Ok((client, config))
     }
 }

@@ -87,7 +87,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         .prefix
         .or_else(|| config.command.subject_prefix.clone());
     let subject = CommandSubjects::new(prefix.as_deref(), aggregate).subject(id, command);
-    let client = config.nats.connect("jetfn-cli").await?;
+    let client = config.nats.connect(crate::common::CONNECTION).await?;
     let mut headers = HeaderMap::new();
     if let Some(command_id) = &args.id {
         headers.insert(header::MSG_ID, command_id.as_str());

@@ -143,7 +143,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         crate::common::redact(&config.nats.url)
     ));
     if functions.is_empty() {
-        say("  none answered $SRV.PING");
+        say(format!("  none answered {}", names::SERVICE_PING_ALL));
     } else {
         let rows: Vec<Vec<String>> = functions
             .iter()

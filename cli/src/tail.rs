@@ -79,7 +79,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         (None, false) => (consumer::DeliverPolicy::New, "new events only".into()),
     };
 
-    let client = config.nats.connect("jetfn-cli").await?;
+    let client = config.nats.connect(crate::common::CONNECTION).await?;
     let js = jetstream::new(client);
     let stream = js.get_stream(&stream_name).await.map_err(|err| {
         let not_found = matches!(
