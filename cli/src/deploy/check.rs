@@ -296,3 +296,51 @@ fn check_bucket(bucket: &str, history: i64) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_overlap_when_one_message_subject_matches_both() {
+        for (a, b) in [
+            ("a.b", "a.b"),
+            ("a.*", "a.b"),
+            ("a.>", "a.b.c"),
+            ("*.b", "a.*"),
+            (">", "x"),
+            ("a.*.c", "a.>"),
+        ] {
+            assert!(overlap(a, b) && overlap(b, a), "{a} ~ {b}");
+        }
+        for (a, b) in [
+            ("a.b", "a.c"),
+            ("a.*", "a.b.c"),
+            ("a.>", "a"),
+            ("a.*", "b.>"),
+        ] {
+            assert!(!overlap(a, b) && !overlap(b, a), "{a} !~ {b}");
+        }
+    }
+
+    #[test]
+    fn subjects_need_whole_wildcard_tokens_and_a_final_greater_than() {
+        for good in ["evt.account.*", "jetfn.dlq.>", "a", "*.b"] {
+            assert_eq!(check_subject(good), Ok(()), "{good}");
+        }
+        for bad in ["", "a..b", "a.b*", "a.>.b", "a b", "a.>x"] {
+            assert!(check_subject(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names_and_buckets_follow_the_server_rules() {
+        assert!(check_stream_name("ACCOUNT_EVENTS").is_ok());
+        for bad in ["", "A.B", "A B", "A*", "a/b"] {
+            assert!(check_stream_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_bucket("jetfn-ledger-account", 1).is_ok());
+        assert!(check_bucket("bad.bucket", 1).is_err());
+        assert!(check_bucket("b", 0).is_err() && check_bucket("b", 65).is_err());
+    }
+}
