@@ -192,6 +192,10 @@ pub struct NatsConfig {
     /// How long to wait for a JetStream reply before a command fails as `unavailable`.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// The prefix of this connection's reply subjects (its own requests' inboxes). Give each
+    /// NATS user its own (`_INBOX.account`, say) so permissions can keep users off each other's
+    /// replies.
+    pub inbox_prefix: String,
 }
 
 impl Default for NatsConfig {
@@ -210,6 +214,7 @@ impl Default for NatsConfig {
             tls_required: false,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
+            inbox_prefix: "_INBOX".into(),
         }
     }
 }
@@ -229,6 +234,7 @@ impl fmt::Debug for NatsConfig {
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
             .field("tls_required", &self.tls_required)
+            .field("inbox_prefix", &self.inbox_prefix)
             .finish_non_exhaustive()
     }
 }
@@ -254,10 +260,17 @@ pub struct CommandConfig {
     /// The largest backoff step.
     #[serde(with = "humantime_serde")]
     pub max_retry_backoff: Duration,
-    /// Commands processed concurrently by one instance.
+    /// Commands processed concurrently by one instance (deciding and appending).
     pub max_in_flight: usize,
+    /// Commands an instance holds at once, processing or waiting for their aggregate; more are
+    /// answered `unavailable` at once.
+    pub max_pending: usize,
     /// The largest accepted command body in bytes.
     pub max_body_bytes: usize,
+    /// Reply subjects the function answers: a request whose reply subject is not under one of
+    /// these prefixes is refused unprocessed, so no client can aim a reply at an event subject
+    /// or a control endpoint.
+    pub reply_prefixes: Vec<String>,
     /// Aggregates whose folded state an instance keeps (least recently used are dropped).
     /// 0 keeps none: every command loads its aggregate.
     pub cache_entries: usize,
@@ -280,7 +293,9 @@ impl Default for CommandConfig {
             retry_backoff: Duration::from_millis(2),
             max_retry_backoff: Duration::from_millis(200),
             max_in_flight: 256,
+            max_pending: 16 * 1024,
             max_body_bytes: 64 * 1024,
+            reply_prefixes: vec!["_INBOX".into()],
             cache_entries: 100_000,
             recent_commands: 16,
             max_queued_per_aggregate: 1024,
@@ -438,6 +453,27 @@ impl Config {
         if self.command.max_body_bytes == 0 {
             return invalid("command.max_body_bytes", "must be at least 1");
         }
+        if !is_subject_prefix(&self.nats.inbox_prefix) {
+            return invalid(
+                "nats.inbox_prefix",
+                "must be dot-separated tokens without spaces, `*` or `>`",
+            );
+        }
+        if self.command.reply_prefixes.is_empty()
+            || !self
+                .command
+                .reply_prefixes
+                .iter()
+                .all(|p| is_subject_prefix(p))
+        {
+            return invalid(
+                "command.reply_prefixes",
+                "must list at least one subject prefix without spaces, `*` or `>`",
+            );
+        }
+        if self.command.max_pending == 0 {
+            return invalid("command.max_pending", "must be at least 1");
+        }
         if self.command.max_queued_per_aggregate == 0 {
             return invalid("command.max_queued_per_aggregate", "must be at least 1");
         }
@@ -542,6 +578,7 @@ impl NatsConfig {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.connect_error(format!("nats.url is not a server URL: {e}")))?;
         options
+            .custom_inbox_prefix(self.inbox_prefix.clone())
             .event_callback(|event| async move {
                 match &event {
                     async_nats::Event::ServerError(async_nats::ServerError::Other(message))
