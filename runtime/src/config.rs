@@ -606,8 +606,9 @@ impl NatsConfig {
     }
 }
 
-/// Removes `user:password@` from URLs before they are shown.
-pub(crate) fn redact_url(urls: &str) -> String {
+/// Removes `user:password@` from URLs (comma-separated, as `nats.url` allows) before they are
+/// shown.
+pub fn redact_url(urls: &str) -> String {
     urls.split(',')
         .map(|url| match (url.find("://"), url.rfind('@')) {
             (Some(scheme), Some(at)) if at > scheme => {

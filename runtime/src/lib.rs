@@ -41,8 +41,6 @@ pub mod client;
 mod codec;
 pub mod command;
 pub mod config;
-#[cfg(feature = "cli")]
-pub mod devtools;
 mod direct;
 mod health;
 mod permissions;
