@@ -284,7 +284,7 @@ async fn register_service<A: Aggregate>(
     let schemas = serde_json::to_string(&crate::schema::command_schemas::<A>()).unwrap_or_default();
     let metadata = HashMap::from([
         (names::meta::SCHEMAS.to_owned(), schemas),
-        (names::meta::KIND.to_owned(), "command".to_owned()),
+        (names::meta::KIND.to_owned(), names::KIND_COMMAND.to_owned()),
         (names::meta::AGGREGATE.to_owned(), A::NAME.to_owned()),
         (names::meta::COMMANDS.to_owned(), commands),
         (names::meta::STREAM.to_owned(), names.stream.clone()),
