@@ -139,8 +139,9 @@ pub struct ProjectionConfig {
     pub rebuild_grace: Duration,
     /// The dead-letter stream (shared by all projections; subjects `jetfn.dlq.<projection>`).
     pub dead_letter_stream: String,
-    /// Fault injection for tests: exit the process right after this many Redis commits, before
-    /// acknowledging them. Never set it in production.
+    /// Fault injection for tests (feature `fault-injection` only): exit the process with status
+    /// 86 right after this many Redis commits, before acknowledging them.
+    #[cfg(feature = "fault-injection")]
     pub crash_after_commits: Option<u64>,
 }
 
@@ -155,6 +156,7 @@ impl Default for ProjectionConfig {
             change_feed_len: 10_000,
             rebuild_grace: Duration::from_secs(5),
             dead_letter_stream: "JETFN_DLQ".into(),
+            #[cfg(feature = "fault-injection")]
             crash_after_commits: None,
         }
     }

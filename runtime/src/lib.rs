@@ -79,12 +79,15 @@ pub enum Error {
     /// Registering or running the NATS service failed.
     #[error("{0}")]
     Service(String),
-    /// `Aggregate::NAME` or `Projection::NAME` is not a valid name.
+    /// `Aggregate::NAME` is not a valid name.
     #[error("name {0:?} must match [a-z0-9_-]+")]
     AggregateName(&'static str),
-    /// Redis is unusable.
+    /// `Projection::NAME` is not a valid name.
+    #[error("projection name {0:?} must match [a-z0-9-]+")]
+    ProjectionName(&'static str),
+    /// Redis is unusable, or the read model refused to go on.
     #[error("redis: {0}")]
-    Redis(String),
+    Redis(#[from] readmodel::ReadModelError),
     /// The command line is wrong.
     #[error("{0}")]
     Usage(String),

@@ -3,7 +3,7 @@
 use super::{Context, Projection, Recorded, Stats, dead_letters};
 use crate::Error;
 use crate::aggregate::{Aggregate, Upcasters, decode_stored};
-use crate::readmodel::{Applied, AppliedEvent, Batch, Mode, ReadModelError, RedisWrites};
+use crate::readmodel::{Applied, AppliedEvent, Batch, Mode, Op, ReadModelError, RedisWrites, Step};
 use crate::store::headers;
 use crate::telemetry::TraceContext;
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PriorityPolicy, pull};
@@ -11,8 +11,13 @@ use async_nats::jetstream::{AckKind, Message};
 use futures::{FutureExt, StreamExt};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
+
+/// The first pause before retrying a batch while Redis is unavailable.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+/// The longest pause between retries: a partition resumes within this of Redis's return.
+const RETRY_MAX: Duration = Duration::from_millis(500);
 
 /// The priority group every partition consumer pins one instance in.
 pub(crate) const PIN_GROUP: &str = "jetfn";
@@ -342,7 +347,10 @@ impl<P: Projection> Worker<P> {
         Ok((consumer, checkpoint))
     }
 
-    /// Turns messages into writes and commits them, retrying Redis until it answers.
+    /// Turns messages into writes and commits them, retrying Redis until it answers. An event
+    /// the read model cannot hold is dead-lettered and the rest of the batch applied without it.
+    /// Errors that waiting cannot cure (a script, permission or consistency error) stop the
+    /// worker, never a retry: the apply step may not be repeated blindly.
     async fn apply_batch(
         &mut self,
         batch: &[Message],
@@ -358,8 +366,10 @@ impl<P: Projection> Worker<P> {
             partitions: self.context.config.projection.partitions,
             accept_hole,
         };
-        let mut pause = Duration::from_millis(50);
-        let mut waited = Duration::ZERO;
+        let mut pause = RETRY_FIRST;
+        let mut attempts = 0u32;
+        let outage = Instant::now();
+        let mut last_progress = Instant::now();
         loop {
             let result = self
                 .context
@@ -374,29 +384,80 @@ impl<P: Projection> Worker<P> {
                 )
                 .await;
             match result {
-                Ok(applied) => return Ok(applied),
-                Err(ReadModelError::WrongType(message)) => {
-                    return Err(Error::Redis(format!(
-                        "projection {} wrote keys of the wrong type; fix the projection: {message}",
-                        P::NAME
-                    )));
+                Ok(Step::Refused { seq, reason }) => {
+                    let Some(index) = events.iter().position(|e| e.seq == seq && e.write) else {
+                        return Err(ReadModelError::UnexpectedReply(format!(
+                            "refused {seq}, which is not in the batch"
+                        ))
+                        .into());
+                    };
+                    let error = format!("the read model cannot hold this event: {reason}");
+                    self.dead_letter(&batch[index], seq, &events[index].event_type, &error)
+                        .await?;
+                    events[index].write = false;
+                    events[index].ops.clear();
                 }
-                Err(err) => {
+                Ok(Step::Done(applied)) => {
+                    if attempts > 0 {
+                        tracing::info!(projection = P::NAME, partition = self.partition, after = ?outage.elapsed(), "redis answers again; batch applied");
+                    }
+                    return Ok(applied);
+                }
+                Err(err) if err.is_transient() => {
+                    attempts += 1;
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(projection = P::NAME, partition = self.partition, error = %err, retry_in = ?pause, "redis unavailable; retrying the batch");
+                    if attempts == 1 || attempts.is_multiple_of(20) {
+                        tracing::warn!(projection = P::NAME, partition = self.partition, error = %err, attempts, retry_in = ?pause, "redis unavailable; retrying the batch");
+                    } else {
+                        tracing::debug!(projection = P::NAME, partition = self.partition, error = %err, attempts, retry_in = ?pause, "redis unavailable; retrying the batch");
+                    }
                     tokio::time::sleep(pause).await;
-                    waited += pause;
-                    pause = (pause * 2).min(Duration::from_secs(2));
+                    pause = (pause * 2).min(RETRY_MAX);
                     // Keep JetStream from redelivering what is still being applied.
-                    if waited >= self.context.config.projection.ack_wait / 3 {
-                        waited = Duration::ZERO;
+                    if last_progress.elapsed() >= self.context.config.projection.ack_wait / 3 {
+                        last_progress = Instant::now();
                         for message in batch {
                             let _ = message.ack_with(AckKind::Progress).await;
                         }
                     }
                 }
+                Err(err) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(projection = P::NAME, partition = self.partition, error = %err, "cannot apply the batch; stopping");
+                    return Err(err.into());
+                }
             }
         }
+    }
+
+    /// Stores `message` in the dead-letter stream with `error`.
+    async fn dead_letter(
+        &self,
+        message: &Message,
+        seq: u64,
+        event_type: &str,
+        error: &str,
+    ) -> Result<(), Error> {
+        tracing::warn!(
+            projection = P::NAME,
+            seq,
+            event_type,
+            error,
+            "dead-lettering event"
+        );
+        let deliveries = message.info().map(|info| info.delivered).unwrap_or(0);
+        dead_letters::send(
+            &self.context,
+            P::NAME,
+            self.generation,
+            message,
+            seq,
+            error,
+            deliveries,
+        )
+        .await?;
+        self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Decodes one message and asks the projection for its writes. Events of other partitions
@@ -436,30 +497,20 @@ impl<P: Projection> Worker<P> {
         let mut last_error = String::new();
         for _attempt in 0..self.context.config.projection.max_attempts {
             match self.writes(message, seq, &aggregate_id, &event_type, &header) {
-                Ok(writes) => {
+                Ok(ops) => {
                     return Ok(AppliedEvent {
                         seq,
                         aggregate_id,
                         event_type,
-                        ops: writes.into_ops(),
+                        ops,
                         write: true,
                     });
                 }
                 Err(error) => last_error = error,
             }
         }
-        tracing::warn!(projection = P::NAME, seq, event_type, error = %last_error, "dead-lettering event");
-        dead_letters::send(
-            &self.context,
-            P::NAME,
-            self.generation,
-            message,
-            seq,
-            &last_error,
-            info.delivered,
-        )
-        .await?;
-        self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+        self.dead_letter(message, seq, &event_type, &last_error)
+            .await?;
         Ok(skipped())
     }
 
@@ -470,7 +521,7 @@ impl<P: Projection> Worker<P> {
         aggregate_id: &str,
         event_type: &str,
         header: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<RedisWrites, String> {
+    ) -> Result<Vec<Op>, String> {
         let recorded = decode_recorded::<P>(
             &self.context.upcasters,
             &message.payload,
@@ -496,12 +547,16 @@ impl<P: Projection> Worker<P> {
         self.projection
             .apply(&recorded, &mut writes)
             .map_err(|refusal| format!("refused: {}", refusal.0))?;
-        tracing::debug!(writes = writes.commands().len(), "event projected");
-        Ok(writes)
+        let ops = writes
+            .into_ops()
+            .map_err(|refusal| format!("refused by the read model: {refusal}"))?;
+        tracing::debug!(writes = ops.len(), "event projected");
+        Ok(ops)
     }
 
     async fn after_commit(&mut self, batch: &[Message], committed: u64) {
         self.commits += 1;
+        #[cfg(feature = "fault-injection")]
         if self
             .context
             .config
