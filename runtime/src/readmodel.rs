@@ -651,7 +651,9 @@ local key = KEYS[1]
 local denied = {}
 local function try(...)
   local reply = redis.pcall(...)
-  if type(reply) == 'table' and reply.err and string.find(reply.err, 'NOPERM', 1, true) then
+  -- Redis 7.2 and later say NOPERM; 7.0 says the user executing the script can't run or access.
+  if type(reply) == 'table' and reply.err and (string.find(reply.err, 'NOPERM', 1, true)
+      or string.find(reply.err, 'The user executing the script', 1, true)) then
     table.insert(denied, (select(1, ...)))
   end
 end
