@@ -405,7 +405,7 @@ impl RedisServer {
         let mut attempt = 1;
         loop {
             server.port = free_port()?;
-            match server.launch(attempt).await {
+            match server.launch(attempt, false).await {
                 Ok(()) => return Ok(server),
                 Err(e) if e.exited && attempt < START_ATTEMPTS => attempt += 1,
                 Err(e) => {
@@ -418,11 +418,11 @@ impl RedisServer {
         }
     }
 
-    async fn launch(&mut self, attempt: u32) -> Result<(), LaunchError> {
+    async fn launch(&mut self, attempt: u32, keep_data: bool) -> Result<(), LaunchError> {
         let log = self.log_path();
         let data = self.data_dir();
-        // A fresh, empty data directory every time: nothing survives a restart.
-        if data.exists() {
+        // A fresh, empty data directory, unless a stopped server saved its data for this start.
+        if data.exists() && !keep_data {
             std::fs::remove_dir_all(&data)
                 .with_context(|| format!("emptying {}", data.display()))?;
         }
@@ -493,9 +493,40 @@ impl RedisServer {
             let status = kill_and_reap(&mut child)?;
             log_note(&self.log_path(), &format!("redis-server killed ({status})"))?;
         }
+        self.relaunch(false).await
+    }
+
+    /// Stops the server as an operator would: `SHUTDOWN SAVE` writes its data to disk, then it
+    /// exits; waits (at most 10 s, then SIGKILL) until it has. [`RedisServer::start_again`]
+    /// brings it back with that data.
+    pub async fn stop_saving(&mut self) -> Result<()> {
+        let mut connection = self.connect().await?;
+        // The server closes the connection instead of answering.
+        let _: redis::RedisResult<()> = redis::cmd("SHUTDOWN")
+            .arg("SAVE")
+            .query_async(&mut connection)
+            .await;
+        if let Some(mut child) = self.child.take() {
+            let status = stop_gracefully(&mut child, STOP_GRACE).await?;
+            log_note(
+                &self.log_path(),
+                &format!("redis-server stopped ({status})"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Starts a server stopped by [`RedisServer::stop_saving`] again, on the same port, with the
+    /// data it saved, and waits until it answers `PING`.
+    pub async fn start_again(&mut self) -> Result<()> {
+        self.relaunch(true).await
+    }
+
+    /// Launches on the same port, retrying while the port is still held by the old process.
+    async fn relaunch(&mut self, keep_data: bool) -> Result<()> {
         let mut attempt = 1;
         loop {
-            match self.launch(attempt).await {
+            match self.launch(attempt, keep_data).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.exited && attempt < START_ATTEMPTS => {
                     attempt += 1;
