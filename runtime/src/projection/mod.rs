@@ -14,6 +14,7 @@
 //! partition replays from the stream's first event.
 
 mod balance;
+mod commit;
 mod control;
 mod dead_letters;
 mod rebuild;

@@ -1,23 +1,22 @@
 //! One partition of one read-model version: consume, apply atomically, then acknowledge.
 
+use super::commit::{ApplyStep, Around, commit};
 use super::{Context, Projection, Recorded, Stats, dead_letters};
 use crate::Error;
 use crate::aggregate::{Aggregate, Upcasters, decode_stored};
-use crate::readmodel::{Applied, AppliedEvent, Batch, Mode, Op, ReadModelError, RedisWrites, Step};
+use crate::readmodel::{
+    Applied, AppliedEvent, Batch, Mode, Op, ReadModel, ReadModelError, RedisWrites, Step,
+};
 use crate::store::headers;
 use crate::telemetry::TraceContext;
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PriorityPolicy, pull};
 use async_nats::jetstream::{AckKind, Message};
 use futures::{FutureExt, StreamExt};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-
-/// The first pause before retrying a batch while Redis is unavailable.
-const RETRY_FIRST: Duration = Duration::from_millis(50);
-/// The longest pause between retries: a partition resumes within this of Redis's return.
-const RETRY_MAX: Duration = Duration::from_millis(500);
 
 /// The priority group every partition consumer pins one instance in.
 pub(crate) const PIN_GROUP: &str = "jetfn";
@@ -163,8 +162,8 @@ impl<P: Projection> Worker<P> {
                 }
                 bound
             }
-            Err(message) => {
-                tracing::warn!(projection = P::NAME, partition = self.partition, error = %message, "cannot bind consumer");
+            Err(error) => {
+                tracing::warn!(projection = P::NAME, partition = self.partition, %error, "cannot bind consumer");
                 return Ok(Some(Rebind::Again));
             }
         };
@@ -259,14 +258,14 @@ impl<P: Projection> Worker<P> {
         }
     }
 
-    async fn checkpoint(&self) -> u64 {
-        match self.context.model.checkpoints(self.generation).await {
-            Ok(checkpoints) => checkpoints
-                .iter()
-                .find(|(p, _)| *p == self.partition)
-                .map_or(0, |(_, seq)| *seq),
-            Err(_) => 0,
-        }
+    /// This partition's checkpoint in Redis (0 when it has none). An unreachable Redis is an
+    /// error, not 0: that would replay the whole stream.
+    async fn checkpoint(&self) -> Result<u64, ReadModelError> {
+        let checkpoints = self.context.model.checkpoints(self.generation).await?;
+        Ok(checkpoints
+            .iter()
+            .find(|(p, _)| *p == self.partition)
+            .map_or(0, |(_, seq)| *seq))
     }
 
     /// Gets or creates the partition's durable consumer so that it delivers from the Redis
@@ -275,14 +274,14 @@ impl<P: Projection> Worker<P> {
     async fn ensure_consumer(
         &self,
         recreate: bool,
-    ) -> Result<(consumer::Consumer<pull::Config>, u64), String> {
+    ) -> Result<(consumer::Consumer<pull::Config>, u64), Error> {
         let name = consumer_name(P::NAME, self.generation, self.partition);
         let stream = self
             .context
             .js
             .get_stream(&self.context.source.stream)
             .await
-            .map_err(|e| format!("stream {}: {e}", self.context.source.stream))?;
+            .map_err(|e| Error::Service(format!("stream {}: {e}", self.context.source.stream)))?;
         let existing = match stream.get_consumer::<pull::Config>(&name).await {
             Ok(mut existing) => {
                 let ack_floor = existing
@@ -296,7 +295,7 @@ impl<P: Projection> Worker<P> {
         };
         // Read after the ack floor: the checkpoint only grows and is committed before the acks,
         // so a checkpoint read later is never behind the floor unless Redis lost data.
-        let checkpoint = self.checkpoint().await;
+        let checkpoint = self.checkpoint().await?;
         if let Some((existing, ack_floor)) = existing {
             if ack_floor <= checkpoint && !recreate {
                 return Ok((existing, checkpoint));
@@ -313,7 +312,7 @@ impl<P: Projection> Worker<P> {
             stream
                 .delete_consumer(&name)
                 .await
-                .map_err(|e| format!("deleting consumer {name}: {e}"))?;
+                .map_err(|e| Error::Service(format!("deleting consumer {name}: {e}")))?;
         }
         let deliver_policy = match checkpoint {
             0 => DeliverPolicy::All,
@@ -343,14 +342,13 @@ impl<P: Projection> Worker<P> {
                 ..Default::default()
             })
             .await
-            .map_err(|e| format!("creating consumer {name}: {e}"))?;
+            .map_err(|e| Error::Service(format!("creating consumer {name}: {e}")))?;
         Ok((consumer, checkpoint))
     }
 
-    /// Turns messages into writes and commits them, retrying Redis until it answers. An event
-    /// the read model cannot hold is dead-lettered and the rest of the batch applied without it.
-    /// Errors that waiting cannot cure (a script, permission or consistency error) stop the
-    /// worker, never a retry: the apply step may not be repeated blindly.
+    /// Turns messages into writes and commits them (see [`commit`]): Redis is retried until it
+    /// answers, an event the read model cannot hold is dead-lettered and the rest of the batch
+    /// applied without it, and an error that waiting cannot cure stops the worker.
     async fn apply_batch(
         &mut self,
         batch: &[Message],
@@ -361,73 +359,29 @@ impl<P: Projection> Worker<P> {
         for message in batch {
             events.push(self.prepare(message, checkpoint).await?);
         }
-        let settings = Batch {
-            feed_len: self.context.config.projection.change_feed_len,
-            partitions: self.context.config.projection.partitions,
-            accept_hole,
+        let step = RedisStep {
+            model: &self.context.model,
+            partition: self.partition,
+            generation: self.generation,
+            mode: if self.live { Mode::Live } else { Mode::Build },
+            checkpoint,
+            settings: Batch {
+                feed_len: self.context.config.projection.change_feed_len,
+                partitions: self.context.config.projection.partitions,
+                accept_hole,
+            },
         };
-        let mut pause = RETRY_FIRST;
-        let mut attempts = 0u32;
-        let outage = Instant::now();
-        let mut last_progress = Instant::now();
-        loop {
-            let result = self
-                .context
-                .model
-                .apply(
-                    self.partition,
-                    self.generation,
-                    if self.live { Mode::Live } else { Mode::Build },
-                    checkpoint,
-                    &settings,
-                    &events,
-                )
-                .await;
-            match result {
-                Ok(Step::Refused { seq, reason }) => {
-                    let Some(index) = events.iter().position(|e| e.seq == seq && e.write) else {
-                        return Err(ReadModelError::UnexpectedReply(format!(
-                            "refused {seq}, which is not in the batch"
-                        ))
-                        .into());
-                    };
-                    let error = format!("the read model cannot hold this event: {reason}");
-                    self.dead_letter(&batch[index], seq, &events[index].event_type, &error)
-                        .await?;
-                    events[index].write = false;
-                    events[index].ops.clear();
-                }
-                Ok(Step::Done(applied)) => {
-                    if attempts > 0 {
-                        tracing::info!(projection = P::NAME, partition = self.partition, after = ?outage.elapsed(), "redis answers again; batch applied");
-                    }
-                    return Ok(applied);
-                }
-                Err(err) if err.is_transient() => {
-                    attempts += 1;
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    if attempts == 1 || attempts.is_multiple_of(20) {
-                        tracing::warn!(projection = P::NAME, partition = self.partition, error = %err, attempts, retry_in = ?pause, "redis unavailable; retrying the batch");
-                    } else {
-                        tracing::debug!(projection = P::NAME, partition = self.partition, error = %err, attempts, retry_in = ?pause, "redis unavailable; retrying the batch");
-                    }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(RETRY_MAX);
-                    // Keep JetStream from redelivering what is still being applied.
-                    if last_progress.elapsed() >= self.context.config.projection.ack_wait / 3 {
-                        last_progress = Instant::now();
-                        for message in batch {
-                            let _ = message.ack_with(AckKind::Progress).await;
-                        }
-                    }
-                }
-                Err(err) => {
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(projection = P::NAME, partition = self.partition, error = %err, "cannot apply the batch; stopping");
-                    return Err(err.into());
-                }
-            }
+        let started = Instant::now();
+        let mut around = WorkerAround {
+            worker: &*self,
+            batch,
+        };
+        let progress_every = self.context.config.projection.ack_wait / 3;
+        let (applied, attempts) = commit(&step, &mut around, &mut events, progress_every).await?;
+        if attempts > 0 {
+            tracing::info!(projection = P::NAME, partition = self.partition, after = ?started.elapsed(), attempts, "redis answers again; batch applied");
         }
+        Ok(applied)
     }
 
     /// Stores `message` in the dead-letter stream with `error`.
@@ -588,6 +542,86 @@ impl<P: Projection> Worker<P> {
             lag = self.stats.lag(),
             "batch applied"
         );
+    }
+}
+
+/// The atomic apply step of one batch, in Redis.
+struct RedisStep<'a> {
+    model: &'a ReadModel,
+    partition: u32,
+    generation: u64,
+    mode: Mode,
+    checkpoint: u64,
+    settings: Batch,
+}
+
+impl ApplyStep for RedisStep<'_> {
+    fn apply(
+        &self,
+        events: &[AppliedEvent],
+    ) -> impl Future<Output = Result<Step, ReadModelError>> + Send {
+        self.model.apply(
+            self.partition,
+            self.generation,
+            self.mode,
+            self.checkpoint,
+            &self.settings,
+            events,
+        )
+    }
+}
+
+/// The worker's side of committing one batch: dead letters, progress acks, counters and logs.
+struct WorkerAround<'a, P> {
+    worker: &'a Worker<P>,
+    batch: &'a [Message],
+}
+
+impl<P: Projection> Around for WorkerAround<'_, P> {
+    fn dead_letter(
+        &mut self,
+        index: usize,
+        event: &AppliedEvent,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        let (worker, message) = (self.worker, self.batch.get(index));
+        let (seq, event_type) = (event.seq, event.event_type.clone());
+        let error = format!("the read model cannot hold this event: {reason}");
+        async move {
+            match message {
+                Some(message) => worker.dead_letter(message, seq, &event_type, &error).await,
+                None => Err(ReadModelError::UnexpectedReply(format!(
+                    "refused event {index} of a batch of {}",
+                    worker.context.config.projection.batch
+                ))
+                .into()),
+            }
+        }
+    }
+
+    fn in_progress(&mut self) -> impl Future<Output = ()> + Send {
+        let batch = self.batch;
+        async move {
+            for message in batch {
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+
+    fn unavailable(&mut self, error: &ReadModelError, attempts: u32, pause: Duration) {
+        let worker = self.worker;
+        worker.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if attempts == 1 || attempts.is_multiple_of(20) {
+            tracing::warn!(projection = P::NAME, partition = worker.partition, %error, attempts, retry_in = ?pause, "redis unavailable; retrying the batch");
+        } else {
+            tracing::debug!(projection = P::NAME, partition = worker.partition, %error, attempts, retry_in = ?pause, "redis unavailable; retrying the batch");
+        }
+    }
+
+    fn failed(&mut self, error: &ReadModelError) {
+        let worker = self.worker;
+        worker.stats.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(projection = P::NAME, partition = worker.partition, %error, "cannot apply the batch; stopping");
     }
 }
 
