@@ -267,6 +267,37 @@ async fn values_beyond_64_bits_are_dead_lettered_with_their_headers_and_later_ev
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_reach_both_ends_of_64_bits_exactly_and_no_further() {
+    let side = Side::start().await;
+    let max = i64::MAX as u64;
+    let mut refused = Vec::new();
+    side.send("b", "add", json!({"by": max})).await; // i64::MAX
+    refused.push(side.send("b", "add", json!({"by": 1})).await);
+    side.send("b", "sub", json!({"by": max})).await; // 0
+    side.send("b", "sub", json!({"by": max})).await; // -i64::MAX
+    side.send("b", "sub", json!({"by": 1})).await; // i64::MIN
+    refused.push(side.send("b", "sub", json!({"by": 1})).await);
+    side.send("b", "add", json!({"by": max})).await; // -1
+    let last = side.send("b", "add", json!({"by": 1})).await; // 0
+    side.wait_for(last).await;
+
+    assert_eq!(
+        side.hash("tally:b").await,
+        fields(&[("sum", "0"), ("events", "6")])
+    );
+    assert_eq!(side.hash("totals").await, fields(&[("sum", "0")]));
+    let letters = side.dead_letters().await;
+    let seqs: Vec<u64> = letters.iter().map(|l| l.seq).collect();
+    assert_eq!(seqs, refused, "{letters:?}");
+    assert!(
+        letters[0].error.contains("holds 9223372036854775807")
+            && letters[1].error.contains("holds -9223372036854775808"),
+        "{letters:?}"
+    );
+    side.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_event_of_an_atomic_batch_is_dead_lettered_and_its_sibling_applies() {
     let side = Side::start().await;
     let last = side
