@@ -11,10 +11,11 @@
 //! | `{P}:g<G>:<key>` | any | the projection's own keys, e.g. `{account-balances}:g1:account:alice` |
 //! | `{P}:g<G>:checkpoint` | hash | `p0`..`p<n-1>`: last applied stream sequence per partition; `partitions`: n |
 //! | `{P}:g<G>:changes` | stream | change feed: one entry per applied event (`seq`, `id`, `type`) |
+//! | `{P}:g<G>:progress` | stream | one entry per commit that moved a checkpoint (`p`, `seq`) |
 //! | `{P}:g<G>:replayed` | set | stream sequences applied by a dead-letter replay |
 //! | `{P}:g<G>:failed` | string | only if a write failed half-way through a batch: why (rebuild) |
 //!
-//! `checkpoint`, `changes`, `replayed` and `failed` belong to the runtime: [`RedisWrites`] refuses
+//! `checkpoint`, `changes`, `progress`, `replayed` and `failed` belong to the runtime: [`RedisWrites`] refuses
 //! them.
 //!
 //! Frontends read `{P}:active` first, then the keys of that version. A rebuild writes version
@@ -41,6 +42,8 @@ pub const MAX_EXACT_SCORE: i128 = (1 << 53) - 1;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long Redis may take to answer one command or apply step.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest [`ReadModel::wait_for`] blocks on the progress stream before looking again.
+const FOLLOW_AT_MOST: Duration = Duration::from_secs(1);
 
 /// Why a read-model operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +128,7 @@ pub struct Keys {
 }
 
 /// Relative keys the runtime keeps inside each version; projections may not write them.
-const RESERVED_KEYS: [&str; 4] = ["checkpoint", "changes", "replayed", "failed"];
+const RESERVED_KEYS: [&str; 5] = ["checkpoint", "changes", "progress", "replayed", "failed"];
 
 impl Keys {
     /// The keys of projection `name`.
@@ -158,6 +161,12 @@ impl Keys {
     /// The change feed of version `generation`.
     pub fn changes(&self, generation: u64) -> String {
         self.key(generation, "changes")
+    }
+
+    /// The progress stream of version `generation`: one entry per commit that moved a
+    /// partition's checkpoint (`p`: the partition field, `seq`: its new checkpoint).
+    pub fn progress(&self, generation: u64) -> String {
+        self.key(generation, "progress")
     }
 
     /// The set of replayed dead letters of version `generation`.
@@ -431,9 +440,9 @@ pub(crate) enum Step {
 /// failed (it holds part of a batch) and refuses every later step.
 ///
 /// Events must continue the checkpoint without a hole (unless the caller accepts one). In replay
-/// mode the gate is membership in the replayed set instead, and the checkpoint stays. KEYS:
-/// active, checkpoint (or replayed set), changes, failure mark, then the projection keys (each
-/// once). ARGV: partition field, generation, mode, expected checkpoint, feed length, event count,
+/// mode the gate is membership in the replayed set instead, and the checkpoint stays. A commit
+/// that moves the checkpoint appends the progress stream. KEYS: active, checkpoint (or replayed
+/// set), changes, failure mark, progress, then the projection keys (each once). ARGV: partition field, generation, mode, expected checkpoint, feed length, event count,
 /// partition count, hole accepted, then per event: seq, id, type, write flag, op count, then per
 /// op: command, key index, arg count, args.
 const APPLY_SCRIPT: &str = r#"
@@ -634,6 +643,9 @@ local ok, err = pcall(function()
   if mode ~= 'replay' then
     if active == false and mode == 'live' then write('SET', KEYS[1], ARGV[2]) end
     write('HSET', KEYS[2], ARGV[1], last, 'partitions', ARGV[7])
+    if last ~= checkpoint then
+      write('XADD', KEYS[5], 'MAXLEN', '~', '1000', '*', 'p', ARGV[1], 'seq', last)
+    end
   end
 end)
 if not ok then
@@ -684,6 +696,7 @@ return denied
 /// A projection's read model in Redis, as the runtime and frontends see it.
 #[derive(Clone)]
 pub struct ReadModel {
+    client: redis::Client,
     connection: ConnectionManager,
     keys: Keys,
     apply: std::sync::Arc<redis::Script>,
@@ -708,8 +721,12 @@ impl ReadModel {
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(0);
-        let connection = client.get_connection_manager_with_config(config).await?;
+        let connection = client
+            .clone()
+            .get_connection_manager_with_config(config)
+            .await?;
         Ok(ReadModel {
+            client,
             connection,
             keys: Keys::new(name),
             apply: std::sync::Arc::new(redis::Script::new(APPLY_SCRIPT)),
@@ -820,15 +837,26 @@ impl ReadModel {
 
     /// Waits until the live read model reflects stream sequence `seq` (a command reply's `seq`),
     /// or fails with [`ReadModelError::Timeout`].
+    ///
+    /// It is told rather than polling: between looks it blocks (`XREAD BLOCK`, on a connection of
+    /// its own) on the version's progress stream, which every commit that moves a checkpoint
+    /// appends to. It looks again at least every second, for a version switch.
     pub async fn wait_for(&self, seq: u64, timeout: Duration) -> Result<(), ReadModelError> {
         let started = Instant::now();
-        let mut pause = Duration::from_millis(1);
+        let mut follower = None;
         loop {
+            let generation = self.active_generation().await?;
+            // Where the progress stream ends before looking: any later commit wakes the XREAD.
+            let since = match generation {
+                Some(generation) => Some(self.last_progress(generation).await?),
+                None => None,
+            };
             let reached = self.applied_through().await?;
             if reached >= seq {
                 return Ok(());
             }
-            if started.elapsed() >= timeout {
+            let left = timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
                 return Err(ReadModelError::Timeout {
                     projection: self.keys.projection.clone(),
                     seq,
@@ -836,9 +864,55 @@ impl ReadModel {
                     timeout,
                 });
             }
-            tokio::time::sleep(pause.min(timeout.saturating_sub(started.elapsed()))).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
+            let block = left.min(FOLLOW_AT_MOST);
+            let (Some(generation), Some(since)) = (generation, since) else {
+                // No version yet: nothing to follow.
+                tokio::time::sleep(block.min(Duration::from_millis(50))).await;
+                continue;
+            };
+            let connection = match &mut follower {
+                Some(connection) => connection,
+                None => follower.insert(self.follower().await?),
+            };
+            let _: redis::Value = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(1)
+                .arg("BLOCK")
+                .arg(block.as_millis().max(1) as u64)
+                .arg("STREAMS")
+                .arg(self.keys.progress(generation))
+                .arg(since)
+                .query_async(connection)
+                .await?;
         }
+    }
+
+    /// The id of the last entry of the progress stream of `generation` (`0-0` when empty).
+    async fn last_progress(&self, generation: u64) -> Result<String, ReadModelError> {
+        let mut connection = self.connection.clone();
+        let last: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
+            .arg(self.keys.progress(generation))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut connection)
+            .await?;
+        Ok(last
+            .into_iter()
+            .next()
+            .map_or_else(|| "0-0".to_owned(), |(id, _)| id))
+    }
+
+    /// A connection of its own for blocking reads, which would hold up a shared one.
+    async fn follower(&self) -> Result<redis::aio::MultiplexedConnection, ReadModelError> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(FOLLOW_AT_MOST + RESPONSE_TIMEOUT));
+        Ok(self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?)
     }
 
     /// Runs the atomic apply step for one partition of one version.
@@ -861,7 +935,8 @@ impl ReadModel {
             .key(self.keys.active())
             .key(gate)
             .key(self.keys.changes(generation))
-            .key(self.keys.failed(generation));
+            .key(self.keys.failed(generation))
+            .key(self.keys.progress(generation));
         invocation
             .arg(format!("p{partition}"))
             .arg(generation)
@@ -881,7 +956,7 @@ impl ReadModel {
                 .arg(if event.write { "1" } else { "0" })
                 .arg(event.ops.len());
             for op in &event.ops {
-                let next = key_indexes.len() + 5;
+                let next = key_indexes.len() + 6;
                 let index = *key_indexes.entry(op.key.as_str()).or_insert_with(|| {
                     invocation.key(self.keys.key(generation, &op.key));
                     next
