@@ -83,7 +83,7 @@ pub enum Error {
     #[error("name {0:?} must match [a-z0-9_-]+")]
     AggregateName(&'static str),
     /// `Projection::NAME` is not a valid name.
-    #[error("projection name {0:?} must match [a-z0-9-]+")]
+    #[error("projection name {0:?} must match {pattern}", pattern = projection::NAME_PATTERN)]
     ProjectionName(&'static str),
     /// Redis is unusable, or the read model refused to go on.
     #[error("redis: {0}")]

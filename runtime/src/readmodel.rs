@@ -528,6 +528,8 @@ local function magnitude_op(a, b, sign)
   return r
 end
 local function add_integers(x, y)
+  -- Both below 10^15 in magnitude: doubles add them exactly, and the sum fits.
+  if #x <= 15 and #y <= 15 then return string.format('%d', tonumber(x) + tonumber(y)) end
   local xn, xd = digits_of(x)
   local yn, yd = digits_of(y)
   local neg, m

@@ -83,8 +83,12 @@ pub trait Projection: Send + Sync + 'static {
     ) -> Result<(), Refusal>;
 }
 
-/// Whether `name` is a valid projection name: one or more of `a-z`, `0-9` and `-`. It becomes a
-/// Redis hash tag, a consumer name and a NATS subject token, so nothing else is allowed.
+/// The rule for projection names, as error messages state it.
+pub const NAME_PATTERN: &str = "[a-z0-9-]+";
+
+/// Whether `name` is a valid projection name ([`NAME_PATTERN`]): one or more of `a-z`, `0-9` and
+/// `-`. It becomes a Redis hash tag, a consumer name and a NATS subject token, so nothing else is
+/// allowed.
 pub fn is_valid_name(name: &str) -> bool {
     !name.is_empty()
         && name
