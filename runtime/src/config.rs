@@ -626,6 +626,17 @@ mod tests {
         });
     }
 
+    #[cfg(not(feature = "fault-injection"))]
+    #[test]
+    fn the_crash_hook_is_an_unknown_key_without_fault_injection() {
+        Jail::expect_with(|jail| {
+            jail.set_env("JETFN_PROJECTION__CRASH_AFTER_COMMITS", "2");
+            let message = Config::load().unwrap_err().to_string();
+            assert!(message.contains("crash_after_commits"), "{message}");
+            Ok(())
+        });
+    }
+
     #[test]
     fn durations_use_human_units() {
         Jail::expect_with(|jail| {

@@ -558,3 +558,22 @@ async fn track_stream_end<P: Projection>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn projection_names_are_lowercase_letters_digits_and_dashes() {
+        for good in ["account-balances", "p1", "a"] {
+            assert!(is_valid_name(good), "{good}");
+        }
+        for bad in ["", "account_balances", "Account", "a.b", "a b", "{a}"] {
+            assert!(!is_valid_name(bad), "{bad}");
+        }
+        assert_eq!(
+            Error::ProjectionName("a_b").to_string(),
+            "projection name \"a_b\" must match [a-z0-9-]+"
+        );
+    }
+}
