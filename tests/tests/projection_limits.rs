@@ -35,12 +35,15 @@ enum Command {
     Sub { by: u64 },
     /// Two events in one atomic batch.
     AddPair { first: u64, second: u64 },
+    /// Raises the id's rank score.
+    Rank { by: u64 },
 }
 
 #[derive(Serialize, Deserialize, JsonSchema)]
 enum Event {
     Added { by: u64 },
     Subtracted { by: u64 },
+    Ranked { by: u64 },
 }
 
 impl Aggregate for Tally {
@@ -55,6 +58,7 @@ impl Aggregate for Tally {
             Command::AddPair { first, second } => {
                 vec![Event::Added { by: first }, Event::Added { by: second }]
             }
+            Command::Rank { by } => vec![Event::Ranked { by }],
         })
     }
 
@@ -63,8 +67,9 @@ impl Aggregate for Tally {
     }
 }
 
-/// The read side: `tally:<id>` counts `sum` and `events`, `totals` sums every tally. Adding 0 is
-/// a projection bug on purpose: it deletes the runtime's checkpoint.
+/// The read side: `tally:<id>` counts `sum` and `events`, `totals` sums every tally, the sorted
+/// set `ranks` scores ids by their rankings. Two projection bugs on purpose: adding 0 deletes the
+/// runtime's checkpoint, and ranking by 0 writes `ranks` as a hash.
 struct Totals;
 
 const TOTALS_PROJECTION: &str = "tally-totals";
@@ -82,6 +87,14 @@ impl Projection for Totals {
             }
             Event::Added { by } => i128::from(by),
             Event::Subtracted { by } => -i128::from(by),
+            Event::Ranked { by: 0 } => {
+                writes.hset("ranks", &event.aggregate_id, 0);
+                return Ok(());
+            }
+            Event::Ranked { by } => {
+                writes.zincr("ranks", &event.aggregate_id, by);
+                return Ok(());
+            }
         };
         writes
             .hincr(&key, "sum", by)
@@ -293,6 +306,39 @@ async fn counters_reach_both_ends_of_64_bits_exactly_and_no_further() {
         letters[0].error.contains("holds 9223372036854775807")
             && letters[1].error.contains("holds -9223372036854775808"),
         "{letters:?}"
+    );
+    side.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scores_past_2_to_the_53_and_writes_of_the_wrong_type_are_dead_lettered() {
+    let side = Side::start().await;
+    let safe = (1_u64 << 53) - 1;
+    side.send("top", "rank", json!({"by": safe - 1})).await;
+    side.send("top", "rank", json!({"by": 1})).await; // 2^53 - 1: the largest exact score
+    let refused = side.send("top", "rank", json!({"by": 1})).await;
+    let wrong_type = side.send("bad", "rank", json!({"by": 0})).await;
+    let last = side.send("low", "rank", json!({"by": 5})).await;
+    side.wait_for(last).await;
+
+    let mut connection = side.redis.connect().await.unwrap();
+    let ranks: Vec<(String, u64)> = connection
+        .zrange_withscores(Keys::new(TOTALS_PROJECTION).key(1, "ranks"), 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(ranks, [("low".to_owned(), 5), ("top".to_owned(), safe)]);
+    let letters = side.dead_letters().await;
+    let seqs: Vec<u64> = letters.iter().map(|l| l.seq).collect();
+    assert_eq!(seqs, [refused, wrong_type], "{letters:?}");
+    assert!(
+        letters[0].error.contains("ZINCRBY") && letters[0].error.contains("2^53"),
+        "{}",
+        letters[0].error
+    );
+    assert!(
+        letters[1].error.contains("WRONGTYPE") && letters[1].error.contains("HSET needs a hash"),
+        "{}",
+        letters[1].error
     );
     side.stop().await;
 }
