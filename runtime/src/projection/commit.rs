@@ -242,19 +242,28 @@ mod tests {
         );
     }
 
+    /// Commits a one-event batch (seq 1) against `replies`.
+    async fn commit_one(
+        replies: impl IntoIterator<Item = Result<Step, ReadModelError>>,
+    ) -> (Result<(Applied, u32), Error>, FakeRedis, Recorder) {
+        let redis = FakeRedis::answering(replies);
+        let mut around = Recorder::default();
+        let mut batch = events(&[1]);
+        let result = commit(&redis, &mut around, &mut batch, Duration::from_secs(1)).await;
+        (result, redis, around)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_error_waiting_cannot_cure_is_never_retried() {
-        let redis = FakeRedis::answering([
+        let (result, redis, around) = commit_one([
             Err(ReadModelError::Inconsistent {
                 projection: "p".into(),
                 generation: 1,
                 message: "a write failed half-way".into(),
             }),
             committed(1),
-        ]);
-        let mut around = Recorder::default();
-        let mut batch = events(&[1]);
-        let result = commit(&redis, &mut around, &mut batch, Duration::from_secs(1)).await;
+        ])
+        .await;
         assert!(
             matches!(
                 result,
@@ -269,13 +278,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_refusal_of_an_event_outside_the_batch_is_an_error() {
-        let redis = FakeRedis::answering([Ok(Step::Refused {
+        let (result, _, around) = commit_one([Ok(Step::Refused {
             seq: 9,
             reason: "?".into(),
-        })]);
-        let mut around = Recorder::default();
-        let mut batch = events(&[1]);
-        let result = commit(&redis, &mut around, &mut batch, Duration::from_secs(1)).await;
+        })])
+        .await;
         assert!(
             matches!(
                 result,
