@@ -53,6 +53,9 @@ pub(crate) struct Worker<P> {
     live: bool,
     stats: Arc<Stats>,
     commits: u64,
+    /// The bound consumer acknowledges every message up to the one acknowledged (`ack_policy`
+    /// `all`): one ack per batch. Consumers created before are `explicit`: one ack per message.
+    ack_all: bool,
     /// The checkpoint the consumer was last recreated at because of a hole.
     rewound_at: Option<u64>,
 }
@@ -87,6 +90,7 @@ impl<P: Projection> Worker<P> {
             live,
             stats,
             commits: 0,
+            ack_all: false,
             rewound_at: None,
         }
     }
@@ -160,6 +164,7 @@ impl<P: Projection> Worker<P> {
                 if let Some(flag) = self.stats.bound.get(self.partition as usize) {
                     flag.store(true, Ordering::Relaxed);
                 }
+                self.ack_all = bound.0.cached_info().config.ack_policy == AckPolicy::All;
                 bound
             }
             Err(error) => {
@@ -331,11 +336,14 @@ impl<P: Projection> Worker<P> {
                     self.partition
                 )),
                 deliver_policy,
-                ack_policy: AckPolicy::Explicit,
+                // One ack per batch: the batch continues the checkpoint without a hole (the
+                // apply step checks that), so everything up to its last message is applied.
+                ack_policy: AckPolicy::All,
                 ack_wait: self.context.config.projection.ack_wait,
                 max_deliver: -1,
                 filter_subject: format!("{}.*", self.context.source.subject_prefix),
-                max_ack_pending: batch * 2,
+                // The batch being committed, the next one already pulled, and one more.
+                max_ack_pending: batch * 3,
                 priority_policy: PriorityPolicy::PinnedClient,
                 priority_groups: vec![PIN_GROUP.to_owned()],
                 priority_timeout: self.context.config.projection.pin_timeout,
@@ -521,8 +529,14 @@ impl<P: Projection> Worker<P> {
             tracing::error!("fault injection: exiting between the Redis commit and the acks");
             std::process::exit(86);
         }
-        for message in batch {
-            // A lost ack only means a redelivery, which the checkpoint skips.
+        // A lost ack only means a redelivery, which the checkpoint skips. The batch is sorted by
+        // stream sequence, and an `all` ack covers every message up to it.
+        let acks = if self.ack_all {
+            batch.last().map(std::slice::from_ref).unwrap_or_default()
+        } else {
+            batch
+        };
+        for message in acks {
             let _ = message.ack().await;
         }
         if let Some(slot) = self.stats.checkpoints.get(self.partition as usize) {
