@@ -80,6 +80,13 @@ pub enum ReadModelError {
     /// The apply step answered something the runtime does not understand.
     #[error("the apply step answered {0:?}, which is not a known reply")]
     UnexpectedReply(String),
+    /// The first write of the apply step failed, so it wrote nothing (for example: Redis is out
+    /// of memory).
+    #[error("redis refused the first write of the apply step, which wrote nothing: {message}")]
+    NotWritten {
+        /// The write's error, as Redis reported it (`OOM command not allowed ...`).
+        message: String,
+    },
     /// A Redis write failed after the apply step had started writing, so this version of the
     /// read model holds part of a batch. It refuses further batches until it is rebuilt.
     #[error(
@@ -96,6 +103,17 @@ pub enum ReadModelError {
     },
 }
 
+/// Redis error codes that waiting can cure: loading, busy, out of memory, failing over.
+const TRANSIENT_CODES: [&str; 7] = [
+    "LOADING",
+    "BUSY",
+    "OOM",
+    "TRYAGAIN",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+    "READONLY",
+];
+
 impl ReadModelError {
     /// Whether trying again later can help: Redis unreachable, timing out, loading, busy or out
     /// of memory. Script, permission and consistency errors are not transient.
@@ -106,14 +124,15 @@ impl ReadModelError {
                     || err.is_timeout()
                     || err.is_connection_dropped()
                     || err.is_connection_refusal()
-                    || matches!(
-                        err.code(),
-                        Some(
-                            "LOADING" | "BUSY" | "OOM" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN"
-                        )
-                    )
+                    || err
+                        .code()
+                        .is_some_and(|code| TRANSIENT_CODES.contains(&code))
             }
             ReadModelError::Timeout { .. } => true,
+            ReadModelError::NotWritten { message } => message
+                .split_whitespace()
+                .next()
+                .is_some_and(|code| TRANSIENT_CODES.contains(&code)),
             ReadModelError::MissingPermission { .. }
             | ReadModelError::UnexpectedReply(_)
             | ReadModelError::Inconsistent { .. } => false,
@@ -617,15 +636,19 @@ for _, event in ipairs(events) do
   end
 end
 
--- Nothing below may fail; if a write does anyway, mark the version so that no later step
--- builds on a half-applied batch.
+-- Nothing below may fail. If the first write does (out of memory: Redis checks that only before
+-- a script's first write), nothing was written and the step may run again. If a later write
+-- fails, mark the version so that no later step builds on a half-applied batch.
+local written = false
 local function write(...)
   local reply = redis.pcall(...)
   if type(reply) == 'table' and reply.err then
+    if not written then error({untouched = reply.err}) end
     local why = 'a write failed half-way through a batch: ' .. reply.err
     redis.pcall('SET', KEYS[4], why)
     error(why)
   end
+  written = true
   return reply
 end
 local fresh_count = 0
@@ -651,6 +674,7 @@ local ok, err = pcall(function()
   end
 end)
 if not ok then
+  if type(err) == 'table' and err.untouched then return {'untouched', err.untouched} end
   local why = redis.call('GET', KEYS[4]) or tostring(err)
   return {'failed', why}
 end
@@ -990,6 +1014,9 @@ impl ReadModel {
                 seq: number(seq)?,
                 reason: reason.clone(),
             }),
+            [status, message] if status == "untouched" => Err(ReadModelError::NotWritten {
+                message: message.clone(),
+            }),
             [status, message] if status == "failed" => Err(ReadModelError::Inconsistent {
                 projection: self.keys.projection.clone(),
                 generation,
@@ -1073,6 +1100,59 @@ mod tests {
                 "ZREM open a"
             ]
         );
+    }
+
+    #[test]
+    fn only_errors_that_waiting_can_cure_are_transient() {
+        let not_written = |message: &str| ReadModelError::NotWritten {
+            message: message.into(),
+        };
+        assert!(
+            not_written("OOM command not allowed when used memory > 'maxmemory'.").is_transient()
+        );
+        assert!(!not_written("NOPERM this user has no permissions").is_transient());
+        let down = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "down");
+        assert!(ReadModelError::Redis(down.into()).is_transient());
+        assert!(!ReadModelError::UnexpectedReply("ok x".into()).is_transient());
+        let inconsistent = ReadModelError::Inconsistent {
+            projection: "p".into(),
+            generation: 1,
+            message: "m".into(),
+        };
+        assert!(!inconsistent.is_transient());
+    }
+
+    #[test]
+    fn writes_refuse_runtime_keys_and_values_redis_cannot_hold_exactly() {
+        let mut writes = RedisWrites::default();
+        writes.del("checkpoint").hset("account:a", "owner", "Ann");
+        assert_eq!(
+            writes.refusal(),
+            Some(&WriteError::ReservedKey("checkpoint".into()))
+        );
+        assert!(writes.commands().is_empty(), "nothing after a refusal");
+
+        let mut writes = RedisWrites::default();
+        writes.zadd("rank", "a", MAX_EXACT_SCORE);
+        assert_eq!(writes.refusal(), None);
+        writes.zincr("rank", "a", MAX_EXACT_SCORE + 1);
+        assert!(matches!(
+            writes.refusal(),
+            Some(WriteError::InexactScore {
+                command: "ZINCRBY",
+                ..
+            })
+        ));
+
+        let mut writes = RedisWrites::default();
+        writes.hincr("totals", "sum", i128::from(i64::MIN) - 1);
+        assert!(matches!(
+            writes.refusal(),
+            Some(WriteError::OutOfRange {
+                command: "HINCRBY",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -96,3 +96,78 @@ async fn a_ten_second_redis_outage_while_commands_flow_ends_with_an_exact_read_m
     side.projection.stop().await.unwrap();
     side.function.stop().await.unwrap();
 }
+
+/// How often Redis has refused a command for lack of memory (`INFO errorstats`).
+async fn oom_refusals(redis: &jetfn_tests::RedisServer) -> u64 {
+    let mut connection = redis.connect().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("errorstats")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("errorstat_OOM:count="))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_out_of_memory_holds_the_projection_back_until_memory_is_freed() {
+    let side = ReadSide::start().await.unwrap();
+    let opened = send(
+        &side.client,
+        "mem",
+        "open",
+        json!({"owner": "Mem", "initial_deposit": 10}),
+        None,
+    )
+    .await
+    .unwrap();
+    let model = ReadModel::connect(&side.redis.url(), PROJECTION)
+        .await
+        .unwrap();
+    model
+        .wait_for(opened.accepted().seq, Duration::from_secs(20))
+        .await
+        .unwrap();
+
+    let mut connection = side.redis.connect().await.unwrap();
+    let set = |name: &'static str, value: &'static str| {
+        redis::cmd("CONFIG").arg(&["SET", name, value]).clone()
+    };
+    let _: () = set("maxmemory-policy", "noeviction")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let _: () = set("maxmemory", "1")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let mut last = 0;
+    for n in 1..=5 {
+        last = send(&side.client, "mem", "deposit", json!({"amount": n}), None)
+            .await
+            .unwrap()
+            .accepted()
+            .seq;
+    }
+    // The apply step reads, then its first write is refused: nothing is written, it is retried.
+    jetfn_tests::workload::poll(
+        "an apply step refused for memory",
+        Duration::from_secs(20),
+        || async { Ok((oom_refusals(&side.redis).await >= 3).then_some(())) },
+    )
+    .await
+    .unwrap();
+    let _: () = set("maxmemory", "0")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+
+    model.wait_for(last, Duration::from_secs(20)).await.unwrap();
+    check_read_model(&side.client, &side.redis, 1)
+        .await
+        .unwrap();
+    side.projection.stop().await.unwrap();
+    side.function.stop().await.unwrap();
+}
