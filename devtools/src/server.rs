@@ -538,6 +538,8 @@ impl Server<Nats> {
 pub struct Redis {
     /// AOF with `appendfsync always` instead of nothing on disk.
     persistent: bool,
+    /// The next start keeps the data directory (a snapshot saved by `stop_saving`).
+    keep_once: std::sync::atomic::AtomicBool,
 }
 
 /// A private `redis-server` on a free loopback port, working in the `redis/` directory of its
@@ -568,7 +570,12 @@ impl Flavor for Redis {
 
     fn prepare(&self, dir: &Path) -> Result<()> {
         let data = dir.join(Self::NAME);
-        if !self.persistent && data.exists() {
+        if !self.persistent
+            && !self
+                .keep_once
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+            && data.exists()
+        {
             std::fs::remove_dir_all(&data)
                 .map_err(|e| Error::io(format!("emptying {}", data.display()), e))?;
         }
@@ -642,7 +649,10 @@ impl Builder<Redis> {
 impl Server<Redis> {
     /// How to start one: state directory, persistence.
     pub fn builder() -> Builder<Redis> {
-        Builder::new(Redis { persistent: false })
+        Builder::new(Redis {
+            persistent: false,
+            keep_once: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     /// Starts a `redis-server` that keeps nothing on disk on a free port, in a temporary
@@ -665,6 +675,28 @@ impl Server<Redis> {
             .map_err(|e| {
                 Error::Connect(format!("connecting to redis-server at {}: {e}", self.url()))
             })
+    }
+
+    /// Stops the server as an operator would: `SHUTDOWN SAVE` writes its data to disk, then it
+    /// exits (SIGKILL after 10 s). [`start_again`](Self::start_again) brings it back with that
+    /// data, also when it keeps nothing on disk otherwise.
+    pub async fn stop_saving(&mut self) -> Result<()> {
+        let mut connection = self.connect().await?;
+        // The server closes the connection instead of answering.
+        let _: redis::RedisResult<()> = redis::cmd("SHUTDOWN")
+            .arg("SAVE")
+            .query_async(&mut connection)
+            .await;
+        self.stop().await
+    }
+
+    /// Starts a server stopped by [`stop_saving`](Self::stop_saving) again, on the same port,
+    /// with the data it saved, and waits until it answers `PING`.
+    pub async fn start_again(&mut self) -> Result<()> {
+        self.flavor
+            .keep_once
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.launch_retrying(false).await
     }
 
     /// Kills the server (SIGKILL) and starts a new one on the same port with no data at all,

@@ -139,8 +139,9 @@ pub struct ProjectionConfig {
     pub rebuild_grace: Duration,
     /// The dead-letter stream (shared by all projections; subjects `jetfn.dlq.<projection>`).
     pub dead_letter_stream: String,
-    /// Fault injection for tests: exit the process right after this many Redis commits, before
-    /// acknowledging them. Never set it in production.
+    /// Fault injection for tests (feature `fault-injection` only): exit the process with status
+    /// 86 right after this many Redis commits, before acknowledging them.
+    #[cfg(feature = "fault-injection")]
     pub crash_after_commits: Option<u64>,
 }
 
@@ -155,6 +156,7 @@ impl Default for ProjectionConfig {
             change_feed_len: 10_000,
             rebuild_grace: Duration::from_secs(5),
             dead_letter_stream: "JETFN_DLQ".into(),
+            #[cfg(feature = "fault-injection")]
             crash_after_commits: None,
         }
     }
@@ -684,6 +686,17 @@ mod tests {
             jail.create_file("jetfn.toml", "[command]\nmax_retrys = 3\n")?;
             let message = Config::load().unwrap_err().to_string();
             assert!(message.contains("max_retrys"), "{message}");
+            Ok(())
+        });
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    #[test]
+    fn the_crash_hook_is_an_unknown_key_without_fault_injection() {
+        Jail::expect_with(|jail| {
+            jail.set_env("JETFN_PROJECTION__CRASH_AFTER_COMMITS", "2");
+            let message = Config::load().unwrap_err().to_string();
+            assert!(message.contains("crash_after_commits"), "{message}");
             Ok(())
         });
     }
