@@ -719,11 +719,46 @@ redis.pcall('DEL', key)
 return denied
 "#;
 
+/// At most this many idle connections for [`ReadModel::wait_for`] are kept.
+const IDLE_FOLLOWERS: usize = 8;
+
+/// A connection of its own for one waiter's blocking reads (one would hold up a shared
+/// connection, and other waiters on it), taken from the read model's idle ones or opened.
+struct Follower(redis::aio::MultiplexedConnection);
+
+impl Follower {
+    async fn take(model: &ReadModel) -> Result<Follower, ReadModelError> {
+        let idle = model.followers.lock().ok().and_then(|mut idle| idle.pop());
+        if let Some(connection) = idle {
+            return Ok(Follower(connection));
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(FOLLOW_AT_MOST + RESPONSE_TIMEOUT));
+        let connection = model
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        Ok(Follower(connection))
+    }
+
+    /// Keeps the connection for the next waiter (a failed one is dropped instead: the `?` in
+    /// [`ReadModel::wait_for`] never gives it back).
+    fn give_back(self, model: &ReadModel) {
+        if let Ok(mut idle) = model.followers.lock()
+            && idle.len() < IDLE_FOLLOWERS
+        {
+            idle.push(self.0);
+        }
+    }
+}
+
 /// A projection's read model in Redis, as the runtime and frontends see it.
 #[derive(Clone)]
 pub struct ReadModel {
     client: redis::Client,
     connection: ConnectionManager,
+    followers: std::sync::Arc<std::sync::Mutex<Vec<redis::aio::MultiplexedConnection>>>,
     keys: Keys,
     apply: std::sync::Arc<redis::Script>,
 }
@@ -754,6 +789,7 @@ impl ReadModel {
         Ok(ReadModel {
             client,
             connection,
+            followers: std::sync::Arc::default(),
             keys: Keys::new(name),
             apply: std::sync::Arc::new(redis::Script::new(APPLY_SCRIPT)),
         })
@@ -864,12 +900,16 @@ impl ReadModel {
     /// Waits until the live read model reflects stream sequence `seq` (a command reply's `seq`),
     /// or fails with [`ReadModelError::Timeout`].
     ///
-    /// It is told rather than polling: between looks it blocks (`XREAD BLOCK`, on a connection of
-    /// its own) on the version's progress stream, which every commit that moves a checkpoint
-    /// appends to. It looks again at least every second, for a version switch.
+    /// It is told rather than polling: when the read model is not there yet, it blocks
+    /// (`XREAD BLOCK`, on a connection of its own, kept for later waits) on the version's
+    /// progress stream, which every commit that moves a checkpoint appends to. It looks again at
+    /// least every second, for a version switch.
     pub async fn wait_for(&self, seq: u64, timeout: Duration) -> Result<(), ReadModelError> {
         let started = Instant::now();
-        let mut follower = None;
+        if self.applied_through().await? >= seq {
+            return Ok(());
+        }
+        let mut follower = Follower::take(self).await?;
         loop {
             let generation = self.active_generation().await?;
             // Where the progress stream ends before looking: any later commit wakes the XREAD.
@@ -879,10 +919,12 @@ impl ReadModel {
             };
             let reached = self.applied_through().await?;
             if reached >= seq {
+                follower.give_back(self);
                 return Ok(());
             }
             let left = timeout.saturating_sub(started.elapsed());
             if left.is_zero() {
+                follower.give_back(self);
                 return Err(ReadModelError::Timeout {
                     projection: self.keys.projection.clone(),
                     seq,
@@ -896,10 +938,6 @@ impl ReadModel {
                 tokio::time::sleep(block.min(Duration::from_millis(50))).await;
                 continue;
             };
-            let connection = match &mut follower {
-                Some(connection) => connection,
-                None => follower.insert(self.follower().await?),
-            };
             let _: redis::Value = redis::cmd("XREAD")
                 .arg("COUNT")
                 .arg(1)
@@ -908,7 +946,7 @@ impl ReadModel {
                 .arg("STREAMS")
                 .arg(self.keys.progress(generation))
                 .arg(since)
-                .query_async(connection)
+                .query_async(&mut follower.0)
                 .await?;
         }
     }
@@ -928,17 +966,6 @@ impl ReadModel {
             .into_iter()
             .next()
             .map_or_else(|| "0-0".to_owned(), |(id, _)| id))
-    }
-
-    /// A connection of its own for blocking reads, which would hold up a shared one.
-    async fn follower(&self) -> Result<redis::aio::MultiplexedConnection, ReadModelError> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(FOLLOW_AT_MOST + RESPONSE_TIMEOUT));
-        Ok(self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?)
     }
 
     /// Runs the atomic apply step for one partition of one version.

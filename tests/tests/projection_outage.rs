@@ -111,6 +111,16 @@ async fn oom_refusals(redis: &jetfn_tests::RedisServer) -> u64 {
         .unwrap_or(0)
 }
 
+/// `CONFIG SET name value`.
+async fn config_set(redis: &jetfn_tests::RedisServer, name: &str, value: &str) {
+    let mut connection = redis.connect().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", name, value])
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_out_of_memory_holds_the_projection_back_until_memory_is_freed() {
     let side = ReadSide::start().await.unwrap();
@@ -131,18 +141,8 @@ async fn a_redis_out_of_memory_holds_the_projection_back_until_memory_is_freed()
         .await
         .unwrap();
 
-    let mut connection = side.redis.connect().await.unwrap();
-    let set = |name: &'static str, value: &'static str| {
-        redis::cmd("CONFIG").arg(&["SET", name, value]).clone()
-    };
-    let _: () = set("maxmemory-policy", "noeviction")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let _: () = set("maxmemory", "1")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
+    config_set(&side.redis, "maxmemory-policy", "noeviction").await;
+    config_set(&side.redis, "maxmemory", "1").await;
     let mut last = 0;
     for n in 1..=5 {
         last = send(&side.client, "mem", "deposit", json!({"amount": n}), None)
@@ -159,10 +159,7 @@ async fn a_redis_out_of_memory_holds_the_projection_back_until_memory_is_freed()
     )
     .await
     .unwrap();
-    let _: () = set("maxmemory", "0")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
+    config_set(&side.redis, "maxmemory", "0").await;
 
     model.wait_for(last, Duration::from_secs(20)).await.unwrap();
     check_read_model(&side.client, &side.redis, 1)
