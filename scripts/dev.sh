@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Local development: private NATS (JetStream) and Redis, plus the function
 # binaries, until Ctrl-C. This installs what is missing and builds, then hands
-# over to `jetfn dev` (runtime/src/bin/jetfn/dev.rs), which does the rest:
+# over to `jetfn dev` (cli/src/dev.rs, servers from devtools/), which does the rest:
 #
 #   scripts/dev.sh            # or: ./just dev
 #

@@ -29,6 +29,7 @@
 use crate::aggregate::Aggregate;
 use crate::codec::encode_variant;
 use crate::command::{Accepted, ErrorKind, Reply};
+use crate::wire::{CommandSubjects, header};
 use async_nats::HeaderMap;
 use serde::Serialize;
 use std::time::Duration;
@@ -72,7 +73,11 @@ pub struct CommandClient {
     timeout: Duration,
     attempts: u32,
     backoff: Duration,
+    max_backoff: Duration,
 }
+
+/// The longest pause between two attempts, however many attempts are configured.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl CommandClient {
     /// A client with a 5 s timeout and 5 attempts.
@@ -83,6 +88,7 @@ impl CommandClient {
             timeout: Duration::from_secs(5),
             attempts: 5,
             backoff: Duration::from_millis(100),
+            max_backoff: MAX_BACKOFF,
         }
     }
 
@@ -102,6 +108,19 @@ impl CommandClient {
     pub fn attempts(mut self, attempts: u32) -> Self {
         self.attempts = attempts.max(1);
         self
+    }
+
+    /// The first pause between attempts (doubling after each) and its ceiling (default 5 s).
+    pub fn backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.backoff = first;
+        self.max_backoff = max.max(first);
+        self
+    }
+
+    /// The pause before attempt `attempt` (from 1): doubling, never above the ceiling.
+    fn pause(&self, attempt: u32) -> Duration {
+        let factor = 1u32 << attempt.saturating_sub(1).min(20);
+        self.backoff.saturating_mul(factor).min(self.max_backoff)
     }
 
     /// Sends a command with a new command id.
@@ -129,14 +148,11 @@ impl CommandClient {
     {
         let (name, body) =
             encode_variant(command).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let subject = match &self.prefix {
-            Some(prefix) => format!("{prefix}.cmd.{}.{id}.{name}", A::NAME),
-            None => format!("cmd.{}.{id}.{name}", A::NAME),
-        };
+        let subject = CommandSubjects::new(self.prefix.as_deref(), A::NAME).subject(id, &name);
         let mut last = ClientError::NoReply("no attempt made".into());
         for attempt in 0..self.attempts {
             if attempt > 0 {
-                tokio::time::sleep(self.backoff * 2u32.saturating_pow(attempt - 1)).await;
+                tokio::time::sleep(self.pause(attempt)).await;
             }
             match self.request(&subject, command_id, body.clone()).await {
                 Ok(Reply::Accepted(accepted)) => return Ok(accepted),
@@ -166,7 +182,7 @@ impl CommandClient {
         body: Vec<u8>,
     ) -> Result<Reply, ClientError> {
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", command_id);
+        headers.insert(header::MSG_ID, command_id);
         let request = async_nats::Request::new()
             .headers(headers)
             .payload(body.into())
@@ -182,5 +198,28 @@ impl CommandClient {
                 String::from_utf8_lossy(&message.payload)
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_retry_pause_doubles_up_to_its_ceiling() {
+        let nats = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("nats://127.0.0.1:1")
+            .await
+            .unwrap();
+        let client = CommandClient::new(nats)
+            .attempts(100)
+            .backoff(Duration::from_millis(100), Duration::from_secs(1));
+        let pauses: Vec<_> = [1, 2, 3, 4, 5, 60].map(|a| client.pause(a)).into();
+        let ms = |n| Duration::from_millis(n);
+        assert_eq!(
+            pauses,
+            [ms(100), ms(200), ms(400), ms(800), ms(1000), ms(1000)]
+        );
     }
 }

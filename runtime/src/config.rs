@@ -139,8 +139,9 @@ pub struct ProjectionConfig {
     pub rebuild_grace: Duration,
     /// The dead-letter stream (shared by all projections; subjects `jetfn.dlq.<projection>`).
     pub dead_letter_stream: String,
-    /// Fault injection for tests: exit the process right after this many Redis commits, before
-    /// acknowledging them. Never set it in production.
+    /// Fault injection for tests (feature `fault-injection` only): exit the process with status
+    /// 86 right after this many Redis commits, before acknowledging them.
+    #[cfg(feature = "fault-injection")]
     pub crash_after_commits: Option<u64>,
 }
 
@@ -155,6 +156,7 @@ impl Default for ProjectionConfig {
             change_feed_len: 10_000,
             rebuild_grace: Duration::from_secs(5),
             dead_letter_stream: "JETFN_DLQ".into(),
+            #[cfg(feature = "fault-injection")]
             crash_after_commits: None,
         }
     }
@@ -192,6 +194,10 @@ pub struct NatsConfig {
     /// How long to wait for a JetStream reply before a command fails as `unavailable`.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// The prefix of this connection's reply subjects (its own requests' inboxes). Give each
+    /// NATS user its own (`_INBOX.account`, say) so permissions can keep users off each other's
+    /// replies.
+    pub inbox_prefix: String,
 }
 
 impl Default for NatsConfig {
@@ -210,6 +216,7 @@ impl Default for NatsConfig {
             tls_required: false,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
+            inbox_prefix: "_INBOX".into(),
         }
     }
 }
@@ -229,6 +236,7 @@ impl fmt::Debug for NatsConfig {
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
             .field("tls_required", &self.tls_required)
+            .field("inbox_prefix", &self.inbox_prefix)
             .finish_non_exhaustive()
     }
 }
@@ -254,10 +262,17 @@ pub struct CommandConfig {
     /// The largest backoff step.
     #[serde(with = "humantime_serde")]
     pub max_retry_backoff: Duration,
-    /// Commands processed concurrently by one instance.
+    /// Commands processed concurrently by one instance (deciding and appending).
     pub max_in_flight: usize,
+    /// Commands an instance holds at once, processing or waiting for their aggregate; more are
+    /// answered `unavailable` at once.
+    pub max_pending: usize,
     /// The largest accepted command body in bytes.
     pub max_body_bytes: usize,
+    /// Reply subjects the function answers: a request whose reply subject is not under one of
+    /// these prefixes is refused unprocessed, so no client can aim a reply at an event subject
+    /// or a control endpoint.
+    pub reply_prefixes: Vec<String>,
     /// Aggregates whose folded state an instance keeps (least recently used are dropped).
     /// 0 keeps none: every command loads its aggregate.
     pub cache_entries: usize,
@@ -280,7 +295,9 @@ impl Default for CommandConfig {
             retry_backoff: Duration::from_millis(2),
             max_retry_backoff: Duration::from_millis(200),
             max_in_flight: 256,
+            max_pending: 16 * 1024,
             max_body_bytes: 64 * 1024,
+            reply_prefixes: vec!["_INBOX".into()],
             cache_entries: 100_000,
             recent_commands: 16,
             max_queued_per_aggregate: 1024,
@@ -438,6 +455,27 @@ impl Config {
         if self.command.max_body_bytes == 0 {
             return invalid("command.max_body_bytes", "must be at least 1");
         }
+        if !is_subject_prefix(&self.nats.inbox_prefix) {
+            return invalid(
+                "nats.inbox_prefix",
+                "must be dot-separated tokens without spaces, `*` or `>`",
+            );
+        }
+        if self.command.reply_prefixes.is_empty()
+            || !self
+                .command
+                .reply_prefixes
+                .iter()
+                .all(|p| is_subject_prefix(p))
+        {
+            return invalid(
+                "command.reply_prefixes",
+                "must list at least one subject prefix without spaces, `*` or `>`",
+            );
+        }
+        if self.command.max_pending == 0 {
+            return invalid("command.max_pending", "must be at least 1");
+        }
         if self.command.max_queued_per_aggregate == 0 {
             return invalid("command.max_queued_per_aggregate", "must be at least 1");
         }
@@ -542,6 +580,7 @@ impl NatsConfig {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.connect_error(format!("nats.url is not a server URL: {e}")))?;
         options
+            .custom_inbox_prefix(self.inbox_prefix.clone())
             .event_callback(|event| async move {
                 match &event {
                     async_nats::Event::ServerError(async_nats::ServerError::Other(message))
@@ -569,8 +608,9 @@ impl NatsConfig {
     }
 }
 
-/// Removes `user:password@` from URLs before they are shown.
-pub(crate) fn redact_url(urls: &str) -> String {
+/// Removes `user:password@` from URLs (comma-separated, as `nats.url` allows) before they are
+/// shown.
+pub fn redact_url(urls: &str) -> String {
     urls.split(',')
         .map(|url| match (url.find("://"), url.rfind('@')) {
             (Some(scheme), Some(at)) if at > scheme => {
@@ -646,6 +686,17 @@ mod tests {
             jail.create_file("jetfn.toml", "[command]\nmax_retrys = 3\n")?;
             let message = Config::load().unwrap_err().to_string();
             assert!(message.contains("max_retrys"), "{message}");
+            Ok(())
+        });
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    #[test]
+    fn the_crash_hook_is_an_unknown_key_without_fault_injection() {
+        Jail::expect_with(|jail| {
+            jail.set_env("JETFN_PROJECTION__CRASH_AFTER_COMMITS", "2");
+            let message = Config::load().unwrap_err().to_string();
+            assert!(message.contains("crash_after_commits"), "{message}");
             Ok(())
         });
     }

@@ -41,8 +41,6 @@ pub mod client;
 mod codec;
 pub mod command;
 pub mod config;
-#[cfg(feature = "cli")]
-pub mod devtools;
 mod direct;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -87,9 +85,9 @@ pub enum Error {
     /// `Aggregate::NAME` or `Projection::NAME` is not a valid name.
     #[error(transparent)]
     Name(#[from] wire::NameError),
-    /// Redis is unusable.
+    /// Redis is unusable, or the read model refused to go on.
     #[error("redis: {0}")]
-    Redis(String),
+    Redis(#[from] readmodel::ReadModelError),
     /// The command line is wrong.
     #[error("{0}")]
     Usage(String),

@@ -11,7 +11,12 @@
 //! | `{P}:g<G>:<key>` | any | the projection's own keys, e.g. `{account-balances}:g1:account:alice` |
 //! | `{P}:g<G>:checkpoint` | hash | `p0`..`p<n-1>`: last applied stream sequence per partition; `partitions`: n |
 //! | `{P}:g<G>:changes` | stream | change feed: one entry per applied event (`seq`, `id`, `type`) |
+//! | `{P}:g<G>:progress` | stream | one entry per commit that moved a checkpoint (`p`, `seq`) |
 //! | `{P}:g<G>:replayed` | set | stream sequences applied by a dead-letter replay |
+//! | `{P}:g<G>:failed` | string | only if a write failed half-way through a batch: why (rebuild) |
+//!
+//! `checkpoint`, `changes`, `progress`, `replayed` and `failed` belong to the runtime: [`RedisWrites`] refuses
+//! them.
 //!
 //! Frontends read `{P}:active` first, then the keys of that version. A rebuild writes version
 //! `G+1` beside the live one, flips `{P}:active` in one step when it has caught up, and deletes
@@ -25,8 +30,20 @@
 
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
+use std::collections::HashMap;
 use std::fmt::Display;
 use std::time::{Duration, Instant};
+
+/// The largest magnitude a sorted-set score holds exactly (`2^53 - 1`, JavaScript's
+/// `Number.MAX_SAFE_INTEGER`): scores are doubles.
+pub const MAX_EXACT_SCORE: i128 = (1 << 53) - 1;
+
+/// How long one attempt to connect to Redis may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long Redis may take to answer one command or apply step.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest [`ReadModel::wait_for`] blocks on the progress stream before looking again.
+const FOLLOW_AT_MOST: Duration = Duration::from_secs(1);
 
 /// Why a read-model operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,9 +65,79 @@ pub enum ReadModelError {
         /// How long it waited.
         timeout: Duration,
     },
-    /// A projection wrote a key of one type and then used it as another.
-    #[error("read model write refused before any change: {0}")]
-    WrongType(String),
+    /// The Redis user lacks a command the projection needs.
+    #[error(
+        "the Redis user may not run {command} on the keys of projection {projection}; grant it \
+         (for example `ACL SETUSER <user> +{lowercase} ~{{{projection}}}:*`)",
+        lowercase = command.to_ascii_lowercase()
+    )]
+    MissingPermission {
+        /// The projection.
+        projection: String,
+        /// The refused command, e.g. `EVALSHA`.
+        command: String,
+    },
+    /// The apply step answered something the runtime does not understand.
+    #[error("the apply step answered {0:?}, which is not a known reply")]
+    UnexpectedReply(String),
+    /// The first write of the apply step failed, so it wrote nothing (for example: Redis is out
+    /// of memory).
+    #[error("redis refused the first write of the apply step, which wrote nothing: {message}")]
+    NotWritten {
+        /// The write's error, as Redis reported it (`OOM command not allowed ...`).
+        message: String,
+    },
+    /// A Redis write failed after the apply step had started writing, so this version of the
+    /// read model holds part of a batch. It refuses further batches until it is rebuilt.
+    #[error(
+        "version {generation} of read model {projection} is inconsistent: {message}; rebuild it \
+         (`--rebuild`)"
+    )]
+    Inconsistent {
+        /// The projection.
+        projection: String,
+        /// The read-model version.
+        generation: u64,
+        /// The failed write, as Redis reported it.
+        message: String,
+    },
+}
+
+/// Redis error codes that waiting can cure: loading, busy, out of memory, failing over.
+const TRANSIENT_CODES: [&str; 7] = [
+    "LOADING",
+    "BUSY",
+    "OOM",
+    "TRYAGAIN",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+    "READONLY",
+];
+
+impl ReadModelError {
+    /// Whether trying again later can help: Redis unreachable, timing out, loading, busy or out
+    /// of memory. Script, permission and consistency errors are not transient.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ReadModelError::Redis(err) => {
+                err.is_io_error()
+                    || err.is_timeout()
+                    || err.is_connection_dropped()
+                    || err.is_connection_refusal()
+                    || err
+                        .code()
+                        .is_some_and(|code| TRANSIENT_CODES.contains(&code))
+            }
+            ReadModelError::Timeout { .. } => true,
+            ReadModelError::NotWritten { message } => message
+                .split_whitespace()
+                .next()
+                .is_some_and(|code| TRANSIENT_CODES.contains(&code)),
+            ReadModelError::MissingPermission { .. }
+            | ReadModelError::UnexpectedReply(_)
+            | ReadModelError::Inconsistent { .. } => false,
+        }
+    }
 }
 
 /// The keys of one projection.
@@ -58,6 +145,9 @@ pub enum ReadModelError {
 pub struct Keys {
     projection: String,
 }
+
+/// Relative keys the runtime keeps inside each version; projections may not write them.
+const RESERVED_KEYS: [&str; 5] = ["checkpoint", "changes", "progress", "replayed", "failed"];
 
 impl Keys {
     /// The keys of projection `name`.
@@ -92,19 +182,71 @@ impl Keys {
         self.key(generation, "changes")
     }
 
+    /// The progress stream of version `generation`: one entry per commit that moved a
+    /// partition's checkpoint (`p`: the partition field, `seq`: its new checkpoint).
+    pub fn progress(&self, generation: u64) -> String {
+        self.key(generation, "progress")
+    }
+
     /// The set of replayed dead letters of version `generation`.
     pub fn replayed(&self, generation: u64) -> String {
         self.key(generation, "replayed")
     }
+
+    /// Set when a write of version `generation` failed half-way: why (the version needs a
+    /// rebuild).
+    pub fn failed(&self, generation: u64) -> String {
+        self.key(generation, "failed")
+    }
+
+    /// A scratch key the start-up permission check writes and deletes in one step.
+    fn probe(&self) -> String {
+        format!("{{{}}}:permission-probe", self.projection)
+    }
+}
+
+/// Why [`RedisWrites`] refused a write: the event is dead-lettered with this message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// The key is one the runtime keeps (checkpoint, change feed, replayed set, failure mark).
+    #[error("key {0:?} belongs to the jetfn runtime; projections may not write it")]
+    ReservedKey(String),
+    /// The value does not fit a Redis integer (signed 64 bit).
+    #[error("{command} {key}: {value} is outside Redis's 64-bit integer range")]
+    OutOfRange {
+        /// The command.
+        command: &'static str,
+        /// The relative key.
+        key: String,
+        /// The value.
+        value: i128,
+    },
+    /// The value is beyond what a sorted-set score (a double) holds exactly.
+    #[error(
+        "{command} {key}: {value} is beyond 2^53 - 1, the largest integer a sorted-set score \
+         holds exactly"
+    )]
+    InexactScore {
+        /// The command.
+        command: &'static str,
+        /// The relative key.
+        key: String,
+        /// The value.
+        value: i128,
+    },
 }
 
 /// The Redis writes one event causes, with keys relative to the projection's version prefix.
 ///
-/// Only commands that cannot fail on keys of the right type are offered; the apply script checks
-/// the types of all keys before its first write, so a batch is applied whole or not at all.
+/// Only commands whose effect the apply step can check before its first write are offered: it
+/// checks every key's type, that every counter stays within 64-bit integers and every sorted-set
+/// score within 2^53 - 1, so a batch is applied whole or not at all. A write the read model
+/// cannot hold (a value out of range, a key of the runtime's) is refused: the first refusal is
+/// kept ([`RedisWrites::refusal`]) and the event is dead-lettered with it.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct RedisWrites {
     ops: Vec<Op>,
+    refused: Option<WriteError>,
 }
 
 /// One write: a command, a relative key and its arguments.
@@ -117,6 +259,13 @@ pub(crate) struct Op {
 
 impl RedisWrites {
     fn push(&mut self, command: &'static str, key: &str, args: Vec<String>) -> &mut Self {
+        if self.refused.is_some() {
+            return self;
+        }
+        if RESERVED_KEYS.contains(&key) {
+            self.refused = Some(WriteError::ReservedKey(key.to_owned()));
+            return self;
+        }
         self.ops.push(Op {
             command,
             key: key.to_owned(),
@@ -125,13 +274,42 @@ impl RedisWrites {
         self
     }
 
+    /// Checks `value` for `command`: within i64, and for scores within 2^53 - 1.
+    fn number(&mut self, command: &'static str, key: &str, value: i128, score: bool) -> bool {
+        let refusal = if i64::try_from(value).is_err() {
+            Some(WriteError::OutOfRange {
+                command,
+                key: key.to_owned(),
+                value,
+            })
+        } else if score && value.abs() > MAX_EXACT_SCORE {
+            Some(WriteError::InexactScore {
+                command,
+                key: key.to_owned(),
+                value,
+            })
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            self.refused.get_or_insert(refusal);
+            return false;
+        }
+        true
+    }
+
     /// `HSET key field value`.
     pub fn hset(&mut self, key: &str, field: &str, value: impl Display) -> &mut Self {
         self.push("HSET", key, vec![field.to_owned(), value.to_string()])
     }
 
-    /// `HINCRBY key field by`.
-    pub fn hincr(&mut self, key: &str, field: &str, by: i64) -> &mut Self {
+    /// `HINCRBY key field by`. `by` must fit in 64 bits, and so must the result (the apply
+    /// step checks that before writing).
+    pub fn hincr(&mut self, key: &str, field: &str, by: impl Into<i128>) -> &mut Self {
+        let by = by.into();
+        if !self.number("HINCRBY", key, by, false) {
+            return self;
+        }
         self.push("HINCRBY", key, vec![field.to_owned(), by.to_string()])
     }
 
@@ -140,13 +318,22 @@ impl RedisWrites {
         self.push("HDEL", key, vec![field.to_owned()])
     }
 
-    /// `ZADD key score member`.
-    pub fn zadd(&mut self, key: &str, member: &str, score: i64) -> &mut Self {
+    /// `ZADD key score member`; `score` at most 2^53 - 1 in magnitude.
+    pub fn zadd(&mut self, key: &str, member: &str, score: impl Into<i128>) -> &mut Self {
+        let score = score.into();
+        if !self.number("ZADD", key, score, true) {
+            return self;
+        }
         self.push("ZADD", key, vec![score.to_string(), member.to_owned()])
     }
 
-    /// `ZINCRBY key by member`.
-    pub fn zincr(&mut self, key: &str, member: &str, by: i64) -> &mut Self {
+    /// `ZINCRBY key by member`; `by` and the resulting score at most 2^53 - 1 in magnitude (the
+    /// apply step checks the result before writing).
+    pub fn zincr(&mut self, key: &str, member: &str, by: impl Into<i128>) -> &mut Self {
+        let by = by.into();
+        if !self.number("ZINCRBY", key, by, true) {
+            return self;
+        }
         self.push("ZINCRBY", key, vec![by.to_string(), member.to_owned()])
     }
 
@@ -187,19 +374,17 @@ impl RedisWrites {
             .collect()
     }
 
-    pub(crate) fn into_ops(self) -> Vec<Op> {
-        self.ops
+    /// The first write refused, if any: the event will be dead-lettered with it.
+    pub fn refusal(&self) -> Option<&WriteError> {
+        self.refused.as_ref()
     }
-}
 
-/// The Redis type a command needs its key to have (or `none`: absent).
-fn key_type(command: &str) -> &'static str {
-    match command {
-        "HSET" | "HINCRBY" | "HDEL" => "hash",
-        "ZADD" | "ZINCRBY" | "ZREM" => "zset",
-        "SADD" | "SREM" => "set",
-        "SET" => "string",
-        _ => "any",
+    /// The writes, or the first refusal.
+    pub(crate) fn into_ops(self) -> Result<Vec<Op>, WriteError> {
+        match self.refused {
+            Some(refusal) => Err(refusal),
+            None => Ok(self.ops),
+        }
     }
 }
 
@@ -250,16 +435,39 @@ pub(crate) enum Applied {
     Moved(u64),
 }
 
-/// The atomic step: checks the version pointer and the checkpoint, checks key types, applies the
-/// writes of every event above the checkpoint in order, appends the change feed, and advances the
-/// checkpoint. Events must continue the checkpoint without a hole (unless the caller accepts
-/// one). In replay mode the gate is membership in the replayed set instead, and the checkpoint
-/// stays. KEYS: active, checkpoint (or replayed set), changes, then the projection keys. ARGV:
-/// partition field, generation, mode, expected checkpoint, feed length, event count, partition
-/// count, hole accepted, then per event: seq, id, type, write flag, op count, then per op:
-/// command, key index, arg count, args, wanted key type.
+/// What one run of the apply script did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// It ran to an outcome.
+    Done(Applied),
+    /// The read model cannot hold the writes of the event at `seq` (a key of another type, a
+    /// counter that would overflow); nothing was written.
+    Refused {
+        /// The event's stream sequence.
+        seq: u64,
+        /// Why, naming the key and the write.
+        reason: String,
+    },
+}
+
+/// The atomic step. It checks the failure mark, the version pointer and the checkpoint; then,
+/// before its first write, every write of every event above the checkpoint: key types, counters
+/// that must stay 64-bit integers and scores that must stay within 2^53 - 1, simulating the
+/// batch in order (each key's type and each touched field read once). If an event fails, nothing
+/// is written and the event is named. Otherwise it applies the writes in order, appends the
+/// change feed and advances the checkpoint. Should a write fail anyway, the version is marked
+/// failed (it holds part of a batch) and refuses every later step.
+///
+/// Events must continue the checkpoint without a hole (unless the caller accepts one). In replay
+/// mode the gate is membership in the replayed set instead, and the checkpoint stays. A commit
+/// that moves the checkpoint appends the progress stream. KEYS: active, checkpoint (or replayed
+/// set), changes, failure mark, progress, then the projection keys (each once). ARGV: partition field, generation, mode, expected checkpoint, feed length, event count,
+/// partition count, hole accepted, then per event: seq, id, type, write flag, op count, then per
+/// op: command, key index, arg count, args.
 const APPLY_SCRIPT: &str = r#"
 local mode = ARGV[3]
+local failed = redis.call('GET', KEYS[4])
+if failed then return {'failed', failed} end
 local active = redis.call('GET', KEYS[1])
 if mode == 'live' and active and active ~= ARGV[2] then
   return {'moved', active}
@@ -274,7 +482,6 @@ if mode ~= 'replay' then
     checkpoint = tonumber(checkpoint)
   end
 end
--- Check every key's type before the first write: a script is not rolled back on error.
 local i = 9
 local events = {}
 for e = 1, tonumber(ARGV[6]) do
@@ -283,13 +490,8 @@ for e = 1, tonumber(ARGV[6]) do
   i = i + 5
   for o = 1, n do
     local nargs = tonumber(ARGV[i + 2])
-    local op = {cmd = ARGV[i], key = KEYS[tonumber(ARGV[i + 1])], first = i + 3, last = i + 2 + nargs, want = ARGV[i + 3 + nargs]}
-    local have = redis.call('TYPE', op.key)['ok']
-    if op.want ~= 'any' and have ~= 'none' and have ~= op.want then
-      return redis.error_reply('WRONGTYPE ' .. op.key .. ' is a ' .. have .. ', ' .. op.cmd .. ' needs a ' .. op.want)
-    end
-    table.insert(event.ops, op)
-    i = i + 4 + nargs
+    table.insert(event.ops, {cmd = ARGV[i], key = KEYS[tonumber(ARGV[i + 1])], first = i + 3, last = i + 2 + nargs})
+    i = i + 3 + nargs
   end
   table.insert(events, event)
 end
@@ -305,35 +507,258 @@ if mode ~= 'replay' and ARGV[8] ~= '1' then
   end
 end
 local last = checkpoint
-local fresh_count = 0
 for _, event in ipairs(events) do
-  local fresh
   if mode == 'replay' then
-    fresh = redis.call('SADD', KEYS[2], event.seq) == 1
+    event.fresh = redis.call('SISMEMBER', KEYS[2], event.seq) == 0
   else
-    fresh = event.seq > last
-  end
-  if fresh then
-    fresh_count = fresh_count + 1
-    if event.write == '1' then
-      for _, op in ipairs(event.ops) do
-        redis.call(op.cmd, op.key, unpack(ARGV, op.first, op.last))
-      end
-      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'seq', event.seq, 'id', event.id, 'type', event.type)
-    end
-    if mode ~= 'replay' then last = event.seq end
+    event.fresh = event.seq > last
+    if event.fresh then last = event.seq end
   end
 end
+
+-- Signed decimal integers as Redis reads them (no '+', no leading zeros, 64 bit), exactly:
+-- Lua numbers are doubles.
+local function digits_of(s)
+  if s == '0' then return false, '0' end
+  local neg, d = false, s
+  if string.sub(s, 1, 1) == '-' then neg, d = true, string.sub(s, 2) end
+  if not string.find(d, '^[1-9]%d*$') then return nil end
+  if #d > 19 or (#d == 19 and d > (neg and '9223372036854775808' or '9223372036854775807')) then return nil end
+  return neg, d
+end
+local function magnitude_cmp(a, b)
+  if #a ~= #b then return #a < #b and -1 or 1 end
+  if a == b then return 0 end
+  return a < b and -1 or 1
+end
+local function magnitude_op(a, b, sign)
+  local out, carry, la, lb = {}, 0, #a, #b
+  for k = 0, math.max(la, lb) - 1 do
+    local da = k < la and string.byte(a, la - k) - 48 or 0
+    local db = k < lb and string.byte(b, lb - k) - 48 or 0
+    local s = da + sign * db + carry
+    carry = 0
+    if s >= 10 then s, carry = s - 10, 1 elseif s < 0 then s, carry = s + 10, -1 end
+    table.insert(out, 1, string.char(48 + s))
+  end
+  if carry > 0 then table.insert(out, 1, '1') end
+  local r = string.gsub(table.concat(out), '^0+', '')
+  if r == '' then r = '0' end
+  return r
+end
+local function add_integers(x, y)
+  -- Both below 10^15 in magnitude: doubles add them exactly, and the sum fits.
+  if #x <= 15 and #y <= 15 then return string.format('%d', tonumber(x) + tonumber(y)) end
+  local xn, xd = digits_of(x)
+  local yn, yd = digits_of(y)
+  local neg, m
+  if xn == yn then
+    neg, m = xn, magnitude_op(xd, yd, 1)
+  else
+    local c = magnitude_cmp(xd, yd)
+    if c == 0 then return '0' end
+    if c > 0 then neg, m = xn, magnitude_op(xd, yd, -1) else neg, m = yn, magnitude_op(yd, xd, -1) end
+  end
+  local s = (neg and '-' or '') .. m
+  if digits_of(s) == nil then return nil end
+  return s
+end
+
+local WANT = {HSET = 'hash', HINCRBY = 'hash', HDEL = 'hash', ZADD = 'zset', ZINCRBY = 'zset',
+  ZREM = 'zset', SADD = 'set', SREM = 'set', SET = 'string', DEL = 'any'}
+local SAFE = 9007199254740991
+local types, values, cleared = {}, {}, {}
+local function value(key, name, read)
+  local v = values[key][name]
+  if v == nil then
+    if cleared[key] then v = false else v = read() or false end
+    values[key][name] = v
+  end
+  return v
+end
+local function short(s)
+  if #s > 40 then return string.sub(s, 1, 40) .. '...' end
+  return s
+end
+-- Simulates one write on what the batch has done so far; returns why it would fail, or nil.
+local function check(op)
+  local want, key = WANT[op.cmd], op.key
+  if want == nil then return 'unknown command ' .. op.cmd end
+  if types[key] == nil then
+    types[key] = redis.call('TYPE', key)['ok']
+    values[key] = {}
+  end
+  local have = types[key]
+  if want ~= 'any' and have ~= 'none' and have ~= want then
+    return 'WRONGTYPE ' .. key .. ' is a ' .. have .. ', ' .. op.cmd .. ' needs a ' .. want
+  end
+  local a, b = ARGV[op.first], ARGV[op.first + 1]
+  if op.cmd == 'DEL' or op.cmd == 'SET' then
+    types[key] = (op.cmd == 'SET') and 'string' or 'none'
+    values[key], cleared[key] = {}, true
+  elseif op.cmd == 'HSET' then
+    values[key][a] = b
+  elseif op.cmd == 'HDEL' or op.cmd == 'ZREM' then
+    values[key][a] = false
+  elseif op.cmd == 'HINCRBY' then
+    local now = value(key, a, function() return redis.call('HGET', key, a) end)
+    if now == false then now = '0' end
+    if digits_of(now) == nil then
+      return 'HINCRBY ' .. key .. ' ' .. a .. ': the field holds ' .. short(now) .. ', not a 64-bit integer'
+    end
+    local sum = add_integers(now, b)
+    if sum == nil then
+      return 'HINCRBY ' .. key .. ' ' .. a .. ' ' .. b .. ' would overflow 64-bit integers (the field holds ' .. now .. ')'
+    end
+    values[key][a] = sum
+  elseif op.cmd == 'ZADD' then
+    values[key][b] = tonumber(a)
+  elseif op.cmd == 'ZINCRBY' then
+    local now = value(key, b, function() return redis.call('ZSCORE', key, b) end)
+    now = (now == false) and 0 or tonumber(now)
+    local sum = now and (now + tonumber(a))
+    if sum == nil or sum ~= sum or math.abs(sum) > SAFE then
+      return 'ZINCRBY ' .. key .. ' ' .. a .. ' ' .. b .. ' would leave a score beyond 2^53 - 1, which a sorted set cannot hold exactly'
+    end
+    values[key][b] = sum
+  end
+  if want ~= 'any' and op.cmd ~= 'HDEL' and op.cmd ~= 'ZREM' and op.cmd ~= 'SREM' then
+    types[key] = want
+  end
+  return nil
+end
+for _, event in ipairs(events) do
+  if event.fresh and event.write == '1' then
+    for _, op in ipairs(event.ops) do
+      local why = check(op)
+      if why then return {'refused', tostring(event.seq), why} end
+    end
+  end
+end
+
+-- Nothing below may fail. If the first write does (out of memory: Redis checks that only before
+-- a script's first write), nothing was written and the step may run again. If a later write
+-- fails, mark the version so that no later step builds on a half-applied batch.
+local written = false
+local function write(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err then
+    if not written then error({untouched = reply.err}) end
+    local why = 'a write failed half-way through a batch: ' .. reply.err
+    redis.pcall('SET', KEYS[4], why)
+    error(why)
+  end
+  written = true
+  return reply
+end
+local fresh_count = 0
+local ok, err = pcall(function()
+  for _, event in ipairs(events) do
+    if event.fresh then
+      fresh_count = fresh_count + 1
+      if mode == 'replay' then write('SADD', KEYS[2], event.seq) end
+      if event.write == '1' then
+        for _, op in ipairs(event.ops) do
+          write(op.cmd, op.key, unpack(ARGV, op.first, op.last))
+        end
+        write('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'seq', event.seq, 'id', event.id, 'type', event.type)
+      end
+    end
+  end
+  if mode ~= 'replay' then
+    if active == false and mode == 'live' then write('SET', KEYS[1], ARGV[2]) end
+    write('HSET', KEYS[2], ARGV[1], last, 'partitions', ARGV[7])
+    if last ~= checkpoint then
+      write('XADD', KEYS[5], 'MAXLEN', '~', '1000', '*', 'p', ARGV[1], 'seq', last)
+    end
+  end
+end)
+if not ok then
+  if type(err) == 'table' and err.untouched then return {'untouched', err.untouched} end
+  local why = redis.call('GET', KEYS[4]) or tostring(err)
+  return {'failed', why}
+end
 if mode == 'replay' then return {'ok', tostring(fresh_count)} end
-if active == false and mode == 'live' then redis.call('SET', KEYS[1], ARGV[2]) end
-redis.call('HSET', KEYS[2], ARGV[1], last, 'partitions', ARGV[7])
 return {'ok', tostring(last)}
 "#;
+
+/// Commands the start-up check tries on a scratch key of the projection: everything the apply
+/// step and the runtime's reads and writes use.
+const PROBE_SCRIPT: &str = r#"
+local key = KEYS[1]
+local denied = {}
+local function try(...)
+  local reply = redis.pcall(...)
+  -- Redis 7.2 and later say NOPERM; 7.0 says the user executing the script can't run or access.
+  if type(reply) == 'table' and reply.err and (string.find(reply.err, 'NOPERM', 1, true)
+      or string.find(reply.err, 'The user executing the script', 1, true)) then
+    table.insert(denied, (select(1, ...)))
+  end
+end
+try('GET', key)
+try('SET', key, '1')
+try('SETNX', key, '1')
+try('TYPE', key)
+try('DEL', key)
+try('HSET', key, 'f', '1')
+try('HGET', key, 'f')
+try('HGETALL', key)
+try('HINCRBY', key, 'f', '1')
+try('HDEL', key, 'f')
+try('DEL', key)
+try('ZADD', key, '1', 'm')
+try('ZINCRBY', key, '1', 'm')
+try('ZSCORE', key, 'm')
+try('ZREM', key, 'm')
+try('SADD', key, 'm')
+try('SISMEMBER', key, 'm')
+try('SREM', key, 'm')
+try('XADD', key, 'MAXLEN', '~', '1', '*', 'f', 'v')
+try('UNLINK', key)
+redis.pcall('DEL', key)
+return denied
+"#;
+
+/// At most this many idle connections for [`ReadModel::wait_for`] are kept.
+const IDLE_FOLLOWERS: usize = 8;
+
+/// A connection of its own for one waiter's blocking reads (one would hold up a shared
+/// connection, and other waiters on it), taken from the read model's idle ones or opened.
+struct Follower(redis::aio::MultiplexedConnection);
+
+impl Follower {
+    async fn take(model: &ReadModel) -> Result<Follower, ReadModelError> {
+        let idle = model.followers.lock().ok().and_then(|mut idle| idle.pop());
+        if let Some(connection) = idle {
+            return Ok(Follower(connection));
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(FOLLOW_AT_MOST + RESPONSE_TIMEOUT));
+        let connection = model
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        Ok(Follower(connection))
+    }
+
+    /// Keeps the connection for the next waiter (a failed one is dropped instead: the `?` in
+    /// [`ReadModel::wait_for`] never gives it back).
+    fn give_back(self, model: &ReadModel) {
+        if let Ok(mut idle) = model.followers.lock()
+            && idle.len() < IDLE_FOLLOWERS
+        {
+            idle.push(self.0);
+        }
+    }
+}
 
 /// A projection's read model in Redis, as the runtime and frontends see it.
 #[derive(Clone)]
 pub struct ReadModel {
+    client: redis::Client,
     connection: ConnectionManager,
+    followers: std::sync::Arc<std::sync::Mutex<Vec<redis::aio::MultiplexedConnection>>>,
     keys: Keys,
     apply: std::sync::Arc<redis::Script>,
 }
@@ -348,17 +773,64 @@ impl std::fmt::Debug for ReadModel {
 
 impl ReadModel {
     /// Connects to Redis (reconnecting automatically) for projection `name`.
+    ///
+    /// Each connection attempt gives up after 1 s and each command after 5 s, and the client
+    /// does not retry by itself, so a caller's own backoff decides how soon it tries again.
     pub async fn connect(redis_url: &str, name: &str) -> Result<ReadModel, ReadModelError> {
         let client = redis::Client::open(redis_url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)));
-        let connection = client.get_connection_manager_with_config(config).await?;
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(0);
+        let connection = client
+            .clone()
+            .get_connection_manager_with_config(config)
+            .await?;
         Ok(ReadModel {
+            client,
             connection,
+            followers: std::sync::Arc::default(),
             keys: Keys::new(name),
             apply: std::sync::Arc::new(redis::Script::new(APPLY_SCRIPT)),
         })
+    }
+
+    /// Checks that the Redis user may run everything the projection needs (`EVALSHA`, `EVAL`,
+    /// and inside scripts the commands of the apply step) on the projection's keys, by trying
+    /// them on a scratch key. Fails with [`ReadModelError::MissingPermission`] naming the first
+    /// refused command.
+    pub async fn check_permissions(&self) -> Result<(), ReadModelError> {
+        let missing = |command: &str| ReadModelError::MissingPermission {
+            projection: self.keys.projection.clone(),
+            command: command.to_owned(),
+        };
+        let mut connection = self.connection.clone();
+        // No script has this digest: NOSCRIPT means EVALSHA itself is allowed.
+        let evalsha: Result<redis::Value, _> = redis::cmd("EVALSHA")
+            .arg("0000000000000000000000000000000000000000")
+            .arg(0)
+            .query_async(&mut connection)
+            .await;
+        match evalsha {
+            Err(err) if err.code() == Some("NOPERM") => return Err(missing("EVALSHA")),
+            Err(err) if err.code() == Some("NOSCRIPT") => {}
+            Err(err) => return Err(err.into()),
+            Ok(_) => {}
+        }
+        let denied: Result<Vec<String>, _> = redis::cmd("EVAL")
+            .arg(PROBE_SCRIPT)
+            .arg(1)
+            .arg(self.keys.probe())
+            .query_async(&mut connection)
+            .await;
+        match denied {
+            Err(err) if err.code() == Some("NOPERM") => Err(missing("EVAL")),
+            Err(err) => Err(err.into()),
+            Ok(denied) => match denied.first() {
+                Some(command) => Err(missing(command)),
+                None => Ok(()),
+            },
+        }
     }
 
     /// The key layout.
@@ -427,15 +899,32 @@ impl ReadModel {
 
     /// Waits until the live read model reflects stream sequence `seq` (a command reply's `seq`),
     /// or fails with [`ReadModelError::Timeout`].
+    ///
+    /// It is told rather than polling: when the read model is not there yet, it blocks
+    /// (`XREAD BLOCK`, on a connection of its own, kept for later waits) on the version's
+    /// progress stream, which every commit that moves a checkpoint appends to. It looks again at
+    /// least every second, for a version switch.
     pub async fn wait_for(&self, seq: u64, timeout: Duration) -> Result<(), ReadModelError> {
         let started = Instant::now();
-        let mut pause = Duration::from_millis(1);
+        if self.applied_through().await? >= seq {
+            return Ok(());
+        }
+        let mut follower = Follower::take(self).await?;
         loop {
+            let generation = self.active_generation().await?;
+            // Where the progress stream ends before looking: any later commit wakes the XREAD.
+            let since = match generation {
+                Some(generation) => Some(self.last_progress(generation).await?),
+                None => None,
+            };
             let reached = self.applied_through().await?;
             if reached >= seq {
+                follower.give_back(self);
                 return Ok(());
             }
-            if started.elapsed() >= timeout {
+            let left = timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                follower.give_back(self);
                 return Err(ReadModelError::Timeout {
                     projection: self.keys.projection.clone(),
                     seq,
@@ -443,9 +932,40 @@ impl ReadModel {
                     timeout,
                 });
             }
-            tokio::time::sleep(pause.min(timeout.saturating_sub(started.elapsed()))).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
+            let block = left.min(FOLLOW_AT_MOST);
+            let (Some(generation), Some(since)) = (generation, since) else {
+                // No version yet: nothing to follow.
+                tokio::time::sleep(block.min(Duration::from_millis(50))).await;
+                continue;
+            };
+            let _: redis::Value = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(1)
+                .arg("BLOCK")
+                .arg(block.as_millis().max(1) as u64)
+                .arg("STREAMS")
+                .arg(self.keys.progress(generation))
+                .arg(since)
+                .query_async(&mut follower.0)
+                .await?;
         }
+    }
+
+    /// The id of the last entry of the progress stream of `generation` (`0-0` when empty).
+    async fn last_progress(&self, generation: u64) -> Result<String, ReadModelError> {
+        let mut connection = self.connection.clone();
+        let last: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
+            .arg(self.keys.progress(generation))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut connection)
+            .await?;
+        Ok(last
+            .into_iter()
+            .next()
+            .map_or_else(|| "0-0".to_owned(), |(id, _)| id))
     }
 
     /// Runs the atomic apply step for one partition of one version.
@@ -457,7 +977,7 @@ impl ReadModel {
         expected_checkpoint: u64,
         batch: &Batch,
         events: &[AppliedEvent],
-    ) -> Result<Applied, ReadModelError> {
+    ) -> Result<Step, ReadModelError> {
         let mut invocation = self.apply.prepare_invoke();
         let (gate, mode) = match mode {
             Mode::Live => (self.keys.checkpoint(generation), "live"),
@@ -467,7 +987,9 @@ impl ReadModel {
         invocation
             .key(self.keys.active())
             .key(gate)
-            .key(self.keys.changes(generation));
+            .key(self.keys.changes(generation))
+            .key(self.keys.failed(generation))
+            .key(self.keys.progress(generation));
         invocation
             .arg(format!("p{partition}"))
             .arg(generation)
@@ -477,7 +999,8 @@ impl ReadModel {
             .arg(events.len())
             .arg(batch.partitions)
             .arg(if batch.accept_hole { "1" } else { "0" });
-        let mut key_index = 3;
+        // Each key is passed once, however many writes touch it.
+        let mut key_indexes: HashMap<&str, usize> = HashMap::new();
         for event in events {
             invocation
                 .arg(event.seq)
@@ -486,35 +1009,47 @@ impl ReadModel {
                 .arg(if event.write { "1" } else { "0" })
                 .arg(event.ops.len());
             for op in &event.ops {
-                key_index += 1;
-                invocation
-                    .key(self.keys.key(generation, &op.key))
-                    .arg(op.command)
-                    .arg(key_index)
-                    .arg(op.args.len());
+                let next = key_indexes.len() + 6;
+                let index = *key_indexes.entry(op.key.as_str()).or_insert_with(|| {
+                    invocation.key(self.keys.key(generation, &op.key));
+                    next
+                });
+                invocation.arg(op.command).arg(index).arg(op.args.len());
                 for arg in &op.args {
                     invocation.arg(arg);
                 }
-                invocation.arg(key_type(op.command));
             }
         }
         let mut connection = self.connection.clone();
-        let reply: Result<(String, String), redis::RedisError> =
-            invocation.invoke_async(&mut connection).await;
-        match reply {
-            Ok((status, value)) => match status.as_str() {
-                "ok" => Ok(Applied::Committed(value.parse().unwrap_or(0))),
-                "reset" => Ok(Applied::Reset),
-                "gap" => Ok(Applied::Gap(value.parse().unwrap_or(0))),
-                "moved" => Ok(Applied::Moved(value.parse().unwrap_or(0))),
-                other => Err(ReadModelError::WrongType(format!(
-                    "unexpected reply {other}"
-                ))),
-            },
-            Err(err) if err.code() == Some("WRONGTYPE") => {
-                Err(ReadModelError::WrongType(err.to_string()))
-            }
-            Err(err) => Err(err.into()),
+        let reply: Vec<String> = invocation.invoke_async(&mut connection).await?;
+        self.parse_reply(generation, reply)
+    }
+
+    /// Reads the apply step's reply; anything unexpected is an error, never a success.
+    fn parse_reply(&self, generation: u64, reply: Vec<String>) -> Result<Step, ReadModelError> {
+        let number = |value: &str| {
+            value
+                .parse::<u64>()
+                .map_err(|_| ReadModelError::UnexpectedReply(reply.join(" ")))
+        };
+        match reply.as_slice() {
+            [status, value] if status == "ok" => Ok(Step::Done(Applied::Committed(number(value)?))),
+            [status, _] if status == "reset" => Ok(Step::Done(Applied::Reset)),
+            [status, value] if status == "gap" => Ok(Step::Done(Applied::Gap(number(value)?))),
+            [status, value] if status == "moved" => Ok(Step::Done(Applied::Moved(number(value)?))),
+            [status, seq, reason] if status == "refused" => Ok(Step::Refused {
+                seq: number(seq)?,
+                reason: reason.clone(),
+            }),
+            [status, message] if status == "untouched" => Err(ReadModelError::NotWritten {
+                message: message.clone(),
+            }),
+            [status, message] if status == "failed" => Err(ReadModelError::Inconsistent {
+                projection: self.keys.projection.clone(),
+                generation,
+                message: message.clone(),
+            }),
+            _ => Err(ReadModelError::UnexpectedReply(reply.join(" "))),
         }
     }
 
@@ -592,6 +1127,59 @@ mod tests {
                 "ZREM open a"
             ]
         );
+    }
+
+    #[test]
+    fn only_errors_that_waiting_can_cure_are_transient() {
+        let not_written = |message: &str| ReadModelError::NotWritten {
+            message: message.into(),
+        };
+        assert!(
+            not_written("OOM command not allowed when used memory > 'maxmemory'.").is_transient()
+        );
+        assert!(!not_written("NOPERM this user has no permissions").is_transient());
+        let down = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "down");
+        assert!(ReadModelError::Redis(down.into()).is_transient());
+        assert!(!ReadModelError::UnexpectedReply("ok x".into()).is_transient());
+        let inconsistent = ReadModelError::Inconsistent {
+            projection: "p".into(),
+            generation: 1,
+            message: "m".into(),
+        };
+        assert!(!inconsistent.is_transient());
+    }
+
+    #[test]
+    fn writes_refuse_runtime_keys_and_values_redis_cannot_hold_exactly() {
+        let mut writes = RedisWrites::default();
+        writes.del("checkpoint").hset("account:a", "owner", "Ann");
+        assert_eq!(
+            writes.refusal(),
+            Some(&WriteError::ReservedKey("checkpoint".into()))
+        );
+        assert!(writes.commands().is_empty(), "nothing after a refusal");
+
+        let mut writes = RedisWrites::default();
+        writes.zadd("rank", "a", MAX_EXACT_SCORE);
+        assert_eq!(writes.refusal(), None);
+        writes.zincr("rank", "a", MAX_EXACT_SCORE + 1);
+        assert!(matches!(
+            writes.refusal(),
+            Some(WriteError::InexactScore {
+                command: "ZINCRBY",
+                ..
+            })
+        ));
+
+        let mut writes = RedisWrites::default();
+        writes.hincr("totals", "sum", i128::from(i64::MIN) - 1);
+        assert!(matches!(
+            writes.refusal(),
+            Some(WriteError::OutOfRange {
+                command: "HINCRBY",
+                ..
+            })
+        ));
     }
 
     #[test]

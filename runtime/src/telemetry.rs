@@ -10,6 +10,7 @@
 //! new trace is started; every event the command stores carries the trace, and projections pick
 //! it up, so one trace id follows a command from the client into the read model.
 
+use crate::wire::header;
 use async_nats::HeaderMap;
 use rand::Rng;
 use tracing_subscriber::EnvFilter;
@@ -153,7 +154,7 @@ impl TraceContext {
     /// Reads `traceparent`/`tracestate` from headers; `None` when absent or malformed.
     pub fn from_headers(headers: Option<&HeaderMap>) -> Option<TraceContext> {
         let headers = headers?;
-        let parent = headers.get("traceparent")?.as_str();
+        let parent = headers.get(header::TRACEPARENT)?.as_str();
         let mut parts = parent.trim().split('-');
         let (version, trace_id, parent_id, flags) =
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -173,7 +174,9 @@ impl TraceContext {
             trace_id: trace_id.to_owned(),
             parent_id: parent_id.to_owned(),
             flags: flags.to_owned(),
-            tracestate: headers.get("tracestate").map(|v| v.as_str().to_owned()),
+            tracestate: headers
+                .get(header::TRACESTATE)
+                .map(|v| v.as_str().to_owned()),
         })
     }
 
@@ -199,9 +202,9 @@ impl TraceContext {
     /// Writes `traceparent` (and `tracestate`) into headers.
     pub fn write(&self, headers: &mut HeaderMap) {
         let parent = format!("00-{}-{}-{}", self.trace_id, self.parent_id, self.flags);
-        headers.insert("traceparent", parent.as_str());
+        headers.insert(header::TRACEPARENT, parent.as_str());
         if let Some(state) = &self.tracestate {
-            headers.insert("tracestate", state.as_str());
+            headers.insert(header::TRACESTATE, state.as_str());
         }
     }
 }
@@ -248,7 +251,7 @@ mod tests {
 
     fn headers(parent: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        headers.insert("traceparent", parent);
+        headers.insert(header::TRACEPARENT, parent);
         headers
     }
 
@@ -260,7 +263,7 @@ mod tests {
         let child = context.child();
         let mut out = HeaderMap::new();
         child.write(&mut out);
-        let written = out.get("traceparent").unwrap().as_str();
+        let written = out.get(header::TRACEPARENT).unwrap().as_str();
         assert!(
             written.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
             "{written}"

@@ -57,6 +57,7 @@ impl<A: Aggregate> Given<A> {
 }
 
 /// What the command decided.
+#[must_use = "a given/when without a `then_*` checks nothing"]
 pub struct Then<A: Aggregate> {
     outcome: Result<Vec<A::Event>, Rejection>,
 }

@@ -1,5 +1,5 @@
-//! Finding the binaries the harness runs: `nats-server` and `redis-server` (through
-//! [`jetfn::devtools`], shared with `jetfn dev`) and the workspace's own function binaries.
+//! Finding the workspace's own binaries (the functions, `jetfn`); `nats-server` and
+//! `redis-server` come from [`jetfn_devtools`], shared with `jetfn dev`.
 
 use std::env;
 use std::ffi::OsStr;
@@ -7,10 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 
-pub use jetfn::devtools::{
-    MIN_NATS_SERVER_VERSION, NATS_SERVER_PIP_REQUIREMENT, Version, is_executable_file,
-    nats_server_binary, redis_server_binary,
-};
+use jetfn_devtools::is_executable_file;
 
 /// Returns the path of the workspace binary `name` (for example `account`).
 ///

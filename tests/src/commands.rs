@@ -8,6 +8,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream::Stream};
 use jetfn::Reply;
 use jetfn::command::RunningFunction;
+use jetfn::wire::{CommandSubjects, header};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -64,7 +65,7 @@ pub async fn send_raw(
 ) -> Result<Sent> {
     let mut headers = HeaderMap::new();
     if let Some(id) = command_id {
-        headers.insert("Nats-Msg-Id", id);
+        headers.insert(header::MSG_ID, id);
     }
     let request = async_nats::Request::new()
         .headers(headers)
@@ -77,18 +78,12 @@ pub async fn send_raw(
     let body: Value = serde_json::from_slice(&message.payload)
         .with_context(|| format!("reply body {:?}", String::from_utf8_lossy(&message.payload)))?;
     let reply = serde_json::from_value(body.clone()).context("reply shape")?;
-    let header = |name: &str| {
-        message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_owned())
-    };
+    let get = |name: &str| header::get(message.headers.as_ref(), name).map(str::to_owned);
     Ok(Sent {
         reply,
         body,
-        error_code: header("Nats-Service-Error-Code"),
-        error_message: header("Nats-Service-Error"),
+        error_code: get(header::SERVICE_ERROR_CODE),
+        error_message: get(header::SERVICE_ERROR),
     })
 }
 
@@ -100,7 +95,7 @@ pub async fn send(
     body: Value,
     command_id: Option<&str>,
 ) -> Result<Sent> {
-    let subject = format!("cmd.account.{id}.{command}");
+    let subject = CommandSubjects::new(None, "account").subject(id, command);
     send_raw(client, &subject, body.to_string(), command_id).await
 }
 
@@ -185,7 +180,7 @@ pub fn balance(events: &[StoredMessage]) -> Result<u64> {
                 .as_u64()
                 .with_context(|| format!("amount of event {}", event.seq))
         };
-        match event.header("ce-type").as_str() {
+        match event.header(header::CE_TYPE).as_str() {
             "MoneyDeposited" => balance += amount()?,
             "MoneyWithdrawn" => balance -= amount()?,
             "AccountOpened" | "AccountClosed" => {}

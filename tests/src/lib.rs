@@ -9,6 +9,7 @@
 //! - [`FunctionProcess`]: a built workspace binary (e.g. `account`) as a child
 //!   process, with SIGTERM / SIGKILL / bounded waits and its log.
 //!
+//! The servers come from [`jetfn_devtools`], the launcher `jetfn dev` uses too.
 //! Everything is cleaned up on drop, also when a test panics; the log tail of
 //! each server or process is then printed to stderr. The binaries are found
 //! by [`nats_server_binary`], [`redis_server_binary`] and [`binary_path`];
@@ -29,21 +30,19 @@
 //! ```
 
 mod binaries;
-mod child;
 pub mod commands;
 pub mod faults;
 mod process;
 pub mod readmodels;
 pub mod schemas;
-mod servers;
 pub mod workload;
 
-pub use binaries::{
-    MIN_NATS_SERVER_VERSION, NATS_SERVER_PIP_REQUIREMENT, Version, binary_path, nats_server_binary,
-    redis_server_binary,
+pub use binaries::binary_path;
+pub use jetfn_devtools::{
+    MIN_NATS_SERVER_VERSION, NATS_SERVER_PIP_REQUIREMENT, NatsServer, RedisServer, Version,
+    nats_server_binary, redis_server_binary,
 };
 pub use process::FunctionProcess;
-pub use servers::{NatsServer, RedisBuilder, RedisServer};
 
 /// Installs a `tracing` subscriber for tests, once per process (later calls
 /// do nothing): output goes through the test writer (captured per test), and

@@ -6,13 +6,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use nix::sys::signal::Signal;
-use tempfile::TempDir;
-
-use crate::child::{
-    POLL, kill_and_reap, log_stdio, log_tail, read_log, report_log_if_panicking, send_signal,
-    wait_exit,
+use jetfn_devtools::process::{
+    POLL, Signal, kill_and_reap, log_stdio, log_tail, read_log, report_log_if_panicking,
+    send_signal, try_wait, wait_exit,
 };
+use tempfile::TempDir;
 
 /// Environment variables the child does *not* inherit from the test process,
 /// so a developer's shell (e.g. `NATS_URL` exported by `just dev`) cannot
@@ -127,7 +125,7 @@ impl FunctionProcess {
         if self.status.is_some() {
             return Ok(());
         }
-        send_signal(&self.child, Signal::SIGTERM)
+        send_signal(self.child.id(), Signal::SIGTERM)
             .with_context(|| format!("terminating {}", self.name))
     }
 
@@ -167,10 +165,8 @@ impl FunctionProcess {
     /// The exit status if the process has exited, `None` while it runs.
     pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {
-            self.status = self
-                .child
-                .try_wait()
-                .with_context(|| format!("checking on {}", self.name))?;
+            self.status =
+                try_wait(&mut self.child).with_context(|| format!("checking on {}", self.name))?;
         }
         Ok(self.status)
     }

@@ -145,14 +145,16 @@ impl Expected {
     /// Folds every account event of the stream.
     pub fn fold(events: &[StoredMessage]) -> Result<Expected> {
         let mut expected = Expected::default();
+        let names = jetfn::wire::AggregateNames::new("account", &jetfn::Config::default())?;
+        let prefix = format!("{}.", names.event_prefix);
         for event in events {
             expected.last_seq = expected.last_seq.max(event.seq);
-            let Some(id) = event.subject.strip_prefix("evt.account.") else {
+            let Some(id) = event.subject.strip_prefix(&prefix) else {
                 continue;
             };
             let account = expected.accounts.entry(id.to_owned()).or_default();
             let amount = || event.payload["amount"].as_i64().context("amount");
-            match event.header("ce-type").as_str() {
+            match event.header(jetfn::wire::header::CE_TYPE).as_str() {
                 "AccountOpened" => {
                     account.owner = event.payload["owner"].as_str().context("owner")?.to_owned();
                     account.status = "open".into();

@@ -73,7 +73,13 @@ fn command(args: &[&str]) -> (tokio::process::Command, tempfile::TempDir) {
 
 /// Runs `jetfn args` to the end (at most [`RUN_LIMIT`]).
 async fn jetfn(args: &[&str]) -> Run {
+    jetfn_with_env(args, &[]).await
+}
+
+/// Runs `jetfn args` with the extra environment `envs` (e.g. `JETFN_*` configuration).
+async fn jetfn_with_env(args: &[&str], envs: &[(&str, &str)]) -> Run {
     let (mut command, _dir) = command(args);
+    command.envs(envs.iter().copied());
     let output = tokio::time::timeout(RUN_LIMIT, command.output())
         .await
         .unwrap_or_else(|_| panic!("jetfn {args:?} did not finish within {RUN_LIMIT:?}"))
@@ -233,6 +239,68 @@ async fn send_refuses_bad_arguments_before_connecting() {
     assert!(run.stderr.contains(nowhere), "{run:?}");
 }
 
+/// Durations beyond what the clock can add, and numbers at the edge of their type, are
+/// refused with a message (exit 2) or served; the CLI never panics (exit 101).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_argument_makes_the_cli_panic() {
+    let nats = NatsServer::start().await.unwrap();
+    let url = nats.url();
+    let huge = "18446744073709551615s";
+    let cases: [&[&str]; 7] = [
+        &["status", "--wait", huge],
+        &["status", "--wait", "400days"],
+        &["send", "account.a.open", "{}", "--timeout", huge],
+        &["dlq", "replay", "account-balances", "--timeout", huge],
+        &[
+            "projection",
+            "rebuild",
+            "account-balances",
+            "--timeout",
+            huge,
+        ],
+        &[
+            "projection",
+            "rebuild",
+            "account-balances",
+            "--idle-timeout",
+            huge,
+        ],
+        &["status", "--wait", "99999999999999999999999s"],
+    ];
+    for args in cases {
+        let run = jetfn(&with_server(&url, args)).await;
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+        assert!(
+            run.stderr.contains("too long") || run.stderr.contains("too large"),
+            "{args:?}: {run:?}"
+        );
+    }
+    // The largest sequence and limit are valid numbers: no panic, an answer from the server.
+    let max = u64::MAX.to_string();
+    let run = jetfn(&with_server(&url, &["tail", "nothing", "--from", &max])).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    let run = jetfn(&with_server(&url, &["tail", "nothing", "--limit", &max])).await;
+    assert_eq!(run.code, 1, "{run:?}");
+}
+
+#[tokio::test]
+async fn projection_names_follow_the_runtime_rule_without_underscores() {
+    let nowhere = "nats://127.0.0.1:1";
+    for args in [
+        ["dlq", "list", "account_balances"],
+        ["dlq", "replay", "account_balances"],
+        ["projection", "rebuild", "account_balances"],
+    ] {
+        let run = jetfn(&with_server(nowhere, &args)).await;
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+        assert!(
+            run.stderr.contains("must match [a-z0-9-]+"),
+            "{args:?}: {run:?}"
+        );
+        assert!(!run.stderr.contains("cannot connect"), "{args:?}: {run:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_prints_the_events_as_json_lines() {
     jetfn_tests::init_tracing();
@@ -346,6 +414,79 @@ async fn tail_prints_the_events_as_json_lines() {
     assert_eq!(run.code, 1, "{run:?}");
     assert!(
         run.stderr.contains("NOTHING_EVENTS") && run.stderr.contains("--stream"),
+        "{run:?}"
+    );
+}
+
+/// A deployment with its own stream and event subjects: `jetfn tail` reads the same
+/// configuration as the function, so it follows the events there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follows_the_stream_and_subject_prefix_of_the_configuration() {
+    jetfn_tests::init_tracing();
+    let nats = NatsServer::start().await.unwrap();
+    let url = nats.url();
+    let deployment = [
+        ("JETFN_STREAM__NAME", "TENANT1_ACCOUNTS"),
+        ("JETFN_STREAM__SUBJECT_PREFIX", "tenant1.evt.account"),
+    ];
+    let mut envs: Vec<(&str, String)> = vec![("NATS_URL", url.clone())];
+    envs.extend(deployment.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    let mut account = FunctionProcess::spawn("account", &envs).unwrap();
+    account
+        .wait_for_log("command function ready", RUN_LIMIT)
+        .await
+        .unwrap();
+    let client = nats.connect().await.unwrap();
+    let opened = send(
+        &client,
+        "carol",
+        "open",
+        json!({"owner": "Carol", "initial_deposit": 3}),
+        None,
+    )
+    .await
+    .unwrap();
+    let seq = opened.accepted().seq;
+    let js = jetstream::new(client.clone());
+    let stored = js
+        .get_stream("TENANT1_ACCOUNTS")
+        .await
+        .unwrap()
+        .get_raw_message(seq)
+        .await
+        .unwrap();
+    assert_eq!(stored.subject.as_str(), "tenant1.evt.account.carol");
+
+    let run = jetfn_with_env(
+        &with_server(
+            &url,
+            &["--json", "tail", "account", "--all", "--limit", "2"],
+        ),
+        &deployment,
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let events: Vec<(u64, String, String)> = run
+        .json_lines()
+        .iter()
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap(),
+                e["type"].as_str().unwrap().to_owned(),
+                e["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            (seq - 1, "AccountOpened".to_owned(), "carol".to_owned()),
+            (seq, "MoneyDeposited".to_owned(), "carol".to_owned()),
+        ]
+    );
+    assert!(
+        run.stderr
+            .contains("following tenant1.evt.account.* in TENANT1_ACCOUNTS"),
         "{run:?}"
     );
 }
@@ -786,6 +927,127 @@ async fn deploy_creates_updates_and_refuses_destructive_changes() {
             .unwrap()
             .contains(&json!("stream UNMANAGED"))
     );
+}
+
+/// Every file is judged against the server before the first change: a later file the server
+/// would refuse stops the whole apply, and the error names that file and its resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_applies_nothing_when_a_later_file_would_be_refused() {
+    jetfn_tests::init_tracing();
+    let nats = NatsServer::start().await.unwrap();
+    let js = jetstream::new(nats.connect().await.unwrap());
+    let url = nats.url();
+    js.create_stream(stream::Config {
+        name: "TAKEN".into(),
+        subjects: vec!["taken.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = Resources::new();
+    dir.write(
+        "a-good.json",
+        &json!({"kind": "stream", "config": {"name": "GOOD", "subjects": ["good.*"]}}),
+    );
+    dir.write(
+        "b-bucket.json",
+        &json!({"kind": "kv", "config": {"bucket": "good-bucket", "history": 2}}),
+    );
+    let bad_files = [
+        (
+            json!({"kind": "stream", "config": {"name": "BAD", "subjects": ["taken.x"]}}),
+            "stream BAD",
+            "overlaps taken.> of stream TAKEN",
+        ),
+        (
+            json!({"kind": "stream", "config": {"name": "BAD", "subjects": ["good.>"]}}),
+            "stream BAD",
+            "overlaps good.* of stream GOOD (declared by another file)",
+        ),
+        (
+            json!({"kind": "consumer", "stream": "GOOD", "config": {
+                "durable_name": "audit", "filter_subject": "elsewhere.*"}}),
+            "consumer GOOD/audit",
+            "matches none of the subjects of stream GOOD",
+        ),
+        (
+            json!({"kind": "stream", "config": {
+                "name": "BAD", "subjects": ["bad.*"], "num_replicas": 3}}),
+            "stream BAD",
+            "not part of a cluster",
+        ),
+    ];
+    for (document, resource, reason) in bad_files {
+        dir.write("c-bad.json", &document);
+        let run = jetfn(&["--server", &url, "deploy", "apply", "--dir", dir.path()]).await;
+        assert_ne!(run.code, 0, "{document}: {run:?}");
+        assert!(
+            run.stderr
+                .contains(&format!("c-bad.json: {resource}: refused: "))
+                && run.stderr.contains(reason)
+                && run.stderr.contains("nothing was applied"),
+            "{document}: {run:?}"
+        );
+        assert!(js.get_stream("GOOD").await.is_err(), "{document}: {run:?}");
+        assert!(
+            js.get_key_value("good-bucket").await.is_err(),
+            "{document}: {run:?}"
+        );
+        // diff shows the same refusal and changes nothing either.
+        let run = jetfn(&["--server", &url, "deploy", "diff", "--dir", dir.path()]).await;
+        assert_eq!(run.code, 0, "{run:?}");
+        assert!(run.stdout.contains(reason), "{run:?}");
+    }
+
+    std::fs::remove_file(dir.0.path().join("c-bad.json")).unwrap();
+    let run = jetfn(&["--server", &url, "deploy", "apply", "--dir", dir.path()]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    js.get_stream("GOOD").await.unwrap();
+    js.get_key_value("good-bucket").await.unwrap();
+}
+
+/// What only the server can judge (here: its disk limit) may still be refused during `apply`:
+/// the error then names the file, what was applied before it, and what was not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_says_what_was_applied_when_the_server_refuses_a_request() {
+    let nats = NatsServer::start_with_config("jetstream { max_file_store: 10MB }", None)
+        .await
+        .unwrap();
+    let js = jetstream::new(nats.connect().await.unwrap());
+    let dir = Resources::new();
+    dir.write(
+        "a-good.json",
+        &json!({"kind": "stream", "config": {"name": "GOOD", "subjects": ["good.*"]}}),
+    );
+    dir.write(
+        "b-big.json",
+        &json!({"kind": "stream", "config": {
+            "name": "BIG", "subjects": ["big.*"], "max_bytes": 1_000_000_000}}),
+    );
+    dir.write(
+        "c-later.json",
+        &json!({"kind": "stream", "config": {"name": "LATER", "subjects": ["later.*"]}}),
+    );
+    let run = jetfn(&[
+        "--server",
+        &nats.url(),
+        "deploy",
+        "apply",
+        "--dir",
+        dir.path(),
+    ])
+    .await;
+    assert_ne!(run.code, 0, "{run:?}");
+    assert!(
+        run.stderr.contains("b-big.json")
+            && run.stderr.contains("Applied before it: stream GOOD.")
+            && run
+                .stderr
+                .contains("Not applied: stream BIG and what follows: stream LATER"),
+        "{run:?}"
+    );
+    js.get_stream("GOOD").await.unwrap();
+    assert!(js.get_stream("LATER").await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

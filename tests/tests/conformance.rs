@@ -664,12 +664,28 @@ async fn p7_to_p13_bodies() {
         &cmd(client, "big", "open", json!({"owner": "Big"}), None).await,
         "big",
     );
-    ok(
+    // P13 parses up to 2^64-1; P52 then allows the account's amounts up to 10^15.
+    let message = failed(
         &cmd_bytes(
             client,
             "big",
             "deposit",
             r#"{"amount":18446744073709551615}"#,
+            None,
+        )
+        .await,
+        "invalid",
+    );
+    assert_eq!(
+        message, "/amount: an amount must be at most 1000000000000000 (10^15 minor units)",
+        "P52"
+    );
+    ok(
+        &cmd_bytes(
+            client,
+            "big",
+            "deposit",
+            r#"{"amount":1000000000000000}"#,
             None,
         )
         .await,

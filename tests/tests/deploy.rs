@@ -3,8 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use async_nats::jetstream::{self, consumer::pull, kv, stream};
+use async_nats::jetstream::{self, kv, stream};
 use jetfn::store::{EventStore, StoreSettings};
+use jetfn_cli::deploy::files::{self, Declared, Resource};
 use jetfn_tests::{FunctionProcess, NatsServer};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -58,89 +59,33 @@ fn json_file(path: &Path) -> Value {
     serde_json::from_str(&read(path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The resource definitions: `deploy/jetstream/*.json` except JSON Schemas.
-fn definitions() -> Vec<(PathBuf, Value)> {
-    let dir = deploy_dir().join("jetstream");
-    let mut found: Vec<(PathBuf, Value)> = files_under(&dir)
-        .into_iter()
-        .filter(|p| {
-            let name = p.file_name().unwrap().to_string_lossy();
-            name.ends_with(".json") && !name.ends_with(".schema.json")
-        })
-        .map(|p| {
-            let value = json_file(&p);
-            (p, value)
-        })
-        .collect();
-    found.sort_by(|a, b| a.0.cmp(&b.0));
-    found
+/// The resource definitions of `deploy/jetstream`, read by `jetfn deploy`'s own reader (which
+/// refuses unknown kinds and fields, wrong types and a resource declared twice).
+fn definitions() -> Vec<Declared> {
+    files::load(&deploy_dir().join("jetstream")).unwrap()
 }
 
-/// The `config` of the definition that declares `name` (a stream name or a bucket).
-fn definition(kind: &str, name: &str) -> Map<String, Value> {
-    let key = if kind == "kv" { "bucket" } else { "name" };
+/// The fields of the definition labelled `label` (`stream NAME`, `kv BUCKET`).
+fn definition(label: &str) -> Map<String, Value> {
     definitions()
         .into_iter()
-        .map(|(_, value)| value)
-        .find(|v| v["kind"] == kind && v["config"][key] == name)
-        .unwrap_or_else(|| panic!("no {kind} definition for {name} in deploy/jetstream"))["config"]
-        .as_object()
-        .unwrap()
-        .clone()
+        .find(|d| d.resource.label() == label)
+        .map(|d| match d.resource {
+            Resource::Stream { config, .. }
+            | Resource::Kv { config, .. }
+            | Resource::Consumer { config, .. } => config,
+        })
+        .unwrap_or_else(|| panic!("no definition of {label} in deploy/jetstream"))
 }
 
+/// A stream definition as `jetfn deploy` creates it.
 fn stream_definition(name: &str) -> stream::Config {
-    serde_json::from_value(Value::Object(definition("stream", name))).unwrap()
+    files::stream_config(&definition(&format!("stream {name}"))).unwrap()
 }
 
-/// A KV definition as async-nats's config (which has no `Deserialize`), field by field.
-fn kv_definition(config: &Map<String, Value>) -> Result<kv::Config, String> {
-    let mut kv = kv::Config::default();
-    for (field, value) in config {
-        let wrong = || format!("config.{field}: unexpected value {value}");
-        match field.as_str() {
-            "bucket" => kv.bucket = value.as_str().ok_or_else(wrong)?.to_owned(),
-            "description" => kv.description = value.as_str().ok_or_else(wrong)?.to_owned(),
-            "history" => {
-                kv.history = value
-                    .as_i64()
-                    .filter(|h| (1..=64).contains(h))
-                    .ok_or_else(wrong)?
-            }
-            "max_age" => kv.max_age = Duration::from_nanos(value.as_u64().ok_or_else(wrong)?),
-            "max_bytes" => kv.max_bytes = value.as_i64().ok_or_else(wrong)?,
-            "max_value_size" => {
-                kv.max_value_size = value
-                    .as_i64()
-                    .and_then(|v| i32::try_from(v).ok())
-                    .ok_or_else(wrong)?
-            }
-            "storage" => {
-                kv.storage = serde_json::from_value(value.clone())
-                    .map_err(|e| format!("config.storage: {e}"))?
-            }
-            "num_replicas" => {
-                kv.num_replicas = value
-                    .as_u64()
-                    .filter(|r| (1..=5).contains(r))
-                    .ok_or_else(wrong)? as usize
-            }
-            "compression" => kv.compression = value.as_bool().ok_or_else(wrong)?,
-            other => return Err(format!("config.{other}: not a KV bucket setting")),
-        }
-    }
-    let valid_name = !kv.bucket.is_empty()
-        && kv
-            .bucket
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if !valid_name {
-        return Err(format!(
-            "config.bucket: {:?} is not a bucket name",
-            kv.bucket
-        ));
-    }
-    Ok(kv)
+/// A bucket definition as `jetfn deploy` creates it.
+fn kv_definition(bucket: &str) -> kv::Config {
+    files::kv_config(&definition(&format!("kv {bucket}"))).unwrap()
 }
 
 /// The account function's store settings with jetfn's defaults, over `client`.
@@ -182,54 +127,22 @@ fn every_json_file_under_deploy_parses() {
 fn every_jetstream_definition_has_a_kind_and_a_typed_config() {
     let definitions = definitions();
     assert!(definitions.len() >= 3, "{definitions:?}");
-    let mut names = std::collections::BTreeSet::new();
-    for (path, value) in definitions {
-        let shown = path.display();
-        let document = value
-            .as_object()
-            .unwrap_or_else(|| panic!("{shown}: not an object"));
-        for key in document.keys() {
+    for declared in definitions {
+        let shown = declared.file.display();
+        let label = declared.resource.label();
+        if let Resource::Stream { config, .. } = &declared.resource {
+            let stream = files::stream_config(config).unwrap();
             assert!(
-                ["kind", "config", "stream", "_comment", "$schema"].contains(&key.as_str()),
-                "{shown}: unexpected top-level field {key}"
+                !stream.subjects.is_empty(),
+                "{shown}: the stream has no subjects"
             );
         }
-        let config = value["config"].clone();
-        assert!(config.is_object(), "{shown}: config is not an object");
-        let label = match value["kind"].as_str() {
-            Some("stream") => {
-                let stream: stream::Config = serde_json::from_value(config)
-                    .unwrap_or_else(|e| panic!("{shown}: not a stream config: {e}"));
-                assert!(!stream.name.is_empty(), "{shown}: the stream has no name");
-                assert!(
-                    !stream.subjects.is_empty(),
-                    "{shown}: the stream has no subjects"
-                );
-                format!("stream {}", stream.name)
-            }
-            Some("kv") => {
-                let object = config.as_object().unwrap();
-                let kv = kv_definition(object).unwrap_or_else(|e| panic!("{shown}: {e}"));
-                format!("kv {}", kv.bucket)
-            }
-            Some("consumer") => {
-                let stream = value["stream"]
-                    .as_str()
-                    .unwrap_or_else(|| panic!("{shown}: a consumer names its stream"));
-                let consumer: pull::Config = serde_json::from_value(config)
-                    .unwrap_or_else(|e| panic!("{shown}: not a pull consumer config: {e}"));
-                let name = consumer
-                    .durable_name
-                    .unwrap_or_else(|| panic!("{shown}: a declared consumer must be durable"));
-                format!("consumer {stream}/{name}")
-            }
-            other => panic!("{shown}: kind {other:?} is not stream, kv or consumer"),
-        };
-        assert!(
-            names.insert(label.clone()),
-            "{shown}: {label} is declared twice"
-        );
-        let file_name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let file_name = declared
+            .file
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         assert!(
             label.ends_with(&file_name),
             "{shown}: the file should be named after {label}"
@@ -242,12 +155,13 @@ fn every_jetstream_definition_has_a_kind_and_a_typed_config() {
 fn every_jetstream_definition_follows_the_resource_schema() {
     let schema = json_file(&deploy_dir().join("jetstream").join("resource.schema.json"));
     let validator = jsonschema::validator_for(&schema).unwrap();
-    for (path, value) in definitions() {
+    for declared in definitions() {
+        let value = json_file(&declared.file);
         let errors: Vec<String> = validator
             .iter_errors(&value)
             .map(|e| e.to_string())
             .collect();
-        assert!(errors.is_empty(), "{}: {errors:?}", path.display());
+        assert!(errors.is_empty(), "{}: {errors:?}", declared.file.display());
     }
 }
 
@@ -257,7 +171,7 @@ async fn the_account_events_definition_is_what_the_runtime_provisions() {
     let store = default_account_store(nats.connect().await.unwrap());
     assert_eq!(stream_definition("ACCOUNT_EVENTS"), store.stream_config());
 
-    let ledger = kv_definition(&definition("kv", "jetfn-ledger-account")).unwrap();
+    let ledger = kv_definition("jetfn-ledger-account");
     let defaults = jetfn::Config::default();
     assert_eq!(ledger.history, 1);
     assert_eq!(ledger.max_age, defaults.ledger.ttl);
@@ -279,7 +193,7 @@ async fn resources_created_from_the_definitions_are_left_alone_by_the_functions(
     js.create_stream(stream_definition("JETFN_DLQ"))
         .await
         .unwrap();
-    js.create_key_value(kv_definition(&definition("kv", "jetfn-ledger-account")).unwrap())
+    js.create_key_value(kv_definition("jetfn-ledger-account"))
         .await
         .unwrap();
     let names = ["ACCOUNT_EVENTS", "JETFN_DLQ", "KV_jetfn-ledger-account"];

@@ -23,6 +23,23 @@ fn process_is_gone(pid: u32) -> bool {
     kill(Pid::from_raw(i32::try_from(pid).expect("pid")), None).is_err()
 }
 
+async fn set(con: &mut redis::aio::MultiplexedConnection, key: &str, value: &str) {
+    let () = redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .query_async(con)
+        .await
+        .expect("SET");
+}
+
+async fn get(con: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<String> {
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(con)
+        .await
+        .expect("GET")
+}
+
 async fn create_stream(js: &jetstream::Context, name: &str, subject: &str) {
     js.create_stream(stream::Config {
         name: name.to_owned(),
@@ -124,24 +141,40 @@ async fn redis_server_answers_ping_and_restart_empty_forgets_data() {
         .await
         .expect("PING");
     assert_eq!(pong, "PONG");
-    let () = redis::cmd("SET")
-        .arg("jetfn:harness")
-        .arg("remember me")
-        .query_async(&mut con)
-        .await
-        .expect("SET");
+    set(&mut con, "jetfn:harness", "remember me").await;
 
     let port = redis.port();
     redis.restart_empty().await.expect("restart_empty");
     assert_eq!(redis.port(), port, "restart_empty keeps the port");
 
     let mut con = redis.connect().await.expect("reconnect");
-    let value: Option<String> = redis::cmd("GET")
-        .arg("jetfn:harness")
-        .query_async(&mut con)
+    assert_eq!(
+        get(&mut con, "jetfn:harness").await,
+        None,
+        "restart_empty must forget all data"
+    );
+}
+
+#[tokio::test]
+async fn persistent_redis_keeps_its_data_across_a_kill_and_a_restart() {
+    let mut redis = RedisServer::builder()
+        .persistent()
+        .start()
         .await
-        .expect("GET");
-    assert_eq!(value, None, "restart_empty must forget all data");
+        .expect("start redis-server");
+    let mut con = redis.connect().await.expect("connect");
+    set(&mut con, "jetfn:harness", "kept").await;
+    let (port, pid) = (redis.port(), redis.pid().expect("running"));
+
+    redis.kill().expect("SIGKILL");
+    assert_eq!(redis.pid(), None);
+    assert!(process_is_gone(pid));
+    redis.restart().await.expect("restart");
+    assert_eq!(redis.port(), port, "restart keeps the port");
+
+    let mut con = redis.connect().await.expect("reconnect");
+    let value = get(&mut con, "jetfn:harness").await;
+    assert_eq!(value.as_deref(), Some("kept"), "{}", redis.log());
 }
 
 #[tokio::test]

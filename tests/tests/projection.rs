@@ -101,3 +101,49 @@ async fn dead_letters_can_be_replayed_over_nats() {
     side.projection.stop().await.unwrap();
     side.function.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_caught_up_every_event_is_acknowledged_with_one_ack_per_batch() {
+    let side = ReadSide::start_with(|config| config.projection.batch = 7)
+        .await
+        .unwrap();
+    let (client, redis) = (&side.client, &side.redis);
+    jetfn_tests::workload::produce_events(client, 4, 10, 100)
+        .await
+        .unwrap();
+    wait_until_caught_up(client, redis, 1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let last = jetfn_tests::workload::stream_last_seq(client)
+        .await
+        .unwrap();
+    let stream = jetfn_tests::commands::stream(client, jetfn_tests::commands::ACCOUNT_STREAM)
+        .await
+        .unwrap();
+    let consumer = stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("account-balances-g1-p0")
+        .await
+        .unwrap();
+    // Acks are sent after the commit; give the last one a moment to arrive.
+    let info =
+        jetfn_tests::workload::poll("every event acknowledged", Duration::from_secs(10), || {
+            let mut consumer = consumer.clone();
+            async move {
+                let info = consumer.info().await?.clone();
+                Ok(
+                    (info.ack_floor.stream_sequence == last && info.num_ack_pending == 0)
+                        .then_some(info),
+                )
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        info.config.ack_policy,
+        async_nats::jetstream::consumer::AckPolicy::All
+    );
+    assert_eq!(info.num_redelivered, 0, "{info:?}");
+    check_read_model(client, redis, 1).await.unwrap();
+    side.projection.stop().await.unwrap();
+    side.function.stop().await.unwrap();
+}

@@ -341,16 +341,7 @@ impl Projection for FixedBalances {
             }
             TeleportingEvent::AccountClosed {} => account::Event::AccountClosed {},
         };
-        let recorded = Recorded {
-            seq: event.seq,
-            aggregate_id: event.aggregate_id.clone(),
-            event_type: event.event_type.clone(),
-            version: event.version,
-            time: event.time.clone(),
-            command_id: event.command_id.clone(),
-            event: known,
-        };
-        account_projection::AccountBalances.apply(&recorded, writes)
+        account_projection::AccountBalances.apply(&event.with_event(known), writes)
     }
 }
 

@@ -5,6 +5,11 @@
 //!   applied), `seq` (stream sequence of the last one);
 //! * `accounts:open-by-balance` (sorted set): open accounts scored by balance;
 //! * `accounts:totals` (hash): `open_accounts`, `total_balance`.
+//!
+//! The account function keeps amounts and balances at most 10^15, so every number here is exact
+//! (also as a sorted-set score and in JavaScript). An event beyond what Redis holds exactly (one
+//! stored before that limit, or a total that would leave 64 bits) is refused by the runtime's
+//! write helpers or the apply step and dead-lettered; later events still apply.
 
 use account::{Account, Event};
 use jetfn::{Projection, Recorded, RedisWrites, Refusal};
@@ -74,14 +79,14 @@ impl Projection for AccountBalances {
                     .hincr(TOTALS, "open_accounts", 1);
             }
             Event::MoneyDeposited { amount } => {
-                let amount = signed(*amount)?;
+                let amount = i128::from(*amount);
                 writes
                     .hincr(&key, "balance", amount)
                     .zincr(OPEN_BY_BALANCE, id, amount)
                     .hincr(TOTALS, "total_balance", amount);
             }
             Event::MoneyWithdrawn { amount } => {
-                let amount = signed(*amount)?;
+                let amount = i128::from(*amount);
                 writes
                     .hincr(&key, "balance", -amount)
                     .zincr(OPEN_BY_BALANCE, id, -amount)
@@ -99,10 +104,4 @@ impl Projection for AccountBalances {
             .hset(&key, "seq", event.seq);
         Ok(())
     }
-}
-
-/// Redis counters are signed 64-bit; larger amounts cannot be represented.
-fn signed(amount: u64) -> Result<i64, Refusal> {
-    i64::try_from(amount)
-        .map_err(|_| Refusal::from(format!("amount {amount} exceeds Redis's range")))
 }

@@ -3,7 +3,7 @@
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     jetfn::projection_function(account_projection::AccountBalances)
-        .run()
+        .run_with_args(std::env::args().skip(1))
         .await?;
     Ok(())
 }

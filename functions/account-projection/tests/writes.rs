@@ -1,21 +1,13 @@
 //! What each account event writes to Redis, checked without servers.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use account::Event;
 use account_projection::AccountBalances;
 use jetfn::{Projection, Recorded, RedisWrites};
 
 fn writes(event: Event) -> Vec<String> {
-    let recorded = Recorded {
-        seq: 7,
-        aggregate_id: "alice".into(),
-        event_type: String::new(),
-        version: 1,
-        time: None,
-        command_id: None,
-        event,
-    };
+    let recorded = Recorded::new(7, "alice", "", event);
     let mut writes = RedisWrites::default();
     AccountBalances.apply(&recorded, &mut writes).unwrap();
     writes.commands()
@@ -61,17 +53,28 @@ fn closing_marks_the_account_and_drops_it_from_the_open_set() {
     assert!(commands.contains(&"HINCRBY accounts:totals open_accounts -1".to_owned()));
 }
 
-#[test]
-fn an_amount_beyond_redis_counters_is_refused() {
-    let recorded = Recorded {
-        seq: 1,
-        aggregate_id: "a".into(),
-        event_type: String::new(),
-        version: 1,
-        time: None,
-        command_id: None,
-        event: Event::MoneyDeposited { amount: u64::MAX },
-    };
+/// Why the writes of a deposit of `amount` are refused.
+fn refusal_of_a_deposit(amount: u64) -> String {
+    let recorded = Recorded::new(1, "a", "MoneyDeposited", Event::MoneyDeposited { amount });
     let mut writes = RedisWrites::default();
-    assert!(AccountBalances.apply(&recorded, &mut writes).is_err());
+    AccountBalances.apply(&recorded, &mut writes).unwrap();
+    writes.refusal().expect("refused").to_string()
+}
+
+#[test]
+fn an_amount_beyond_redis_counters_is_refused_by_the_write_helpers() {
+    let refusal = refusal_of_a_deposit(u64::MAX);
+    assert!(
+        refusal.contains("18446744073709551615") && refusal.contains("64-bit"),
+        "{refusal}"
+    );
+}
+
+#[test]
+fn an_amount_beyond_exact_sorted_set_scores_is_refused() {
+    let refusal = refusal_of_a_deposit(1 << 53);
+    assert!(
+        refusal.contains("ZINCRBY") && refusal.contains("2^53"),
+        "{refusal}"
+    );
 }

@@ -1,7 +1,9 @@
 //! A bank account: the example command function of jetfn.
 //!
 //! Commands (`cmd.account.<id>.<command>`): `open {owner, initial_deposit?}`,
-//! `deposit {amount}`, `withdraw {amount}`, `close {}`. Amounts are integers > 0 in minor units.
+//! `deposit {amount}`, `withdraw {amount}`, `close {}`. Amounts are integers from 1 to
+//! [`MAX_AMOUNT`] (10^15) in minor units, and a balance never exceeds [`MAX_AMOUNT`] either: read
+//! models hold such numbers exactly (Redis counters, sorted-set scores, JavaScript numbers).
 
 use jetfn::{Aggregate, Rejection};
 use schemars::JsonSchema;
@@ -76,10 +78,14 @@ pub enum Event {
     AccountClosed {},
 }
 
-/// An amount of money in minor units: an integer of at least 1.
+/// The largest amount, and the largest balance, in minor units: 10^15 (ten trillion in a currency
+/// with cents). Below 2^53, so every read model and JavaScript frontend holds it exactly.
+pub const MAX_AMOUNT: u64 = 1_000_000_000_000_000;
+
+/// An amount of money in minor units: an integer from 1 to 10^15.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(try_from = "u64", into = "u64")]
-#[schemars(extend("minimum" = 1))]
+#[schemars(extend("minimum" = 1, "maximum" = MAX_AMOUNT))]
 pub struct Amount(u64);
 
 impl Amount {
@@ -95,6 +101,11 @@ impl TryFrom<u64> for Amount {
     fn try_from(value: u64) -> Result<Self, Self::Error> {
         if value == 0 {
             return Err("an amount must be at least 1 (minor units)".into());
+        }
+        if value > MAX_AMOUNT {
+            return Err(format!(
+                "an amount must be at most {MAX_AMOUNT} (10^15 minor units)"
+            ));
         }
         Ok(Amount(value))
     }
@@ -163,9 +174,12 @@ impl Aggregate for Account {
             (Status::Unopened, _) => Err(Rejection::new("account is not open")),
             (Status::Closed, _) => Err(Rejection::new("account is closed")),
             (Status::Open, Command::Deposit { amount }) => {
-                self.balance
-                    .checked_add(amount.0)
-                    .ok_or_else(|| Rejection::new("deposit would overflow the balance"))?;
+                let balance = self.balance.saturating_add(amount.0);
+                if balance > MAX_AMOUNT {
+                    return Err(Rejection::new(format!(
+                        "the balance would be {balance}, above the maximum of {MAX_AMOUNT}"
+                    )));
+                }
                 Ok(vec![Event::MoneyDeposited { amount: amount.0 }])
             }
             (Status::Open, Command::Withdraw { amount }) if amount.0 > self.balance => Err(

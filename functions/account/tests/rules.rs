@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers, not runtime paths
 
-use account::{Account, Amount, Command, Event};
+use account::{Account, Amount, Command, Event, MAX_AMOUNT};
 use jetfn::testing::given;
 
 fn amount(value: u64) -> Amount {
@@ -124,7 +124,38 @@ fn closing_an_empty_account_is_allowed() {
 fn a_deposit_that_would_overflow_is_rejected() {
     given::<Account>([opened(), deposited(u64::MAX)])
         .when(Command::Deposit { amount: amount(1) })
-        .then_rejected("overflow");
+        .then_rejected("above the maximum");
+}
+
+#[test]
+fn a_deposit_that_would_push_the_balance_past_the_maximum_is_rejected() {
+    given::<Account>([opened(), deposited(MAX_AMOUNT - 10)])
+        .when(Command::Deposit { amount: amount(11) })
+        .then_rejected("above the maximum of 1000000000000000");
+}
+
+#[test]
+fn a_deposit_up_to_the_maximum_balance_is_allowed() {
+    given::<Account>([opened(), deposited(MAX_AMOUNT - 10)])
+        .when(Command::Deposit { amount: amount(10) })
+        .then([deposited(10)]);
+}
+
+#[test]
+fn amounts_above_ten_to_the_fifteen_are_invalid() {
+    assert_eq!(MAX_AMOUNT, 1_000_000_000_000_000);
+    assert!(Amount::try_from(MAX_AMOUNT).is_ok());
+    for body in [
+        serde_json::json!({"deposit": {"amount": MAX_AMOUNT + 1}}),
+        serde_json::json!({"withdraw": {"amount": u64::MAX}}),
+        serde_json::json!({"open": {"owner": "Ann", "initial_deposit": MAX_AMOUNT + 1}}),
+    ] {
+        let err = serde_json::from_value::<Command>(body.clone()).unwrap_err();
+        assert!(
+            err.to_string().contains("at most 1000000000000000"),
+            "{body}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -284,7 +284,7 @@ async fn register_service<A: Aggregate>(
     let schemas = serde_json::to_string(&crate::schema::command_schemas::<A>()).unwrap_or_default();
     let metadata = HashMap::from([
         (names::meta::SCHEMAS.to_owned(), schemas),
-        (names::meta::KIND.to_owned(), "command".to_owned()),
+        (names::meta::KIND.to_owned(), names::KIND_COMMAND.to_owned()),
         (names::meta::AGGREGATE.to_owned(), A::NAME.to_owned()),
         (names::meta::COMMANDS.to_owned(), commands),
         (names::meta::STREAM.to_owned(), names.stream.clone()),
@@ -342,9 +342,7 @@ async fn serve<A: Aggregate>(
     } = serving;
     // Requests waiting for their aggregate hold no processing permit (that is taken after the
     // aggregate's lock), so this only bounds memory.
-    let pending = Arc::new(Semaphore::new(
-        handler.config.max_in_flight.saturating_mul(16),
-    ));
+    let pending = Arc::new(Semaphore::new(handler.config.max_pending));
     let wildcard = handler.subjects.wildcard();
     let mut in_flight = JoinSet::new();
     let mut service = Some(service);
@@ -365,12 +363,15 @@ async fn serve<A: Aggregate>(
             }
             request = endpoint.next() => {
                 let Some(request) = request else { break };
-                let Ok(permit) = pending.clone().acquire_owned().await else { break };
                 let handler = handler.clone();
-                in_flight.spawn(async move {
-                    handler.handle(request).await;
-                    drop(permit);
-                });
+                match pending.clone().try_acquire_owned() {
+                    Ok(permit) => in_flight.spawn(async move {
+                        handler.handle(request).await;
+                        drop(permit);
+                    }),
+                    // Never block the subscription: a full instance says so at once.
+                    Err(_) => in_flight.spawn(async move { handler.overloaded(request).await }),
+                };
             }
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
         }
@@ -526,6 +527,19 @@ impl<A: Aggregate> Handler<A> {
             retries = tracing::field::Empty,
             duration_ms = tracing::field::Empty,
         );
+        if !self.answers(message.reply.as_deref()) {
+            // Processing it would let the client aim the reply at any subject this function may
+            // publish to (its event subjects, say).
+            self.counters
+                .count(&Reply::failed(ErrorKind::Invalid, ""), 0);
+            tracing::warn!(
+                parent: &span,
+                subject = %message.subject,
+                reply = message.reply.as_deref().unwrap_or_default(),
+                "request refused: its reply subject is not an inbox (command.reply_prefixes)"
+            );
+            return;
+        }
         let (reply, retries) = match self.check(message) {
             Ok((checked, command)) => {
                 span.record("id", checked.id.as_str());
@@ -555,6 +569,32 @@ impl<A: Aggregate> Handler<A> {
         }
     }
 
+    /// Answers a request the instance has no room for, without processing it.
+    async fn overloaded(&self, request: service::Request) {
+        let message = format!(
+            "instance overloaded: {} requests pending (command.max_pending); retry with the same \
+             command id",
+            self.config.max_pending
+        );
+        let reply = unavailable(message);
+        self.counters.count(&reply, 0);
+        if self.answers(request.message.reply.as_deref()) {
+            let _ = respond(&request, &reply).await;
+        }
+    }
+
+    /// Whether a request's reply subject may be answered: none (fire and forget), or one under
+    /// a configured reply prefix.
+    fn answers(&self, reply: Option<&str>) -> bool {
+        reply.is_none_or(|reply| {
+            self.config.reply_prefixes.iter().any(|prefix| {
+                reply
+                    .strip_prefix(prefix.as_str())
+                    .is_some_and(|rest| rest.starts_with('.') && rest.len() > 1)
+            })
+        })
+    }
+
     /// The wire checks: subject, command id, body, and decoding into the command type.
     fn check(&self, message: &async_nats::Message) -> Result<(CommandRequest, A::Command), String> {
         let (id, command) = self.subjects.parse(&message.subject)?;
@@ -566,6 +606,7 @@ impl<A: Aggregate> Handler<A> {
             None => uuid::Uuid::now_v7().to_string(),
         };
         let body = request::parse_body(&message.payload, self.config.max_body_bytes)?;
+        request::check_trace_headers(message.headers.as_ref())?;
         let trace = TraceContext::from_headers(message.headers.as_ref())
             .unwrap_or_else(TraceContext::new_root)
             .child();
@@ -604,7 +645,13 @@ impl<A: Aggregate> Handler<A> {
             );
             return (unavailable(message), 0);
         };
-        let mut guard = slot.lock().await;
+        // The ledger is asked while the command waits for its aggregate: on a busy aggregate the
+        // answer is there when its turn comes. A repeat queued behind its first attempt is still
+        // caught: the cache, checked first under the lock, knows what the first attempt did.
+        let (mut guard, ledger) = tokio::join!(
+            slot.lock(),
+            self.ledger.get(&request.id, &request.command_id)
+        );
         // Taken only once the aggregate is ours, so commands queued on a busy aggregate never
         // keep an idle one waiting.
         let Ok(_permit) = self.permits.acquire().await else {
@@ -619,7 +666,7 @@ impl<A: Aggregate> Handler<A> {
             },
         };
         let outcome = self
-            .decide_and_append(&mut cached, request, command, fresh)
+            .decide_and_append(&mut cached, request, command, fresh, ledger)
             .await;
         if outcome.keep {
             *guard = Some(cached);
@@ -744,11 +791,12 @@ impl<A: Aggregate> Handler<A> {
         request: &CommandRequest,
         command: A::Command,
         mut fresh: bool,
+        ledger: Result<Option<Entry>, crate::store::StoreError>,
     ) -> Outcome {
         if let Some(entry) = cached.reply_of(&request.command_id) {
             return Outcome::new(answer(entry, request), 0);
         }
-        match self.ledger.get(&request.id, &request.command_id).await {
+        match ledger {
             Ok(Some(entry)) => {
                 let reply = answer(&entry, request);
                 cached.recent.remember(&request.command_id, entry);
@@ -916,6 +964,13 @@ impl<A: Aggregate> Handler<A> {
         }
         match setup.codec.encode(&cached.state) {
             Ok(state) => {
+                // Commands before the previous snapshot have their ledger entries stored (that
+                // snapshot waited for them), so the ledger answers for them from now on.
+                let before = cached.snapshot_version;
+                cached.applied.retain(|_, entry| match &entry.reply {
+                    Reply::Accepted(accepted) => accepted.version > before,
+                    Reply::Failed(_) => false,
+                });
                 cached.snapshot_version = cached.version;
                 self.writer.queue(Job::Snapshot {
                     id: request.id.clone(),

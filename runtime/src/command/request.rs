@@ -20,6 +20,44 @@ pub(crate) struct CommandRequest {
     pub trace: crate::telemetry::TraceContext,
 }
 
+/// The longest `tracestate` W3C trace context asks vendors to pass on, and its most members.
+pub(crate) const MAX_TRACESTATE_LEN: usize = 512;
+const MAX_TRACESTATE_MEMBERS: usize = 32;
+/// The longest `traceparent` accepted: version 00 is 55 characters; later versions may add
+/// fields, within reason.
+const MAX_TRACEPARENT_LEN: usize = 256;
+
+/// Trace context headers within W3C's limits, so no oversized value is stored on every event.
+/// A malformed but small `traceparent` is not an error: the command starts a new trace.
+pub(crate) fn check_trace_headers(headers: Option<&async_nats::HeaderMap>) -> Result<(), String> {
+    use crate::wire::header;
+    if let Some(parent) = header::get(headers, header::TRACEPARENT)
+        && parent.len() > MAX_TRACEPARENT_LEN
+    {
+        return Err(format!(
+            "header {} is {} bytes; at most {MAX_TRACEPARENT_LEN} are accepted",
+            header::TRACEPARENT,
+            parent.len()
+        ));
+    }
+    if let Some(state) = header::get(headers, header::TRACESTATE) {
+        if state.len() > MAX_TRACESTATE_LEN {
+            return Err(format!(
+                "header {} is {} bytes; W3C trace context allows {MAX_TRACESTATE_LEN}",
+                header::TRACESTATE,
+                state.len()
+            ));
+        }
+        if state.split(',').count() > MAX_TRACESTATE_MEMBERS {
+            return Err(format!(
+                "header {} has more than {MAX_TRACESTATE_MEMBERS} list members",
+                header::TRACESTATE
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Command ids: 1 to 128 visible ASCII characters.
 pub(crate) fn check_command_id(command_id: &str) -> Result<(), String> {
     let visible = command_id.bytes().all(|b| b.is_ascii_graphic());
@@ -65,6 +103,26 @@ pub(crate) fn fingerprint(command: &str, body: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oversized_trace_context_is_invalid_and_names_the_header() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("tracestate", "a=1");
+        assert!(check_trace_headers(Some(&headers)).is_ok());
+        headers.insert("tracestate", "x".repeat(513).as_str());
+        let err = check_trace_headers(Some(&headers)).unwrap_err();
+        assert!(err.contains("tracestate") && err.contains("513"), "{err}");
+        let mut members = async_nats::HeaderMap::new();
+        members.insert("tracestate", vec!["a=1"; 33].join(",").as_str());
+        assert!(check_trace_headers(Some(&members)).is_err());
+        let mut parent = async_nats::HeaderMap::new();
+        parent.insert("traceparent", "0".repeat(300).as_str());
+        assert!(
+            check_trace_headers(Some(&parent))
+                .unwrap_err()
+                .contains("traceparent")
+        );
+    }
 
     #[test]
     fn command_ids_are_visible_ascii() {

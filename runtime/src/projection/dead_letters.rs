@@ -3,13 +3,16 @@
 //! One stream (`JETFN_DLQ` by default) holds every projection's dead letters on
 //! `jetfn.dlq.<projection>`. Each keeps the original payload and headers, plus:
 //! `jetfn-dlq-projection`, `jetfn-dlq-stream`, `jetfn-dlq-subject`, `jetfn-dlq-seq` (the original
-//! stream sequence), `jetfn-dlq-error` and `jetfn-dlq-deliveries`.
+//! stream sequence), `jetfn-dlq-error` and `jetfn-dlq-deliveries`. The original's `Nats-*`
+//! headers are JetStream's controls (expected sequences, batch, message id, TTL, schedules,
+//! rollups): JetStream would act on them again and refuse the copy, so they are kept as
+//! `jetfn-dlq-orig-<name>` instead (`jetfn-dlq-orig-Nats-Msg-Id`).
 
 use super::worker::decode_recorded;
 use super::{Context, Projection};
 use crate::Error;
 use crate::config::Config;
-use crate::readmodel::{Applied, AppliedEvent, Batch, Mode, RedisWrites};
+use crate::readmodel::{Applied, AppliedEvent, Batch, Mode, RedisWrites, Step};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, Message, stream};
 use bytes::Bytes;
@@ -21,6 +24,8 @@ const SUBJECT: &str = "jetfn-dlq-subject";
 const SEQ: &str = "jetfn-dlq-seq";
 const ERROR: &str = "jetfn-dlq-error";
 const DELIVERIES: &str = "jetfn-dlq-deliveries";
+/// The prefix of the original's `Nats-*` headers in a dead letter.
+const ORIGINAL: &str = "jetfn-dlq-orig-";
 
 /// One dead letter.
 #[derive(Debug, Clone)]
@@ -153,9 +158,9 @@ pub(crate) async fn send<P>(
     error: &str,
     deliveries: i64,
 ) -> Result<(), Error> {
-    let mut headers = message.headers.clone().unwrap_or_default();
+    let mut headers = copy_headers(message.headers.as_ref());
     headers.insert(
-        "Nats-Msg-Id",
+        async_nats::header::NATS_MESSAGE_ID,
         format!("{projection}:g{generation}:{seq}").as_str(),
     );
     headers.insert(PROJECTION, projection);
@@ -186,6 +191,27 @@ pub(crate) async fn send<P>(
     }
 }
 
+/// The original headers for a dead letter: all of them, but JetStream's `Nats-*` controls renamed
+/// to `jetfn-dlq-orig-<name>` so that the dead-letter stream does not act on them.
+fn copy_headers(original: Option<&HeaderMap>) -> HeaderMap {
+    let mut copy = HeaderMap::new();
+    for (name, values) in original.into_iter().flat_map(HeaderMap::iter) {
+        let name: &str = name.as_ref();
+        let control = name
+            .get(..5)
+            .is_some_and(|prefix| prefix.eq_ignore_ascii_case("nats-"));
+        let name = if control {
+            format!("{ORIGINAL}{name}")
+        } else {
+            name.to_owned()
+        };
+        for value in values {
+            copy.append(name.as_str(), value.clone());
+        }
+    }
+    copy
+}
+
 /// Applies every dead letter of `P` with the current code, each at most once per version, and
 /// removes those that applied.
 pub(crate) async fn replay<P: Projection>(
@@ -194,11 +220,7 @@ pub(crate) async fn replay<P: Projection>(
 ) -> Result<usize, Error> {
     let letters =
         DeadLetters::open(&context.js, &context.config.projection.dead_letter_stream).await?;
-    let generation = context
-        .model
-        .activate_if_none(1)
-        .await
-        .map_err(|e| Error::Redis(e.to_string()))?;
+    let generation = context.model.activate_if_none(1).await?;
     let mut replayed = 0;
     for letter in letters.list(P::NAME).await? {
         let header = |name: &str| letter.headers.get(name).map(|v| v.as_str().to_owned());
@@ -215,11 +237,11 @@ pub(crate) async fn replay<P: Projection>(
             let mut writes = RedisWrites::default();
             projection
                 .apply(&recorded, &mut writes)
-                .map(|()| writes)
-                .map_err(|refusal| format!("refused: {}", refusal.0))
+                .map_err(|refusal| format!("refused: {}", refusal.0))?;
+            writes.into_ops().map_err(|refusal| refusal.to_string())
         });
-        let writes = match writes {
-            Ok(writes) => writes,
+        let ops = match writes {
+            Ok(ops) => ops,
             Err(error) => {
                 tracing::warn!(projection = P::NAME, seq = letter.seq, %error, "dead letter still fails");
                 continue;
@@ -229,7 +251,7 @@ pub(crate) async fn replay<P: Projection>(
             seq: letter.seq,
             aggregate_id: aggregate_id.to_owned(),
             event_type: letter.event_type.clone(),
-            ops: writes.into_ops(),
+            ops,
             write: true,
         };
         let applied = context
@@ -246,12 +268,17 @@ pub(crate) async fn replay<P: Projection>(
                 },
                 &[event],
             )
-            .await
-            .map_err(|e| Error::Redis(e.to_string()))?;
-        // 0: already replayed into this version (a crash before the removal); just remove it.
-        if let Applied::Committed(applied) = applied {
-            letters.remove(letter.dlq_seq).await?;
-            replayed += applied as usize;
+            .await?;
+        match applied {
+            // 0: already replayed into this version (a crash before the removal); just remove it.
+            Step::Done(Applied::Committed(applied)) => {
+                letters.remove(letter.dlq_seq).await?;
+                replayed += applied as usize;
+            }
+            Step::Refused { reason, .. } => {
+                tracing::warn!(projection = P::NAME, seq = letter.seq, error = %reason, "dead letter still fails");
+            }
+            Step::Done(Applied::Gap(_) | Applied::Reset | Applied::Moved(_)) => {}
         }
     }
     Ok(replayed)

@@ -14,6 +14,7 @@
 //! partition replays from the stream's first event.
 
 mod balance;
+mod commit;
 mod control;
 mod dead_letters;
 mod rebuild;
@@ -66,7 +67,8 @@ use worker::{Source, Worker};
 /// }
 /// ```
 pub trait Projection: Send + Sync + 'static {
-    /// The projection's name: its Redis hash tag, consumer and service name. `[a-z0-9-]+`.
+    /// The projection's name: its Redis hash tag, consumer and service name. `[a-z0-9-]+` (see
+    /// [`crate::wire::names::check_projection_name`]).
     const NAME: &'static str;
 
     /// The aggregate whose events it reads (its stream and event type).
@@ -82,7 +84,17 @@ pub trait Projection: Send + Sync + 'static {
 }
 
 /// An event with its place in the stream.
+///
+/// Tests of projections build one with [`Recorded::new`]:
+///
+/// ```
+/// # #[derive(Debug, Clone, PartialEq)] enum Event { Added { by: u64 } }
+/// let event = jetfn::Recorded::new(7, "alice", "Added", Event::Added { by: 2 })
+///     .with_command_id("c-1");
+/// assert_eq!((event.seq, event.version), (7, 1));
+/// ```
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Recorded<E> {
     /// Stream sequence.
     pub seq: u64,
@@ -98,6 +110,59 @@ pub struct Recorded<E> {
     pub command_id: Option<String>,
     /// The decoded event.
     pub event: E,
+}
+
+impl<E> Recorded<E> {
+    /// Event `event` of type `event_type` (its `ce-type`) at stream sequence `seq` of aggregate
+    /// `aggregate_id`: schema version 1, no time, no command id.
+    pub fn new(
+        seq: u64,
+        aggregate_id: impl Into<String>,
+        event_type: impl Into<String>,
+        event: E,
+    ) -> Self {
+        Recorded {
+            seq,
+            aggregate_id: aggregate_id.into(),
+            event_type: event_type.into(),
+            version: 1,
+            time: None,
+            command_id: None,
+            event,
+        }
+    }
+
+    /// With schema version `version`.
+    pub fn with_version(mut self, version: u32) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// With the time it was decided (`ce-time`, RFC 3339).
+    pub fn with_time(mut self, time: impl Into<String>) -> Self {
+        self.time = Some(time.into());
+        self
+    }
+
+    /// With the id of the command that caused it.
+    pub fn with_command_id(mut self, command_id: impl Into<String>) -> Self {
+        self.command_id = Some(command_id.into());
+        self
+    }
+
+    /// The same record carrying `event` instead (for a projection that delegates to another
+    /// one after translating the event).
+    pub fn with_event<F>(&self, event: F) -> Recorded<F> {
+        Recorded {
+            seq: self.seq,
+            aggregate_id: self.aggregate_id.clone(),
+            event_type: self.event_type.clone(),
+            version: self.version,
+            time: self.time.clone(),
+            command_id: self.command_id.clone(),
+            event,
+        }
+    }
 }
 
 /// A projection's refusal of an event it cannot handle: the event is dead-lettered.
@@ -141,12 +206,22 @@ impl<P: Projection> ProjectionFunction<P> {
         }
     }
 
-    /// The command-line entry point. Without arguments: run until SIGTERM or SIGINT. With
-    /// `--rebuild`: build a new version of the read model from the first event beside the live
-    /// one, switch to it, delete the old one, and exit.
+    /// Runs until SIGTERM or SIGINT, then stops after the batches in flight are committed.
     pub async fn run(self) -> Result<(), Error> {
+        self.run_with_args(std::iter::empty::<String>()).await
+    }
+
+    /// The command-line entry point of a projection binary, given its arguments (without the
+    /// program name, e.g. `std::env::args().skip(1)`). Without arguments it runs as
+    /// [`ProjectionFunction::run`] does. With `--rebuild` it builds a new version of the read
+    /// model from the first event beside the live one, switches to it, deletes the old one, and
+    /// returns.
+    pub async fn run_with_args(
+        self,
+        args: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Result<(), Error> {
         telemetry::init();
-        let args: Vec<String> = std::env::args().skip(1).collect();
+        let args: Vec<String> = args.into_iter().map(Into::into).collect();
         match args
             .iter()
             .map(String::as_str)
@@ -176,11 +251,7 @@ impl<P: Projection> ProjectionFunction<P> {
     pub async fn start(self) -> Result<RunningProjection, Error> {
         let config = self.config()?;
         let context = Context::<P>::connect(&config).await?;
-        let generation = context
-            .model
-            .activate_if_none(1)
-            .await
-            .map_err(|e| Error::Redis(e.to_string()))?;
+        let generation = context.model.activate_if_none(1).await?;
         let stats = Arc::new(Stats::new(config.projection.partitions));
         stats.generation.store(generation, Ordering::Relaxed);
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -335,9 +406,8 @@ impl<P: Projection> Context<P> {
         let aggregate = <P::Source as Aggregate>::NAME;
         let client = config.nats.connect(&format!("jetfn-{}", P::NAME)).await?;
         crate::store::check_server_version(&client.server_info().version)?;
-        let model = ReadModel::connect(config.redis.url.expose(), P::NAME)
-            .await
-            .map_err(|e| Error::Redis(e.to_string()))?;
+        let model = ReadModel::connect(config.redis.url.expose(), P::NAME).await?;
+        model.check_permissions().await?;
         let js = async_nats::jetstream::new(client.clone());
         let source = Source {
             stream: config.stream.name.clone().unwrap_or_else(|| {
@@ -471,5 +541,19 @@ async fn track_stream_end<P: Projection>(
             _ = stop.changed() => return Ok(()),
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invalid_projection_name_stops_start_up_with_the_rule() {
+        let err = Error::from(crate::wire::names::check_projection_name("a_b").unwrap_err());
+        assert_eq!(
+            err.to_string(),
+            "projection name \"a_b\" must match [a-z0-9-]+"
+        );
     }
 }

@@ -33,13 +33,12 @@ pub(crate) async fn rebuild<P: Projection>(
     context: Context<P>,
     progress: impl Fn(RebuildProgress),
 ) -> Result<u64, Error> {
-    let redis = |e: crate::readmodel::ReadModelError| Error::Redis(e.to_string());
     let model = &context.model;
     let partitions = context.config.projection.partitions;
-    let old = model.active_generation().await.map_err(redis)?.unwrap_or(0);
+    let old = model.active_generation().await?.unwrap_or(0);
     let new = old + 1;
     // Leftovers of an interrupted rebuild of the same version start over.
-    model.delete_generation(new).await.map_err(redis)?;
+    model.delete_generation(new).await?;
     delete_consumers(&context, P::NAME, new).await;
     tracing::info!(
         projection = P::NAME,
@@ -71,7 +70,7 @@ pub(crate) async fn rebuild<P: Projection>(
             return Err(err);
         }
         let target = stream_last_seq(&context).await?;
-        let checkpoints = model.checkpoints(new).await.map_err(redis)?;
+        let checkpoints = model.checkpoints(new).await?;
         let reached = if checkpoints.len() < partitions as usize {
             0
         } else {
@@ -102,7 +101,7 @@ pub(crate) async fn rebuild<P: Projection>(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
 
-    model.activate(new).await.map_err(redis)?;
+    model.activate(new).await?;
     tracing::info!(
         projection = P::NAME,
         generation = new,
@@ -121,7 +120,7 @@ pub(crate) async fn rebuild<P: Projection>(
 
     if old > 0 {
         tokio::time::sleep(context.config.projection.rebuild_grace).await;
-        let deleted = model.delete_generation(old).await.map_err(redis)?;
+        let deleted = model.delete_generation(old).await?;
         delete_consumers(&context, P::NAME, old).await;
         tracing::info!(
             projection = P::NAME,

@@ -1,17 +1,21 @@
 //! One partition of one read-model version: consume, apply atomically, then acknowledge.
 
+use super::commit::{ApplyStep, Around, commit};
 use super::{Context, Projection, Recorded, Stats, dead_letters};
 use crate::Error;
 use crate::aggregate::{Aggregate, Upcasters, decode_stored};
-use crate::readmodel::{Applied, AppliedEvent, Batch, Mode, ReadModelError, RedisWrites};
+use crate::readmodel::{
+    Applied, AppliedEvent, Batch, Mode, Op, ReadModel, ReadModelError, RedisWrites, Step,
+};
 use crate::store::headers;
 use crate::telemetry::TraceContext;
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PriorityPolicy, pull};
 use async_nats::jetstream::{AckKind, Message};
 use futures::{FutureExt, StreamExt};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// The priority group every partition consumer pins one instance in.
@@ -49,6 +53,9 @@ pub(crate) struct Worker<P> {
     live: bool,
     stats: Arc<Stats>,
     commits: u64,
+    /// The bound consumer acknowledges every message up to the one acknowledged (`ack_policy`
+    /// `all`): one ack per batch. Consumers created before are `explicit`: one ack per message.
+    ack_all: bool,
     /// The checkpoint the consumer was last recreated at because of a hole.
     rewound_at: Option<u64>,
 }
@@ -83,6 +90,7 @@ impl<P: Projection> Worker<P> {
             live,
             stats,
             commits: 0,
+            ack_all: false,
             rewound_at: None,
         }
     }
@@ -156,10 +164,11 @@ impl<P: Projection> Worker<P> {
                 if let Some(flag) = self.stats.bound.get(self.partition as usize) {
                     flag.store(true, Ordering::Relaxed);
                 }
+                self.ack_all = bound.0.cached_info().config.ack_policy == AckPolicy::All;
                 bound
             }
-            Err(message) => {
-                tracing::warn!(projection = P::NAME, partition = self.partition, error = %message, "cannot bind consumer");
+            Err(error) => {
+                tracing::warn!(projection = P::NAME, partition = self.partition, %error, "cannot bind consumer");
                 return Ok(Some(Rebind::Again));
             }
         };
@@ -254,14 +263,14 @@ impl<P: Projection> Worker<P> {
         }
     }
 
-    async fn checkpoint(&self) -> u64 {
-        match self.context.model.checkpoints(self.generation).await {
-            Ok(checkpoints) => checkpoints
-                .iter()
-                .find(|(p, _)| *p == self.partition)
-                .map_or(0, |(_, seq)| *seq),
-            Err(_) => 0,
-        }
+    /// This partition's checkpoint in Redis (0 when it has none). An unreachable Redis is an
+    /// error, not 0: that would replay the whole stream.
+    async fn checkpoint(&self) -> Result<u64, ReadModelError> {
+        let checkpoints = self.context.model.checkpoints(self.generation).await?;
+        Ok(checkpoints
+            .iter()
+            .find(|(p, _)| *p == self.partition)
+            .map_or(0, |(_, seq)| *seq))
     }
 
     /// Gets or creates the partition's durable consumer so that it delivers from the Redis
@@ -270,14 +279,14 @@ impl<P: Projection> Worker<P> {
     async fn ensure_consumer(
         &self,
         recreate: bool,
-    ) -> Result<(consumer::Consumer<pull::Config>, u64), String> {
+    ) -> Result<(consumer::Consumer<pull::Config>, u64), Error> {
         let name = consumer_name(P::NAME, self.generation, self.partition);
         let stream = self
             .context
             .js
             .get_stream(&self.context.source.stream)
             .await
-            .map_err(|e| format!("stream {}: {e}", self.context.source.stream))?;
+            .map_err(|e| Error::Service(format!("stream {}: {e}", self.context.source.stream)))?;
         let existing = match stream.get_consumer::<pull::Config>(&name).await {
             Ok(mut existing) => {
                 let ack_floor = existing
@@ -291,7 +300,7 @@ impl<P: Projection> Worker<P> {
         };
         // Read after the ack floor: the checkpoint only grows and is committed before the acks,
         // so a checkpoint read later is never behind the floor unless Redis lost data.
-        let checkpoint = self.checkpoint().await;
+        let checkpoint = self.checkpoint().await?;
         if let Some((existing, ack_floor)) = existing {
             if ack_floor <= checkpoint && !recreate {
                 return Ok((existing, checkpoint));
@@ -308,7 +317,7 @@ impl<P: Projection> Worker<P> {
             stream
                 .delete_consumer(&name)
                 .await
-                .map_err(|e| format!("deleting consumer {name}: {e}"))?;
+                .map_err(|e| Error::Service(format!("deleting consumer {name}: {e}")))?;
         }
         let deliver_policy = match checkpoint {
             0 => DeliverPolicy::All,
@@ -327,22 +336,27 @@ impl<P: Projection> Worker<P> {
                     self.partition
                 )),
                 deliver_policy,
-                ack_policy: AckPolicy::Explicit,
+                // One ack per batch: the batch continues the checkpoint without a hole (the
+                // apply step checks that), so everything up to its last message is applied.
+                ack_policy: AckPolicy::All,
                 ack_wait: self.context.config.projection.ack_wait,
                 max_deliver: -1,
                 filter_subject: format!("{}.*", self.context.source.subject_prefix),
-                max_ack_pending: batch * 2,
+                // The batch being committed, the next one already pulled, and one more.
+                max_ack_pending: batch * 3,
                 priority_policy: PriorityPolicy::PinnedClient,
                 priority_groups: vec![PIN_GROUP.to_owned()],
                 priority_timeout: self.context.config.projection.pin_timeout,
                 ..Default::default()
             })
             .await
-            .map_err(|e| format!("creating consumer {name}: {e}"))?;
+            .map_err(|e| Error::Service(format!("creating consumer {name}: {e}")))?;
         Ok((consumer, checkpoint))
     }
 
-    /// Turns messages into writes and commits them, retrying Redis until it answers.
+    /// Turns messages into writes and commits them (see [`commit`]): Redis is retried until it
+    /// answers, an event the read model cannot hold is dead-lettered and the rest of the batch
+    /// applied without it, and an error that waiting cannot cure stops the worker.
     async fn apply_batch(
         &mut self,
         batch: &[Message],
@@ -353,50 +367,59 @@ impl<P: Projection> Worker<P> {
         for message in batch {
             events.push(self.prepare(message, checkpoint).await?);
         }
-        let settings = Batch {
-            feed_len: self.context.config.projection.change_feed_len,
-            partitions: self.context.config.projection.partitions,
-            accept_hole,
+        let step = RedisStep {
+            model: &self.context.model,
+            partition: self.partition,
+            generation: self.generation,
+            mode: if self.live { Mode::Live } else { Mode::Build },
+            checkpoint,
+            settings: Batch {
+                feed_len: self.context.config.projection.change_feed_len,
+                partitions: self.context.config.projection.partitions,
+                accept_hole,
+            },
         };
-        let mut pause = Duration::from_millis(50);
-        let mut waited = Duration::ZERO;
-        loop {
-            let result = self
-                .context
-                .model
-                .apply(
-                    self.partition,
-                    self.generation,
-                    if self.live { Mode::Live } else { Mode::Build },
-                    checkpoint,
-                    &settings,
-                    &events,
-                )
-                .await;
-            match result {
-                Ok(applied) => return Ok(applied),
-                Err(ReadModelError::WrongType(message)) => {
-                    return Err(Error::Redis(format!(
-                        "projection {} wrote keys of the wrong type; fix the projection: {message}",
-                        P::NAME
-                    )));
-                }
-                Err(err) => {
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(projection = P::NAME, partition = self.partition, error = %err, retry_in = ?pause, "redis unavailable; retrying the batch");
-                    tokio::time::sleep(pause).await;
-                    waited += pause;
-                    pause = (pause * 2).min(Duration::from_secs(2));
-                    // Keep JetStream from redelivering what is still being applied.
-                    if waited >= self.context.config.projection.ack_wait / 3 {
-                        waited = Duration::ZERO;
-                        for message in batch {
-                            let _ = message.ack_with(AckKind::Progress).await;
-                        }
-                    }
-                }
-            }
+        let started = Instant::now();
+        let mut around = WorkerAround {
+            worker: &*self,
+            batch,
+        };
+        let progress_every = self.context.config.projection.ack_wait / 3;
+        let (applied, attempts) = commit(&step, &mut around, &mut events, progress_every).await?;
+        if attempts > 0 {
+            tracing::info!(projection = P::NAME, partition = self.partition, after = ?started.elapsed(), attempts, "redis answers again; batch applied");
         }
+        Ok(applied)
+    }
+
+    /// Stores `message` in the dead-letter stream with `error`.
+    async fn dead_letter(
+        &self,
+        message: &Message,
+        seq: u64,
+        event_type: &str,
+        error: &str,
+    ) -> Result<(), Error> {
+        tracing::warn!(
+            projection = P::NAME,
+            seq,
+            event_type,
+            error,
+            "dead-lettering event"
+        );
+        let deliveries = message.info().map(|info| info.delivered).unwrap_or(0);
+        dead_letters::send(
+            &self.context,
+            P::NAME,
+            self.generation,
+            message,
+            seq,
+            error,
+            deliveries,
+        )
+        .await?;
+        self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Decodes one message and asks the projection for its writes. Events of other partitions
@@ -436,30 +459,20 @@ impl<P: Projection> Worker<P> {
         let mut last_error = String::new();
         for _attempt in 0..self.context.config.projection.max_attempts {
             match self.writes(message, seq, &aggregate_id, &event_type, &header) {
-                Ok(writes) => {
+                Ok(ops) => {
                     return Ok(AppliedEvent {
                         seq,
                         aggregate_id,
                         event_type,
-                        ops: writes.into_ops(),
+                        ops,
                         write: true,
                     });
                 }
                 Err(error) => last_error = error,
             }
         }
-        tracing::warn!(projection = P::NAME, seq, event_type, error = %last_error, "dead-lettering event");
-        dead_letters::send(
-            &self.context,
-            P::NAME,
-            self.generation,
-            message,
-            seq,
-            &last_error,
-            info.delivered,
-        )
-        .await?;
-        self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+        self.dead_letter(message, seq, &event_type, &last_error)
+            .await?;
         Ok(skipped())
     }
 
@@ -470,7 +483,7 @@ impl<P: Projection> Worker<P> {
         aggregate_id: &str,
         event_type: &str,
         header: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<RedisWrites, String> {
+    ) -> Result<Vec<Op>, String> {
         let recorded = decode_recorded::<P>(
             &self.context.upcasters,
             &message.payload,
@@ -496,12 +509,16 @@ impl<P: Projection> Worker<P> {
         self.projection
             .apply(&recorded, &mut writes)
             .map_err(|refusal| format!("refused: {}", refusal.0))?;
-        tracing::debug!(writes = writes.commands().len(), "event projected");
-        Ok(writes)
+        let ops = writes
+            .into_ops()
+            .map_err(|refusal| format!("refused by the read model: {refusal}"))?;
+        tracing::debug!(writes = ops.len(), "event projected");
+        Ok(ops)
     }
 
     async fn after_commit(&mut self, batch: &[Message], committed: u64) {
         self.commits += 1;
+        #[cfg(feature = "fault-injection")]
         if self
             .context
             .config
@@ -512,8 +529,14 @@ impl<P: Projection> Worker<P> {
             tracing::error!("fault injection: exiting between the Redis commit and the acks");
             std::process::exit(86);
         }
-        for message in batch {
-            // A lost ack only means a redelivery, which the checkpoint skips.
+        // A lost ack only means a redelivery, which the checkpoint skips. The batch is sorted by
+        // stream sequence, and an `all` ack covers every message up to it.
+        let acks = if self.ack_all {
+            batch.last().map(std::slice::from_ref).unwrap_or_default()
+        } else {
+            batch
+        };
+        for message in acks {
             let _ = message.ack().await;
         }
         if let Some(slot) = self.stats.checkpoints.get(self.partition as usize) {
@@ -533,6 +556,86 @@ impl<P: Projection> Worker<P> {
             lag = self.stats.lag(),
             "batch applied"
         );
+    }
+}
+
+/// The atomic apply step of one batch, in Redis.
+struct RedisStep<'a> {
+    model: &'a ReadModel,
+    partition: u32,
+    generation: u64,
+    mode: Mode,
+    checkpoint: u64,
+    settings: Batch,
+}
+
+impl ApplyStep for RedisStep<'_> {
+    fn apply(
+        &self,
+        events: &[AppliedEvent],
+    ) -> impl Future<Output = Result<Step, ReadModelError>> + Send {
+        self.model.apply(
+            self.partition,
+            self.generation,
+            self.mode,
+            self.checkpoint,
+            &self.settings,
+            events,
+        )
+    }
+}
+
+/// The worker's side of committing one batch: dead letters, progress acks, counters and logs.
+struct WorkerAround<'a, P> {
+    worker: &'a Worker<P>,
+    batch: &'a [Message],
+}
+
+impl<P: Projection> Around for WorkerAround<'_, P> {
+    fn dead_letter(
+        &mut self,
+        index: usize,
+        event: &AppliedEvent,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        let (worker, message) = (self.worker, self.batch.get(index));
+        let (seq, event_type) = (event.seq, event.event_type.clone());
+        let error = format!("the read model cannot hold this event: {reason}");
+        async move {
+            match message {
+                Some(message) => worker.dead_letter(message, seq, &event_type, &error).await,
+                None => Err(ReadModelError::UnexpectedReply(format!(
+                    "refused event {index} of a batch of {}",
+                    worker.context.config.projection.batch
+                ))
+                .into()),
+            }
+        }
+    }
+
+    fn in_progress(&mut self) -> impl Future<Output = ()> + Send {
+        let batch = self.batch;
+        async move {
+            for message in batch {
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+
+    fn unavailable(&mut self, error: &ReadModelError, attempts: u32, pause: Duration) {
+        let worker = self.worker;
+        worker.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if attempts == 1 || attempts.is_multiple_of(20) {
+            tracing::warn!(projection = P::NAME, partition = worker.partition, %error, attempts, retry_in = ?pause, "redis unavailable; retrying the batch");
+        } else {
+            tracing::debug!(projection = P::NAME, partition = worker.partition, %error, attempts, retry_in = ?pause, "redis unavailable; retrying the batch");
+        }
+    }
+
+    fn failed(&mut self, error: &ReadModelError) {
+        let worker = self.worker;
+        worker.stats.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(projection = P::NAME, partition = worker.partition, %error, "cannot apply the batch; stopping");
     }
 }
 

@@ -179,6 +179,29 @@ pub fn service_ping(name: &str) -> String {
     format!("$SRV.PING.{name}")
 }
 
+/// The subject that pings every service on the server (NATS services protocol discovery).
+pub const SERVICE_PING_ALL: &str = "$SRV.PING";
+
+/// The subject that asks every instance of service `name` for its description and metadata.
+pub fn service_info(name: &str) -> String {
+    format!("$SRV.INFO.{name}")
+}
+
+/// The subject that asks every instance of service `name` for its statistics.
+pub fn service_stats(name: &str) -> String {
+    format!("$SRV.STATS.{name}")
+}
+
+/// The value of [`meta::KIND`] for a command function.
+pub const KIND_COMMAND: &str = "command";
+/// The value of [`meta::KIND`] for a projection function.
+pub const KIND_PROJECTION: &str = "projection";
+
+/// The bucket whose data `stream` holds, when it is a KV bucket's stream (`KV_<bucket>`).
+pub fn kv_bucket(stream: &str) -> Option<&str> {
+    stream.strip_prefix("KV_")
+}
+
 /// A projection's control endpoint: `jetfn.projection.<name>.<action>`, with `action` one of
 /// [`STATUS`], [`REBUILD`], [`DLQ_REPLAY`].
 pub fn projection_endpoint(projection: &str, action: &str) -> String {

@@ -1,9 +1,11 @@
 //! `jetfn deploy diff|apply`: JetStream resources (streams, KV buckets, durable pull consumers)
 //! declared as JSON files, one per file, compared with the server and applied idempotently.
 //! Nothing is ever deleted; destructive changes need `--force`, and changes JetStream cannot make
-//! in place (the storage type) are refused even then.
+//! in place (the storage type) are refused even then. Every file is checked against the server
+//! before the first change (`check`), so a refused later file does not leave earlier ones applied.
 
-mod files;
+mod check;
+pub mod files;
 mod plan;
 
 use crate::common::{Global, say, say_json};
@@ -35,8 +37,17 @@ nanoseconds. Only the fields a file sets are compared and changed.
 Destructive changes are refused without --force: changing retention, removing a subject,
 lowering num_replicas, and setting max_bytes, max_msgs, max_age or max_msgs_per_subject
 (history for KV) below what the stream holds or from unlimited to a limit. A storage change
-cannot be made in place and is refused even with --force. Resources on the server that no file
-declares are listed as \"not managed\" and never deleted.";
+cannot be made in place and is refused even with --force; so are changes to a consumer's
+deliver_policy, opt_start_seq, opt_start_time, ack_policy, replay_policy and max_waiting.
+Resources on the server that no file declares are listed as \"not managed\" and never deleted.
+
+Before the first change every file is checked against the server, and if any resource would be
+refused nothing is applied: names and subjects, a subject another stream stores or another file
+declares, a consumer filter outside its stream's subjects, a consumer's stream that neither
+exists nor is declared, a bucket's history (1-64), replicas above 1 on a server that is not
+clustered, the account's stream limit. `diff` shows the same refusals. What the server can only
+judge by trying (disk space, cluster placement) may still fail: the error then names the file
+and lists what was applied before it and what was not.";
 
 /// Arguments of `jetfn deploy`.
 #[derive(clap::Args)]
@@ -56,23 +67,38 @@ enum Command {
     Apply(Options),
 }
 
-#[derive(clap::Args)]
-struct Options {
+/// What `diff` and `apply` work on.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Options {
     /// The directory of resource files
     #[arg(long, default_value = "deploy/jetstream", value_name = "DIR")]
-    dir: PathBuf,
+    pub dir: PathBuf,
 
     /// Allow destructive changes (never deletions, never storage changes)
     #[arg(long)]
-    force: bool,
+    pub force: bool,
 }
 
 /// Runs `diff` or `apply`.
 pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
-    let (apply, options) = match args.command {
-        Command::Diff(options) => (false, options),
-        Command::Apply(options) => (true, options),
-    };
+    match args.command {
+        Command::Diff(options) => diff(global, &options).await,
+        Command::Apply(options) => apply(global, &options).await,
+    }
+}
+
+/// `jetfn deploy diff`: prints what [`apply`] would create or change, and changes nothing.
+pub async fn diff(global: &Global, options: &Options) -> Result<ExitCode> {
+    compare(global, options, false).await
+}
+
+/// `jetfn deploy apply`: creates or updates the resources declared in `options.dir`; refuses
+/// destructive changes without `options.force` and changes nothing then.
+pub async fn apply(global: &Global, options: &Options) -> Result<ExitCode> {
+    compare(global, options, true).await
+}
+
+async fn compare(global: &Global, options: &Options, apply: bool) -> Result<ExitCode> {
     let declared = files::load(&options.dir)?;
     if declared.is_empty() {
         eprintln!(
@@ -81,21 +107,45 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         );
     }
     let (client, _config) = global.connect().await?;
-    let js = jetstream::new(client);
+    let js = jetstream::new(client.clone());
     let items = plan::plan(&js, &declared).await?;
     let not_managed = plan::not_managed(&js, &declared).await?;
+    let refusals = check::check(&client, &js, &items).await?;
     let pending: Vec<&Item> = items
         .iter()
         .filter(|i| i.action != Action::Unchanged)
         .collect();
+    let report = Report {
+        items: &items,
+        not_managed: &not_managed,
+        refusals: &refusals,
+        force: options.force,
+    };
 
     if !apply {
         if global.json {
-            say_json(&document(&items, &not_managed, options.force, false));
+            say_json(&report.document(false));
         } else {
             print_plan(&pending, &not_managed, options.force);
+            for refusal in &refusals {
+                say(refusal_line(refusal));
+            }
         }
         return Ok(ExitCode::SUCCESS);
+    }
+
+    // Everything is judged before the first change: a refused later file stops the whole apply.
+    if !refusals.is_empty() {
+        if global.json {
+            say_json(&report.document(false));
+        }
+        for refusal in &refusals {
+            eprintln!("{}", refusal_line(refusal));
+        }
+        bail!(
+            "the server would refuse {} resource(s); nothing was applied",
+            refusals.len()
+        );
     }
 
     let blocked: Vec<String> = pending
@@ -107,7 +157,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         .collect();
     if !blocked.is_empty() {
         if global.json {
-            say_json(&document(&items, &not_managed, options.force, false));
+            say_json(&report.document(false));
         }
         for refusal in &blocked {
             eprintln!("{refusal}");
@@ -127,8 +177,24 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
             blocked.len()
         );
     }
-    for item in &pending {
-        plan::apply(&js, item).await?;
+    for (done, item) in pending.iter().enumerate() {
+        if let Err(err) = plan::apply(&js, item).await {
+            let names = |items: &[&Item]| {
+                let labels: Vec<&str> = items.iter().map(|i| i.label.as_str()).collect();
+                if labels.is_empty() {
+                    "none".to_owned()
+                } else {
+                    labels.join(", ")
+                }
+            };
+            bail!(
+                "{}: {err:#}. Applied before it: {}. Not applied: {} and what follows: {}",
+                item.file.display(),
+                names(&pending[..done]),
+                item.label,
+                names(&pending[done + 1..])
+            );
+        }
         if !global.json {
             match item.action {
                 Action::Create => say(format!("{}: created", item.label)),
@@ -141,7 +207,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         }
     }
     if global.json {
-        say_json(&document(&items, &not_managed, options.force, true));
+        say_json(&report.document(true));
         return Ok(ExitCode::SUCCESS);
     }
     if pending.is_empty() {
@@ -197,6 +263,43 @@ fn line(item: &Item, change: &plan::Change, force: bool) -> String {
 
 fn change_text(change: &plan::Change) -> String {
     format!("{} {} -> {}", change.field, change.from, change.to)
+}
+
+/// `FILE: LABEL: refused: REASON`.
+fn refusal_line(refusal: &check::Refusal) -> String {
+    format!(
+        "{}: {}: refused: {}",
+        refusal.file.display(),
+        refusal.label,
+        refusal.reason
+    )
+}
+
+/// What `--json` prints.
+struct Report<'a> {
+    items: &'a [Item],
+    not_managed: &'a [String],
+    refusals: &'a [check::Refusal],
+    force: bool,
+}
+
+impl Report<'_> {
+    fn document(&self, applied: bool) -> Value {
+        let refusals: Vec<Value> = self
+            .refusals
+            .iter()
+            .map(|r| {
+                json!({
+                    "resource": r.label,
+                    "file": r.file.display().to_string(),
+                    "reason": r.reason,
+                })
+            })
+            .collect();
+        let mut document = document(self.items, self.not_managed, self.force, applied);
+        document["refusals"] = Value::Array(refusals);
+        document
+    }
 }
 
 fn document(items: &[Item], not_managed: &[String], force: bool, applied: bool) -> Value {

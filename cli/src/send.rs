@@ -3,6 +3,7 @@
 use crate::common::{Global, format_duration, parse_duration, redact, say, say_json, usage};
 use anyhow::{Context, Result, anyhow};
 use async_nats::{HeaderMap, RequestErrorKind};
+use jetfn::wire::{CommandSubjects, header, names};
 use serde_json::Value;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -47,7 +48,8 @@ pub struct Args {
 
 /// Sends the command; exit 0 on ok, 1 on an error reply.
 pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
-    let target = args.target.strip_prefix("cmd.").unwrap_or(&args.target);
+    let root = format!("{}.", names::COMMAND_ROOT);
+    let target = args.target.strip_prefix(&root).unwrap_or(&args.target);
     let tokens: Vec<&str> = target.split('.').collect();
     let [aggregate, id, command] = tokens.as_slice() else {
         return Err(usage(format!(
@@ -84,14 +86,11 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     let prefix = args
         .prefix
         .or_else(|| config.command.subject_prefix.clone());
-    let subject = match prefix.as_deref() {
-        Some(prefix) if !prefix.is_empty() => format!("{prefix}.cmd.{target}"),
-        _ => format!("cmd.{target}"),
-    };
-    let client = config.nats.connect("jetfn-cli").await?;
+    let subject = CommandSubjects::new(prefix.as_deref(), aggregate).subject(id, command);
+    let client = config.nats.connect(crate::common::CONNECTION).await?;
     let mut headers = HeaderMap::new();
     if let Some(command_id) = &args.id {
-        headers.insert("Nats-Msg-Id", command_id.as_str());
+        headers.insert(header::MSG_ID, command_id.as_str());
     }
     let request = async_nats::Request::new()
         .headers(headers)
@@ -140,12 +139,8 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
                 .pointer("/error/message")
                 .and_then(Value::as_str)
                 .unwrap_or("");
-            let code = reply
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("Nats-Service-Error-Code"))
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_else(|| kind_code(kind).to_owned());
+            let code = header::get(reply.headers.as_ref(), header::SERVICE_ERROR_CODE)
+                .unwrap_or_else(|| kind_code(kind));
             eprintln!("jetfn: {kind} ({code}): {message}");
             Ok(ExitCode::from(1))
         }

@@ -158,8 +158,7 @@ fn read(file: &Path) -> Result<Resource> {
                 bail!("\"stream\" belongs to consumers; a stream's name is config.name");
             }
             known_fields(&document.config, STREAM_FIELDS, "stream")?;
-            let config: stream::Config =
-                typed(&document.config, json_of(&stream::Config::default())?)?;
+            let config = stream_config(&document.config)?;
             if config.name.is_empty() {
                 bail!("config.name: a stream needs a name");
             }
@@ -192,7 +191,7 @@ fn read(file: &Path) -> Result<Resource> {
                 .filter(|s| !s.is_empty())
                 .ok_or_else(|| anyhow!("\"stream\": a consumer names its stream"))?;
             known_fields(&document.config, CONSUMER_FIELDS, "pull consumer")?;
-            let config: pull::Config = typed(&document.config, json_of(&pull::Config::default())?)?;
+            let config = consumer_config(&document.config)?;
             let name = config
                 .durable_name
                 .clone()
@@ -324,7 +323,7 @@ pub fn typed<T: serde::de::DeserializeOwned>(
 }
 
 /// Fields in nanoseconds.
-const DURATION_FIELDS: &[&str] = &[
+pub const DURATION_FIELDS: &[&str] = &[
     "max_age",
     "duplicate_window",
     "ack_wait",
@@ -332,7 +331,18 @@ const DURATION_FIELDS: &[&str] = &[
     "max_expires",
     "subject_delete_marker_ttl",
     "priority_timeout",
+    "backoff",
 ];
+
+/// The `stream::Config` a stream file describes: its fields over the defaults.
+pub fn stream_config(config: &Map<String, Value>) -> Result<stream::Config> {
+    typed(config, json_of(&stream::Config::default())?)
+}
+
+/// The `pull::Config` a consumer file describes: its fields over the defaults.
+pub fn consumer_config(config: &Map<String, Value>) -> Result<pull::Config> {
+    typed(config, json_of(&pull::Config::default())?)
+}
 
 /// `value` as JSON, for [`typed`].
 pub fn json_of(value: &impl serde::Serialize) -> Result<Value> {

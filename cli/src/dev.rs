@@ -8,19 +8,20 @@
 //! private servers are stopped; external servers are left alone.
 
 use crate::common::{Global, redact, usage};
+use crate::deploy;
 use anyhow::{Context, Result, anyhow, bail};
+use jetfn_devtools::process::{Signal, send_signal};
+use jetfn_devtools::{NatsServer, RedisServer};
 use std::collections::HashSet;
-use std::ffi::OsStr;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, ExitStatus, Stdio};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::timeout;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -48,12 +49,8 @@ fails, naming it.";
 
 /// Where the private servers keep their state, relative to the working directory.
 const STATE_DIR: &str = ".jetfn";
-/// How long a private server may take to accept connections.
-const READY_WITHIN: Duration = Duration::from_secs(10);
 /// How long a function may take to stop after SIGTERM before it is killed.
 const FUNCTION_GRACE: Duration = Duration::from_secs(15);
-/// How long a private server may take to stop after SIGTERM before it is killed.
-const SERVER_GRACE: Duration = Duration::from_secs(10);
 
 /// Arguments of `jetfn dev`.
 #[derive(clap::Args)]
@@ -90,13 +87,6 @@ fn note(line: impl fmt::Display) {
     eprintln!("dev: {line}");
 }
 
-/// A server this command started (and so stops).
-struct Server {
-    name: &'static str,
-    child: Child,
-    pid: u32,
-}
-
 /// A running function: its supervising task and the tasks copying its output.
 struct Function {
     supervisor: JoinHandle<()>,
@@ -106,7 +96,8 @@ struct Function {
 /// Everything started so far, so that it can all be stopped whatever happened.
 struct Dev {
     state: PathBuf,
-    servers: Vec<Server>,
+    nats: Option<NatsServer>,
+    redis: Option<RedisServer>,
     functions: Vec<Function>,
     url_files: Vec<PathBuf>,
     stop: watch::Sender<bool>,
@@ -122,7 +113,8 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
     let mut dev = Dev {
         state,
-        servers: Vec::new(),
+        nats: None,
+        redis: None,
         functions: Vec::new(),
         url_files: Vec::new(),
         stop,
@@ -149,34 +141,32 @@ impl Dev {
             .ok()
             .filter(|url| !url.trim().is_empty());
         // Find both binaries before starting anything, so a missing one fails fast.
-        let nats_binary = match external_nats {
-            Some(_) => None,
-            None => Some(find(jetfn::devtools::nats_server_binary).await?),
-        };
-        let redis_binary = match external_redis {
-            Some(_) => None,
-            None => Some(find(jetfn::devtools::redis_server_binary).await?),
-        };
+        if external_nats.is_none() {
+            find(jetfn_devtools::nats_server_binary).await?;
+        }
+        if external_redis.is_none() {
+            find(jetfn_devtools::redis_server_binary).await?;
+        }
 
-        let (nats_url, nats_origin) = match (external_nats, nats_binary) {
-            (Some(url), _) => (url, "external, from NATS_URL or --server".to_owned()),
-            (None, Some(binary)) => {
-                let (server, url) = start_nats(&binary, &self.state, &stop).await?;
-                let origin = format!("private, pid {}", server.pid);
-                self.servers.push(server);
-                (url, origin)
+        let (nats_url, nats_origin) = match external_nats {
+            Some(url) => (url, "external, from NATS_URL or --server".to_owned()),
+            None => {
+                let name = format!("jetfn-dev-{}", std::process::id());
+                let builder = NatsServer::builder().name(name);
+                let server = start_server(builder, &self.state, &mut stop).await?;
+                let found = (server.url(), private(server.pid()));
+                self.nats = Some(server);
+                found
             }
-            (None, None) => bail!("no NATS server to use"),
         };
-        let (redis_url, redis_origin) = match (external_redis, redis_binary) {
-            (Some(url), _) => (url, "external, from REDIS_URL".to_owned()),
-            (None, Some(binary)) => {
-                let (server, url) = start_redis(&binary, &self.state, &stop).await?;
-                let origin = format!("private, pid {}", server.pid);
-                self.servers.push(server);
-                (url, origin)
+        let (redis_url, redis_origin) = match external_redis {
+            Some(url) => (url, "external, from REDIS_URL".to_owned()),
+            None => {
+                let server = start_server(RedisServer::builder(), &self.state, &mut stop).await?;
+                let found = (server.url(), private(server.pid()));
+                self.redis = Some(server);
+                found
             }
-            (None, None) => bail!("no Redis server to use"),
         };
         self.write_url("nats.url", &nats_url)?;
         self.write_url("redis.url", &redis_url)?;
@@ -184,13 +174,23 @@ impl Dev {
         if args.deploy_dir.is_dir() {
             let dir = args.deploy_dir.display().to_string();
             note(format!("applying {dir} (jetfn deploy apply --dir {dir})"));
-            let applied = deploy_apply(&nats_url, &args.deploy_dir);
+            let global = Global {
+                server: Some(nats_url.clone()),
+                json: false,
+            };
+            let options = deploy::Options {
+                dir: args.deploy_dir.clone(),
+                force: false,
+            };
+            let applied = deploy::apply(&global, &options);
             tokio::select! {
-                result = applied => result.with_context(|| format!(
-                    "applying the JetStream resources of {dir} to {} \
-                     (see `jetfn deploy diff --dir {dir}`, or use --deploy-dir)",
-                    redact(&nats_url)
-                ))?,
+                result = applied => {
+                    result.with_context(|| format!(
+                        "applying the JetStream resources of {dir} to {} \
+                         (see `jetfn deploy diff --dir {dir}`, or use --deploy-dir)",
+                        redact(&nats_url)
+                    ))?;
+                }
                 () = stopped(&mut stop) => return Err(Interrupted.into()),
             }
         }
@@ -205,8 +205,8 @@ impl Dev {
             nats_origin: &nats_origin,
             redis_url: &redis_url,
             redis_origin: &redis_origin,
-            private_nats: self.servers.iter().any(|s| s.name == "nats-server"),
-            private_redis: self.servers.iter().any(|s| s.name == "redis-server"),
+            private_nats: self.nats.is_some(),
+            private_redis: self.redis.is_some(),
             functions: &names,
             rust_log: &rust_log,
         });
@@ -277,8 +277,11 @@ impl Dev {
                 let _ = timeout(Duration::from_secs(2), task).await;
             }
         }
-        while let Some(mut server) = self.servers.pop() {
-            stop_child(&mut server.child, server.name, SERVER_GRACE).await;
+        if let Some(server) = self.redis.take() {
+            stop_server(server).await;
+        }
+        if let Some(server) = self.nats.take() {
+            stop_server(server).await;
         }
         for path in self.url_files.drain(..) {
             if let Err(err) = std::fs::remove_file(&path)
@@ -357,7 +360,7 @@ async fn stop_child(child: &mut Child, name: &str, grace: Duration) {
     }
     let Some(pid) = child.id() else { return };
     note(format!("stopping {name} (pid {pid})"));
-    if let Err(err) = send_sigterm(pid).await {
+    if let Err(err) = send_signal(pid, Signal::SIGTERM) {
         note(format!(
             "cannot send SIGTERM to {name} ({err:#}); killing it"
         ));
@@ -375,29 +378,17 @@ async fn stop_child(child: &mut Child, name: &str, grace: Duration) {
     }
 }
 
-/// Sends SIGTERM with kill(1) (this crate forbids the unsafe code a direct kill(2) takes).
-async fn send_sigterm(pid: u32) -> Result<()> {
-    let pid_text = pid.to_string();
-    let mut last = None;
-    for program in ["kill", "/bin/kill", "/usr/bin/kill"] {
-        let status = Command::new(program)
-            .args(["-TERM", &pid_text])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await;
-        match status {
-            Ok(status) if status.success() => return Ok(()),
-            Ok(status) => bail!("`kill -TERM {pid}` failed ({status})"),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => last = Some(err),
-            Err(err) => return Err(err).context("running kill"),
-        }
+/// Stops a private server (SIGTERM, SIGKILL after 10 s), saying so.
+async fn stop_server<F: jetfn_devtools::Flavor>(mut server: jetfn_devtools::Server<F>) {
+    let Some(pid) = server.pid() else { return };
+    note(format!("stopping {} (pid {pid})", F::PROGRAM));
+    if let Err(err) = server.stop().await {
+        note(format!("cannot stop {} (pid {pid}): {err}", F::PROGRAM));
     }
-    Err(anyhow!(
-        "no kill command found ({})",
-        last.map(|e| e.to_string()).unwrap_or_default()
-    ))
+}
+
+fn private(pid: Option<u32>) -> String {
+    format!("private, pid {}", pid.unwrap_or_default())
 }
 
 /// The function binaries `names`, next to the jetfn executable.
@@ -430,7 +421,7 @@ fn locate_functions(names: &[String]) -> Result<Vec<(String, PathBuf)>> {
             continue;
         }
         let path = dir.join(name);
-        if !jetfn::devtools::is_executable_file(&path) {
+        if !jetfn_devtools::is_executable_file(&path) {
             bail!(
                 "function binary {name} not found at {}; build it with `cargo build -p {name}` \
                  (or `cargo build --workspace`)",
@@ -443,247 +434,29 @@ fn locate_functions(names: &[String]) -> Result<Vec<(String, PathBuf)>> {
 }
 
 /// Runs a server lookup (it starts `nats-server --version` and the like) off the async threads.
-async fn find(lookup: fn() -> Result<PathBuf>) -> Result<PathBuf> {
-    tokio::task::spawn_blocking(lookup)
+async fn find(lookup: fn() -> jetfn_devtools::Result<PathBuf>) -> Result<PathBuf> {
+    Ok(tokio::task::spawn_blocking(lookup)
         .await
-        .context("looking for a server binary")?
+        .context("looking for a server binary")??)
 }
 
-/// A free loopback port (free now; the server may lose it to a race, hence the retries).
-fn free_port() -> Result<u16> {
-    let listener =
-        std::net::TcpListener::bind(("127.0.0.1", 0)).context("finding a free loopback port")?;
-    Ok(listener.local_addr().context("finding a free port")?.port())
-}
-
-/// Opens `log` for appending, once for stdout and once for stderr, after a header line.
-fn log_stdio(log: &Path, header: &str) -> Result<(Stdio, Stdio)> {
-    use std::io::Write;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening {}", log.display()))?;
-    writeln!(file, "=== jetfn dev: {header} ===")
-        .with_context(|| format!("writing {}", log.display()))?;
-    let err = file
-        .try_clone()
-        .with_context(|| format!("opening {}", log.display()))?;
-    Ok((Stdio::from(file), Stdio::from(err)))
-}
-
-/// The last lines of `log`, for errors.
-fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-    format!("last lines of {}:\n{tail}", log.display())
-}
-
-async fn start_nats(
-    binary: &Path,
+/// Starts a private server with its state in `state` (see [`jetfn_devtools::Builder::dir`]),
+/// unless Ctrl-C or SIGTERM comes first.
+async fn start_server<F: jetfn_devtools::Flavor>(
+    builder: jetfn_devtools::Builder<F>,
     state: &Path,
-    stop: &watch::Receiver<bool>,
-) -> Result<(Server, String)> {
-    let store = state.join("nats");
-    std::fs::create_dir_all(&store).with_context(|| format!("creating {}", store.display()))?;
-    let name = format!("jetfn-dev-{}", std::process::id());
-    let server = Launch {
-        name: "nats-server",
-        binary,
-        log: state.join("nats.log"),
-    };
-    let args = |port: u16, command: &mut Command| {
-        command
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(&store)
-            .args(["--server_name", &name]);
-    };
-    let (server, port) = server
-        .start(stop, args, |port, _pid| probe_nats(port, &name))
-        .await?;
-    Ok((server, format!("nats://127.0.0.1:{port}")))
-}
-
-async fn start_redis(
-    binary: &Path,
-    state: &Path,
-    stop: &watch::Receiver<bool>,
-) -> Result<(Server, String)> {
-    let dir = state.join("redis");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let server = Launch {
-        name: "redis-server",
-        binary,
-        log: state.join("redis.log"),
-    };
-    let args = |port: u16, command: &mut Command| {
-        command
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(&dir);
-    };
-    let (server, port) = server.start(stop, args, probe_redis).await?;
-    Ok((server, format!("redis://127.0.0.1:{port}")))
-}
-
-/// How to start one private server.
-struct Launch<'a> {
-    name: &'static str,
-    binary: &'a Path,
-    log: PathBuf,
-}
-
-impl Launch<'_> {
-    /// Starts the server on a free port, its output in the log, until `probe(port, pid)` says it
-    /// is ready; tries 3 ports, since a free port can be taken before the server binds it.
-    async fn start<Fut>(
-        &self,
-        stop: &watch::Receiver<bool>,
-        args: impl Fn(u16, &mut Command),
-        probe: impl Fn(u16, u32) -> Fut,
-    ) -> Result<(Server, u16)>
-    where
-        Fut: Future<Output = bool>,
-    {
-        let (name, log) = (self.name, &self.log);
-        std::fs::write(log, "").with_context(|| format!("creating {}", log.display()))?;
-        let mut last = anyhow!("{name} did not start");
-        for attempt in 1..=3 {
-            let port = free_port()?;
-            let header = format!("starting {name} on 127.0.0.1:{port} (attempt {attempt})");
-            let (stdout, stderr) = log_stdio(log, &header)?;
-            let mut command = Command::new(self.binary);
-            args(port, &mut command);
-            let child = command
-                .stdin(Stdio::null())
-                .stdout(stdout)
-                .stderr(stderr)
-                .process_group(0)
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("starting {}", self.binary.display()))?;
-            let pid = child.id().unwrap_or_default();
-            let mut server = Server { name, pid, child };
-            match wait_ready(&mut server, log, stop, || probe(port, pid)).await {
-                Ok(()) => return Ok((server, port)),
-                Err(err) => {
-                    stop_child(&mut server.child, name, Duration::from_secs(2)).await;
-                    if err.is::<Interrupted>() {
-                        return Err(err);
-                    }
-                    last = err;
-                }
-            }
-        }
-        Err(last.context(format!("could not start {name} {}", self.binary.display())))
+    stop: &mut watch::Receiver<bool>,
+) -> Result<jetfn_devtools::Server<F>> {
+    let start = builder
+        .dir(state)
+        .label("jetfn dev")
+        .own_process_group()
+        .start();
+    tokio::select! {
+        server = start => Ok(server?),
+        // Dropping the start kills a server that is still starting.
+        () = stopped(stop) => Err(Interrupted.into()),
     }
-}
-
-/// Polls `probe` every 20 ms for up to [`READY_WITHIN`] while the server runs.
-async fn wait_ready<F, Fut>(
-    server: &mut Server,
-    log: &Path,
-    stop: &watch::Receiver<bool>,
-    mut probe: F,
-) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + READY_WITHIN;
-    loop {
-        if *stop.borrow() {
-            return Err(Interrupted.into());
-        }
-        if let Some(status) = server
-            .child
-            .try_wait()
-            .with_context(|| format!("checking on {}", server.name))?
-        {
-            bail!(
-                "{} exited during start-up ({status}); {}",
-                server.name,
-                log_tail(log)
-            );
-        }
-        if probe().await {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "{} did not accept connections within {} s; {}",
-                server.name,
-                READY_WITHIN.as_secs(),
-                log_tail(log)
-            );
-        }
-        sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Ready when our nats-server (by name) greets with JetStream enabled.
-async fn probe_nats(port: u16, name: &str) -> bool {
-    let probe = async {
-        let stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line).await.ok()?;
-        Some(
-            line.starts_with("INFO")
-                && line.contains(&format!("\"server_name\":\"{name}\""))
-                && line.contains("\"jetstream\":true"),
-        )
-    };
-    matches!(timeout(Duration::from_secs(2), probe).await, Ok(Some(true)))
-}
-
-/// Ready when PING answers PONG and INFO names our redis-server process.
-async fn probe_redis(port: u16, pid: u32) -> bool {
-    let probe = async {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        stream.write_all(b"PING\r\nINFO server\r\n").await.ok()?;
-        let mut lines = BufReader::new(stream).lines();
-        if !lines.next_line().await.ok()??.starts_with("+PONG") {
-            return Some(false);
-        }
-        while let Some(line) = lines.next_line().await.ok()? {
-            if let Some(found) = line.strip_prefix("process_id:") {
-                return Some(found.trim() == pid.to_string());
-            }
-        }
-        Some(false)
-    };
-    matches!(timeout(Duration::from_secs(2), probe).await, Ok(Some(true)))
-}
-
-/// Runs `jetfn deploy apply --dir DIR` against `nats_url`, in-process.
-async fn deploy_apply(nats_url: &str, dir: &Path) -> Result<()> {
-    #[derive(clap::Parser)]
-    struct Deploy {
-        #[command(subcommand)]
-        command: DeployCommand,
-    }
-    #[derive(clap::Subcommand)]
-    enum DeployCommand {
-        Deploy(crate::deploy::Args),
-    }
-    use clap::Parser;
-    let parsed = Deploy::try_parse_from([
-        OsStr::new("jetfn"),
-        OsStr::new("deploy"),
-        OsStr::new("apply"),
-        OsStr::new("--dir"),
-        dir.as_os_str(),
-    ])
-    .context("preparing jetfn deploy apply")?;
-    let DeployCommand::Deploy(args) = parsed.command;
-    let global = Global {
-        server: Some(nats_url.to_owned()),
-        json: false,
-    };
-    crate::deploy::run(&global, args).await?;
-    Ok(())
 }
 
 struct Banner<'a> {

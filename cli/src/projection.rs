@@ -7,6 +7,7 @@ use crate::common::{
 use anyhow::{Context, Result, anyhow};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use jetfn::wire::names;
 use serde::Deserialize;
 use serde_json::json;
 use std::io::IsTerminal;
@@ -75,7 +76,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     } = args.command;
     let name = projection_name(&name)?;
     let (client, config) = global.connect().await?;
-    let progress_subject = format!("jetfn.projection.{name}.rebuild.progress");
+    let progress_subject = names::rebuild_progress(name);
     // Subscribe first, so no progress (not even a quick `done`) is missed.
     let mut progress = client
         .subscribe(progress_subject.clone())
@@ -87,7 +88,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         &client,
         &config,
         name,
-        "rebuild",
+        names::REBUILD,
         &format!("rebuilding {name}"),
         timeout,
     )

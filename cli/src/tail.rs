@@ -1,11 +1,11 @@
 //! `jetfn tail`: follow an aggregate type's (or one aggregate's) events live, through an ordered
 //! consumer: ephemeral, in memory, nothing durable left behind.
 
-use crate::common::{Global, is_aggregate_id, is_service_name, redact, say, usage};
+use crate::common::{Global, redact, say, usage};
 use anyhow::{Context, Result, anyhow};
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use jetfn::store::headers;
+use jetfn::wire::{AggregateNames, StoredEvent, header, names};
 use serde_json::{Value, json};
 use std::process::ExitCode;
 
@@ -18,8 +18,11 @@ Examples:
 
 Each event is one line: stream sequence, time (ce-time), type (ce-type), aggregate id and
 payload. --json prints JSON lines {\"seq\",\"time\",\"type\",\"id\",\"version\",\"payload\"}.
-The stream is <AGGREGATE>_EVENTS (upper case, - as _) unless --stream names another; events
-are read from the subjects evt.<aggregate>.<id>.";
+The stream and the subjects are the ones the functions use, from the same configuration
+(jetfn.toml or $JETFN_CONFIG, JETFN_* variables): the stream is --stream, else stream.name
+(JETFN_STREAM__NAME), else <AGGREGATE>_EVENTS (upper case, - as _); events are read from
+<prefix>.<id>, the prefix being stream.subject_prefix (JETFN_STREAM__SUBJECT_PREFIX), else
+evt.<aggregate>.";
 
 /// Arguments of `jetfn tail`.
 #[derive(clap::Args)]
@@ -42,7 +45,7 @@ pub struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     limit: Option<u64>,
 
-    /// The stream to read (default <AGGREGATE>_EVENTS)
+    /// The stream to read (default: stream.name of the configuration, else <AGGREGATE>_EVENTS)
     #[arg(long, value_name = "NAME")]
     stream: Option<String>,
 }
@@ -53,27 +56,17 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         Some((aggregate, id)) => (aggregate, Some(id)),
         None => (args.target.as_str(), None),
     };
-    if !is_service_name(aggregate) {
-        return Err(usage(format!(
-            "aggregate {aggregate:?} must match [a-z0-9_-]+ (e.g. account or account.alice)"
-        )));
+    names::check_aggregate_name(aggregate)
+        .map_err(|e| usage(format!("{e} (e.g. account or account.alice)")))?;
+    if let Some(id) = id {
+        names::check_id(id).map_err(usage)?;
     }
-    if let Some(id) = id
-        && !is_aggregate_id(id)
-    {
-        return Err(usage(format!(
-            "aggregate id {id:?} must be 1-128 characters of A-Z, a-z, 0-9, _ and -"
-        )));
-    }
-    let stream_name = args.stream.clone().unwrap_or_else(|| {
-        format!(
-            "{}_EVENTS",
-            aggregate.to_ascii_uppercase().replace('-', "_")
-        )
-    });
+    let config = global.config()?;
+    let names = AggregateNames::new(aggregate, &config).map_err(|e| usage(e.to_string()))?;
+    let stream_name = args.stream.clone().unwrap_or_else(|| names.stream.clone());
     let filter = match id {
-        Some(id) => format!("evt.{aggregate}.{id}"),
-        None => format!("evt.{aggregate}.*"),
+        Some(id) => names.event_subject(id),
+        None => names.event_filter(),
     };
     let (deliver_policy, from_text) = match (args.from, args.all) {
         (Some(seq), _) => (
@@ -86,7 +79,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         (None, false) => (consumer::DeliverPolicy::New, "new events only".into()),
     };
 
-    let (client, config) = global.connect().await?;
+    let client = config.nats.connect(crate::common::CONNECTION).await?;
     let js = jetstream::new(client);
     let stream = js.get_stream(&stream_name).await.map_err(|err| {
         let not_found = matches!(
@@ -152,7 +145,7 @@ struct Event {
     time: Option<String>,
     event_type: Option<String>,
     id: String,
-    version: u64,
+    version: u32,
     payload: Value,
 }
 
@@ -161,32 +154,30 @@ impl Event {
         let info = message
             .info()
             .map_err(|e| anyhow!("a message without JetStream metadata: {e}"))?;
-        let header = |name: &str| {
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-        };
-        let id = header(headers::CE_SUBJECT).unwrap_or_else(|| {
-            message
-                .subject
-                .rsplit('.')
-                .next()
-                .unwrap_or_default()
-                .to_owned()
-        });
+        let headers = message.headers.as_ref();
+        let id = header::get(headers, header::CE_SUBJECT)
+            .or_else(|| message.subject.rsplit('.').next())
+            .unwrap_or_default()
+            .to_owned();
         let payload = serde_json::from_slice(&message.payload).unwrap_or_else(|_| {
             Value::String(String::from_utf8_lossy(&message.payload).into_owned())
         });
+        // Something that is not a jetfn event is still shown, without type and version.
+        let (time, event_type, version) =
+            match StoredEvent::decode(info.stream_sequence, headers, message.payload.clone()) {
+                Ok(event) => (event.time, Some(event.event_type), event.version),
+                Err(_) => (
+                    header::get(headers, header::CE_TIME).map(str::to_owned),
+                    None,
+                    1,
+                ),
+            };
         Ok(Event {
             seq: info.stream_sequence,
-            time: header(headers::CE_TIME),
-            event_type: header(headers::CE_TYPE),
+            time,
+            event_type,
             id,
-            version: header(headers::EVENT_VERSION)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1),
+            version,
             payload,
         })
     }

@@ -6,11 +6,11 @@ use anyhow::{Context, Result};
 use async_nats::Client;
 use async_nats::jetstream;
 use futures::{StreamExt, TryStreamExt};
+use jetfn::wire::names::{self, meta};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::ExitCode;
 use std::time::Duration;
-use tokio::time::Instant;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -51,7 +51,7 @@ struct Service {
 pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     let (client, config) = global.connect().await?;
     let mut services: BTreeMap<String, Service> = BTreeMap::new();
-    for ping in collect(&client, "$SRV.PING", args.wait, None).await? {
+    for ping in collect(&client, names::SERVICE_PING_ALL, args.wait, None).await? {
         let (Some(name), Some(id)) = (str_of(&ping, "name"), str_of(&ping, "id")) else {
             continue;
         };
@@ -74,7 +74,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         async move {
             let wait = Duration::from_secs(2);
             let (info_subject, stats_subject) =
-                (format!("$SRV.INFO.{name}"), format!("$SRV.STATS.{name}"));
+                (names::service_info(&name), names::service_stats(&name));
             let (info, stats) = tokio::join!(
                 collect(&client, &info_subject, wait, Some(expected)),
                 collect(&client, &stats_subject, wait, Some(expected)),
@@ -94,7 +94,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         }
         service.kind = service
             .metadata
-            .get("jetfn.kind")
+            .get(meta::KIND)
             .cloned()
             .unwrap_or_else(|| "-".into());
     }
@@ -113,14 +113,14 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
                 "processed": sum_data(&s.data, "processed"),
                 "errors": s.errors,
                 "metadata": s.metadata.iter()
-                    .filter(|(k, _)| k.as_str() != "jetfn.schemas")
+                    .filter(|(k, _)| k.as_str() != meta::SCHEMAS)
                     .collect::<BTreeMap<_, _>>(),
             })
         })
         .collect();
     let projections: Vec<Value> = services
         .iter()
-        .filter(|(_, s)| s.kind == "projection")
+        .filter(|(_, s)| s.kind == names::KIND_PROJECTION)
         .map(|(name, s)| projection_json(name, s))
         .collect();
 
@@ -143,12 +143,12 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         crate::common::redact(&config.nats.url)
     ));
     if functions.is_empty() {
-        say("  none answered $SRV.PING");
+        say(format!("  none answered {}", names::SERVICE_PING_ALL));
     } else {
         let rows: Vec<Vec<String>> = functions
             .iter()
             .map(|f| {
-                let handled = if f["kind"] == "projection" {
+                let handled = if f["kind"] == names::KIND_PROJECTION {
                     &f["processed"]
                 } else {
                     &f["requests"]
@@ -232,7 +232,7 @@ async fn collect(
         .flush()
         .await
         .with_context(|| format!("asking {subject}"))?;
-    let deadline = Instant::now() + wait;
+    let deadline = crate::common::deadline_after(wait)?;
     let mut values = Vec::new();
     while expected.is_none_or(|n| values.len() < n) {
         let Ok(Some(message)) = tokio::time::timeout_at(deadline, replies.next()).await else {
@@ -262,9 +262,9 @@ fn add_stats(service: &mut Service, stats: &Value) {
         let count = |key: &str| endpoint.get(key).and_then(Value::as_u64).unwrap_or(0);
         // A projection's status endpoint counts `jetfn status`-like polls, not work.
         if name != "status" {
-            service.requests += count("num_requests");
+            service.requests = service.requests.saturating_add(count("num_requests"));
         }
-        service.errors += count("num_errors");
+        service.errors = service.errors.saturating_add(count("num_errors"));
         // The same data is attached to every endpoint of an instance: take it once.
         if data.is_none()
             && let Some(d) = endpoint.get("data").filter(|d| d.is_object())
@@ -274,11 +274,12 @@ fn add_stats(service: &mut Service, stats: &Value) {
     }
     if let Some(data) = data {
         let count = |key: &str| data.get(key).and_then(Value::as_u64).unwrap_or(0);
-        service.errors += match service.metadata.get("jetfn.kind").map(String::as_str) {
-            Some("command") => count("conflict") + count("unavailable"),
-            Some("projection") => count("errors"),
+        let errors = match service.metadata.get(meta::KIND).map(String::as_str) {
+            Some(names::KIND_COMMAND) => count("conflict").saturating_add(count("unavailable")),
+            Some(names::KIND_PROJECTION) => count("errors"),
             _ => 0,
         };
+        service.errors = service.errors.saturating_add(errors);
         service.data.push(data);
     }
 }
@@ -301,8 +302,8 @@ fn projection_json(name: &str, service: &Service) -> Value {
     json!({
         "name": name,
         "instances": service.instances.len(),
-        "stream": service.metadata.get("jetfn.stream"),
-        "partitions": service.metadata.get("jetfn.partitions").and_then(|p| p.parse::<u64>().ok()),
+        "stream": service.metadata.get(meta::STREAM),
+        "partitions": service.metadata.get(meta::PARTITIONS).and_then(|p| p.parse::<u64>().ok()),
         "generation": field("generation"),
         "checkpoint": field("checkpoint"),
         "checkpoints": field("checkpoints"),
@@ -320,7 +321,7 @@ fn sum_data(data: &[Value], key: &str) -> Value {
     }
     data.iter()
         .filter_map(|d| d.get(key).and_then(Value::as_u64))
-        .sum::<u64>()
+        .fold(0u64, u64::saturating_add)
         .into()
 }
 

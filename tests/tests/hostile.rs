@@ -1,0 +1,191 @@
+//! Hostile clients against the command function: requests that try to aim replies at event
+//! subjects, resend storms around a rejected command id, floods on one aggregate, oversized
+//! trace headers and bursts of atomic batches. Each test reproduces a defect found in an audit.
+
+use futures::future::join_all;
+use jetfn::command::ErrorKind;
+use jetfn::wire::header;
+use jetfn_tests::NatsServer;
+use jetfn_tests::commands::{
+    ACCOUNT_STREAM, account_config, send, send_raw, start_account, stored_messages,
+};
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_subject_outside_the_inboxes_is_never_answered_and_nothing_is_stored() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = start_account(account_config(&nats)).await.unwrap();
+    let client = nats.connect().await.unwrap();
+    send(&client, "victim", "open", json!({"owner": "V"}), None)
+        .await
+        .unwrap()
+        .accepted();
+    // The reply would land in the victim's event subject, or start a rebuild.
+    for reply in [
+        "evt.account.victim",
+        "jetfn.projection.account-balances.rebuild",
+    ] {
+        client
+            .publish_with_reply(
+                "cmd.account.zz.open",
+                reply,
+                json!({"owner": "Z"}).to_string().into(),
+            )
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    // A normal command afterwards is served in order behind the hostile ones.
+    send(&client, "victim", "deposit", json!({"amount": 5}), None)
+        .await
+        .unwrap()
+        .accepted();
+    let victim = stored_messages(&client, ACCOUNT_STREAM, Some("evt.account.victim"))
+        .await
+        .unwrap();
+    assert_eq!(victim.len(), 2, "only the victim's own two events");
+    assert!(victim.iter().all(|e| !e.header(header::CE_TYPE).is_empty()));
+    let zz = stored_messages(&client, ACCOUNT_STREAM, Some("evt.account.zz"))
+        .await
+        .unwrap();
+    assert!(zz.is_empty(), "the hostile command was not processed");
+    function.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_command_id_stays_rejected_under_twenty_concurrent_resends_on_two_instances() {
+    let nats = NatsServer::start().await.unwrap();
+    let first = start_account(account_config(&nats)).await.unwrap();
+    let second = start_account(account_config(&nats)).await.unwrap();
+    let client = nats.connect().await.unwrap();
+    for round in 0..5 {
+        let id = format!("r{round}");
+        send(&client, &id, "open", json!({"owner": "R"}), None)
+            .await
+            .unwrap()
+            .accepted();
+        let withdraw = json!({"amount": 50});
+        let rejected = send(&client, &id, "withdraw", withdraw.clone(), Some("w-1"))
+            .await
+            .unwrap();
+        assert_eq!(rejected.reply.error_kind(), Some(ErrorKind::Rejected));
+        let deposit = send(&client, &id, "deposit", json!({"amount": 100}), Some("d-1"));
+        let resends =
+            (0..20).map(|_| send(&client, &id, "withdraw", withdraw.clone(), Some("w-1")));
+        let (deposit, resends) = tokio::join!(deposit, join_all(resends));
+        deposit.unwrap().accepted();
+        for resend in resends {
+            assert_eq!(
+                resend.unwrap().body,
+                rejected.body,
+                "round {round}: first outcome is final"
+            );
+        }
+    }
+    first.stop().await.unwrap();
+    second.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_on_one_aggregate_does_not_hold_up_commands_for_others() {
+    let nats = NatsServer::start().await.unwrap();
+    let mut config = account_config(&nats);
+    config.command.max_in_flight = 8;
+    let function = start_account(config).await.unwrap();
+    let client = nats.connect().await.unwrap();
+    send(&client, "hot", "open", json!({"owner": "H"}), None)
+        .await
+        .unwrap()
+        .accepted();
+    let flooder = client.clone();
+    let done = Arc::new(AtomicUsize::new(0));
+    let counted = done.clone();
+    let flood = tokio::spawn(async move {
+        let flood = (0..600).map(|_| async {
+            let sent = send(&flooder, "hot", "deposit", json!({"amount": 1}), None).await;
+            counted.fetch_add(1, Ordering::SeqCst);
+            sent
+        });
+        join_all(flood).await
+    });
+    // Sent after the flood, served while most of it still waits for "hot": before, the queued
+    // commands held every permit and the idle account came after nearly all of them.
+    while done.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let idle = send(&client, "idle", "open", json!({"owner": "I"}), None)
+        .await
+        .unwrap();
+    idle.accepted();
+    let before_idle = done.load(Ordering::SeqCst);
+    assert!(
+        before_idle < 300,
+        "{before_idle} of 600 hot commands were served first"
+    );
+    let replies = flood.await.unwrap();
+    let accepted = replies
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|r| r.reply.error_kind().is_none()))
+        .count();
+    assert_eq!(accepted, 600, "the flood itself is served too");
+    function.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_tracestate_is_invalid_not_retryable() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = start_account(account_config(&nats)).await.unwrap();
+    let client = nats.connect().await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(header::TRACESTATE, "v=".repeat(40_000).as_str());
+    let reply = client
+        .request_with_headers(
+            "cmd.account.t.open",
+            headers,
+            json!({"owner": "T"}).to_string().into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        header::get(reply.headers.as_ref(), header::SERVICE_ERROR_CODE),
+        Some("400")
+    );
+    let stored = stored_messages(&client, ACCOUNT_STREAM, Some("evt.account.t"))
+        .await
+        .unwrap();
+    assert!(stored.is_empty());
+    function.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_hundred_concurrent_multi_event_commands_all_succeed_on_healthy_servers() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = start_account(account_config(&nats)).await.unwrap();
+    let client = nats.connect().await.unwrap();
+    let opens = (0..400).map(|n| {
+        let body = json!({"owner": "B", "initial_deposit": 10}).to_string();
+        let client = client.clone();
+        async move { send_raw(&client, &format!("cmd.account.b{n}.open"), body, None).await }
+    });
+    let replies = join_all(opens).await;
+    let failed: Vec<_> = replies
+        .iter()
+        .filter_map(|r| match r {
+            Ok(sent) if sent.reply.error_kind().is_none() => None,
+            other => Some(format!("{other:?}")),
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let stored = stored_messages(&client, ACCOUNT_STREAM, None)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 800, "two events per open, each stored once");
+    function.stop().await.unwrap();
+}
