@@ -7,6 +7,8 @@ use jetfn::wire::header;
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use std::str::FromStr;
 
+pub use serde_json::Value;
+
 /// A header name: one jetfn reads, most of the time, or any other.
 #[derive(Arbitrary, Debug)]
 pub enum Name<'a> {
