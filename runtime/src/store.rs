@@ -24,8 +24,6 @@ use std::time::Duration;
 use tokio::sync::{OnceCell, Semaphore};
 
 pub use crate::wire::StoredEvent;
-/// Header names of stored events (they live in [`crate::wire::header`]).
-pub use crate::wire::header as headers;
 
 /// The lowest nats-server version jetfn runs on: atomic batch publish arrived in 2.12.
 pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 12, 0);
