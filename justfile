@@ -14,6 +14,10 @@ dev:
 test *ARGS:
     @scripts/test.sh "$@"
 
+# Fuzz each cargo-fuzz target for 10 minutes (or SECONDS), or only TARGETS: see fuzz/README.md.
+fuzz SECONDS="600" *TARGETS:
+    @scripts/fuzz.sh --seconds "$@"
+
 # Send a command: just send account.alice.open '{"owner":"Alice"}' [--id ID] [--server URL]
 send SUBJECT BODY *ARGS:
     @python3 scripts/send.py "$@"

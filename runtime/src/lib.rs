@@ -42,6 +42,9 @@ mod codec;
 pub mod command;
 pub mod config;
 mod direct;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod health;
 mod permissions;
 pub mod projection;

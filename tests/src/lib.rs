@@ -4,7 +4,8 @@
 //!   loopback port with a temporary store; [`NatsServer::restart`] keeps the
 //!   data.
 //! - [`RedisServer`]: a `redis-server` on a free loopback port that keeps
-//!   nothing; [`RedisServer::restart_empty`] simulates losing the cache.
+//!   nothing; [`RedisServer::restart_empty`] simulates losing the cache, and
+//!   [`RedisServer::builder`]`.persistent()` keeps an AOF across restarts.
 //! - [`FunctionProcess`]: a built workspace binary (e.g. `account`) as a child
 //!   process, with SIGTERM / SIGKILL / bounded waits and its log.
 //!
@@ -30,6 +31,7 @@
 
 mod binaries;
 pub mod commands;
+pub mod faults;
 mod process;
 pub mod readmodels;
 pub mod schemas;
