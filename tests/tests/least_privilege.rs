@@ -113,7 +113,10 @@ async fn the_functions_work_with_exactly_the_deploy_permissions() {
             ("REDIS_URL", redis.url()),
             ("JETFN_NATS__USER", "account-balances".to_owned()),
             ("JETFN_NATS__PASSWORD", PROJECTION_PASSWORD.to_owned()),
-            ("JETFN_NATS__INBOX_PREFIX", "_INBOX.account-balances".to_owned()),
+            (
+                "JETFN_NATS__INBOX_PREFIX",
+                "_INBOX.account-balances".to_owned(),
+            ),
             ("JETFN_PROJECTION__PARTITIONS", "2".to_owned()),
             ("JETFN_PROJECTION__PIN_TIMEOUT", "1s".to_owned()),
         ],
