@@ -31,11 +31,10 @@ lint:
 build:
     cargo build --workspace
 
-# Benchmarks, reported and never asserted: appends (one message vs atomic batch vs envelope),
-# then the command path (issue 9) and the projection path (issue 10) end to end against the
-# release function binaries, each next to raw NATS/JetStream/Redis limits measured in the same run.
-# JETFN_BIN_ACCOUNT / JETFN_BIN_ACCOUNT_PROJECTION point at other binaries; JETFN_BENCH_SCALE=0.2
-# shrinks every count for a quick look.
+# The command path (issue 9) and projection path (issue 10) run the release function binaries,
+# each next to raw NATS/JetStream/Redis limits measured in the same run. JETFN_BIN_ACCOUNT /
+# JETFN_BIN_ACCOUNT_PROJECTION point at other binaries; JETFN_BENCH_SCALE=0.2 shrinks every count.
+# Benchmarks, reported and never asserted: appends, command path, projection path (release build).
 bench:
     cargo build --release -p account -p account-projection
     cargo bench -p jetfn-tests --bench append
