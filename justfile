@@ -35,9 +35,15 @@ lint:
 build:
     cargo build --workspace
 
-# Measure appends (one message vs atomic batch vs envelope) and loads; reported, not asserted.
+# The command path (issue 9) and projection path (issue 10) run the release function binaries,
+# each next to raw NATS/JetStream/Redis limits measured in the same run. JETFN_BIN_ACCOUNT /
+# JETFN_BIN_ACCOUNT_PROJECTION point at other binaries; JETFN_BENCH_SCALE=0.2 shrinks every count.
+# Benchmarks, reported and never asserted: appends, command path, projection path (release build).
 bench:
+    cargo build --release -p account -p account-projection
     cargo bench -p jetfn-tests --bench append
+    cargo bench -p jetfn-tests --bench command_path
+    cargo bench -p jetfn-tests --bench projection_path
 
 # Regenerate the JSON Schemas in schemas/ from the Rust types (a test fails when they drift).
 schemas:

@@ -24,8 +24,6 @@ use std::time::Duration;
 use tokio::sync::{OnceCell, Semaphore};
 
 pub use crate::wire::StoredEvent;
-/// Header names of stored events (they live in [`crate::wire::header`]).
-pub use crate::wire::header as headers;
 
 /// The lowest nats-server version jetfn runs on: atomic batch publish arrived in 2.12.
 pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 12, 0);
@@ -299,15 +297,51 @@ impl EventStore {
 
     /// The events of aggregate `id` stored after stream sequence `after`, oldest first.
     ///
-    /// Long tails are read in pipelined batches: the next batch is requested as soon as the
-    /// current one has been asked for, so the server's answers overlap the reading.
+    /// A whole history (`after` = 0) is read in direct get batches of [`LOAD_BATCH`]. A tail (a
+    /// catch-up after a conflict, the events after a snapshot) is read differently, because a
+    /// batch from the middle of a subject makes the server count the subject's pending messages
+    /// from there, which in a big interleaved stream costs far more than the read: the subject's
+    /// last message and the first one after `after` are asked for at once (one round trip; the
+    /// usual tail is a single event), and only a longer tail continues in batches.
     pub async fn read_after(&self, id: &str, after: u64) -> Result<Vec<StoredEvent>, StoreError> {
         let subject = self.subject(id);
+        if after == 0 {
+            return self.read_batches(&subject, 1, Vec::new()).await;
+        }
         let reads = self.reads().await?;
-        let mut events = Vec::new();
-        let mut next_seq = after + 1;
+        let (last, next) = tokio::join!(
+            reads.request(&self.direct_get_subject, wire_js::direct_get_last(&subject)),
+            reads.request(
+                &self.direct_get_subject,
+                wire_js::direct_get_next(after + 1, &subject)
+            ),
+        );
+        let (mut last, mut next) = (last?, next?);
+        let (last, next) = tokio::join!(last.next(), next.next());
+        let last = match self.single(&last?)? {
+            Some(last) if last.seq > after => last,
+            _ => return Ok(Vec::new()),
+        };
+        let Some(next) = self.single(&next?)? else {
+            return Ok(Vec::new());
+        };
+        if next.seq == last.seq {
+            return Ok(vec![next]);
+        }
+        let start = next.seq + 1;
+        self.read_batches(&subject, start, vec![next]).await
+    }
+
+    /// Reads `subject` from `seq` on in direct get batches, after `events` already read.
+    async fn read_batches(
+        &self,
+        subject: &str,
+        mut seq: u64,
+        mut events: Vec<StoredEvent>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let reads = self.reads().await?;
         loop {
-            let body = wire_js::direct_get_batch(next_seq, &subject, LOAD_BATCH);
+            let body = wire_js::direct_get_batch(seq, subject, LOAD_BATCH);
             let mut replies = reads.request(&self.direct_get_subject, body).await?;
             let pending = loop {
                 match wire_js::direct_reply(&replies.next().await?) {
@@ -320,9 +354,23 @@ impl EventStore {
                 }
             };
             match events.last() {
-                Some(last) if pending > 0 => next_seq = last.seq + 1,
+                Some(last) if pending > 0 => seq = last.seq + 1,
                 _ => return Ok(events),
             }
+        }
+    }
+
+    /// The one message a single direct get answered with, or `None` for nothing found.
+    fn single(&self, reply: &async_nats::Message) -> Result<Option<StoredEvent>, StoreError> {
+        match wire_js::direct_reply(reply) {
+            DirectReply::Event(event) => Ok(Some(event)),
+            DirectReply::NotFound => Ok(None),
+            DirectReply::Malformed(malformed) => Err(malformed.into()),
+            DirectReply::NoStream => Err(self.no_stream()),
+            DirectReply::EndOfBatch { .. } => Err(StoreError::Unavailable(
+                "a single direct get answered as a batch".into(),
+            )),
+            DirectReply::Failed(message) => Err(StoreError::Unavailable(message)),
         }
     }
 
@@ -332,16 +380,8 @@ impl EventStore {
         let reads = self.reads().await?;
         let body = wire_js::direct_get_last(&subject);
         let mut replies = reads.request(&self.direct_get_subject, body).await?;
-        match wire_js::direct_reply(&replies.next().await?) {
-            DirectReply::Event(event) => Ok(event.seq),
-            DirectReply::NotFound => Ok(0),
-            DirectReply::Malformed(malformed) => Err(malformed.into()),
-            DirectReply::NoStream => Err(self.no_stream()),
-            DirectReply::EndOfBatch { .. } => Err(StoreError::Unavailable(
-                "direct get of the last message answered as a batch".into(),
-            )),
-            DirectReply::Failed(message) => Err(StoreError::Unavailable(message)),
-        }
+        let last = self.single(&replies.next().await?)?;
+        Ok(last.map_or(0, |event| event.seq))
     }
 
     fn no_stream(&self) -> StoreError {

@@ -177,6 +177,11 @@ async fn the_account_events_definition_is_what_the_runtime_provisions() {
     assert_eq!(ledger.max_age, defaults.ledger.ttl);
     assert_eq!(ledger.num_replicas, defaults.ledger.replicas);
     assert_eq!(ledger.storage, stream::StorageType::File);
+
+    let snapshots = kv_definition("jetfn-snapshots-account");
+    assert_eq!(snapshots.history, 1);
+    assert_eq!(snapshots.num_replicas, defaults.stream.replicas);
+    assert_eq!(snapshots.storage, stream::StorageType::File);
 }
 
 /// A deploy step creates the resources from the files; then the functions start (provisioning
@@ -193,10 +198,15 @@ async fn resources_created_from_the_definitions_are_left_alone_by_the_functions(
     js.create_stream(stream_definition("JETFN_DLQ"))
         .await
         .unwrap();
-    js.create_key_value(kv_definition("jetfn-ledger-account"))
-        .await
-        .unwrap();
-    let names = ["ACCOUNT_EVENTS", "JETFN_DLQ", "KV_jetfn-ledger-account"];
+    for bucket in ["jetfn-ledger-account", "jetfn-snapshots-account"] {
+        js.create_key_value(kv_definition(bucket)).await.unwrap();
+    }
+    let names = [
+        "ACCOUNT_EVENTS",
+        "JETFN_DLQ",
+        "KV_jetfn-ledger-account",
+        "KV_jetfn-snapshots-account",
+    ];
     let mut before = Vec::new();
     for name in names {
         before.push(server_config(&js, name).await);

@@ -47,7 +47,9 @@ async fn start_nats(config: &str) -> NatsServer {
 }
 
 async fn login(nats: &NatsServer, user: &str, password: &str) -> async_nats::Client {
+    // Each user has its own inbox prefix, as permissions.conf grants it.
     async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .custom_inbox_prefix(format!("_INBOX.{user}"))
         .connect(nats.url())
         .await
         .unwrap()
@@ -58,6 +60,7 @@ fn account_process(nats: &NatsServer, extra: &[(&str, String)]) -> FunctionProce
         ("NATS_URL", nats.url()),
         ("JETFN_NATS__USER", "account".to_owned()),
         ("JETFN_NATS__PASSWORD", ACCOUNT_PASSWORD.to_owned()),
+        ("JETFN_NATS__INBOX_PREFIX", "_INBOX.account".to_owned()),
     ];
     env.extend(extra.iter().cloned());
     FunctionProcess::spawn("account", &env).unwrap()
@@ -110,6 +113,10 @@ async fn the_functions_work_with_exactly_the_deploy_permissions() {
             ("REDIS_URL", redis.url()),
             ("JETFN_NATS__USER", "account-balances".to_owned()),
             ("JETFN_NATS__PASSWORD", PROJECTION_PASSWORD.to_owned()),
+            (
+                "JETFN_NATS__INBOX_PREFIX",
+                "_INBOX.account-balances".to_owned(),
+            ),
             ("JETFN_PROJECTION__PARTITIONS", "2".to_owned()),
             ("JETFN_PROJECTION__PIN_TIMEOUT", "1s".to_owned()),
         ],
@@ -123,6 +130,10 @@ async fn the_functions_work_with_exactly_the_deploy_permissions() {
     // Commands, as a client with only the client permissions sends them: an atomic batch
     // (open with a deposit), a single event, a repeat answered from the ledger, a rejection.
     let client = login(&nats, "jetfn-client", CLIENT_PASSWORD).await;
+    // A client that tries to read every inbox (others' replies, the functions' direct gets of
+    // events) is refused that subscription by the server.
+    let snooper = login(&nats, "jetfn-client", CLIENT_PASSWORD).await;
+    let mut snooped = snooper.subscribe("_INBOX.>").await.unwrap();
     let opened = send(
         &client,
         "alice",
@@ -161,6 +172,13 @@ async fn the_functions_work_with_exactly_the_deploy_permissions() {
         .await
         .unwrap();
     bob.accepted();
+    // Everything routed to the snooper before this round trip has arrived: nothing was.
+    snooper.flush().await.unwrap();
+    let seen = futures::FutureExt::now_or_never(futures::StreamExt::next(&mut snooped));
+    assert!(
+        !matches!(seen, Some(Some(_))),
+        "a client read a reply that was not its own: {seen:?}"
+    );
 
     // The read model follows.
     let shown = poll("alice's balance in the read model", PATIENCE, || async {
@@ -241,8 +259,13 @@ async fn the_functions_work_with_exactly_the_deploy_permissions() {
     .await
     .unwrap();
 
-    // Nothing was refused on the way.
-    assert_eq!(violations(&nats), Vec::<String>::new());
+    // Nothing was refused on the way but the snooper's subscription.
+    let refused = violations(&nats);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(
+        refused[0].contains("jetfn-client") && refused[0].contains(r#"Subject "_INBOX.>""#),
+        "{refused:?}"
+    );
     for function in [&account, &projection] {
         assert!(
             !function.log().contains("Permissions Violation"),

@@ -9,8 +9,8 @@ use jetfn::{Aggregate, Rejection};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// An account's state, folded from its events.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// An account's state, folded from its events (and snapshotted: see [`Aggregate::snapshots`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Account {
     /// Where the account is in its life.
     pub status: Status,
@@ -19,7 +19,7 @@ pub struct Account {
 }
 
 /// An account's life cycle.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Status {
     /// Not opened yet.
     #[default]
@@ -215,5 +215,11 @@ impl Aggregate for Account {
                 ..self
             },
         }
+    }
+
+    /// An account's state is two small fields: a snapshot every `command.snapshot_every` events
+    /// keeps cold loads of long-lived accounts short.
+    fn snapshots() -> Option<jetfn::aggregate::Snapshots<Self>> {
+        Some(jetfn::aggregate::Snapshots::serde(1))
     }
 }

@@ -9,12 +9,11 @@
 //! Reads are direct gets of the bucket's stream over the function's one reply subscription, so
 //! a lookup is one round trip and needs no KV watcher or consumer.
 
+use super::kv::JsonBucket;
 use super::reply::Reply;
 use crate::direct::DirectGets;
 use crate::store::StoreError;
-use crate::wire::{header, names};
 use async_nats::jetstream::{self, kv};
-use async_nats::{Message, StatusCode};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -50,10 +49,7 @@ pub(crate) trait CommandLedger: Send + Sync + 'static {
 /// The ledger in a JetStream KV bucket.
 #[derive(Debug, Clone)]
 pub(crate) struct KvLedger {
-    js: jetstream::Context,
-    bucket: String,
-    direct_get: String,
-    reads: Arc<DirectGets>,
+    bucket: JsonBucket,
 }
 
 impl KvLedger {
@@ -65,77 +61,17 @@ impl KvLedger {
         ttl: Duration,
         replicas: usize,
     ) -> Result<KvLedger, StoreError> {
-        let js = jetstream::new(client);
-        open_bucket(
-            &js,
-            kv::Config {
-                bucket: bucket.to_owned(),
-                description: "jetfn command ledger: command id -> first reply".into(),
-                history: 1,
-                max_age: ttl,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas,
-                ..Default::default()
-            },
-        )
-        .await?;
-        Ok(KvLedger {
-            js,
+        let config = kv::Config {
             bucket: bucket.to_owned(),
-            direct_get: names::direct_get(&names::kv_stream(bucket)),
-            reads,
-        })
-    }
-}
-
-/// Opens a KV bucket, creating it with `config` when it does not exist. An existing bucket is
-/// left as it is (an operator may have raised its replicas).
-pub(crate) async fn open_bucket(
-    js: &jetstream::Context,
-    config: kv::Config,
-) -> Result<(), StoreError> {
-    if js.get_key_value(&config.bucket).await.is_ok() {
-        return Ok(());
-    }
-    let bucket = config.bucket.clone();
-    match js.create_key_value(config).await {
-        Ok(_) => Ok(()),
-        // Another instance may have created it in between.
-        Err(err) => match js.get_key_value(&bucket).await {
-            Ok(_) => Ok(()),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "KV bucket {bucket}: {err}"
-            ))),
-        },
-    }
-}
-
-/// Reads the value of one key with a direct get of the bucket's stream; `None` when the key is
-/// absent or removed.
-pub(crate) async fn direct_get_value(
-    reads: &DirectGets,
-    direct_get: &str,
-    subject: &str,
-) -> Result<Option<bytes::Bytes>, StoreError> {
-    // The last-by-subject form in the subject itself, so least-privilege permissions can name
-    // the bucket's keys.
-    let mut replies = reads
-        .request(&format!("{direct_get}.{subject}"), Vec::new())
-        .await?;
-    let message: Message = replies.next().await?;
-    match message.status {
-        None | Some(StatusCode::OK) => {
-            let operation = header::get(message.headers.as_ref(), header::KV_OPERATION);
-            if operation.is_some_and(|op| op != "PUT") {
-                return Ok(None);
-            }
-            Ok(Some(message.payload))
-        }
-        Some(StatusCode::NOT_FOUND) => Ok(None),
-        Some(status) => Err(StoreError::Unavailable(format!(
-            "KV read of {subject} failed: {status} {}",
-            message.description.as_deref().unwrap_or_default()
-        ))),
+            description: "jetfn command ledger: command id -> first reply".into(),
+            history: 1,
+            max_age: ttl,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        let bucket = JsonBucket::open(client, reads, config).await?;
+        Ok(KvLedger { bucket })
     }
 }
 
@@ -145,13 +81,8 @@ impl CommandLedger for KvLedger {
         id: &'a str,
         command_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<Entry>, StoreError>> {
-        Box::pin(async move {
-            let subject = names::kv_subject(&self.bucket, &key(id, command_id));
-            let value = direct_get_value(&self.reads, &self.direct_get, &subject).await?;
-            // An unreadable entry (written by a future version, say) is treated as absent: the
-            // stored events still guard against double appends.
-            Ok(value.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
-        })
+        // An unreadable entry is absent: the stored events still guard against double appends.
+        Box::pin(async move { self.bucket.get(&key(id, command_id)).await })
     }
 
     fn put<'a>(
@@ -160,19 +91,7 @@ impl CommandLedger for KvLedger {
         command_id: &'a str,
         entry: &'a Entry,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            let bytes =
-                serde_json::to_vec(entry).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            let subject = names::kv_subject(&self.bucket, &key(id, command_id));
-            let failed = |e: String| StoreError::Unavailable(format!("ledger write failed: {e}"));
-            self.js
-                .publish(subject, bytes.into())
-                .await
-                .map_err(|e| failed(e.to_string()))?
-                .await
-                .map_err(|e| failed(e.to_string()))?;
-            Ok(())
-        })
+        Box::pin(async move { self.bucket.put(&key(id, command_id), entry).await })
     }
 }
 

@@ -18,6 +18,7 @@
 //! between instances.
 
 mod cache;
+mod kv;
 mod ledger;
 #[cfg(test)]
 mod memory;

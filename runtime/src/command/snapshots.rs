@@ -6,12 +6,11 @@
 //! (the aggregate is loaded from its events), so a snapshot is never misread after the state's
 //! shape, an event version or an upcaster changed.
 
-use super::ledger::{direct_get_value, open_bucket};
+use super::kv::JsonBucket;
 use crate::aggregate::{Aggregate, Upcasters};
 use crate::codec::variant_names;
 use crate::direct::DirectGets;
 use crate::store::StoreError;
-use crate::wire::names;
 use async_nats::jetstream::{self, kv};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -62,10 +61,7 @@ pub(crate) trait SnapshotStore: Send + Sync + 'static {
 
 /// Snapshots in a JetStream KV bucket, one key per aggregate, latest only.
 pub(crate) struct KvSnapshots {
-    js: jetstream::Context,
-    bucket: String,
-    direct_get: String,
-    reads: Arc<DirectGets>,
+    bucket: JsonBucket,
 }
 
 impl KvSnapshots {
@@ -76,36 +72,23 @@ impl KvSnapshots {
         bucket: &str,
         replicas: usize,
     ) -> Result<KvSnapshots, StoreError> {
-        let js = jetstream::new(client);
-        open_bucket(
-            &js,
-            kv::Config {
-                bucket: bucket.to_owned(),
-                description: "jetfn snapshots: aggregate id -> folded state".into(),
-                history: 1,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas,
-                ..Default::default()
-            },
-        )
-        .await?;
-        Ok(KvSnapshots {
-            js,
+        let config = kv::Config {
             bucket: bucket.to_owned(),
-            direct_get: names::direct_get(&names::kv_stream(bucket)),
-            reads,
-        })
+            description: "jetfn snapshots: aggregate id -> folded state".into(),
+            history: 1,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        let bucket = JsonBucket::open(client, reads, config).await?;
+        Ok(KvSnapshots { bucket })
     }
 }
 
 impl SnapshotStore for KvSnapshots {
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<SnapshotRecord>, StoreError>> {
-        Box::pin(async move {
-            let subject = names::kv_subject(&self.bucket, id);
-            let value = direct_get_value(&self.reads, &self.direct_get, &subject).await?;
-            // An unreadable snapshot is no snapshot: the events are the truth.
-            Ok(value.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
-        })
+        // An unreadable snapshot is no snapshot: the events are the truth.
+        Box::pin(async move { self.bucket.get(id).await })
     }
 
     fn put<'a>(
@@ -113,17 +96,6 @@ impl SnapshotStore for KvSnapshots {
         id: &'a str,
         record: &'a SnapshotRecord,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            let bytes =
-                serde_json::to_vec(record).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            let failed = |e: String| StoreError::Unavailable(format!("snapshot write failed: {e}"));
-            self.js
-                .publish(names::kv_subject(&self.bucket, id), bytes.into())
-                .await
-                .map_err(|e| failed(e.to_string()))?
-                .await
-                .map_err(|e| failed(e.to_string()))?;
-            Ok(())
-        })
+        Box::pin(async move { self.bucket.put(id, record).await })
     }
 }

@@ -71,7 +71,7 @@ async fn count_instances(client: &async_nats::Client, name: &str) -> usize {
         return 1;
     };
     if client
-        .publish_with_reply(format!("$SRV.PING.{name}"), inbox, "".into())
+        .publish_with_reply(crate::wire::names::service_ping(name), inbox, "".into())
         .await
         .is_err()
     {

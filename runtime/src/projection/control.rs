@@ -13,6 +13,7 @@
 use super::rebuild::{self, RebuildProgress};
 use super::{Context, Projection, Stats, dead_letters};
 use crate::Error;
+use crate::wire::names;
 use async_nats::service::{self, ServiceExt};
 use futures::StreamExt;
 use serde_json::json;
@@ -27,13 +28,22 @@ pub(crate) async fn register<P: Projection>(
 ) -> Result<service::Service, Error> {
     let for_stats = stats.clone();
     let metadata = HashMap::from([
-        ("jetfn.kind".to_owned(), "projection".to_owned()),
-        ("jetfn.stream".to_owned(), context.source.stream.clone()),
         (
-            "jetfn.partitions".to_owned(),
+            names::meta::KIND.to_owned(),
+            names::KIND_PROJECTION.to_owned(),
+        ),
+        (
+            names::meta::STREAM.to_owned(),
+            context.source.stream.clone(),
+        ),
+        (
+            names::meta::PARTITIONS.to_owned(),
             context.config.projection.partitions.to_string(),
         ),
-        ("jetfn.redis_tag".to_owned(), format!("{{{}}}", P::NAME)),
+        (
+            names::meta::REDIS_TAG.to_owned(),
+            format!("{{{}}}", P::NAME),
+        ),
     ]);
     let service = context
         .client
@@ -55,10 +65,10 @@ pub(crate) async fn register<P: Projection>(
                 .map_err(|e| Error::Service(format!("cannot subscribe to {name} requests: {e}")))
         }
     };
-    let base = format!("jetfn.projection.{}", P::NAME);
-    let mut status = endpoint("status", format!("{base}.status")).await?;
-    let mut rebuilds = endpoint("rebuild", format!("{base}.rebuild")).await?;
-    let mut replays = endpoint("dlq-replay", format!("{base}.dlq.replay")).await?;
+    let subject = |action| names::projection_endpoint(P::NAME, action);
+    let mut status = endpoint("status", subject(names::STATUS)).await?;
+    let mut rebuilds = endpoint("rebuild", subject(names::REBUILD)).await?;
+    let mut replays = endpoint("dlq-replay", subject(names::DLQ_REPLAY)).await?;
 
     tokio::spawn(async move {
         while let Some(request) = status.next().await {
@@ -105,7 +115,7 @@ async fn start_rebuild<P: Projection>(
     let rebuilding = rebuilding.clone();
     tokio::spawn(async move {
         let client = context.client.clone();
-        let subject = format!("jetfn.projection.{}.rebuild.progress", P::NAME);
+        let subject = crate::wire::names::rebuild_progress(P::NAME);
         // One publisher, so progress reports arrive in order.
         let (reports, mut pending) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
         let publisher = tokio::spawn({

@@ -18,14 +18,11 @@ use async_nats::jetstream::{self, Message, stream};
 use bytes::Bytes;
 use std::time::Duration;
 
-const PROJECTION: &str = "jetfn-dlq-projection";
-const STREAM: &str = "jetfn-dlq-stream";
-const SUBJECT: &str = "jetfn-dlq-subject";
-const SEQ: &str = "jetfn-dlq-seq";
-const ERROR: &str = "jetfn-dlq-error";
-const DELIVERIES: &str = "jetfn-dlq-deliveries";
-/// The prefix of the original's `Nats-*` headers in a dead letter.
-const ORIGINAL: &str = "jetfn-dlq-orig-";
+use crate::wire::header::{
+    DLQ_DELIVERIES as DELIVERIES, DLQ_ERROR as ERROR, DLQ_ORIGINAL_PREFIX as ORIGINAL,
+    DLQ_PROJECTION as PROJECTION, DLQ_SEQ as SEQ, DLQ_STREAM as STREAM, DLQ_SUBJECT as SUBJECT,
+};
+use crate::wire::names;
 
 /// One dead letter.
 #[derive(Debug, Clone)]
@@ -77,7 +74,7 @@ impl DeadLetters {
 
     /// The dead letters of `projection`, oldest first.
     pub async fn list(&self, projection: &str) -> Result<Vec<DeadLetter>, Error> {
-        let subject = format!("jetfn.dlq.{projection}");
+        let subject = names::dlq_subject(projection);
         let mut letters = Vec::new();
         let mut next = 1;
         loop {
@@ -110,10 +107,9 @@ impl DeadLetters {
 
 fn letter(dlq_seq: u64, headers: HeaderMap, payload: Bytes) -> DeadLetter {
     let get = |name: &str| {
-        headers
-            .get(name)
-            .map(|v| v.as_str().to_owned())
+        crate::wire::header::get(Some(&headers), name)
             .unwrap_or_default()
+            .to_owned()
     };
     DeadLetter {
         dlq_seq,
@@ -121,7 +117,7 @@ fn letter(dlq_seq: u64, headers: HeaderMap, payload: Bytes) -> DeadLetter {
         stream: get(STREAM),
         subject: get(SUBJECT),
         seq: get(SEQ).parse().unwrap_or(0),
-        event_type: get(crate::store::headers::CE_TYPE),
+        event_type: get(crate::wire::header::CE_TYPE),
         error: get(ERROR),
         deliveries: get(DELIVERIES).parse().unwrap_or(0),
         payload,
@@ -137,7 +133,7 @@ pub(crate) async fn provision(js: &jetstream::Context, name: &str) -> Result<(),
     js.get_or_create_stream(stream::Config {
         name: name.to_owned(),
         description: Some("jetfn dead letters: events projections could not apply".into()),
-        subjects: vec!["jetfn.dlq.>".into()],
+        subjects: vec![names::DLQ_SUBJECTS.into()],
         storage: stream::StorageType::File,
         allow_direct: true,
         duplicate_window: Duration::from_secs(120),
@@ -169,7 +165,7 @@ pub(crate) async fn send<P>(
     headers.insert(SEQ, seq.to_string().as_str());
     headers.insert(ERROR, error.replace(['\r', '\n'], " ").as_str());
     headers.insert(DELIVERIES, deliveries.to_string().as_str());
-    let subject = format!("jetfn.dlq.{projection}");
+    let subject = names::dlq_subject(projection);
     let mut pause = Duration::from_millis(100);
     loop {
         let sent = match context
@@ -223,15 +219,13 @@ pub(crate) async fn replay<P: Projection>(
     let generation = context.model.activate_if_none(1).await?;
     let mut replayed = 0;
     for letter in letters.list(P::NAME).await? {
-        let header = |name: &str| letter.headers.get(name).map(|v| v.as_str().to_owned());
         let aggregate_id = letter.subject.rsplit('.').next().unwrap_or_default();
         let writes = decode_recorded::<P>(
             &context.upcasters,
-            &letter.payload,
             letter.seq,
             aggregate_id,
-            &letter.event_type,
-            &header,
+            Some(&letter.headers),
+            letter.payload.clone(),
         )
         .and_then(|recorded| {
             let mut writes = RedisWrites::default();

@@ -409,18 +409,10 @@ impl<P: Projection> Context<P> {
         let model = ReadModel::connect(config.redis.url.expose(), P::NAME).await?;
         model.check_permissions().await?;
         let js = async_nats::jetstream::new(client.clone());
+        let names = crate::wire::AggregateNames::new(aggregate, config)?;
         let source = Source {
-            stream: config.stream.name.clone().unwrap_or_else(|| {
-                format!(
-                    "{}_EVENTS",
-                    aggregate.to_ascii_uppercase().replace('-', "_")
-                )
-            }),
-            subject_prefix: config
-                .stream
-                .subject_prefix
-                .clone()
-                .unwrap_or_else(|| format!("evt.{aggregate}")),
+            stream: names.stream,
+            subject_prefix: names.event_prefix,
         };
         dead_letters::provision(&js, &config.projection.dead_letter_stream).await?;
         Ok(Context {

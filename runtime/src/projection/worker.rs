@@ -7,8 +7,8 @@ use crate::aggregate::{Aggregate, Upcasters, decode_stored};
 use crate::readmodel::{
     Applied, AppliedEvent, Batch, Mode, Op, ReadModel, ReadModelError, RedisWrites, Step,
 };
-use crate::store::headers;
 use crate::telemetry::TraceContext;
+use crate::wire::{StoredEvent, header};
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PriorityPolicy, pull};
 use async_nats::jetstream::{AckKind, Message};
 use futures::{FutureExt, StreamExt};
@@ -436,14 +436,9 @@ impl<P: Projection> Worker<P> {
             .next()
             .unwrap_or_default()
             .to_owned();
-        let header = |name: &str| {
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-        };
-        let event_type = header(headers::CE_TYPE).unwrap_or_default();
+        let event_type = header::get(message.headers.as_ref(), header::CE_TYPE)
+            .unwrap_or_default()
+            .to_owned();
         let skipped = || AppliedEvent {
             seq,
             aggregate_id: aggregate_id.clone(),
@@ -458,7 +453,7 @@ impl<P: Projection> Worker<P> {
         }
         let mut last_error = String::new();
         for _attempt in 0..self.context.config.projection.max_attempts {
-            match self.writes(message, seq, &aggregate_id, &event_type, &header) {
+            match self.writes(message, seq, &aggregate_id, &event_type) {
                 Ok(ops) => {
                     return Ok(AppliedEvent {
                         seq,
@@ -482,15 +477,13 @@ impl<P: Projection> Worker<P> {
         seq: u64,
         aggregate_id: &str,
         event_type: &str,
-        header: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Vec<Op>, String> {
         let recorded = decode_recorded::<P>(
             &self.context.upcasters,
-            &message.payload,
             seq,
             aggregate_id,
-            event_type,
-            header,
+            message.headers.as_ref(),
+            message.payload.clone(),
         )?;
         let trace = TraceContext::from_headers(message.headers.as_ref());
         let span = tracing::debug_span!(
@@ -644,32 +637,29 @@ fn stream_seq(message: &Message) -> u64 {
     message.info().map(|info| info.stream_sequence).unwrap_or(0)
 }
 
-/// Decodes a stored event for a projection: version check, upcasting, decoding.
+/// Decodes a stored event for a projection: the wire's decoding of the stored message, then
+/// the version check, upcasting and the event type's own decoding.
 pub(crate) fn decode_recorded<P: Projection>(
     upcasters: &Upcasters,
-    payload: &[u8],
     seq: u64,
     aggregate_id: &str,
-    event_type: &str,
-    header: &dyn Fn(&str) -> Option<String>,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: bytes::Bytes,
 ) -> Result<Recorded<<P::Source as Aggregate>::Event>, String> {
-    if event_type.is_empty() {
-        return Err(format!("no {} header", headers::CE_TYPE));
-    }
-    let version = match header(headers::EVENT_VERSION) {
-        None => 1,
-        Some(v) => v
-            .parse()
-            .map_err(|_| format!("{} is {v:?}", headers::EVENT_VERSION))?,
-    };
-    let event = decode_stored::<P::Source>(upcasters, event_type, version, payload)?;
+    let stored = StoredEvent::decode(seq, headers, payload).map_err(|e| e.reason)?;
+    let event = decode_stored::<P::Source>(
+        upcasters,
+        &stored.event_type,
+        stored.version,
+        &stored.payload,
+    )?;
     Ok(Recorded {
         seq,
         aggregate_id: aggregate_id.to_owned(),
-        event_type: event_type.to_owned(),
-        version,
-        time: header(headers::CE_TIME),
-        command_id: header(headers::COMMAND_ID),
+        event_type: stored.event_type,
+        version: stored.version,
+        time: stored.time,
+        command_id: stored.command_id,
         event,
     })
 }

@@ -60,6 +60,8 @@ pub const DLQ_SEQ: &str = "jetfn-dlq-seq";
 pub const DLQ_ERROR: &str = "jetfn-dlq-error";
 /// Dead letters: how many deliveries were tried.
 pub const DLQ_DELIVERIES: &str = "jetfn-dlq-deliveries";
+/// Dead letters: the prefix under which the original's JetStream (`Nats-*`) headers are kept.
+pub const DLQ_ORIGINAL_PREFIX: &str = "jetfn-dlq-orig-";
 
 /// The value of header `name`, if present.
 pub fn get(headers: Option<&HeaderMap>, name: impl IntoHeaderName) -> Option<&str> {

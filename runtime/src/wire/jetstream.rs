@@ -91,6 +91,14 @@ pub fn direct_get_batch(seq: u64, subject: &str, batch: usize) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The body of a direct get of the first message on `subject` at or after `seq` (no batch, so
+/// the server counts nothing).
+pub fn direct_get_next(seq: u64, subject: &str) -> Vec<u8> {
+    serde_json::json!({ "seq": seq, "next_by_subj": subject })
+        .to_string()
+        .into_bytes()
+}
+
 /// The body of a direct get of the last message on `subject`.
 pub fn direct_get_last(subject: &str) -> Vec<u8> {
     serde_json::json!({ "last_by_subj": subject })

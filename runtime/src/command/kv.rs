@@ -1,0 +1,92 @@
+//! A KV bucket holding JSON values, as the ledger and the snapshots use it: opened (created when
+//! missing, never changed), read with one direct get over the function's reply subscription,
+//! written with an acknowledged publish.
+
+use crate::direct::DirectGets;
+use crate::store::StoreError;
+use crate::wire::{header, names};
+use async_nats::StatusCode;
+use async_nats::jetstream::{self, kv};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+
+/// One bucket of JSON values.
+#[derive(Debug, Clone)]
+pub(crate) struct JsonBucket {
+    js: jetstream::Context,
+    bucket: String,
+    direct_get: String,
+    reads: Arc<DirectGets>,
+}
+
+impl JsonBucket {
+    /// Opens the bucket, creating it with `config` when it does not exist. An existing bucket is
+    /// left as it is (an operator may have raised its replicas).
+    pub async fn open(
+        client: async_nats::Client,
+        reads: Arc<DirectGets>,
+        config: kv::Config,
+    ) -> Result<JsonBucket, StoreError> {
+        let js = jetstream::new(client);
+        let bucket = config.bucket.clone();
+        if js.get_key_value(&bucket).await.is_err()
+            && let Err(err) = js.create_key_value(config).await
+            // Another instance may have created it in between.
+            && js.get_key_value(&bucket).await.is_err()
+        {
+            return Err(StoreError::Unavailable(format!(
+                "KV bucket {bucket}: {err}"
+            )));
+        }
+        Ok(JsonBucket {
+            js,
+            direct_get: names::direct_get(&names::kv_stream(&bucket)),
+            bucket,
+            reads,
+        })
+    }
+
+    /// The value of `key`; `None` when it is absent, removed, or unreadable (written by a
+    /// future version, say).
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        let subject = names::kv_subject(&self.bucket, key);
+        // The last-by-subject form in the subject itself, so least-privilege permissions can
+        // name the bucket's keys.
+        let mut replies = self
+            .reads
+            .request(&format!("{}.{subject}", self.direct_get), Vec::new())
+            .await?;
+        let message = replies.next().await?;
+        match message.status {
+            None | Some(StatusCode::OK) => {
+                let operation = header::get(message.headers.as_ref(), header::KV_OPERATION);
+                if operation.is_some_and(|op| op != "PUT") {
+                    return Ok(None);
+                }
+                Ok(serde_json::from_slice(&message.payload).ok())
+            }
+            Some(StatusCode::NOT_FOUND) => Ok(None),
+            Some(status) => Err(StoreError::Unavailable(format!(
+                "KV read of {subject} failed: {status} {}",
+                message.description.as_deref().unwrap_or_default()
+            ))),
+        }
+    }
+
+    /// Stores `value` under `key`, waiting for JetStream's acknowledgement.
+    pub async fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        let bytes =
+            serde_json::to_vec(value).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let failed = |e: String| {
+            StoreError::Unavailable(format!("write to KV bucket {} failed: {e}", self.bucket))
+        };
+        self.js
+            .publish(names::kv_subject(&self.bucket, key), bytes.into())
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        Ok(())
+    }
+}

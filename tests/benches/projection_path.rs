@@ -1,0 +1,439 @@
+//! The projection path end to end (issue 10): the release `account-projection` binary as child
+//! processes catching up a seeded backlog and following live commands, next to a raw JetStream
+//! pull read of the same backlog and raw pipelined Redis writes, measured in the same run.
+//!
+//! Run with `just bench` (it builds the release binaries first). Prints a table
+//! `what | jetfn | raw | ratio | target`; ratios are jetfn ÷ raw. Results are reported, never
+//! asserted. Sizes can be lowered for a quick look with `JETFN_BENCH_SCALE` (e.g. `0.2`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use anyhow::{Context, Result, bail};
+use async_nats::jetstream;
+use common::*;
+use futures::TryStreamExt;
+use jetfn::readmodel::{Keys, ReadModel};
+use jetfn_tests::readmodels::PROJECTION;
+use jetfn_tests::{FunctionProcess, NatsServer, RedisServer};
+use redis::AsyncCommands;
+use redis::streams::{StreamReadOptions, StreamReadReply};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Scales every count (`JETFN_BENCH_SCALE`, default 1).
+fn scaled(n: usize) -> usize {
+    let scale: f64 = std::env::var("JETFN_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    ((n as f64 * scale) as usize).max(1)
+}
+
+const PROJECTION_BINARY: &str = "account-projection";
+/// Every how many live commands the freshness run also times `ReadModel::wait_for`.
+const WAIT_FOR_EVERY: usize = 20;
+/// Accounts in the backlog; each has `EVENTS_PER_ACCOUNT` events.
+const ACCOUNTS: usize = 5_000;
+
+/// Private servers, the account function (it provisions the stream and serves live commands)
+/// and a seeded backlog.
+struct Setup {
+    nats: NatsServer,
+    redis: RedisServer,
+    client: async_nats::Client,
+    function: FunctionProcess,
+    accounts: usize,
+    last_seq: u64,
+}
+
+impl Setup {
+    async fn start() -> Result<Setup> {
+        let nats = NatsServer::start().await?;
+        let redis = RedisServer::start().await?;
+        let client = nats.connect().await?;
+        let function = spawn_ready("account", &[("NATS_URL", nats.url())]).await?;
+        // About 50,000 events: every account opened, then deposits round-robin, so the
+        // partitions' events interleave as they would live.
+        let accounts = scaled(ACCOUNTS);
+        let per_account = 10;
+        let events = (0..per_account).flat_map(move |round| {
+            (0..accounts).map(move |k| {
+                let id = format!("p{k}");
+                let event = if round == 0 {
+                    account::Event::AccountOpened {
+                        owner: format!("Owner of {id}"),
+                    }
+                } else {
+                    account::Event::MoneyDeposited { amount: 1 }
+                };
+                (id, event)
+            })
+        });
+        let seeded = Instant::now();
+        let last_seq = seed(&client, "backlog", events).await?;
+        eprintln!(
+            "  seeded {last_seq} events in {:.1} s",
+            seeded.elapsed().as_secs_f64()
+        );
+        Ok(Setup {
+            nats,
+            redis,
+            client,
+            function,
+            accounts,
+            last_seq,
+        })
+    }
+
+    fn projection_envs(&self, partitions: u32) -> Vec<(&'static str, String)> {
+        vec![
+            ("NATS_URL", self.nats.url()),
+            ("REDIS_URL", self.redis.url()),
+            ("JETFN_PROJECTION__PARTITIONS", partitions.to_string()),
+        ]
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let began = Instant::now();
+    let binary = release_binary(PROJECTION_BINARY)?;
+    release_binary("account")?;
+    let mut table = Table::default();
+
+    eprintln!("7. catch-up, 1 partition ...");
+    let one = Setup::start().await?;
+    println!(
+        "# projection path: jetfn `account-projection` ({}) vs raw JetStream and Redis\n\
+         nats-server {} (file storage), {}, backlog of {} events over {} accounts\n",
+        binary.display(),
+        one.client.server_info().version,
+        machine(),
+        one.last_seq,
+        one.accounts
+    );
+    let (rate_one, projection, raw_read_one, raw_redis) = catch_up(&one, 1, 1).await?;
+    let amplification_one = amplification(&one.client, one.last_seq).await?;
+
+    eprintln!("9. live freshness at 1,000 commands/s ...");
+    let freshness = freshness(&one).await?;
+    for process in projection {
+        stop(process).await?;
+    }
+    let backlog = one.last_seq;
+    let Setup {
+        function,
+        nats,
+        redis,
+        ..
+    } = one;
+    stop(function).await?;
+    drop((nats, redis));
+
+    eprintln!("7. catch-up, 4 partitions on 2 instances ...");
+    let four = Setup::start().await?;
+    let (rate_four, projections, raw_read_four, _) = catch_up(&four, 4, 2).await?;
+    let amplification_four = amplification(&four.client, four.last_seq).await?;
+    for process in projections {
+        stop(process).await?;
+    }
+    let Setup { function, .. } = four;
+    stop(function).await?;
+
+    table.ratio(
+        &format!("catch-up of {backlog} events, 1 partition (raw: pull read, batch 500, no acks)"),
+        rate(rate_one, "events"),
+        rate(raw_read_one, "events"),
+        ">= 0.50",
+    );
+    table.ratio(
+        "catch-up, 4 partitions on 2 instances (raw: pull read of that run's backlog)",
+        rate(rate_four, "events"),
+        rate(raw_read_four, "events"),
+        "-",
+    );
+    table.ratio(
+        "catch-up, 4 partitions on 2 instances vs 1 partition",
+        rate(rate_four, "events"),
+        rate(rate_one, "events"),
+        ">= 1.00",
+    );
+    table.ratio(
+        "catch-up, 1 partition (raw: pipelined Redis HSET, MULTI of 100)",
+        rate(rate_one, "events"),
+        rate(raw_redis, "writes"),
+        "-",
+    );
+    table.plain(
+        "events delivered per event stored, 1 partition",
+        format!("{amplification_one:.2}"),
+        "-",
+    );
+    table.plain(
+        "events delivered per event stored, 4 partitions",
+        format!("{amplification_four:.2}"),
+        "<= 1.20",
+    );
+    table.plain(
+        &format!(
+            "live freshness p50 / p99, reply to read model (ReadModel::wait_for, 1 in {WAIT_FOR_EVERY}), at {:.0} commands/s",
+            freshness.achieved
+        ),
+        format!(
+            "{} / {}",
+            ms(freshness.wait_for.p50()).text,
+            ms(freshness.wait_for.p99()).text
+        ),
+        "p99 < 5 ms",
+    );
+    table.plain(
+        "live freshness p50 / p99, reply to change-feed entry (XREAD BLOCK follower)",
+        format!(
+            "{} / {}{}",
+            ms(freshness.feed.p50()).text,
+            ms(freshness.feed.p99()).text,
+            if freshness.unseen > 0 {
+                format!(" ({} not seen)", freshness.unseen)
+            } else {
+                String::new()
+            }
+        ),
+        "p99 < 5 ms",
+    );
+    table.plain(
+        "  command reply p50 / p99 at that rate",
+        format!(
+            "{} / {}{}",
+            ms(freshness.reply.p50()).text,
+            ms(freshness.reply.p99()).text,
+            if freshness.failed > 0 {
+                format!(" ({} not accepted)", freshness.failed)
+            } else {
+                String::new()
+            }
+        ),
+        "-",
+    );
+
+    println!();
+    table.print();
+    println!(
+        "\nratios are jetfn ÷ raw, both measured in this run; catch-up is timed from spawning the \
+         projection process(es) until every checkpoint equals the stream's last sequence; total \
+         bench time {:.0} s",
+        began.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Raw limits on the setup's backlog, then `instances` projection processes with `partitions`
+/// partitions, timed from spawn until every checkpoint reaches the stream's last sequence.
+/// Returns (events/s, the projection processes, raw pull-read events/s, raw Redis writes/s).
+async fn catch_up(
+    setup: &Setup,
+    partitions: u32,
+    instances: usize,
+) -> Result<(f64, Vec<FunctionProcess>, f64, f64)> {
+    let names = account_names()?;
+    let raw_read = raw_pull_read(&setup.client, &names.stream, setup.last_seq).await?;
+    // Also empties Redis again.
+    let raw_redis = raw_redis_hset(&setup.redis.url(), 1000).await?;
+
+    let model = ReadModel::connect(&setup.redis.url(), PROJECTION).await?;
+    let started = Instant::now();
+    let mut processes = Vec::new();
+    for _ in 0..instances {
+        processes.push(FunctionProcess::spawn(
+            PROJECTION_BINARY,
+            &setup.projection_envs(partitions),
+        )?);
+    }
+    let deadline = Duration::from_secs(120);
+    loop {
+        if let Some(generation) = model.active_generation().await? {
+            let checkpoints = model.checkpoints(generation).await?;
+            if checkpoints.len() == partitions as usize
+                && checkpoints.iter().all(|(_, seq)| *seq >= setup.last_seq)
+            {
+                break;
+            }
+        }
+        if started.elapsed() > deadline {
+            bail!(
+                "the projection did not catch up within {deadline:?}; log: {}",
+                processes
+                    .first()
+                    .map(FunctionProcess::log)
+                    .unwrap_or_default()
+            );
+        }
+        for process in &mut processes {
+            if let Some(status) = process.try_status()? {
+                bail!("the projection exited ({status}): {}", process.log());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rate = setup.last_seq as f64 / started.elapsed().as_secs_f64();
+    eprintln!(
+        "  {partitions} partition(s), {instances} instance(s): {rate:.0} events/s \
+         (raw pull read {raw_read:.0}/s, raw Redis {raw_redis:.0} writes/s)"
+    );
+    Ok((rate, processes, raw_read, raw_redis))
+}
+
+/// Messages delivered to the projection's consumers (on any stream, counting redeliveries), per
+/// message in the event stream.
+async fn amplification(client: &async_nats::Client, stored: u64) -> Result<f64> {
+    let js = jetstream::new(client.clone());
+    let prefix = format!("{PROJECTION}-");
+    let mut delivered = 0;
+    let streams: Vec<_> = js.streams().try_collect().await?;
+    for info in streams {
+        let stream = js.get_stream(&info.config.name).await?;
+        let consumers: Vec<_> = stream.consumers().try_collect().await?;
+        for consumer in consumers {
+            if consumer.name.starts_with(&prefix) {
+                delivered += consumer.delivered.consumer_sequence;
+            }
+        }
+    }
+    Ok(delivered as f64 / stored.max(1) as f64)
+}
+
+struct Freshness {
+    achieved: f64,
+    reply: Samples,
+    wait_for: Samples,
+    feed: Samples,
+    unseen: usize,
+    failed: usize,
+}
+
+/// Deposits at a steady 1,000/s (1 s warm-up, then 5 s measured) to 1,000 of the backlog's
+/// accounts, with the projection live. For each accepted command: the time from its reply until
+/// a follower of the change feed saw its `seq` and, for every `WAIT_FOR_EVERY`th command, until
+/// `ReadModel::wait_for(seq)` returns.
+async fn freshness(setup: &Setup) -> Result<Freshness> {
+    let model = ReadModel::connect(&setup.redis.url(), PROJECTION).await?;
+    let generation = model
+        .active_generation()
+        .await?
+        .context("no live read-model version")?;
+    let feed_key = Keys::new(PROJECTION).changes(generation);
+
+    // The change-feed follower, on its own connection (XREAD BLOCK holds it).
+    let seen: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let follower = {
+        let seen = seen.clone();
+        let mut connection = setup.redis.connect().await?;
+        tokio::spawn(async move {
+            let mut last = "$".to_owned();
+            loop {
+                let options = StreamReadOptions::default().block(100).count(1000);
+                let reply: StreamReadReply = connection
+                    .xread_options(&[&feed_key], &[&last], &options)
+                    .await?;
+                let now = Instant::now();
+                for key in reply.keys {
+                    for entry in key.ids {
+                        if let Some(seq) = entry.get::<u64>("seq") {
+                            seen.lock().expect("not poisoned").insert(seq, now);
+                        }
+                        last = entry.id;
+                    }
+                }
+            }
+            #[allow(unreachable_code)]
+            anyhow::Ok(())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let warm_up = 1000;
+    // Load every account used into the function's cache first: a cold load of a short history
+    // in this interleaved stream is slow (see the command-path bench), and a thousand of them
+    // would otherwise back up the function for seconds.
+    let warmed = Instant::now();
+    let touch: Vec<_> = (0..setup.accounts.min(warm_up))
+        .map(|k| deposit(&format!("p{k}"), 1))
+        .collect();
+    let run = concurrent(&setup.client, 64, touch).await;
+    eprintln!(
+        "  loaded {} accounts in {:.1} s (failures: {})",
+        run.count(Outcome::Accepted(0)),
+        warmed.elapsed().as_secs_f64(),
+        run.failures()
+    );
+    let total = warm_up + scaled(5000);
+    let mut ticks = tokio::time::interval(Duration::from_millis(1));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut measured_from = Instant::now();
+    for k in 0..total {
+        ticks.tick().await;
+        if k == warm_up {
+            measured_from = Instant::now();
+        }
+        let client = setup.client.clone();
+        let model = model.clone();
+        // The warm-up touches every account used, so each instance serves them warm.
+        let (subject, body) = deposit(&format!("p{}", k % setup.accounts.min(warm_up)), 1);
+        tasks.spawn(async move {
+            let sent = Instant::now();
+            let outcome = command(&client, &subject, body, COMMAND_TIMEOUT).await;
+            let replied = Instant::now();
+            let Outcome::Accepted(seq) = outcome else {
+                return (k, None);
+            };
+            // wait_for on a sample only: each waiting call polls Redis, and a thousand of them
+            // at once would load this process and Redis more than the projection does.
+            let waited = if k % WAIT_FOR_EVERY == 0 {
+                let visible = model.wait_for(seq, Duration::from_secs(5)).await.ok();
+                Some(visible.map(|()| replied.elapsed()))
+            } else {
+                None
+            };
+            (k, Some((seq, replied - sent, replied, waited)))
+        });
+    }
+    let achieved = (total - warm_up) as f64 / measured_from.elapsed().as_secs_f64();
+    let mut results = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        results.push(done?);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    follower.abort();
+    let seen = seen.lock().expect("not poisoned").clone();
+    let (mut reply, mut waits, mut feed) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut unseen, mut failed) = (0, 0);
+    for (k, result) in results {
+        if k < warm_up {
+            continue;
+        }
+        let Some((seq, took, replied, waited)) = result else {
+            failed += 1;
+            continue;
+        };
+        reply.push(took);
+        match waited {
+            Some(Some(waited)) => waits.push(waited),
+            Some(None) => failed += 1,
+            None => {}
+        }
+        match seen.get(&seq) {
+            Some(at) => feed.push(at.saturating_duration_since(replied)),
+            None => unseen += 1,
+        }
+    }
+    Ok(Freshness {
+        achieved,
+        reply: Samples::new(reply),
+        wait_for: Samples::new(waits),
+        feed: Samples::new(feed),
+        unseen,
+        failed,
+    })
+}
