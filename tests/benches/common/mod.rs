@@ -568,6 +568,8 @@ pub async fn raw_request_reply(url: &str, n: usize) -> Result<Samples> {
     let requester = async_nats::connect(url).await?;
     let subject = "bench.raw.echo";
     let mut subscription = responder.subscribe(subject).await?;
+    // The server has the subscription once the responder's own flush returns.
+    responder.flush().await?;
     let echo = tokio::spawn(async move {
         while let Some(message) = subscription.next().await {
             if let Some(reply) = message.reply {
@@ -575,7 +577,6 @@ pub async fn raw_request_reply(url: &str, n: usize) -> Result<Samples> {
             }
         }
     });
-    requester.flush().await?;
     let body = Bytes::from_static(br#"{"amount":1}"#);
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
