@@ -297,17 +297,14 @@ impl EventStore {
 
     /// The events of aggregate `id` stored after stream sequence `after`, oldest first.
     ///
-    /// A whole history (`after` = 0) is read in direct get batches of [`LOAD_BATCH`]. A tail (a
-    /// catch-up after a conflict, the events after a snapshot) is read differently, because a
-    /// batch from the middle of a subject makes the server count the subject's pending messages
-    /// from there, which in a big interleaved stream costs far more than the read: the subject's
-    /// last message and the first one after `after` are asked for at once (one round trip; the
-    /// usual tail is a single event), and only a longer tail continues in batches.
+    /// A direct get *batch* makes the server count the subject's pending messages and look past
+    /// its last one, which in a big interleaved stream costs far more than the read. So the
+    /// subject's last message and the first one after `after` are asked for at once, as two
+    /// single gets (one round trip): that answers an empty aggregate, a new one-event aggregate
+    /// and the usual catch-up of one event. Only a longer history continues in batches of
+    /// [`LOAD_BATCH`].
     pub async fn read_after(&self, id: &str, after: u64) -> Result<Vec<StoredEvent>, StoreError> {
         let subject = self.subject(id);
-        if after == 0 {
-            return self.read_batches(&subject, 1, Vec::new()).await;
-        }
         let reads = self.reads().await?;
         let (last, next) = tokio::join!(
             reads.request(&self.direct_get_subject, wire_js::direct_get_last(&subject)),

@@ -895,6 +895,7 @@ impl<A: Aggregate> Handler<A> {
                     tracing::debug!(error = %err, retry = retries + 1, "catching up after conflict");
                     retries += 1;
                     fresh = true;
+                    let before = cached.last_seq;
                     match self.catch_up(cached, &request.id, Some(request)).await {
                         Ok(Some(reply)) => return Outcome::new(reply, retries),
                         Ok(None) => {}
@@ -906,7 +907,12 @@ impl<A: Aggregate> Handler<A> {
                             };
                         }
                     }
-                    tokio::time::sleep(self.backoff(retries - 1)).await;
+                    // The rival's events are folded in: the state is current, so try again at
+                    // once. Pause only when nothing new was found (a clustered in-flight
+                    // conflict, an answer that never came), while the aggregate stays locked.
+                    if cached.last_seq == before {
+                        tokio::time::sleep(self.backoff(retries)).await;
+                    }
                 }
             }
         }
@@ -987,9 +993,8 @@ impl<A: Aggregate> Handler<A> {
         }
     }
 
-    /// No pause before the first retry: with one writer per aggregate per instance, the usual
-    /// rival is one other instance, and pausing would hand it the next turn as well. After that,
-    /// full-jitter exponential backoff: uniform in [0, min(max, base * 2^(retry-1))].
+    /// Full-jitter exponential backoff before retry `retry` (from 1) when a catch-up found
+    /// nothing new: uniform in [0, min(max, base * 2^(retry-1))].
     fn backoff(&self, retry: u32) -> Duration {
         let Some(retry) = retry.checked_sub(1) else {
             return Duration::ZERO;
