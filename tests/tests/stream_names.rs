@@ -2,6 +2,8 @@
 //! `A_B_EVENTS`) never share a stream: the second to start is refused with a message naming both
 //! and the way out. Real nats-server.
 
+#![allow(clippy::unwrap_used)]
+
 use jetfn::store::{EventStore, StoreError, StoreSettings};
 use jetfn::wire::AggregateNames;
 use jetfn_tests::NatsServer;
