@@ -1,24 +1,16 @@
 //! Entry points for the fuzz targets in `fuzz/` (cargo feature `fuzzing`, off by default). Not
 //! an API: nothing here is stable.
 //!
-//! The command function's wire checks are crate-private (`command/request.rs`, inside the
-//! private `command::request` module). This module compiles that very file a second time, as
-//! its own child module, so the fuzz targets run the same code without widening its
-//! visibility, and [`check_request`] chains the checks in the order `CommandFunction::check`
-//! does. Keep the two in step.
+//! The command function's wire checks are crate-private (`command::request`); this module
+//! calls the very same functions, so what is fuzzed is what the command function runs.
 
 use crate::Aggregate;
-use crate::codec::{decode_variant, variant_names};
 use crate::telemetry::TraceContext;
-use crate::wire::{CommandSubjects, header};
+use crate::wire::CommandSubjects;
 use async_nats::HeaderMap;
 use serde_json::Value;
 
-// The same file as `command::request`, on purpose (see the module documentation): what is
-// fuzzed is the code the command function runs, while its visibility stays crate-private.
-#[path = "command/request.rs"]
-#[allow(dead_code, clippy::duplicate_mod)]
-mod request;
+use crate::command::request;
 
 pub use request::MAX_COMMAND_ID_LEN;
 
@@ -39,9 +31,9 @@ pub struct CheckedRequest {
     pub trace: TraceContext,
 }
 
-/// The command function's wire checks of one request, in its order: the subject (aggregate id
-/// and command), the command id header, the body (at most `max_body_bytes`), the trace context,
-/// the fingerprint, and the decoding into `A::Command`. `Err` is the `invalid` reply's message.
+/// The command function's wire checks of one request (`command::request::check`): the subject,
+/// the command id header, the body (at most `max_body_bytes`), the trace headers, and the
+/// decoding into `A::Command`. `Err` is the `invalid` reply's message.
 pub fn check_request<A: Aggregate>(
     subjects: &CommandSubjects,
     subject: &str,
@@ -49,37 +41,16 @@ pub fn check_request<A: Aggregate>(
     payload: &[u8],
     max_body_bytes: usize,
 ) -> Result<(CheckedRequest, A::Command), String> {
-    let (id, command) = subjects.parse(subject)?;
-    let command_id = match header::get(headers, header::MSG_ID) {
-        Some(value) => {
-            request::check_command_id(value)?;
-            value.to_owned()
-        }
-        None => uuid::Uuid::now_v7().to_string(),
-    };
-    let body = request::parse_body(payload, max_body_bytes)?;
-    let trace = TraceContext::from_headers(headers)
-        .unwrap_or_else(TraceContext::new_root)
-        .child();
+    let (checked, decoded) =
+        request::check::<A>(subjects, subject, headers, payload, max_body_bytes)?;
     let checked = CheckedRequest {
-        id: id.to_owned(),
-        command: command.to_owned(),
-        command_id,
-        fingerprint: request::fingerprint(command, &body),
-        body,
-        trace,
+        id: checked.id,
+        command: checked.command,
+        command_id: checked.command_id,
+        body: checked.body,
+        fingerprint: checked.fingerprint,
+        trace: checked.trace,
     };
-    let known = variant_names::<A::Command>();
-    if !known.is_empty() && !known.contains(&checked.command.as_str()) {
-        return Err(format!(
-            "unknown command {:?} for aggregate {}; known commands: {}",
-            checked.command,
-            A::NAME,
-            known.join(", ")
-        ));
-    }
-    let decoded =
-        decode_variant(&checked.command, checked.body.clone()).map_err(|e| e.to_string())?;
     Ok((checked, decoded))
 }
 

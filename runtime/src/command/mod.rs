@@ -23,7 +23,7 @@ mod ledger;
 #[cfg(test)]
 mod memory;
 mod reply;
-mod request;
+pub(crate) mod request;
 mod snapshots;
 #[cfg(test)]
 mod tests;
@@ -34,11 +34,11 @@ pub use reply::{Accepted, ErrorKind, Failure, Reply};
 pub use request::MAX_COMMAND_ID_LEN;
 
 use crate::aggregate::{Aggregate, Snapshots, Upcasters, decode_stored};
-use crate::codec::{decode_variant, encode_variant, variant_names};
+use crate::codec::{encode_variant, variant_names};
 use crate::config::Config;
 use crate::direct::DirectGets;
 use crate::store::{Append, AppendError, EventLog, EventStore, NewEvent, StoreSettings};
-use crate::telemetry::{self, TraceContext};
+use crate::telemetry;
 use crate::wire::{AggregateNames, CommandSubjects, header, names};
 use crate::{Error, health};
 use async_nats::service::{self, ServiceExt};
@@ -598,42 +598,17 @@ impl<A: Aggregate> Handler<A> {
 
     /// The wire checks: subject, command id, body, and decoding into the command type.
     fn check(&self, message: &async_nats::Message) -> Result<(CommandRequest, A::Command), String> {
-        let (id, command) = self.subjects.parse(&message.subject)?;
-        let command_id = match header::get(message.headers.as_ref(), header::MSG_ID) {
-            Some(value) => {
-                request::check_command_id(value)?;
-                value.to_owned()
-            }
-            None => uuid::Uuid::now_v7().to_string(),
-        };
-        let body = request::parse_body(&message.payload, self.config.max_body_bytes)?;
-        request::check_trace_headers(message.headers.as_ref())?;
-        let trace = TraceContext::from_headers(message.headers.as_ref())
-            .unwrap_or_else(TraceContext::new_root)
-            .child();
-        let request = CommandRequest {
-            id: id.to_owned(),
-            command: command.to_owned(),
-            command_id,
-            fingerprint: request::fingerprint(command, &body),
-            body,
-            trace,
-        };
-        let decoded = self.decode(&request)?;
-        Ok((request, decoded))
+        request::check::<A>(
+            &self.subjects,
+            &message.subject,
+            message.headers.as_ref(),
+            &message.payload,
+            self.config.max_body_bytes,
+        )
     }
 
     fn decode(&self, request: &CommandRequest) -> Result<A::Command, String> {
-        let known = variant_names::<A::Command>();
-        if !known.is_empty() && !known.contains(&request.command.as_str()) {
-            return Err(format!(
-                "unknown command {:?} for aggregate {}; known commands: {}",
-                request.command,
-                A::NAME,
-                known.join(", ")
-            ));
-        }
-        decode_variant(&request.command, request.body.clone()).map_err(|e| e.to_string())
+        request::decode::<A>(request)
     }
 
     /// Answers a checked command, returning the reply and the number of conflict retries.

@@ -2,6 +2,11 @@
 //!
 //! Everything here is pure, so every rule of the wire contract has a unit test.
 
+use crate::Aggregate;
+use crate::codec::{decode_variant, variant_names};
+use crate::telemetry::TraceContext;
+use crate::wire::{CommandSubjects, header};
+use async_nats::HeaderMap;
 use serde_json::{Map, Value};
 
 /// The longest command id (`Nats-Msg-Id`).
@@ -18,6 +23,55 @@ pub(crate) struct CommandRequest {
     pub fingerprint: String,
     /// The caller's trace (or a new one), continued by the stored events.
     pub trace: crate::telemetry::TraceContext,
+}
+
+/// The wire checks of one request, in order: the subject (aggregate id and command), the
+/// command id header, the body (at most `max_body_bytes`), the trace context, then the decoding
+/// into `A::Command`. `Err` is the `invalid` reply's message.
+pub(crate) fn check<A: Aggregate>(
+    subjects: &CommandSubjects,
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+    max_body_bytes: usize,
+) -> Result<(CommandRequest, A::Command), String> {
+    let (id, command) = subjects.parse(subject)?;
+    let command_id = match header::get(headers, header::MSG_ID) {
+        Some(value) => {
+            check_command_id(value)?;
+            value.to_owned()
+        }
+        None => uuid::Uuid::now_v7().to_string(),
+    };
+    let body = parse_body(payload, max_body_bytes)?;
+    check_trace_headers(headers)?;
+    let trace = TraceContext::from_headers(headers)
+        .unwrap_or_else(TraceContext::new_root)
+        .child();
+    let request = CommandRequest {
+        id: id.to_owned(),
+        command: command.to_owned(),
+        command_id,
+        fingerprint: fingerprint(command, &body),
+        body,
+        trace,
+    };
+    let decoded = decode::<A>(&request)?;
+    Ok((request, decoded))
+}
+
+/// Decodes a checked request into the aggregate's command type.
+pub(crate) fn decode<A: Aggregate>(request: &CommandRequest) -> Result<A::Command, String> {
+    let known = variant_names::<A::Command>();
+    if !known.is_empty() && !known.contains(&request.command.as_str()) {
+        return Err(format!(
+            "unknown command {:?} for aggregate {}; known commands: {}",
+            request.command,
+            A::NAME,
+            known.join(", ")
+        ));
+    }
+    decode_variant(&request.command, request.body.clone()).map_err(|e| e.to_string())
 }
 
 /// The longest `tracestate` W3C trace context asks vendors to pass on, and its most members.

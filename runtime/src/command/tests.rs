@@ -5,6 +5,7 @@ use super::memory::{Fault, MemoryLedger, MemoryLog, MemorySnapshots};
 use super::*;
 use crate::Rejection;
 use crate::config::CommandConfig;
+use crate::telemetry::TraceContext;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
 
