@@ -56,7 +56,6 @@ pub mod testing;
 pub mod wire;
 
 pub use aggregate::{Aggregate, Rejection};
-pub use codec::CodecError;
 pub use command::{Reply, command_function};
 pub use config::Config;
 pub use projection::{Projection, Recorded, Refusal, projection_function};
