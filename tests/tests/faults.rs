@@ -248,18 +248,13 @@ async fn redis_with_an_always_synced_aof_killed_mid_backlog_resumes_where_it_was
         checkpoint_after >= checkpoint,
         "the checkpoint went back from {checkpoint} to {checkpoint_after}: applied writes lost"
     );
-    let model = ReadModel::connect(&redis.url(), PROJECTION).await.unwrap();
-    let resumed = poll("the backlog applied after the restart", PATIENCE, || {
-        let model = &model;
-        async move {
-            let reached = model
-                .wait_for(last_at_kill, Duration::from_millis(100))
-                .await;
-            Ok(reached.ok().map(|()| back_at.elapsed()))
-        }
-    })
-    .await
-    .unwrap();
+    let resumed = time_until_visible(
+        &redis,
+        last_at_kill,
+        back_at,
+        "the backlog applied after the restart",
+    )
+    .await;
     let before = load.acked();
     load.wait_for_acks(before + ACKS, PATIENCE).await.unwrap();
     let acked = load.finish().await.unwrap();
@@ -307,18 +302,13 @@ async fn redis_stopped_for_ten_seconds_while_commands_flow_delays_the_read_model
         "no command was accepted while Redis was stopped: the write side must not need Redis"
     );
 
-    let model = ReadModel::connect(&redis.url(), PROJECTION).await.unwrap();
-    let caught_up = poll("the commands of the outage in Redis", PATIENCE, || {
-        let model = &model;
-        async move {
-            let reached = model
-                .wait_for(last_at_cont, Duration::from_millis(100))
-                .await;
-            Ok(reached.ok().map(|()| continued_at.elapsed()))
-        }
-    })
-    .await
-    .unwrap();
+    let caught_up = time_until_visible(
+        &redis,
+        last_at_cont,
+        continued_at,
+        "the commands of the outage in Redis",
+    )
+    .await;
     let before = load.acked();
     load.wait_for_acks(before + ACKS, PATIENCE).await.unwrap();
     let acked = load.finish().await.unwrap();
@@ -358,16 +348,7 @@ async fn after_a_nats_restart_while_the_projection_is_idle_new_commands_reach_re
     let after = load.finish().await.unwrap();
     let served = first_ack_after(&after, ready_at);
     let last = stream_last_seq(&client).await.unwrap();
-    let model = ReadModel::connect(&redis.url(), PROJECTION).await.unwrap();
-    let reached = poll("the new commands in Redis", PATIENCE, || {
-        let model = &model;
-        async move {
-            let reached = model.wait_for(last, Duration::from_millis(100)).await;
-            Ok(reached.ok().map(|()| ready_at.elapsed()))
-        }
-    })
-    .await
-    .unwrap();
+    let reached = time_until_visible(&redis, last, ready_at, "the new commands in Redis").await;
     assert_running(&mut function);
     assert_running(&mut projection);
     acked.extend(after);
@@ -382,4 +363,19 @@ async fn after_a_nats_restart_while_the_projection_is_idle_new_commands_reach_re
         secs(Some(reached))
     );
     check_read_model(&client, &redis).await;
+}
+
+/// How long after `since` the read model became visible at stream sequence `seq` (polls
+/// `ReadModel::wait_for` until it reaches it, within PATIENCE).
+async fn time_until_visible(redis: &RedisServer, seq: u64, since: Instant, what: &str) -> Duration {
+    let model = ReadModel::connect(&redis.url(), PROJECTION).await.unwrap();
+    poll(what, PATIENCE, || {
+        let model = &model;
+        async move {
+            let reached = model.wait_for(seq, Duration::from_millis(100)).await;
+            Ok(reached.ok().map(|()| since.elapsed()))
+        }
+    })
+    .await
+    .unwrap()
 }
