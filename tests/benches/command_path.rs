@@ -79,18 +79,31 @@ async fn main() -> Result<()> {
     eprintln!("raw limits ...");
     let raw = raw_limits(&bench).await?;
 
-    eprintln!("1. serial deposits ...");
-    serial_deposits(&mut bench, &raw).await?;
-    eprintln!("2. throughput, 256 in flight over 10,000 accounts ...");
-    throughput(&mut bench, &raw).await?;
-    eprintln!("3. hot aggregate ...");
-    hot_aggregate(&mut bench, &raw).await?;
-    eprintln!("4. an aggregate with 100,000 events ...");
-    long_history(&mut bench).await?;
-    eprintln!("5. start-up, RSS, binary size ...");
-    start_up(&mut bench).await?;
-    eprintln!("6. RSS against distinct aggregates ...");
-    bounded_rss(&mut bench).await?;
+    let only = Only::from_env();
+    if only.runs("serial") {
+        eprintln!("1. serial deposits ...");
+        serial_deposits(&mut bench, &raw).await?;
+    }
+    if only.runs("throughput") {
+        eprintln!("2. throughput, 256 in flight over 10,000 accounts ...");
+        throughput(&mut bench, &raw).await?;
+    }
+    if only.runs("hot") {
+        eprintln!("3. hot aggregate ...");
+        hot_aggregate(&mut bench, &raw).await?;
+    }
+    if only.runs("history") {
+        eprintln!("4. an aggregate with 100,000 events ...");
+        long_history(&mut bench).await?;
+    }
+    if only.runs("startup") {
+        eprintln!("5. start-up, RSS, binary size ...");
+        start_up(&mut bench).await?;
+    }
+    if only.runs("rss") {
+        eprintln!("6. RSS against distinct aggregates ...");
+        bounded_rss(&mut bench).await?;
+    }
 
     println!();
     bench.table.print();

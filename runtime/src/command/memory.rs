@@ -92,6 +92,8 @@ fn push(
             time: None,
             command_id: command_id.map(str::to_owned),
             fingerprint: fingerprint.map(str::to_owned),
+            previous_seq: None,
+            index: 0,
             payload,
         },
     ));

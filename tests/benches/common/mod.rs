@@ -523,6 +523,9 @@ pub async fn seed(
             fingerprint: None,
             trace: None,
             time: &time,
+            // Pipelined, so the sequences are not known: no links, as in events that other
+            // tools publish.
+            previous_seq: None,
         };
         let version = <account::Account as Aggregate>::event_version(&event_type);
         let headers = event::headers(&meta, 0, &event_type, version);
@@ -735,4 +738,27 @@ pub async fn raw_redis_hset(redis_url: &str, rounds: usize) -> Result<f64> {
     let rate = (rounds * 100) as f64 / started.elapsed().as_secs_f64();
     let () = redis::cmd("FLUSHALL").query_async(&mut connection).await?;
     Ok(rate)
+}
+
+/// The sections `JETFN_BENCH_ONLY` (comma-separated names) selects; all when it is unset.
+pub struct Only(Option<Vec<String>>);
+
+impl Only {
+    /// Reads `JETFN_BENCH_ONLY`.
+    pub fn from_env() -> Only {
+        Only(std::env::var("JETFN_BENCH_ONLY").ok().map(|names| {
+            names
+                .split(',')
+                .map(|name| name.trim().to_owned())
+                .filter(|name| !name.is_empty())
+                .collect()
+        }))
+    }
+
+    /// Whether section `name` runs.
+    pub fn runs(&self, name: &str) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == name))
+    }
 }
