@@ -12,7 +12,7 @@
 //! recognise a command that was already applied, at any age.
 
 use crate::direct::DirectGets;
-use crate::wire::event::{self as wire_event, EventMeta};
+use crate::wire::event::{self as wire_event, EventMeta, Previous};
 use crate::wire::jetstream::{self as wire_js, DirectReply, PubAck};
 use crate::wire::{MalformedEvent, header, names};
 use async_nats::jetstream::{self, stream};
@@ -115,6 +115,8 @@ pub struct Append<'a> {
     pub aggregate_id: &'a str,
     /// The stream sequence the aggregate was loaded at (0 when new).
     pub expected_last_seq: u64,
+    /// The aggregate's version at that sequence (its number of events).
+    pub expected_version: u64,
     /// The command id, the root of every event's `Nats-Msg-Id`.
     pub command_id: &'a str,
     /// The command name.
@@ -307,17 +309,37 @@ impl EventStore {
     /// catch-up by subject scans the whole stretch since `after`. So the read starts from the
     /// subject's last event and follows each command's [`header::PREVIOUS_SEQ`] link back, one
     /// get by sequence per step, until it reaches `after`: a catch-up of one command costs one
-    /// get. Short stretches, long tails and events without links are read forward in batches of
-    /// [`LOAD_BATCH`] instead.
+    /// get. The [`header::AGGREGATE_VERSION`]s of the last event and of the one at `after` say
+    /// how many steps that takes; short stretches, tails longer than [`MAX_WALK`] events and
+    /// events without links are read forward in batches of [`LOAD_BATCH`] instead.
     pub async fn read_after(&self, id: &str, after: u64) -> Result<Vec<StoredEvent>, StoreError> {
         let subject = self.subject(id);
-        let Some(last) = self.get(wire_js::direct_get_last(&subject), None).await? else {
+        // The event at `after` says how far the aggregate had come, so the versions tell how
+        // many events are missing before any is read.
+        let (last, known) =
+            tokio::join!(self.get(wire_js::direct_get_last(&subject), None), async {
+                match after {
+                    0 => Ok(None),
+                    seq => self.get(wire_js::direct_get_seq(seq), Some(&subject)).await,
+                }
+            });
+        let Some(last) = last? else {
             return Ok(Vec::new());
         };
         if last.seq <= after {
             return Ok(Vec::new());
         }
-        if last.seq - after > SCAN_STRETCH
+        let known_version = match (after, known?) {
+            (0, _) => Some(0),
+            (_, known) => known.and_then(|event| event.aggregate_version),
+        };
+        let missing = last
+            .aggregate_version
+            .zip(known_version)
+            .and_then(|(last, known)| last.checked_sub(known));
+        let walk = missing.is_some_and(|missing| missing <= MAX_WALK as u64);
+        if walk
+            && last.seq - after > SCAN_STRETCH
             && let Some(events) = self.walk_back(&subject, last, after).await?
         {
             return Ok(events);
@@ -457,7 +479,10 @@ impl EventStore {
             fingerprint: append.fingerprint,
             trace: append.trace,
             time: &time,
-            previous_seq: Some(append.expected_last_seq),
+            previous: Some(Previous {
+                seq: append.expected_last_seq,
+                version: append.expected_version,
+            }),
         };
         let mut messages: Vec<(HeaderMap, Bytes)> = append
             .events

@@ -1645,6 +1645,7 @@ async fn p44_to_p51_events_in_jetstream() {
             "jetfn-command",
             "jetfn-command-fingerprint",
             "jetfn-previous-seq",
+            "jetfn-aggregate-version",
             "jetfn-event-index",
             "traceparent",
             "tracestate",
@@ -1673,6 +1674,10 @@ async fn p44_to_p51_events_in_jetstream() {
             events[k - 1].seq.to_string(),
             "P48: link of event {k}"
         );
+    }
+    for (k, event) in events.iter().enumerate() {
+        let version = (k + 1).to_string();
+        assert_eq!(event.header("jetfn-aggregate-version"), version, "P48");
     }
 
     // P50: one command's events are consecutive and share time and command.

@@ -39,10 +39,11 @@ fn events(tag: &str, count: usize) -> Vec<NewEvent> {
         .collect()
 }
 
+/// Appends `count` events after `expected` (sequence, version).
 async fn append(
     store: &EventStore,
     id: &str,
-    expected: u64,
+    expected: (u64, u64),
     command_id: &str,
     count: usize,
 ) -> u64 {
@@ -50,7 +51,8 @@ async fn append(
     store
         .append(Append {
             aggregate_id: id,
-            expected_last_seq: expected,
+            expected_last_seq: expected.0,
+            expected_version: expected.1,
             command_id,
             command: "post",
             events: &events,
@@ -72,6 +74,7 @@ async fn noise(store: &EventStore, round: usize, count: usize) {
                 .append(Append {
                     aggregate_id: id,
                     expected_last_seq: 0,
+                    expected_version: 0,
                     command_id: id,
                     command: "post",
                     events: &events,
@@ -123,7 +126,8 @@ async fn a_history_spread_through_a_busy_stream_reads_back_exactly_from_any_poin
         let count = if round % 2 == 0 { 1 } else { 3 };
         let command_id = format!("c{round}");
         let last = *boundaries.last().unwrap();
-        let seq = append(&store, "target", last, &command_id, count).await;
+        let version = written.len() as u64;
+        let seq = append(&store, "target", (last, version), &command_id, count).await;
         written.extend((0..count).map(|n| (format!("Entry{n}"), command_id.clone())));
         boundaries.push(seq);
         noise(&store, round, 300).await;
@@ -169,7 +173,7 @@ async fn events_published_without_links_are_read_all_the_same() {
             fingerprint: None,
             trace: None,
             time: "2026-01-01T00:00:00Z",
-            previous_seq: None,
+            previous: None,
         };
         let headers = event::headers(&meta, 0, "Entry0", 1);
         let ack = js
@@ -186,10 +190,12 @@ async fn events_published_without_links_are_read_all_the_same() {
         boundaries.push(ack.sequence);
         noise(&store, round, 300).await;
     }
-    for round in 3..5 {
+    for round in 3..5u64 {
         let last = *boundaries.last().unwrap();
-        boundaries.push(append(&store, "target", last, &format!("c{round}"), 2).await);
-        noise(&store, round, 300).await;
+        let version = 3 + (round - 3) * 2;
+        let seq = append(&store, "target", (last, version), &format!("c{round}"), 2).await;
+        boundaries.push(seq);
+        noise(&store, round as usize, 300).await;
     }
     assert_eq!(
         store.read_after("target", 0).await.unwrap().len(),

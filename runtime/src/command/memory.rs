@@ -94,6 +94,7 @@ fn push(
             fingerprint: fingerprint.map(str::to_owned),
             previous_seq: None,
             index: 0,
+            aggregate_version: None,
             payload,
         },
     ));

@@ -833,6 +833,7 @@ impl<A: Aggregate> Handler<A> {
             let append = Append {
                 aggregate_id: &request.id,
                 expected_last_seq: cached.last_seq,
+                expected_version: cached.version,
                 command_id: &request.command_id,
                 command: &request.command,
                 events: &encoded,

@@ -30,6 +30,8 @@ pub struct StoredEvent {
     pub previous_seq: Option<u64>,
     /// The event's position among its command's events, from 0.
     pub index: u32,
+    /// The aggregate's version after this event ([`header::AGGREGATE_VERSION`]), if recorded.
+    pub aggregate_version: Option<u64>,
     /// The JSON payload.
     pub payload: Bytes,
 }
@@ -79,6 +81,7 @@ impl StoredEvent {
             fingerprint: owned(header::COMMAND_FINGERPRINT),
             previous_seq,
             index: index.unwrap_or(0),
+            aggregate_version: header::get_u64(headers, header::AGGREGATE_VERSION),
             payload,
         })
     }
@@ -101,9 +104,18 @@ pub struct EventMeta<'a> {
     pub trace: Option<&'a TraceContext>,
     /// When the command was decided (RFC 3339).
     pub time: &'a str,
-    /// The aggregate's last sequence before the command: what the append expects, and so what
-    /// JetStream checks. `None` writes no link (events published without that check).
-    pub previous_seq: Option<u64>,
+    /// Where the aggregate stood before the command. `None` writes no link (for events
+    /// published without JetStream's sequence check).
+    pub previous: Option<Previous>,
+}
+
+/// Where an aggregate stood before a command: what its append expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Previous {
+    /// The stream sequence of its last event (0 for none), which JetStream checks.
+    pub seq: u64,
+    /// Its version: how many events it had.
+    pub version: u64,
 }
 
 /// The deduplication id (and CloudEvents id) of a command's `index`-th event.
@@ -129,8 +141,10 @@ pub fn headers(meta: &EventMeta<'_>, index: usize, event_type: &str, version: u3
     if let Some(fingerprint) = meta.fingerprint {
         headers.insert(header::COMMAND_FINGERPRINT, fingerprint);
     }
-    if let Some(previous_seq) = meta.previous_seq {
-        headers.insert(header::PREVIOUS_SEQ, previous_seq.to_string().as_str());
+    if let Some(previous) = meta.previous {
+        headers.insert(header::PREVIOUS_SEQ, previous.seq.to_string().as_str());
+        let version = previous.version + index as u64 + 1;
+        headers.insert(header::AGGREGATE_VERSION, version.to_string().as_str());
         if index > 0 {
             headers.insert(header::EVENT_INDEX, index.to_string().as_str());
         }
@@ -161,7 +175,7 @@ mod tests {
             fingerprint: Some("f"),
             trace: None,
             time: "2026-01-01T00:00:00Z",
-            previous_seq: Some(7),
+            previous: Some(Previous { seq: 7, version: 4 }),
         }
     }
 
@@ -181,6 +195,11 @@ mod tests {
         assert_eq!(event.time.as_deref(), Some("2026-01-01T00:00:00Z"));
         assert_eq!(event.previous_seq, Some(7));
         assert_eq!(event.index, 2);
+        assert_eq!(
+            event.aggregate_version,
+            Some(7),
+            "4 before, then the third event"
+        );
     }
 
     #[test]

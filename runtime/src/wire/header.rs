@@ -47,6 +47,9 @@ pub const COMMAND_FINGERPRINT: &str = "jetfn-command-fingerprint";
 /// events to the ones before, so a reader can walk an aggregate's history back by sequence
 /// instead of scanning the stream for its subject.
 pub const PREVIOUS_SEQ: &str = "jetfn-previous-seq";
+/// The aggregate's version after an event: its position in the aggregate's history, from 1.
+/// Tells a reader how many events it is missing before it reads them.
+pub const AGGREGATE_VERSION: &str = "jetfn-aggregate-version";
 /// The position of an event among its command's events, from 0. Written from the second event
 /// on; absent means 0.
 pub const EVENT_INDEX: &str = "jetfn-event-index";

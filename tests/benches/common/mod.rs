@@ -545,7 +545,7 @@ pub async fn seed(
             time: &time,
             // Pipelined, so the sequences are not known: no links, as in events that other
             // tools publish.
-            previous_seq: None,
+            previous: None,
         };
         let version = <account::Account as Aggregate>::event_version(&event_type);
         let headers = event::headers(&meta, 0, &event_type, version);
