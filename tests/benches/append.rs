@@ -66,6 +66,7 @@ async fn appends(store: &EventStore, events: &[NewEvent]) -> Vec<Duration> {
             .append(Append {
                 aggregate_id: "a1",
                 expected_last_seq: last_seq,
+                expected_version: (n * events.len()) as u64,
                 command_id: &command_id,
                 command: "bench",
                 events,
