@@ -16,9 +16,9 @@
 mod balance;
 mod commit;
 mod control;
-mod dead_letters;
+pub(crate) mod dead_letters;
 mod rebuild;
-mod worker;
+pub(crate) mod worker;
 
 pub use dead_letters::{DeadLetter, DeadLetters};
 pub use rebuild::RebuildProgress;
