@@ -402,6 +402,31 @@ async fn concurrent_transfers_survive_kills_and_conserve_money() {
     let total: u64 = accounts.values().map(|e| balance(e).unwrap()).sum();
     assert_eq!(total, ACCOUNTS as u64 * OPENING, "money is not conserved");
 
+    // The transfer read model shows each outcome.
+    let mut redis_connection = redis.connect().await.unwrap();
+    for (id, outcome) in &outcomes {
+        let want = if outcome[0] == "TransferCompleted" {
+            "completed"
+        } else {
+            "failed"
+        };
+        let key = format!("{{transfer-status}}:g1:transfer:{id}");
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let status: Option<String> = redis::cmd("HGET")
+                .arg(&key)
+                .arg("status")
+                .query_async(&mut redis_connection)
+                .await
+                .unwrap();
+            if status.as_deref() == Some(want) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{key} is {status:?}, not {want}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     // The read model agrees with the stream, once the projection has caught up.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -421,4 +446,115 @@ async fn concurrent_transfers_survive_kills_and_conserve_money() {
         began.elapsed(),
         records.len()
     );
+}
+
+async fn records_of(client: &async_nats::Client, id: &str) -> Vec<StoredMessage> {
+    stored_messages(client, INSTANCE_STREAM, Some(&format!("pm.transfer.{id}")))
+        .await
+        .unwrap()
+}
+
+async fn status(client: &async_nats::Client) -> serde_json::Value {
+    let reply = client
+        .request("jetfn.pm.transfer.status", "".into())
+        .await
+        .unwrap();
+    serde_json::from_slice(&reply.payload).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_fires_after_a_restart_and_is_ignored_once_its_step_completed() {
+    jetfn_tests::init_tracing();
+    let nats = NatsServer::start().await.unwrap();
+    let mut functions = Functions::new(&nats, None, 2);
+    functions.start("account").await.unwrap();
+    let client = nats.connect().await.unwrap();
+    let send = commands(&client);
+    open(&send, "alice", 100).await.unwrap();
+    open(&send, "bob", 0).await.unwrap();
+
+    // The debit cannot be answered: the account function is down.
+    functions.kill("account").unwrap();
+    functions.start("transfer").await.unwrap();
+    functions.start("transfer-manager").await.unwrap();
+    start_transfer(&send, "t1", "alice", "bob", 10)
+        .await
+        .unwrap();
+    let schedule = "jetfn.pm.transfer.timer.t1.deadline";
+    let started = Instant::now();
+    while stored_messages(&client, "PM_TRANSFER_TIMERS", Some(schedule))
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the deadline was never scheduled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The process manager is down when the deadline passes; the timer is the server's.
+    functions.kill("transfer-manager").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    functions.start("transfer-manager").await.unwrap();
+    let started = Instant::now();
+    let failed = loop {
+        let events = stored_messages(&client, TRANSFER_STREAM, Some("evt.transfer.t1"))
+            .await
+            .unwrap();
+        if let Some(failed) = events
+            .iter()
+            .find(|e| e.header(header::CE_TYPE) == "TransferFailed")
+        {
+            break failed.payload.clone();
+        }
+        assert!(started.elapsed() < PATIENCE, "the deadline did not fail t1");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(failed["reason"], "timed out");
+
+    // The account function returns: the withdrawal, sent again with its id, lands and is
+    // refunded.
+    functions.start("account").await.unwrap();
+    wait_until_all_ended(&client, 1, PATIENCE).await.unwrap();
+    let events = stored_messages(&client, ACCOUNT_STREAM, None)
+        .await
+        .unwrap();
+    let accounts = by_account(&events);
+    assert_eq!(balance(&accounts["alice"]).unwrap(), 100);
+    assert_eq!(balance(&accounts["bob"]).unwrap(), 0);
+    let moved = moved_by_transfers(&events).unwrap();
+    assert_eq!(moved["t1"], BTreeMap::from([("alice".into(), 0)]));
+
+    // A transfer that completed: its deadline firing now (late) changes nothing.
+    start_transfer(&send, "t2", "alice", "bob", 5)
+        .await
+        .unwrap();
+    wait_until_all_ended(&client, 2, PATIENCE).await.unwrap();
+    let before = records_of(&client, "t2").await;
+    let set = before
+        .iter()
+        .find(|r| r.header(header::CE_TYPE) == "jetfn.TimerSet")
+        .expect("t2 armed its deadline");
+    let firing = serde_json::json!({"id": "t2", "name": "deadline", "token": set.payload["token"]});
+    let js = async_nats::jetstream::new(client.clone());
+    js.publish(
+        "jetfn.pm.transfer.fired.t2.deadline",
+        firing.to_string().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let started = Instant::now();
+    while status(&client).await["timers"]["ignored"].as_u64() < Some(1) {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the late firing was not handled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(records_of(&client, "t2").await.len(), before.len());
+    let outcomes = outcomes(&client).await.unwrap();
+    assert_eq!(outcomes["t2"], ["TransferCompleted"]);
 }
