@@ -267,6 +267,54 @@ async fn a_transfer_to_a_closed_or_unknown_account_is_refunded_exactly_once() {
         assert_eq!(refunds, 1, "{refunded}");
     }
     assert!(!moved.contains_key("t4"), "a refused debit moved money");
+
+    // An event the process manager cannot read is dead-lettered, with the reason.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(header::CE_TYPE, "TransferStarted");
+    let js = async_nats::jetstream::new(client.clone());
+    js.publish_with_headers("evt.transfer.bad", headers, r#"{"from":1}"#.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let letter = loop {
+        let letters = stored_messages(&client, "JETFN_DLQ", Some("jetfn.dlq.transfer"))
+            .await
+            .unwrap_or_default();
+        if let Some(letter) = letters.into_iter().next() {
+            break letter;
+        }
+        assert!(started.elapsed() < PATIENCE, "no dead letter");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let error = letter.header(header::DLQ_ERROR);
+    assert!(error.contains("TransferStarted"), "{error}");
+    assert_eq!(letter.header(header::DLQ_STREAM), TRANSFER_STREAM);
+
+    // `jetfn status` shows the process manager and what it did.
+    let output = tokio::process::Command::new(jetfn_tests::binary_path("jetfn").unwrap())
+        .args(["--server", &nats.url(), "status", "--json"])
+        .env_remove("NATS_URL")
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let manager = &status["process_managers"][0];
+    assert_eq!(manager["name"], "transfer", "{status:#}");
+    assert_eq!(manager["instance_stream"], INSTANCE_STREAM, "{status:#}");
+    assert_eq!(
+        (
+            &manager["started"],
+            &manager["completed"],
+            &manager["compensated"]
+        ),
+        (&4.into(), &1.into(), &3.into()),
+        "{status:#}"
+    );
+    assert_eq!(manager["open"], 0, "{status:#}");
+    assert_eq!(manager["dead_letters"], 1, "{status:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,7 +95,7 @@ pub struct State {
 }
 
 /// The transfer's details.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Started {
     /// The transfer id (the instance's correlation id).
     pub id: String,
@@ -111,7 +111,16 @@ pub struct Started {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Step {
     /// The instance started for a transfer.
-    Started(Started),
+    Started {
+        /// The transfer id.
+        id: String,
+        /// The account the money leaves.
+        from: String,
+        /// The account the money goes to.
+        to: String,
+        /// Minor units.
+        amount: u64,
+    },
     /// The amount left `from`.
     Debited {},
     /// `from` refused the withdrawal.
@@ -195,14 +204,13 @@ impl ProcessManager for TransferManager {
                 let TransferEvent::TransferStarted { from, to, amount } = &event.event else {
                     return vec![];
                 };
-                let started = Started {
-                    id: event.aggregate_id.clone(),
-                    from: from.clone(),
-                    to: to.clone(),
-                    amount: *amount,
-                };
                 return vec![
-                    Action::record(Step::Started(started)),
+                    Action::record(Step::Started {
+                        id: event.aggregate_id.clone(),
+                        from: from.clone(),
+                        to: to.clone(),
+                        amount: *amount,
+                    }),
                     Action::send("account", from, "withdraw", json!({ "amount": amount }))
                         .labelled(label::DEBIT),
                     Action::timer(DEADLINE, self.deadline),
@@ -223,8 +231,18 @@ impl ProcessManager for TransferManager {
 
     fn evolve(&self, state: State, event: &Step) -> State {
         match event {
-            Step::Started(started) => State {
-                transfer: Some(started.clone()),
+            Step::Started {
+                id,
+                from,
+                to,
+                amount,
+            } => State {
+                transfer: Some(Started {
+                    id: id.clone(),
+                    from: from.clone(),
+                    to: to.clone(),
+                    amount: *amount,
+                }),
                 debit: Leg::Pending,
                 ..state
             },

@@ -6,19 +6,19 @@ use jetfn::testing::given_process;
 use serde_json::json;
 use std::time::Duration;
 use transfer::Event as TransferEvent;
-use transfer_manager::{DEADLINE, Started, Step, TransferManager};
+use transfer_manager::{DEADLINE, Step, TransferManager};
 
 const PM: TransferManager = TransferManager {
     deadline: Duration::from_secs(30),
 };
 
 fn started() -> Step {
-    Step::Started(Started {
+    Step::Started {
         id: "t1".into(),
         from: "alice".into(),
         to: "bob".into(),
         amount: 10,
-    })
+    }
 }
 
 fn transfer_started() -> Incoming<TransferEvent> {
