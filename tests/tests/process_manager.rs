@@ -279,13 +279,17 @@ async fn a_transfer_to_a_closed_or_unknown_account_is_refunded_exactly_once() {
         .unwrap();
     let started = Instant::now();
     let letter = loop {
-        let letters = stored_messages(&client, "JETFN_DLQ", Some("jetfn.dlq.transfer"))
+        let letters = stored_messages(&client, "JETFN_DLQ", Some("jetfn.dlq.pm-transfer"))
             .await
-            .unwrap_or_default();
+            .unwrap();
         if let Some(letter) = letters.into_iter().next() {
             break letter;
         }
-        assert!(started.elapsed() < PATIENCE, "no dead letter");
+        if started.elapsed() > PATIENCE {
+            let all = stored_messages(&client, "JETFN_DLQ", None).await.unwrap();
+            let subjects: Vec<_> = all.iter().map(|m| m.subject.clone()).collect();
+            panic!("no dead letter on jetfn.dlq.pm-transfer; the stream has {subjects:?}");
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let error = letter.header(header::DLQ_ERROR);
@@ -302,7 +306,7 @@ async fn a_transfer_to_a_closed_or_unknown_account_is_refunded_exactly_once() {
     assert!(output.status.success(), "{output:?}");
     let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let manager = &status["process_managers"][0];
-    assert_eq!(manager["name"], "transfer", "{status:#}");
+    assert_eq!(manager["name"], "pm-transfer", "{status:#}");
     assert_eq!(manager["instance_stream"], INSTANCE_STREAM, "{status:#}");
     assert_eq!(
         (

@@ -555,15 +555,9 @@ impl<P: ProcessManager> Core<P> {
             "dead-lettering"
         );
         // The dead-letter stream is retried until it answers; it cannot fail otherwise.
+        let service = self.names.service();
         let _ = dead_letters::send(
-            &self.js,
-            stream,
-            P::NAME,
-            0,
-            message,
-            seq,
-            error,
-            deliveries,
+            &self.js, stream, &service, 0, message, seq, error, deliveries,
         )
         .await;
         self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
@@ -771,7 +765,7 @@ async fn register<P: ProcessManager>(
         .description(format!("jetfn process manager {}", P::NAME))
         .metadata(metadata)
         .stats_handler(move |_, _| stats.to_json())
-        .start(P::NAME, version)
+        .start(core.names.service(), version)
         .await
         .map_err(|e| Error::Service(format!("cannot register NATS service: {e}")))?;
     let mut status = service

@@ -238,7 +238,9 @@ pub fn projection_consumer(projection: &str, generation: u64, partition: u32) ->
 /// * durable consumers `pm-<name>-events` (source events), `pm-<name>-outbox` (the instance
 ///   stream, which sends the recorded commands and timers) and `pm-<name>-timers` (fired
 ///   timers);
-/// * the status endpoint `jetfn.pm.<name>.status`.
+/// * the status endpoint `jetfn.pm.<name>.status`;
+/// * the NATS service `pm-<name>` (not `<name>`: a command function of that aggregate name may
+///   run too), whose name also heads its dead letters, `jetfn.dlq.pm-<name>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessNames {
     /// The process manager's name.
@@ -305,6 +307,11 @@ impl ProcessNames {
     /// The NATS connection name.
     pub fn connection(&self) -> String {
         format!("jetfn-pm-{}", self.name)
+    }
+
+    /// The NATS service name, and the name its dead letters are filed under.
+    pub fn service(&self) -> String {
+        format!("pm-{}", self.name)
     }
 }
 
