@@ -1,4 +1,6 @@
-//! The transfer aggregate's rules.
+//! The transfer aggregate's rules (protocol P71).
+
+#![allow(clippy::unwrap_used)]
 
 use jetfn::testing::given;
 use transfer::{Command, Event, Transfer};

@@ -155,41 +155,28 @@ impl<S: Default> Instance<S> {
             serde_json::from_slice(&stored.payload)
                 .map_err(|e| corrupt(format!("payload is not JSON: {e}")))
         };
-        let read = |what: &str| {
-            let value = payload()?;
-            Ok::<_, StepError>((value, what.to_owned()))
-        };
+        let record = || -> Result<TimerRecord, StepError> { parse(stored).map_err(corrupt) };
         match stored.event_type.as_str() {
             COMMAND_SENT => {
-                let (value, what) = read(COMMAND_SENT)?;
-                let sent: Sent =
-                    serde_json::from_value(value).map_err(|e| corrupt(format!("{what}: {e}")))?;
+                let sent: Sent = parse(stored).map_err(corrupt)?;
                 self.pending.insert(sent.command_id.clone(), sent);
             }
             REPLY_RECEIVED => {
-                let (value, what) = read(REPLY_RECEIVED)?;
-                let reply: ReplyRecord =
-                    serde_json::from_value(value).map_err(|e| corrupt(format!("{what}: {e}")))?;
+                let reply: ReplyRecord = parse(stored).map_err(corrupt)?;
                 self.pending.remove(&reply.command_id);
             }
             TIMER_SET => {
-                let (value, what) = read(TIMER_SET)?;
-                let timer: TimerRecord =
-                    serde_json::from_value(value).map_err(|e| corrupt(format!("{what}: {e}")))?;
+                let timer = record()?;
                 self.timers.insert(timer.name.clone(), timer);
             }
             TIMER_CANCELLED | TIMER_FIRED => {
-                let (value, what) = read(&stored.event_type)?;
-                let timer: TimerRecord =
-                    serde_json::from_value(value).map_err(|e| corrupt(format!("{what}: {e}")))?;
-                if self.timers.get(&timer.name).map(|t| &t.token) == Some(&timer.token) {
+                let timer = record()?;
+                if self.armed(&timer.name, &timer.token) {
                     self.timers.remove(&timer.name);
                 }
             }
             ENDED => {
-                let (value, what) = read(ENDED)?;
-                let end: EndRecord =
-                    serde_json::from_value(value).map_err(|e| corrupt(format!("{what}: {e}")))?;
+                let end: EndRecord = parse(stored).map_err(corrupt)?;
                 self.ended = Some(end.ending);
             }
             other if other.starts_with(RECORD_PREFIX) => {
@@ -252,7 +239,8 @@ impl<S: Default> Instance<S> {
         }
         let step = self.steps.len();
         let mut timers = self.timers.clone();
-        if let Some(Incoming::Timer { name }) = Some(input) {
+        // A timer that fired is disarmed by firing.
+        if let Incoming::Timer { name } = input {
             timers.remove(name);
         }
         let invalid = |message: String| StepError::InvalidAction {
@@ -342,23 +330,26 @@ impl<S: Default> Instance<S> {
 /// Whether a stored record is a timer being set, and which.
 pub(crate) fn timer_set(stored: &StoredEvent) -> Option<TimerRecord> {
     (stored.event_type == TIMER_SET)
-        .then(|| serde_json::from_slice(&stored.payload).ok())
+        .then(|| parse(stored).ok())
         .flatten()
 }
 
 /// Whether a stored record is a timer being cancelled, and which.
 pub(crate) fn timer_cancelled(stored: &StoredEvent) -> Option<TimerRecord> {
     (stored.event_type == TIMER_CANCELLED)
-        .then(|| serde_json::from_slice(&stored.payload).ok())
+        .then(|| parse(stored).ok())
         .flatten()
 }
 
 /// Whether a stored record is a command to send, and which.
 pub(crate) fn command_sent(stored: &StoredEvent) -> Option<Result<Sent, String>> {
-    (stored.event_type == COMMAND_SENT).then(|| {
-        serde_json::from_slice(&stored.payload)
-            .map_err(|e| format!("{COMMAND_SENT} at sequence {}: {e}", stored.seq))
-    })
+    (stored.event_type == COMMAND_SENT)
+        .then(|| parse(stored).map_err(|e| format!("at sequence {}: {e}", stored.seq)))
+}
+
+/// A runtime record's payload.
+fn parse<T: serde::de::DeserializeOwned>(stored: &StoredEvent) -> Result<T, String> {
+    serde_json::from_slice(&stored.payload).map_err(|e| format!("{}: {e}", stored.event_type))
 }
 
 fn record_of<T: Serialize>(event_type: &str, record: &T, id: &str) -> Result<NewEvent, StepError> {
@@ -410,6 +401,179 @@ fn due_at(now: i64, after: Duration) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Recorded;
+    use crate::aggregate::Rejection;
+    use crate::process::Outcome;
+    use bytes::Bytes;
+    use serde_json::json;
+
+    #[derive(Default)]
+    struct Order;
+    #[derive(serde::Deserialize, schemars::JsonSchema)]
+    enum OrderCommand {}
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+    enum OrderEvent {
+        Placed {},
+    }
+    impl Aggregate for Order {
+        const NAME: &'static str = "order";
+        type Command = OrderCommand;
+        type Event = OrderEvent;
+        fn decide(&self, c: OrderCommand) -> Result<Vec<OrderEvent>, Rejection> {
+            match c {}
+        }
+        fn evolve(self, _: &OrderEvent) -> Self {
+            self
+        }
+    }
+
+    /// On an order: note it, ask for payment, arm a timer; on any reply or timer: end.
+    struct Payment {
+        bad_timer: bool,
+    }
+    #[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
+    enum Noted {
+        Asked {},
+    }
+    impl ProcessManager for Payment {
+        const NAME: &'static str = "payment";
+        type Source = Order;
+        type State = u32;
+        type Event = Noted;
+        fn correlate(&self, e: &Recorded<OrderEvent>) -> Option<String> {
+            Some(e.aggregate_id.clone())
+        }
+        fn react(&self, _: &u32, input: &Incoming<OrderEvent>) -> Vec<Action<Noted>> {
+            match input {
+                Incoming::Event(_) => vec![
+                    Action::record(Noted::Asked {}),
+                    Action::send("pay", "o1", "charge", json!({})),
+                    Action::timer(
+                        if self.bad_timer { "a b" } else { "t" },
+                        Duration::from_secs(5),
+                    ),
+                ],
+                _ => vec![Action::complete()],
+            }
+        }
+        fn evolve(&self, asked: u32, _: &Noted) -> u32 {
+            asked + 1
+        }
+    }
+
+    fn stored(plan: &Plan, step: &str, first_seq: u64) -> Vec<StoredEvent> {
+        plan.records
+            .iter()
+            .enumerate()
+            .map(|(n, record)| StoredEvent {
+                seq: first_seq + n as u64,
+                event_type: record.event_type.clone(),
+                version: 1,
+                time: None,
+                command_id: Some(step.to_owned()),
+                fingerprint: None,
+                payload: Bytes::from(record.payload.clone()),
+            })
+            .collect()
+    }
+
+    fn placed() -> Input<Payment> {
+        Incoming::Event(Recorded::new(1, "o1", "Placed", OrderEvent::Placed {}))
+    }
+
+    /// The instance after the order was placed: the charge pending, timer `t` armed.
+    fn started() -> (Instance<u32>, Vec<StoredEvent>, Sent) {
+        let pm = Payment { bad_timer: false };
+        let plan = Instance::<u32>::default()
+            .plan(&pm, "o1", &placed(), None, 0)
+            .unwrap();
+        assert!(plan.started);
+        assert_eq!((plan.sends, plan.timers_set), (1, 1));
+        let history = stored(&plan, "evt-1", 1);
+        let instance = Instance::fold(&pm, "o1", &history).unwrap();
+        let sent = instance.pending.values().next().cloned().unwrap();
+        (instance, history, sent)
+    }
+
+    #[test]
+    fn a_step_records_events_commands_and_timers_and_the_fold_reads_them_back() {
+        let (instance, _, sent) = started();
+        assert_eq!(instance.state, 1);
+        assert!(instance.steps.contains("evt-1"));
+        assert_eq!(sent.command_id, "pm.payment.o1.0.1");
+        assert_eq!(instance.timers["t"].token, "0-2");
+        assert_eq!(
+            instance.timers["t"].at.as_deref(),
+            Some("1970-01-01T00:00:05Z")
+        );
+    }
+
+    #[test]
+    fn ending_cancels_the_armed_timers_in_the_same_write_and_later_inputs_are_ignored() {
+        let pm = Payment { bad_timer: false };
+        let (instance, mut history, sent) = started();
+        let reply = Incoming::Reply {
+            sent: sent.clone(),
+            outcome: Outcome::Accepted { seq: 9 },
+        };
+        let plan = instance.plan(&pm, "o1", &reply, None, 0).unwrap();
+        let types: Vec<_> = plan.records.iter().map(|r| r.event_type.as_str()).collect();
+        assert_eq!(types, [REPLY_RECEIVED, TIMER_CANCELLED, ENDED]);
+        history.extend(stored(&plan, "reply-x", 10));
+        let ended = Instance::fold(&pm, "o1", &history).unwrap();
+        assert!(ended.pending.is_empty() && ended.timers.is_empty());
+        assert_eq!(ended.ended, Some(Ending::Completed));
+        let timer = Incoming::Timer { name: "t".into() };
+        let late = ended.plan(&pm, "o1", &timer, Some("0-2"), 0).unwrap();
+        assert!(late.records.is_empty(), "a timer after the end counts");
+    }
+
+    #[test]
+    fn a_reply_to_no_pending_command_and_a_stale_timer_token_are_ignored() {
+        let pm = Payment { bad_timer: false };
+        let (instance, _, sent) = started();
+        let stray = Incoming::Reply {
+            sent: Sent {
+                command_id: "pm.payment.o1.7.0".into(),
+                ..sent
+            },
+            outcome: Outcome::Accepted { seq: 1 },
+        };
+        assert!(
+            instance
+                .plan(&pm, "o1", &stray, None, 0)
+                .unwrap()
+                .records
+                .is_empty()
+        );
+        let timer = Incoming::Timer { name: "t".into() };
+        let stale = instance.plan(&pm, "o1", &timer, Some("0-1"), 0).unwrap();
+        assert!(stale.records.is_empty());
+        let due = instance.plan(&pm, "o1", &timer, Some("0-2"), 0).unwrap();
+        assert_eq!(due.records[0].event_type, TIMER_FIRED);
+    }
+
+    #[test]
+    fn an_invalid_timer_name_is_refused_naming_it() {
+        let pm = Payment { bad_timer: true };
+        let err = Instance::<u32>::default()
+            .plan(&pm, "o1", &placed(), None, 0)
+            .unwrap_err();
+        assert!(err.to_string().contains(r#"timer name "a b""#), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_runtime_record_makes_the_instance_unreadable() {
+        let pm = Payment { bad_timer: false };
+        let (_, mut history, _) = started();
+        history[0].event_type = "jetfn.Something".into();
+        let err = Instance::fold(&pm, "o1", &history).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("unknown runtime record jetfn.Something"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn command_ids_are_deterministic_and_bounded() {

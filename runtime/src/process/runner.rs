@@ -546,7 +546,6 @@ impl<P: ProcessManager> Core<P> {
             Role::Timers => &self.names.timer_stream,
         };
         let seq = stream_seq(message).unwrap_or(0);
-        let deliveries = message.info().map(|info| info.delivered).unwrap_or(0);
         tracing::warn!(
             process_manager = P::NAME,
             stream,
@@ -556,10 +555,7 @@ impl<P: ProcessManager> Core<P> {
         );
         // The dead-letter stream is retried until it answers; it cannot fail otherwise.
         let service = self.names.service();
-        let _ = dead_letters::send(
-            &self.js, stream, &service, 0, message, seq, error, deliveries,
-        )
-        .await;
+        let _ = dead_letters::send(&self.js, stream, &service, 0, message, seq, error).await;
         self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
     }
 }

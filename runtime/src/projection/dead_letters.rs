@@ -155,8 +155,8 @@ pub(crate) async fn send(
     message: &Message,
     seq: u64,
     error: &str,
-    deliveries: i64,
 ) -> Result<(), Error> {
+    let deliveries = message.info().map(|info| info.delivered).unwrap_or(0);
     let mut headers = copy_headers(message.headers.as_ref());
     headers.insert(
         async_nats::header::NATS_MESSAGE_ID,

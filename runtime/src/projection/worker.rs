@@ -407,7 +407,6 @@ impl<P: Projection> Worker<P> {
             error,
             "dead-lettering event"
         );
-        let deliveries = message.info().map(|info| info.delivered).unwrap_or(0);
         dead_letters::send(
             &self.context.js,
             &self.context.source.stream,
@@ -416,7 +415,6 @@ impl<P: Projection> Worker<P> {
             message,
             seq,
             error,
-            deliveries,
         )
         .await?;
         self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
