@@ -52,6 +52,7 @@ mod permissions;
 pub mod process;
 pub mod projection;
 pub mod readmodel;
+mod running;
 pub mod schema;
 pub mod store;
 pub mod telemetry;

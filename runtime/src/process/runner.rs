@@ -96,13 +96,7 @@ impl<P: ProcessManager> ProcessManagerFunction<P> {
 
     /// Connects, provisions the instance and timer streams and the consumers, and starts.
     pub async fn start(self) -> Result<RunningProcessManager, Error> {
-        let config = match self.config {
-            Some(config) => {
-                config.validate()?;
-                config
-            }
-            None => Config::load()?,
-        };
+        let config = Config::given_or_load(self.config)?;
         let names = ProcessNames::new(P::NAME)?;
         let source = AggregateNames::new(<P::Source as Aggregate>::NAME, &config)?;
         let client = config.nats.connect(&names.connection()).await?;
@@ -192,57 +186,32 @@ impl<P: ProcessManager> ProcessManagerFunction<P> {
             "process manager ready"
         );
         Ok(RunningProcessManager {
-            stop: stop_tx,
-            tasks,
-            service: Some(service),
-            _health: health,
+            running: crate::running::Tasks {
+                stop: stop_tx,
+                tasks,
+                service: Some(service),
+                health,
+            },
         })
     }
 }
 
 /// A running process manager function.
 pub struct RunningProcessManager {
-    stop: watch::Sender<bool>,
-    tasks: JoinSet<Result<(), Error>>,
-    service: Option<service::Service>,
-    _health: Option<crate::health::HealthServer>,
+    running: crate::running::Tasks,
 }
 
 impl RunningProcessManager {
     /// Stops pulling, finishes the inputs in flight and returns.
-    pub async fn stop(mut self) -> Result<(), Error> {
-        let _ = self.stop.send(true);
-        if let Some(service) = self.service.take() {
-            let _ = service.stop().await;
-        }
-        let mut result = Ok(());
-        while let Some(joined) = self.tasks.join_next().await {
-            match joined {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => result = Err(err),
-                Err(err) => result = Err(Error::Service(format!("consumer task failed: {err}"))),
-            }
-        }
-        result
+    pub async fn stop(self) -> Result<(), Error> {
+        self.running.stop("consumer task").await
     }
 
     /// Runs until `signal`, then stops as [`RunningProcessManager::stop`] does.
-    pub async fn stop_on(mut self, signal: impl Future<Output = ()>) -> Result<(), Error> {
-        tokio::pin!(signal);
-        loop {
-            tokio::select! {
-                () = &mut signal => {
-                    tracing::info!("shutting down: finishing inputs in flight");
-                    return self.stop().await;
-                }
-                Some(joined) = self.tasks.join_next() => {
-                    if let Ok(Err(err)) = joined {
-                        let _ = self.stop.send(true);
-                        return Err(err);
-                    }
-                }
-            }
-        }
+    pub async fn stop_on(self, signal: impl Future<Output = ()>) -> Result<(), Error> {
+        self.running
+            .stop_on(signal, "finishing inputs in flight", "consumer task")
+            .await
     }
 }
 
