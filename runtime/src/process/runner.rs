@@ -605,7 +605,10 @@ async fn consume<P: ProcessManager>(
             let message = match next {
                 Some(Ok(message)) => message,
                 Some(Err(err)) => {
+                    // Missed heartbeats and the like pass; a consumer that went away fails
+                    // every pull, so pause rather than spin.
                     tracing::debug!(process_manager = P::NAME, ?role, error = %err, "pull");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
                 None => continue 'bind,
