@@ -25,7 +25,7 @@ use tokio::time::timeout;
 
 const EXAMPLES: &str = "\
 Examples:
-  jetfn dev                                   # private nats-server + redis-server, both functions
+  jetfn dev                                   # private nats-server + redis-server, every example function
   jetfn dev --functions account               # only the command function
   NATS_URL=nats://127.0.0.1:4222 REDIS_URL=redis://127.0.0.1:6379 jetfn dev   # your own servers
 
@@ -60,7 +60,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "account,account-projection",
+        default_value = "account,account-projection,transfer,transfer-manager,transfer-projection",
         value_name = "NAMES"
     )]
     functions: Vec<String>,

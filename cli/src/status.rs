@@ -18,7 +18,7 @@ Examples:
   jetfn status --json | jq '.projections[] | {name, lag}'
 
 Functions are found with $SRV.PING (replies collected for --wait), then asked $SRV.INFO and
-$SRV.STATS. KIND is the jetfn.kind metadata (command or projection); REQUESTS/PROCESSED is the
+$SRV.STATS. KIND is the jetfn.kind metadata (command, projection or process-manager); REQUESTS/PROCESSED is the
 requests a command function answered, or the events a projection applied; ERRORS counts conflict
 and unavailable replies of command functions, and failed batches of projections. Projection
 numbers come from their STATS data, refreshed about once a second.";
@@ -123,6 +123,11 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         .filter(|(_, s)| s.kind == names::KIND_PROJECTION)
         .map(|(name, s)| projection_json(name, s))
         .collect();
+    let process_managers: Vec<Value> = services
+        .iter()
+        .filter(|(_, s)| s.kind == names::KIND_PROCESS_MANAGER)
+        .map(|(name, s)| process_manager_json(name, s))
+        .collect();
 
     if global.json {
         let streams = match &streams {
@@ -134,6 +139,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
             "functions": functions,
             "streams": streams,
             "projections": projections,
+            "process_managers": process_managers,
         }));
         return Ok(ExitCode::SUCCESS);
     }
@@ -208,7 +214,77 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
             &rows,
         ));
     }
+    if !process_managers.is_empty() {
+        say("");
+        say("PROCESS MANAGERS (instance counts since each instance started)");
+        let rows: Vec<Vec<String>> = process_managers
+            .iter()
+            .map(|p| {
+                vec![
+                    text(&p["name"]),
+                    text(&p["open"]),
+                    text(&p["completed"]),
+                    text(&p["compensated"]),
+                    text(&p["pending_commands"]),
+                    format!("{}/{}", text(&p["timers_set"]), text(&p["timers_fired"])),
+                    text(&p["dead_letters"]),
+                ]
+            })
+            .collect();
+        say(table(
+            &[
+                "NAME",
+                "OPEN",
+                "COMPLETED",
+                "COMPENSATED",
+                "PENDING_COMMANDS",
+                "TIMERS_SET/FIRED",
+                "DEAD_LETTERS",
+            ],
+            &rows,
+        ));
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A process manager's row: counters summed over its instances; the pending commands are the
+/// outbox consumer's, which every instance reports alike, so the largest report is taken.
+fn process_manager_json(name: &str, service: &Service) -> Value {
+    let sum = |group: &str, key: &str| -> u64 {
+        service
+            .data
+            .iter()
+            .filter_map(|d| {
+                d.get(group)
+                    .and_then(|g| g.get(key))
+                    .and_then(Value::as_u64)
+            })
+            .fold(0, u64::saturating_add)
+    };
+    let pending = service
+        .data
+        .iter()
+        .filter_map(|d| d.pointer("/commands/pending").and_then(Value::as_u64))
+        .max();
+    json!({
+        "name": name,
+        "instances": service.instances.len(),
+        "stream": service.metadata.get(meta::STREAM),
+        "instance_stream": service.metadata.get(meta::INSTANCES),
+        "timer_stream": service.metadata.get(meta::TIMERS),
+        "started": sum("instances", "started"),
+        "open": sum("instances", "open"),
+        "completed": sum("instances", "completed"),
+        "compensated": sum("instances", "compensated"),
+        "pending_commands": pending,
+        "commands_in_flight": sum("commands", "in_flight"),
+        "commands_retried": sum("commands", "retried"),
+        "timers_set": sum("timers", "set"),
+        "timers_fired": sum("timers", "fired"),
+        "timers_ignored": sum("timers", "ignored"),
+        "dead_letters": sum_data(&service.data, "dead_letters"),
+        "errors": sum_data(&service.data, "errors"),
+    })
 }
 
 /// Publishes an empty request on `subject` and collects the JSON replies until `wait` passes or
@@ -276,7 +352,7 @@ fn add_stats(service: &mut Service, stats: &Value) {
         let count = |key: &str| data.get(key).and_then(Value::as_u64).unwrap_or(0);
         let errors = match service.metadata.get(meta::KIND).map(String::as_str) {
             Some(names::KIND_COMMAND) => count("conflict").saturating_add(count("unavailable")),
-            Some(names::KIND_PROJECTION) => count("errors"),
+            Some(names::KIND_PROJECTION | names::KIND_PROCESS_MANAGER) => count("errors"),
             _ => 0,
         };
         service.errors = service.errors.saturating_add(errors);

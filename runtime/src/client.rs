@@ -175,6 +175,20 @@ impl CommandClient {
         Err(last)
     }
 
+    /// Sends command `command` with JSON `body` to aggregate `id` of type `aggregate` under
+    /// `command_id`, once: the reply as it came, `unavailable` included.
+    pub(crate) async fn send_once(
+        &self,
+        aggregate: &str,
+        id: &str,
+        command: &str,
+        body: Vec<u8>,
+        command_id: &str,
+    ) -> Result<Reply, ClientError> {
+        let subject = CommandSubjects::new(self.prefix.as_deref(), aggregate).subject(id, command);
+        self.request(&subject, command_id, body).await
+    }
+
     async fn request(
         &self,
         subject: &str,

@@ -387,6 +387,18 @@ impl fmt::Debug for Secret {
 }
 
 impl Config {
+    /// `given` validated, or, without one, [`Config::load`]: what a function builder's
+    /// `with_config` chooses between.
+    pub fn given_or_load(given: Option<Config>) -> Result<Config, ConfigError> {
+        match given {
+            Some(config) => {
+                config.validate()?;
+                Ok(config)
+            }
+            None => Config::load(),
+        }
+    }
+
     /// Loads `jetfn.toml` (or `$JETFN_CONFIG`), then `JETFN_*` variables, then `NATS_URL`,
     /// and validates the result.
     pub fn load() -> Result<Config, ConfigError> {

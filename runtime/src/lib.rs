@@ -30,6 +30,8 @@
 //! * [`client`]: a typed client that sends commands with idempotency keys and retries;
 //! * [`store`]: the JetStream event store (load by direct get, append with OCC);
 //! * [`projection`]: projection functions, exactly-once into Redis, rebuilds, dead letters;
+//! * [`process`]: process managers, workflows across aggregates with exactly-once effects and
+//!   durable timers;
 //! * [`readmodel`]: the Redis key layout, the atomic apply step and read-your-writes;
 //! * [`schema`]: JSON Schemas of commands, events and replies, generated from the types;
 //! * [`config`]: configuration from `jetfn.toml` and the environment;
@@ -47,8 +49,10 @@ mod direct;
 pub mod fuzzing;
 mod health;
 mod permissions;
+pub mod process;
 pub mod projection;
 pub mod readmodel;
+mod running;
 pub mod schema;
 pub mod store;
 pub mod telemetry;
@@ -63,6 +67,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub use aggregate::{Aggregate, Rejection};
 pub use command::{Reply, command_function};
 pub use config::Config;
+pub use process::{Action, Incoming, ProcessManager, process_manager_function};
 pub use projection::{Projection, Recorded, Refusal, projection_function};
 pub use readmodel::RedisWrites;
 

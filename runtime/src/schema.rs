@@ -45,6 +45,15 @@ where
     )
 }
 
+/// One schema per event type of process manager `P`'s instances (on `pm.<name>.<id>`).
+pub fn process_event_schemas<P: crate::process::ProcessManager>() -> BTreeMap<String, Value> {
+    split_variants(
+        schemars::schema_for!(P::Event).to_value(),
+        &format!("pm.{}:event", P::NAME),
+        "The payload of process manager event `{name}` (header `ce-type`).",
+    )
+}
+
 /// The reply envelope of every command function.
 pub fn reply_schema() -> Value {
     // Registers Accepted, Failure and ErrorKind (with its codes) under $defs.

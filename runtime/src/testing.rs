@@ -89,3 +89,95 @@ where
         }
     }
 }
+
+/// Starts a process manager scenario from the instance's own events that already happened.
+///
+/// ```
+/// # use jetfn::process::{Action, Incoming, ProcessManager};
+/// # use jetfn::{Aggregate, Recorded, Rejection};
+/// # #[derive(Default)] struct Order;
+/// # #[derive(serde::Deserialize, schemars::JsonSchema)] enum Command {}
+/// # #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+/// # enum Event { Placed {} }
+/// # impl Aggregate for Order {
+/// #     const NAME: &'static str = "order";
+/// #     type Command = Command; type Event = Event;
+/// #     fn decide(&self, c: Command) -> Result<Vec<Event>, Rejection> { match c {} }
+/// #     fn evolve(self, _: &Event) -> Self { self }
+/// # }
+/// # #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+/// # enum Seen { Noted {} }
+/// # struct Notes;
+/// # impl ProcessManager for Notes {
+/// #     const NAME: &'static str = "notes";
+/// #     type Source = Order; type State = bool; type Event = Seen;
+/// #     fn correlate(&self, e: &Recorded<Event>) -> Option<String> { Some(e.aggregate_id.clone()) }
+/// #     fn react(&self, noted: &bool, _: &Incoming<Event>) -> Vec<Action<Seen>> {
+/// #         if *noted { vec![] } else { vec![Action::record(Seen::Noted {})] }
+/// #     }
+/// #     fn evolve(&self, _: bool, _: &Seen) -> bool { true }
+/// # }
+/// use jetfn::testing::given_process;
+///
+/// let placed = Incoming::Event(Recorded::new(1, "o1", "Placed", Event::Placed {}));
+/// given_process(&Notes, []).when(&placed).then([Action::record(Seen::Noted {})]);
+/// given_process(&Notes, [Seen::Noted {}]).when(&placed).then([]);
+/// ```
+pub fn given_process<P: crate::process::ProcessManager>(
+    pm: &P,
+    events: impl IntoIterator<Item = P::Event>,
+) -> GivenProcess<'_, P> {
+    let state = events
+        .into_iter()
+        .fold(P::State::default(), |state, event| pm.evolve(state, &event));
+    GivenProcess { pm, state }
+}
+
+/// A process manager instance's state built from the given events.
+pub struct GivenProcess<'p, P: crate::process::ProcessManager> {
+    pm: &'p P,
+    state: P::State,
+}
+
+type SourceEvent<P> =
+    <<P as crate::process::ProcessManager>::Source as crate::aggregate::Aggregate>::Event;
+
+impl<'p, P: crate::process::ProcessManager> GivenProcess<'p, P> {
+    /// Reacts to one input in that state.
+    pub fn when(self, input: &crate::process::Incoming<SourceEvent<P>>) -> ThenProcess<P> {
+        ThenProcess {
+            actions: self.pm.react(&self.state, input),
+        }
+    }
+
+    /// The state itself, for assertions on it.
+    pub fn state(&self) -> &P::State {
+        &self.state
+    }
+}
+
+/// What the process manager decided to do.
+#[must_use = "a given/when without a `then` checks nothing"]
+pub struct ThenProcess<P: crate::process::ProcessManager> {
+    actions: Vec<crate::process::Action<P::Event>>,
+}
+
+impl<P: crate::process::ProcessManager> ThenProcess<P>
+where
+    P::Event: Debug + PartialEq,
+{
+    /// Asserts exactly these actions, in order: events recorded, commands sent, timers.
+    #[track_caller]
+    pub fn then(self, expected: impl IntoIterator<Item = crate::process::Action<P::Event>>) {
+        let expected: Vec<_> = expected.into_iter().collect();
+        assert_eq!(
+            self.actions, expected,
+            "the process manager reacted otherwise"
+        );
+    }
+
+    /// The actions, for assertions of their own.
+    pub fn actions(self) -> Vec<crate::process::Action<P::Event>> {
+        self.actions
+    }
+}

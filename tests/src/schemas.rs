@@ -4,7 +4,9 @@
 //! disk differ, so a changed command or event type cannot ship without its schema.
 
 use anyhow::{Context, Result};
-use jetfn::schema::{command_schemas, event_schemas, reply_schema, schema_of};
+use jetfn::schema::{
+    command_schemas, event_schemas, process_event_schemas, reply_schema, schema_of,
+};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -17,6 +19,22 @@ pub fn generated() -> Vec<(PathBuf, String)> {
     for (name, schema) in event_schemas::<account::Account>() {
         files.push((format!("account/events/{name}.json").into(), schema));
     }
+    for (name, schema) in command_schemas::<transfer::Transfer>() {
+        files.push((format!("transfer/commands/{name}.json").into(), schema));
+    }
+    for (name, schema) in event_schemas::<transfer::Transfer>() {
+        files.push((format!("transfer/events/{name}.json").into(), schema));
+    }
+    for (name, schema) in process_event_schemas::<transfer_manager::TransferManager>() {
+        files.push((format!("pm.transfer/events/{name}.json").into(), schema));
+    }
+    files.push((
+        "transfer-status/transfer.json".into(),
+        schema_of::<transfer::status::TransferRecord>(
+            "transfer-status:transfer",
+            "Read model {transfer-status}:g<G>:transfer:<id>",
+        ),
+    ));
     files.push(("reply.json".into(), reply_schema()));
     files.push((
         "account-balances/account.json".into(),

@@ -7,8 +7,9 @@
 //!
 //! Not checked: the "stored nothing" cases of P21 and P33 (the account example always stores an
 //! event or refuses), P49 beyond "unknown headers are `Nats-...`", P55's grace period as a slow
-//! reader sees it, P59 (advice) and P66 (trimming the change feed at about 10,000 entries). P3 is
-//! checked for `account` only.
+//! reader sees it, P59 (advice) and P66 (trimming the change feed at about 10,000 entries).
+//! P3 is checked for `account` only. P71 is checked in `functions/transfer/tests/rules.rs`, P72
+//! and P73 in `process_manager.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -125,13 +125,7 @@ impl<A: Aggregate> CommandFunction<A> {
     /// Connects, provisions the stream, ledger and snapshot buckets, and starts serving. The
     /// returned handle stops the function gracefully.
     pub async fn start(self) -> Result<RunningFunction, Error> {
-        let config = match self.config {
-            Some(config) => {
-                config.validate()?;
-                config
-            }
-            None => Config::load()?,
-        };
+        let config = Config::given_or_load(self.config)?;
         let names = AggregateNames::new(A::NAME, &config)?;
         let connection = config
             .nats

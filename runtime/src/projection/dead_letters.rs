@@ -145,22 +145,25 @@ pub(crate) async fn provision(js: &jetstream::Context, name: &str) -> Result<(),
 }
 
 /// Stores a dead letter; retries until JetStream has it, because the checkpoint will pass it.
-pub(crate) async fn send<P>(
-    context: &Context<P>,
+/// `projection` names the function that gave up on the event (a projection or a process
+/// manager), `source_stream` the stream it came from.
+pub(crate) async fn send(
+    js: &jetstream::Context,
+    source_stream: &str,
     projection: &str,
     generation: u64,
     message: &Message,
     seq: u64,
     error: &str,
-    deliveries: i64,
 ) -> Result<(), Error> {
+    let deliveries = message.info().map(|info| info.delivered).unwrap_or(0);
     let mut headers = copy_headers(message.headers.as_ref());
     headers.insert(
         async_nats::header::NATS_MESSAGE_ID,
         format!("{projection}:g{generation}:{seq}").as_str(),
     );
     headers.insert(PROJECTION, projection);
-    headers.insert(STREAM, context.source.stream.as_str());
+    headers.insert(STREAM, source_stream);
     headers.insert(SUBJECT, message.subject.as_str());
     headers.insert(SEQ, seq.to_string().as_str());
     headers.insert(ERROR, error.replace(['\r', '\n'], " ").as_str());
@@ -168,8 +171,7 @@ pub(crate) async fn send<P>(
     let subject = names::dlq_subject(projection);
     let mut pause = Duration::from_millis(100);
     loop {
-        let sent = match context
-            .js
+        let sent = match js
             .publish_with_headers(subject.clone(), headers.clone(), message.payload.clone())
             .await
         {
@@ -220,7 +222,7 @@ pub(crate) async fn replay<P: Projection>(
     let mut replayed = 0;
     for letter in letters.list(P::NAME).await? {
         let aggregate_id = letter.subject.rsplit('.').next().unwrap_or_default();
-        let writes = decode_recorded::<P>(
+        let writes = decode_recorded::<P::Source>(
             &context.upcasters,
             letter.seq,
             aggregate_id,

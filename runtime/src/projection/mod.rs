@@ -16,9 +16,9 @@
 mod balance;
 mod commit;
 mod control;
-mod dead_letters;
+pub(crate) mod dead_letters;
 mod rebuild;
-mod worker;
+pub(crate) mod worker;
 
 pub use dead_letters::{DeadLetter, DeadLetters};
 pub use rebuild::RebuildProgress;
@@ -197,13 +197,7 @@ impl<P: Projection> ProjectionFunction<P> {
     }
 
     fn config(&self) -> Result<Config, Error> {
-        match &self.config {
-            Some(config) => {
-                config.validate()?;
-                Ok(config.clone())
-            }
-            None => Ok(Config::load()?),
-        }
+        Ok(Config::given_or_load(self.config.clone())?)
     }
 
     /// Runs until SIGTERM or SIGINT, then stops after the batches in flight are committed.
@@ -296,11 +290,13 @@ impl<P: Projection> ProjectionFunction<P> {
         })
         .await?;
         Ok(RunningProjection {
-            stop: stop_tx,
-            tasks,
-            service: Some(service),
+            running: crate::running::Tasks {
+                stop: stop_tx,
+                tasks,
+                service: Some(service),
+                health,
+            },
             stats,
-            _health: health,
         })
     }
 
@@ -324,11 +320,8 @@ impl<P: Projection> ProjectionFunction<P> {
 
 /// A running projection function.
 pub struct RunningProjection {
-    stop: watch::Sender<bool>,
-    tasks: JoinSet<Result<(), Error>>,
-    service: Option<async_nats::service::Service>,
+    running: crate::running::Tasks,
     stats: Arc<Stats>,
-    _health: Option<crate::health::HealthServer>,
 }
 
 impl RunningProjection {
@@ -338,40 +331,16 @@ impl RunningProjection {
     }
 
     /// Stops after the batches in flight are committed and acknowledged.
-    pub async fn stop(mut self) -> Result<(), Error> {
-        let _ = self.stop.send(true);
-        if let Some(service) = self.service.take() {
-            let _ = service.stop().await;
-        }
-        let mut result = Ok(());
-        while let Some(joined) = self.tasks.join_next().await {
-            match joined {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => result = Err(err),
-                Err(err) => result = Err(Error::Service(format!("worker failed: {err}"))),
-            }
-        }
-        result
+    pub async fn stop(self) -> Result<(), Error> {
+        self.running.stop("worker").await
     }
 
     /// Runs until `signal`, then stops as [`RunningProjection::stop`] does. Returns early with
     /// the error if a partition fails for good.
-    pub async fn stop_on(mut self, signal: impl Future<Output = ()>) -> Result<(), Error> {
-        tokio::pin!(signal);
-        loop {
-            tokio::select! {
-                () = &mut signal => {
-                    tracing::info!("shutting down: committing batches in flight");
-                    return self.stop().await;
-                }
-                Some(joined) = self.tasks.join_next() => {
-                    if let Ok(Err(err)) = joined {
-                        let _ = self.stop.send(true);
-                        return Err(err);
-                    }
-                }
-            }
-        }
+    pub async fn stop_on(self, signal: impl Future<Output = ()>) -> Result<(), Error> {
+        self.running
+            .stop_on(signal, "committing batches in flight", "worker")
+            .await
     }
 }
 

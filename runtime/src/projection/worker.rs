@@ -407,15 +407,14 @@ impl<P: Projection> Worker<P> {
             error,
             "dead-lettering event"
         );
-        let deliveries = message.info().map(|info| info.delivered).unwrap_or(0);
         dead_letters::send(
-            &self.context,
+            &self.context.js,
+            &self.context.source.stream,
             P::NAME,
             self.generation,
             message,
             seq,
             error,
-            deliveries,
         )
         .await?;
         self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
@@ -478,7 +477,7 @@ impl<P: Projection> Worker<P> {
         aggregate_id: &str,
         event_type: &str,
     ) -> Result<Vec<Op>, String> {
-        let recorded = decode_recorded::<P>(
+        let recorded = decode_recorded::<P::Source>(
             &self.context.upcasters,
             seq,
             aggregate_id,
@@ -637,17 +636,18 @@ fn stream_seq(message: &Message) -> u64 {
     message.info().map(|info| info.stream_sequence).unwrap_or(0)
 }
 
-/// Decodes a stored event for a projection: the wire's decoding of the stored message, then
-/// the version check, upcasting and the event type's own decoding.
-pub(crate) fn decode_recorded<P: Projection>(
+/// Decodes a stored event of aggregate `A` for a consumer (a projection, a process manager):
+/// the wire's decoding of the stored message, then the version check, upcasting and the event
+/// type's own decoding.
+pub(crate) fn decode_recorded<A: Aggregate>(
     upcasters: &Upcasters,
     seq: u64,
     aggregate_id: &str,
     headers: Option<&async_nats::HeaderMap>,
     payload: bytes::Bytes,
-) -> Result<Recorded<<P::Source as Aggregate>::Event>, String> {
+) -> Result<Recorded<A::Event>, String> {
     let stored = StoredEvent::decode(seq, headers, payload).map_err(|e| e.reason)?;
-    let event = decode_stored::<P::Source>(
+    let event = decode_stored::<A>(
         upcasters,
         &stored.event_type,
         stored.version,

@@ -36,6 +36,10 @@ pub mod meta {
     pub const PARTITIONS: &str = "jetfn.partitions";
     /// A projection's Redis hash tag.
     pub const REDIS_TAG: &str = "jetfn.redis_tag";
+    /// A process manager's instance stream.
+    pub const INSTANCES: &str = "jetfn.instances";
+    /// A process manager's timer stream.
+    pub const TIMERS: &str = "jetfn.timers";
 }
 
 /// A name that cannot be used.
@@ -196,6 +200,8 @@ pub fn service_stats(name: &str) -> String {
 pub const KIND_COMMAND: &str = "command";
 /// The value of [`meta::KIND`] for a projection function.
 pub const KIND_PROJECTION: &str = "projection";
+/// The value of [`meta::KIND`] for a process manager.
+pub const KIND_PROCESS_MANAGER: &str = "process-manager";
 
 /// The bucket whose data `stream` holds, when it is a KV bucket's stream (`KV_<bucket>`).
 pub fn kv_bucket(stream: &str) -> Option<&str> {
@@ -221,6 +227,92 @@ pub fn dlq_subject(projection: &str) -> String {
 /// The durable consumer of one partition of one read-model version.
 pub fn projection_consumer(projection: &str, generation: u64, partition: u32) -> String {
     format!("{projection}-g{generation}-p{partition}")
+}
+
+/// Where one process manager keeps its instances, timers and consumers.
+///
+/// * instances: stream `PM_<NAME>`, one literal subject per instance `pm.<name>.<correlation>`;
+/// * timers: stream `PM_<NAME>_TIMERS` (message schedules need a stream of their own), the
+///   schedule of timer `t` of an instance on `jetfn.pm.<name>.timer.<correlation>.<t>` and its
+///   firing on `jetfn.pm.<name>.fired.<correlation>.<t>`;
+/// * durable consumers `pm-<name>-events` (source events), `pm-<name>-outbox` (the instance
+///   stream, which sends the recorded commands and timers) and `pm-<name>-timers` (fired
+///   timers);
+/// * the status endpoint `jetfn.pm.<name>.status`;
+/// * the NATS service `pm-<name>` (not `<name>`: a command function of that aggregate name may
+///   run too), whose name also heads its dead letters, `jetfn.dlq.pm-<name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessNames {
+    /// The process manager's name.
+    pub name: String,
+    /// The instance stream.
+    pub stream: String,
+    /// Instance `c` is stored on `<instance_prefix>.c`.
+    pub instance_prefix: String,
+    /// The timer stream.
+    pub timer_stream: String,
+}
+
+impl ProcessNames {
+    /// The names of process manager `name` (`[a-z0-9-]+`, like a projection's).
+    pub fn new(name: &str) -> Result<ProcessNames, NameError> {
+        check_projection_name(name).map_err(|e| NameError {
+            what: "process manager name",
+            ..e
+        })?;
+        let upper = name.to_ascii_uppercase().replace('-', "_");
+        Ok(ProcessNames {
+            name: name.to_owned(),
+            stream: format!("PM_{upper}"),
+            instance_prefix: format!("pm.{name}"),
+            timer_stream: format!("PM_{upper}_TIMERS"),
+        })
+    }
+
+    /// The stream metadata value that marks the instance stream as this process manager's.
+    pub fn owner(&self) -> String {
+        format!("pm.{}", self.name)
+    }
+
+    /// The subjects of the timer stream.
+    pub fn timer_subjects(&self) -> String {
+        format!("jetfn.pm.{}.>", self.name)
+    }
+
+    /// Where timer `timer` of instance `id` is scheduled.
+    pub fn timer_schedule(&self, id: &str, timer: &str) -> String {
+        format!("jetfn.pm.{}.timer.{id}.{timer}", self.name)
+    }
+
+    /// Where timer `timer` of instance `id` fires.
+    pub fn timer_fired(&self, id: &str, timer: &str) -> String {
+        format!("jetfn.pm.{}.fired.{id}.{timer}", self.name)
+    }
+
+    /// The filter of every fired timer.
+    pub fn timers_fired(&self) -> String {
+        format!("jetfn.pm.{}.fired.>", self.name)
+    }
+
+    /// The durable consumer of `role` (`events`, `outbox` or `timers`).
+    pub fn consumer(&self, role: &str) -> String {
+        format!("pm-{}-{role}", self.name)
+    }
+
+    /// The status endpoint.
+    pub fn status(&self) -> String {
+        format!("jetfn.pm.{}.{STATUS}", self.name)
+    }
+
+    /// The NATS connection name.
+    pub fn connection(&self) -> String {
+        format!("jetfn-pm-{}", self.name)
+    }
+
+    /// The NATS service name, and the name its dead letters are filed under.
+    pub fn service(&self) -> String {
+        format!("pm-{}", self.name)
+    }
 }
 
 /// Where an aggregate type's commands arrive: `[<prefix>.]cmd.<aggregate>.`.
@@ -348,6 +440,22 @@ mod tests {
         assert_eq!(
             err.to_string(),
             r#"aggregate name "Account" must match [a-z0-9_-]+"#
+        );
+    }
+
+    #[test]
+    fn process_manager_names_keep_instances_and_timers_apart() {
+        let names = ProcessNames::new("money-transfer").unwrap();
+        assert_eq!(names.stream, "PM_MONEY_TRANSFER");
+        assert_eq!(names.timer_stream, "PM_MONEY_TRANSFER_TIMERS");
+        assert_eq!(
+            names.timer_schedule("t1", "deadline"),
+            "jetfn.pm.money-transfer.timer.t1.deadline"
+        );
+        let err = ProcessNames::new("Transfer").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            r#"process manager name "Transfer" must match [a-z0-9-]+"#
         );
     }
 
