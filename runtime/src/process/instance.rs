@@ -88,6 +88,8 @@ pub(crate) struct Instance<S> {
     pub state: S,
     /// The stream sequence of its last record, 0 when new.
     pub last_seq: u64,
+    /// How many records it has.
+    pub version: u64,
     /// The ids of the steps recorded.
     pub steps: HashSet<String>,
     /// Commands sent whose final reply is not recorded, by command id.
@@ -102,6 +104,7 @@ impl<S: Default> Default for Instance<S> {
         Instance {
             state: S::default(),
             last_seq: 0,
+            version: 0,
             steps: HashSet::new(),
             pending: BTreeMap::new(),
             timers: BTreeMap::new(),
@@ -148,6 +151,7 @@ impl<S: Default> Instance<S> {
             message: format!("record at sequence {}: {message}", stored.seq),
         };
         self.last_seq = stored.seq;
+        self.version += 1;
         if let Some(step) = &stored.command_id {
             self.steps.insert(step.clone());
         }
@@ -472,6 +476,9 @@ mod tests {
                 time: None,
                 command_id: Some(step.to_owned()),
                 fingerprint: None,
+                previous_seq: None,
+                index: 0,
+                aggregate_version: None,
                 payload: Bytes::from(record.payload.clone()),
             })
             .collect()

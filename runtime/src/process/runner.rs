@@ -477,6 +477,7 @@ impl<P: ProcessManager> Core<P> {
             let append = Append {
                 aggregate_id: id,
                 expected_last_seq: instance.last_seq,
+                expected_version: instance.version,
                 command_id: step,
                 command: kind,
                 events: &plan.records,
