@@ -117,6 +117,7 @@ async fn main() -> Result<()> {
 struct Raw {
     request_reply: Samples,
     append: Samples,
+    direct_get: Samples,
     concurrent_appends: f64,
 }
 
@@ -124,6 +125,8 @@ async fn raw_limits(bench: &Bench) -> Result<Raw> {
     let request_reply = raw_request_reply(&bench.nats.url(), scaled(2000)).await?;
     raw_stream(&bench.client, "RAW_OCC", "raw.occ").await?;
     let append = raw_serial_appends(&bench.client, "raw.occ.serial", scaled(2000)).await?;
+    let direct_get =
+        raw_serial_direct_gets(&bench.client, "RAW_OCC", "raw.occ.serial", scaled(2000)).await?;
     let mut rates = Vec::new();
     for round in 0..3 {
         rates.push(
@@ -140,6 +143,7 @@ async fn raw_limits(bench: &Bench) -> Result<Raw> {
     Ok(Raw {
         request_reply,
         append,
+        direct_get,
         concurrent_appends: median(rates),
     })
 }
@@ -174,13 +178,21 @@ async fn serial_deposits(bench: &mut Bench, raw: &Raw) -> Result<()> {
         ),
         "-",
     );
+    // The bound while a command id unknown to the cache must be looked up before deciding.
+    bench.table.ratio(
+        "  same p50 (raw: request-reply + direct get (the ledger read) + OCC append, p50s)",
+        ms(samples.p50()),
+        ms(raw_sum + raw.direct_get.p50()),
+        "-",
+    );
     bench.table.row(
-        "  raw parts: core request-reply p50 / OCC append p50",
+        "  raw parts: core request-reply p50 / OCC append p50 / direct get p50",
         "-".into(),
         format!(
-            "{} / {}",
+            "{} / {} / {}",
             ms(raw.request_reply.p50()).text,
-            ms(raw.append.p50()).text
+            ms(raw.append.p50()).text,
+            ms(raw.direct_get.p50()).text
         ),
         "-".into(),
         "-",

@@ -664,6 +664,28 @@ pub async fn raw_serial_appends(
     Ok(Samples::new(samples))
 }
 
+/// `n` serial direct gets of the last message on `subject` of stream `stream`: the lookup a
+/// command's ledger read costs.
+pub async fn raw_serial_direct_gets(
+    client: &async_nats::Client,
+    stream: &str,
+    subject: &str,
+    n: usize,
+) -> Result<Samples> {
+    let api = format!("$JS.API.DIRECT.GET.{stream}");
+    let body = Bytes::from(serde_json::json!({ "last_by_subj": subject }).to_string());
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        client
+            .request(api.clone(), body.clone())
+            .await
+            .context("a raw direct get")?;
+        samples.push(started.elapsed());
+    }
+    Ok(Samples::new(samples))
+}
+
 /// `total` OCC appends over `subjects` subjects (`<prefix><k>`) with `in_flight` outstanding:
 /// each of `in_flight` workers owns `subjects / in_flight` subjects and appends to them in turn,
 /// so no append conflicts. Returns appends per second.
