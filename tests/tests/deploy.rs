@@ -101,6 +101,7 @@ fn default_account_store(client: async_nats::Client) -> EventStore {
             duplicate_window: config.stream.duplicate_window,
             max_bytes: config.stream.max_bytes,
             timeout: config.nats.request_timeout,
+            api_prefix: config.nats.jetstream_api(),
         },
     )
 }
