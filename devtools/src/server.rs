@@ -374,6 +374,8 @@ pub struct Nats {
     config: Option<String>,
     /// The user and password the readiness probe logs in with.
     login: Option<(String, String)>,
+    /// JetStream on (`-js -sd`); off for a leaf node that uses its hub's.
+    jetstream: bool,
 }
 
 /// A private `nats-server` with JetStream enabled, listening on a free loopback port, with its
@@ -415,14 +417,18 @@ impl Flavor for Nats {
         if self.config.is_some() {
             args.extend(["-c".into(), dir.join("nats.conf").into()]);
         }
-        args.extend(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"].map(OsString::from));
-        args.push(dir.join(Self::NAME).into());
+        args.extend(["-a", "127.0.0.1", "-p", &port.to_string()].map(OsString::from));
+        if self.jetstream {
+            args.extend(["-js", "-sd"].map(OsString::from));
+            args.push(dir.join(Self::NAME).into());
+        }
         args.extend(["--server_name", &self.name].map(OsString::from));
         args
     }
 
     /// Ready = we reach *our* server (not another one that grabbed the port) and JetStream
-    /// answers.
+    /// answers (when it runs one; in a cluster that takes a meta leader, so start the nodes
+    /// together).
     async fn probe(&self, url: &str, _pid: u32) -> Result<(), String> {
         let options = match &self.login {
             Some((user, password)) => {
@@ -441,6 +447,9 @@ impl Flavor for Nats {
                 "{url} is answered by another server ({:?}), not ours",
                 info.server_name
             ));
+        }
+        if !self.jetstream {
+            return Ok(());
         }
         async_nats::jetstream::new(client)
             .query_account()
@@ -482,6 +491,13 @@ impl Builder<Nats> {
         self.flavor.login = Some((user.into(), password.into()));
         self
     }
+
+    /// Runs no JetStream (no `-js`), as a leaf node that uses its hub's does; ready as soon as a
+    /// client reaches it.
+    pub fn without_jetstream(mut self) -> Self {
+        self.flavor.jetstream = false;
+        self
+    }
 }
 
 impl Server<Nats> {
@@ -491,6 +507,7 @@ impl Server<Nats> {
             name: unique_name(),
             config: None,
             login: None,
+            jetstream: true,
         })
     }
 
