@@ -516,3 +516,21 @@ pub fn assert_running(process: &mut FunctionProcess) {
         process.log()
     );
 }
+
+/// The longest time between two consecutive acceptances (or from `from` to the first one)
+/// within `from..=to`: how long no command got through.
+pub fn longest_silence(acked: &[Acked], from: Instant, to: Instant) -> Duration {
+    let mut times: Vec<Instant> = acked
+        .iter()
+        .map(|a| a.answered.answered_at)
+        .filter(|at| *at >= from && *at <= to)
+        .collect();
+    times.sort();
+    let mut previous = from;
+    let mut longest = Duration::ZERO;
+    for at in times {
+        longest = longest.max(at - previous);
+        previous = at;
+    }
+    longest
+}

@@ -89,7 +89,7 @@ impl Edge {
 }
 
 /// Starts the 3-node cluster of `deploy/nats/cluster/` on free ports (client, route, leaf node
-/// and monitoring ports all moved), every node at once.
+/// and monitoring ports all moved, the store in a temporary directory), every node at once.
 pub async fn start_cluster() -> Result<NatsCluster> {
     let ports = free_ports(9)?;
     let mut moved: Vec<(u16, u16)> = Vec::new();
@@ -101,6 +101,13 @@ pub async fn start_cluster() -> Result<NatsCluster> {
     let mut builders = Vec::new();
     for node in 1..=3 {
         let text = deploy_nats_config(&format!("cluster/node-{node}.conf"))?;
+        // The store is the harness's (`-sd`, a temporary directory): nats-server refuses a
+        // second `store_dir`.
+        let text: String = text
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("store_dir:"))
+            .map(|line| format!("{line}\n"))
+            .collect();
         builders.push(NatsServer::builder().config(rewrite_ports(&text, &moved)));
     }
     Ok(NatsCluster::start(builders).await?)
