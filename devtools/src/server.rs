@@ -376,6 +376,8 @@ pub struct Nats {
     login: Option<(String, String)>,
     /// JetStream on (`-js -sd`); off for a leaf node that uses its hub's.
     jetstream: bool,
+    /// The CA, certificate and key the readiness probe connects with over TLS.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 /// A private `nats-server` with JetStream enabled, listening on a free loopback port, with its
@@ -430,12 +432,18 @@ impl Flavor for Nats {
     /// answers (when it runs one; in a cluster that takes a meta leader, so start the nodes
     /// together).
     async fn probe(&self, url: &str, _pid: u32) -> Result<(), String> {
-        let options = match &self.login {
+        let mut options = match &self.login {
             Some((user, password)) => {
                 async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
             }
             None => async_nats::ConnectOptions::new(),
         };
+        if let Some((ca, cert, key)) = &self.tls {
+            options = options
+                .require_tls(true)
+                .add_root_certificates(ca.clone())
+                .add_client_certificate(cert.clone(), key.clone());
+        }
         let client = options
             .connection_timeout(Duration::from_millis(500))
             .connect(url)
@@ -492,6 +500,19 @@ impl Builder<Nats> {
         self
     }
 
+    /// The readiness probe connects over TLS, trusting the PEM CA file `ca` and presenting the
+    /// client certificate `cert` with key `key`, for a configuration whose `tls` block requires
+    /// them. [`Server::connect`] stays plain: such a server's clients bring their own options.
+    pub fn probe_tls(
+        mut self,
+        ca: impl Into<PathBuf>,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
+        self.flavor.tls = Some((ca.into(), cert.into(), key.into()));
+        self
+    }
+
     /// Runs no JetStream (no `-js`), as a leaf node that uses its hub's does; ready as soon as a
     /// client reaches it.
     pub fn without_jetstream(mut self) -> Self {
@@ -508,6 +529,7 @@ impl Server<Nats> {
             config: None,
             login: None,
             jetstream: true,
+            tls: None,
         })
     }
 

@@ -174,6 +174,9 @@ pub struct NatsConfig {
     pub creds_file: Option<PathBuf>,
     /// An nkey seed (`SU...`).
     pub nkey_seed: Option<Secret>,
+    /// A file holding an nkey seed (`SU...`, surrounding whitespace ignored), read at connect:
+    /// the seed stays out of the environment and the configuration. Not with `nkey_seed`.
+    pub nkey_seed_file: Option<PathBuf>,
     /// User name for user/password authentication.
     pub user: Option<String>,
     /// Password for user/password authentication.
@@ -214,6 +217,7 @@ impl Default for NatsConfig {
             name: None,
             creds_file: None,
             nkey_seed: None,
+            nkey_seed_file: None,
             user: None,
             password: None,
             token: None,
@@ -238,6 +242,7 @@ impl fmt::Debug for NatsConfig {
             .field("name", &self.name)
             .field("creds_file", &self.creds_file)
             .field("nkey_seed", &self.nkey_seed)
+            .field("nkey_seed_file", &self.nkey_seed_file)
             .field("user", &self.user)
             .field("password", &self.password)
             .field("token", &self.token)
@@ -444,6 +449,12 @@ impl Config {
         if self.nats.tls_cert.is_some() != self.nats.tls_key.is_some() {
             return invalid("nats.tls_cert", "tls_cert and tls_key must be set together");
         }
+        if self.nats.nkey_seed.is_some() && self.nats.nkey_seed_file.is_some() {
+            return invalid(
+                "nats.nkey_seed_file",
+                "set either nats.nkey_seed or nats.nkey_seed_file, not both",
+            );
+        }
         if self.nats.password.is_some() && self.nats.user.is_none() {
             return invalid("nats.user", "must be set when nats.password is");
         }
@@ -591,6 +602,12 @@ impl NatsConfig {
         if let Some(seed) = &self.nkey_seed {
             options = options.nkey(seed.expose().to_owned());
         }
+        if let Some(path) = &self.nkey_seed_file {
+            let seed = tokio::fs::read_to_string(path).await.map_err(|e| {
+                self.connect_error(format!("nats.nkey_seed_file {}: {e}", path.display()))
+            })?;
+            options = options.nkey(seed.trim().to_owned());
+        }
         if let (Some(user), Some(password)) = (&self.user, &self.password) {
             options = options.user_and_password(user.clone(), password.expose().to_owned());
         }
@@ -628,7 +645,30 @@ impl NatsConfig {
             .request_timeout(Some(self.request_timeout))
             .connect(addrs)
             .await
-            .map_err(|e| self.connect_error(e.to_string()))
+            .map_err(|e| self.connect_error(self.describe(&e)))
+    }
+
+    /// Why a connection failed, for people: a failed TLS handshake (which async-nats reports as
+    /// an I/O error with the TLS library's words) is called one, with the files it used.
+    fn describe(&self, error: &async_nats::ConnectError) -> String {
+        let reason = error.to_string();
+        let lower = reason.to_lowercase();
+        let tls = matches!(error.kind(), async_nats::ConnectErrorKind::Tls)
+            || ["certificate", "tls", "handshake", "alert"]
+                .iter()
+                .any(|word| lower.contains(word));
+        if !tls {
+            return reason;
+        }
+        let shown = |path: &Option<PathBuf>| {
+            path.as_ref()
+                .map_or("none".to_owned(), |p| p.display().to_string())
+        };
+        format!(
+            "TLS handshake failed (nats.tls_ca: {}, nats.tls_cert: {}): {reason}",
+            shown(&self.tls_ca),
+            shown(&self.tls_cert)
+        )
     }
 
     /// The prefix of every JetStream API subject: `$JS.<domain>.API` with `jetstream_domain`,
