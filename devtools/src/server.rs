@@ -378,6 +378,8 @@ pub struct Nats {
     jetstream: bool,
     /// The CA, certificate and key the readiness probe connects with over TLS.
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// The `.creds` file the readiness probe logs in with (decentralised auth).
+    credentials: Option<PathBuf>,
 }
 
 /// A private `nats-server` with JetStream enabled, listening on a free loopback port, with its
@@ -432,11 +434,14 @@ impl Flavor for Nats {
     /// answers (when it runs one; in a cluster that takes a meta leader, so start the nodes
     /// together).
     async fn probe(&self, url: &str, _pid: u32) -> Result<(), String> {
-        let mut options = match &self.login {
-            Some((user, password)) => {
+        let mut options = match (&self.login, &self.credentials) {
+            (_, Some(creds)) => async_nats::ConnectOptions::with_credentials_file(creds)
+                .await
+                .map_err(|e| format!("credentials {}: {e}", creds.display()))?,
+            (Some((user, password)), None) => {
                 async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
             }
-            None => async_nats::ConnectOptions::new(),
+            (None, None) => async_nats::ConnectOptions::new(),
         };
         if let Some((ca, cert, key)) = &self.tls {
             options = options
@@ -513,6 +518,13 @@ impl Builder<Nats> {
         self
     }
 
+    /// The readiness probe logs in with the `.creds` file `path` (JWT and nkey seed), for an
+    /// operator-mode configuration; its account must have JetStream.
+    pub fn probe_credentials(mut self, path: impl Into<PathBuf>) -> Self {
+        self.flavor.credentials = Some(path.into());
+        self
+    }
+
     /// Runs no JetStream (no `-js`), as a leaf node that uses its hub's does; ready as soon as a
     /// client reaches it.
     pub fn without_jetstream(mut self) -> Self {
@@ -530,6 +542,7 @@ impl Server<Nats> {
             login: None,
             jetstream: true,
             tls: None,
+            credentials: None,
         })
     }
 

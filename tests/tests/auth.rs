@@ -9,8 +9,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use jetfn_tests::NatsServer;
 use jetfn_tests::commands::{account_config, send, start_account};
+use jetfn_tests::{FunctionProcess, NatsServer};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -168,6 +168,37 @@ async fn a_wrong_ca_or_a_missing_client_certificate_fails_the_start_naming_tls()
     assert!(message.contains("TLS handshake failed"), "{message}");
 }
 
+/// Runs the account function binary at `RUST_LOG=trace` with `credential` until it serves, stops
+/// it, and panics if `secret` appears in its log.
+async fn assert_no_secret_in_trace_log(
+    nats: &NatsServer,
+    credential: (&'static str, String),
+    secret: &str,
+) {
+    let mut process = FunctionProcess::spawn(
+        "account",
+        &[
+            ("NATS_URL", nats.url()),
+            credential,
+            ("RUST_LOG", "trace".into()),
+        ],
+    )
+    .unwrap();
+    process
+        .wait_for_log("command function ready", std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    process.terminate().unwrap();
+    process
+        .wait(std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(
+        !process.log().contains(secret),
+        "the seed leaked into the trace log"
+    );
+}
+
 /// A nats-server whose users are the nkey `public` and a password user for the probe.
 async fn nkey_server(public: &str) -> NatsServer {
     let config = format!(
@@ -202,6 +233,15 @@ async fn a_function_logs_in_with_an_nkey_seed_file_and_a_wrong_seed_fails_the_st
         .unwrap();
     assert_eq!(sent.accepted().events, ["AccountOpened"]);
     function.stop().await.unwrap();
+    assert_no_secret_in_trace_log(
+        &nats,
+        (
+            "JETFN_NATS__NKEY_SEED_FILE",
+            seed_file.display().to_string(),
+        ),
+        &user.seed().unwrap(),
+    )
+    .await;
 
     let stranger = nkeys::KeyPair::new_user();
     let wrong_file = dir.path().join("stranger.nk");
@@ -226,4 +266,167 @@ async fn a_function_logs_in_with_an_nkey_seed_file_and_a_wrong_seed_fails_the_st
         message.contains("nats.nkey_seed_file") && message.contains("absent.nk"),
         "{message}"
     );
+}
+
+/// A JWT as nats-server's decentralised auth reads it: `ed25519-nkey`, signed by `issuer`.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use data_encoding::BASE64URL_NOPAD;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let header = json!({"typ": "JWT", "alg": "ed25519-nkey"});
+    let claims = json!({
+        "jti": uuid::Uuid::new_v4().simple().to_string().to_uppercase(),
+        "iat": now - 60,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let signed = format!(
+        "{}.{}",
+        BASE64URL_NOPAD.encode(header.to_string().as_bytes()),
+        BASE64URL_NOPAD.encode(claims.to_string().as_bytes())
+    );
+    let signature = issuer.sign(signed.as_bytes()).unwrap();
+    format!("{signed}.{}", BASE64URL_NOPAD.encode(&signature))
+}
+
+/// A `.creds` file: the user's JWT and its nkey seed.
+fn creds(dir: &Path, name: &str, jwt: &str, user: &nkeys::KeyPair) -> PathBuf {
+    let path = dir.join(format!("{name}.creds"));
+    let text = format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+        user.seed().unwrap()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn user_claims() -> serde_json::Value {
+    json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_logs_in_with_a_creds_file_and_a_revoked_or_foreign_one_fails_the_start() {
+    let operator = nkeys::KeyPair::new_operator();
+    let system = nkeys::KeyPair::new_account();
+    let account = nkeys::KeyPair::new_account();
+    let (user, revoked, foreign_account) = (
+        nkeys::KeyPair::new_user(),
+        nkeys::KeyPair::new_user(),
+        nkeys::KeyPair::new_account(),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let unlimited = json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
+        "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1,
+        "consumer": -1
+    });
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "jetfn-test-operator",
+        json!({"type": "operator", "version": 2, "system_account": system.public_key()}),
+    );
+    let system_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        json!({"type": "account", "version": 2, "limits": {"subs": -1, "conn": -1}}),
+    );
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "app",
+        json!({
+            "type": "account", "version": 2, "limits": unlimited,
+            // Users issued up to now are revoked.
+            "revocations": {revoked.public_key(): now},
+        }),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let good = creds(
+        dir.path(),
+        "account",
+        &jwt(&account, &user.public_key(), "account", user_claims()),
+        &user,
+    );
+    let config = format!(
+        "operator: {operator_jwt}\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {system_jwt}\n  {}: {account_jwt}\n}}\n",
+        system.public_key(),
+        system.public_key(),
+        account.public_key(),
+    );
+    let nats = NatsServer::builder()
+        .config(config)
+        .probe_credentials(&good)
+        .start()
+        .await
+        .unwrap();
+
+    let mut config = account_config(&nats);
+    config.nats.creds_file = Some(good.clone());
+    let function = start_account(config).await.unwrap();
+    let client = async_nats::ConnectOptions::with_credentials_file(&good)
+        .await
+        .unwrap()
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let sent = send(
+        &client,
+        "jwt",
+        "open",
+        json!({"owner": "Jay"}),
+        Some("jwt-1"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(sent.accepted().events, ["AccountOpened"]);
+    function.stop().await.unwrap();
+    // The function binary at trace level logs nothing of the seed.
+    assert_no_secret_in_trace_log(
+        &nats,
+        ("JETFN_NATS__CREDS_FILE", good.display().to_string()),
+        &user.seed().unwrap(),
+    )
+    .await;
+
+    let revoked_creds = creds(
+        dir.path(),
+        "revoked",
+        &jwt(&account, &revoked.public_key(), "revoked", user_claims()),
+        &revoked,
+    );
+    let foreign_creds = creds(
+        dir.path(),
+        "foreign",
+        &jwt(
+            &foreign_account,
+            &user.public_key(),
+            "foreign",
+            user_claims(),
+        ),
+        &user,
+    );
+    for (what, path) in [("revoked", revoked_creds), ("foreign", foreign_creds)] {
+        let mut config = account_config(&nats);
+        config.nats.creds_file = Some(path);
+        let message = format!("{:#}", start_account(config).await.unwrap_err());
+        println!("{what} creds: {message}");
+        assert!(
+            message.contains("cannot connect to NATS")
+                && message.to_lowercase().contains("authorization"),
+            "{what}: {message}"
+        );
+        assert!(
+            !message.contains(&revoked.seed().unwrap()) && !message.contains(&user.seed().unwrap())
+        );
+    }
 }
