@@ -592,6 +592,8 @@ pub struct Redis {
     persistent: bool,
     /// The next start keeps the data directory (a snapshot saved by `stop_saving`).
     keep_once: std::sync::atomic::AtomicBool,
+    /// A TLS port beside the plain one: (port, certificate, key, CA), files in PEM.
+    tls: Option<(u16, PathBuf, PathBuf, PathBuf)>,
 }
 
 /// A private `redis-server` on a free loopback port, working in the `redis/` directory of its
@@ -654,6 +656,13 @@ impl Flavor for Redis {
         args.extend(persistence.iter().map(OsString::from));
         args.extend(["--daemonize", "no", "--dir"].map(OsString::from));
         args.push(dir.join(Self::NAME).into());
+        if let Some((port, cert, key, ca)) = &self.tls {
+            args.extend(["--tls-port".into(), port.to_string().into()]);
+            args.extend(["--tls-cert-file".into(), cert.into()]);
+            args.extend(["--tls-key-file".into(), key.into()]);
+            args.extend(["--tls-ca-cert-file".into(), ca.into()]);
+            args.extend(["--tls-auth-clients", "no"].map(OsString::from));
+        }
         args
     }
 
@@ -696,6 +705,19 @@ impl Builder<Redis> {
         self.flavor.persistent = true;
         self
     }
+
+    /// Also listens for TLS on a second free port ([`Server::tls_url`]), with the PEM files
+    /// `cert` and `key`, trusting `ca` (client certificates are not required). The plain port
+    /// stays, for the readiness probe and for tests that look inside.
+    pub fn tls(
+        mut self,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+        ca: impl Into<PathBuf>,
+    ) -> Result<Self> {
+        self.flavor.tls = Some((free_port()?, cert.into(), key.into(), ca.into()));
+        Ok(self)
+    }
 }
 
 impl Server<Redis> {
@@ -704,6 +726,7 @@ impl Server<Redis> {
         Builder::new(Redis {
             persistent: false,
             keep_once: std::sync::atomic::AtomicBool::new(false),
+            tls: None,
         })
     }
 
@@ -711,6 +734,14 @@ impl Server<Redis> {
     /// directory; see [`Builder::start`].
     pub async fn start() -> Result<RedisServer> {
         Self::builder().start().await
+    }
+
+    /// `rediss://127.0.0.1:PORT` of the TLS port, when [`Builder::tls`] asked for one.
+    pub fn tls_url(&self) -> Option<String> {
+        self.flavor
+            .tls
+            .as_ref()
+            .map(|(port, ..)| format!("rediss://127.0.0.1:{port}"))
     }
 
     /// A `redis::Client` for this server.

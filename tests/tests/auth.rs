@@ -10,13 +10,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use jetfn_tests::commands::{account_config, send, start_account};
-use jetfn_tests::{FunctionProcess, NatsServer};
+use jetfn_tests::readmodels::only_acl_user;
+use jetfn_tests::{FunctionProcess, NatsServer, RedisServer};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
 };
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use tempfile::TempDir;
 
 /// A certificate authority of the test's own.
@@ -429,4 +431,81 @@ async fn a_function_logs_in_with_a_creds_file_and_a_revoked_or_foreign_one_fails
             !message.contains(&revoked.seed().unwrap()) && !message.contains(&user.seed().unwrap())
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_uses_redis_over_tls_as_an_acl_user_and_a_wrong_ca_fails_its_start() {
+    const PASSWORD: &str = "rediss-Pa55word";
+    let pki = pki();
+    let nats = NatsServer::start().await.unwrap();
+    let redis = RedisServer::builder()
+        .tls(&pki.server.0, &pki.server.1, &pki.ca)
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    only_acl_user(&redis, "jetfn", PASSWORD).await.unwrap();
+    let port = redis
+        .tls_url()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let rediss = format!("rediss://jetfn:{PASSWORD}@127.0.0.1:{port}");
+    let function = start_account(account_config(&nats)).await.unwrap();
+    let projection_env = |ca: &Path| {
+        vec![
+            ("NATS_URL", nats.url()),
+            ("REDIS_URL", rediss.clone()),
+            // The trust store rustls-native-certs reads, as a deployment would set it.
+            ("SSL_CERT_FILE", ca.display().to_string()),
+            ("RUST_LOG", "trace".to_owned()),
+        ]
+    };
+    let mut projection =
+        FunctionProcess::spawn("account-projection", &projection_env(&pki.ca)).unwrap();
+    projection
+        .wait_for_log("projection function ready", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let client = nats.connect().await.unwrap();
+    send(
+        &client,
+        "tls-r",
+        "open",
+        json!({"owner": "Arr"}),
+        Some("r-1"),
+    )
+    .await
+    .unwrap()
+    .accepted();
+    // Read back over the plain port as the same ACL user: the TLS writes landed.
+    let plain = format!("redis://jetfn:{PASSWORD}@127.0.0.1:{}", redis.port());
+    let model = jetfn::readmodel::ReadModel::connect(&plain, "account-balances")
+        .await
+        .unwrap();
+    model.wait_for(1, Duration::from_secs(10)).await.unwrap();
+    projection.terminate().unwrap();
+    projection.wait(Duration::from_secs(30)).await.unwrap();
+    assert!(
+        !projection.log().contains(PASSWORD),
+        "the Redis password leaked into the trace log"
+    );
+
+    let mut refused =
+        FunctionProcess::spawn("account-projection", &projection_env(&pki.other_ca)).unwrap();
+    let status = refused.wait(Duration::from_secs(30)).await.unwrap();
+    let log = refused.log();
+    let error = log
+        .lines()
+        .filter(|line| line.to_lowercase().contains("redis"))
+        .last()
+        .unwrap_or_default()
+        .to_owned();
+    println!("rediss with a wrong CA: {error}");
+    assert!(!status.success(), "{log}");
+    assert!(error.to_lowercase().contains("certificate"), "{log}");
+    assert!(!log.contains(PASSWORD), "the Redis password leaked");
+    function.stop().await.unwrap();
 }
