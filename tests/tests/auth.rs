@@ -499,8 +499,7 @@ async fn a_projection_uses_redis_over_tls_as_an_acl_user_and_a_wrong_ca_fails_it
     let log = refused.log();
     let error = log
         .lines()
-        .filter(|line| line.to_lowercase().contains("redis"))
-        .last()
+        .rfind(|line| line.to_lowercase().contains("redis"))
         .unwrap_or_default()
         .to_owned();
     println!("rediss with a wrong CA: {error}");
