@@ -238,9 +238,18 @@ pub fn dlq_subject(projection: &str) -> String {
     format!("jetfn.dlq.{projection}")
 }
 
-/// The durable consumer of one partition of one read-model version.
+/// The durable consumer a rebuild writes one partition of read-model version `generation`
+/// through: `<projection>-g<G>-p<k>`, deleted once the new version is live.
 pub fn projection_consumer(projection: &str, generation: u64, partition: u32) -> String {
     format!("{projection}-g{generation}-p{partition}")
+}
+
+/// The durable consumer the live read model reads one partition through:
+/// `<projection>-p<k>`, whatever the version. It keeps its name across rebuilds (it is recreated
+/// at the new version's checkpoint when the version switches), so a scaler watching its lag
+/// (KEDA's `nats-jetstream` trigger) keeps working.
+pub fn live_projection_consumer(projection: &str, partition: u32) -> String {
+    format!("{projection}-p{partition}")
 }
 
 /// Where an aggregate type's commands arrive: `[<prefix>.]cmd.<aggregate>.`.
