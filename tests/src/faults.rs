@@ -322,6 +322,11 @@ impl fmt::Display for Figures {
 }
 
 impl Figures {
+    /// Nothing lost, repeated or stray, and no other problem.
+    pub fn exact(&self) -> bool {
+        self.lost == 0 && self.duplicates == 0 && self.strays == 0 && self.problems.is_empty()
+    }
+
     fn problem(&mut self, problem: String) {
         if self.problems.len() < 20 {
             self.problems.push(problem);
@@ -453,10 +458,7 @@ pub async fn assert_exactly_once(
     };
     println!("{test}: {figures}");
     assert!(
-        figures.lost == 0
-            && figures.duplicates == 0
-            && figures.strays == 0
-            && figures.problems.is_empty(),
+        figures.exact(),
         "{test}: {figures}\n{}",
         figures.problems.join("\n")
     );

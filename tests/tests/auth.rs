@@ -21,6 +21,20 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tempfile::TempDir;
 
+/// Opens account `id` through the function, as a client on `client`, and checks it was opened.
+async fn opens_an_account(client: &async_nats::Client, id: &str, command_id: &str) {
+    let sent = send(
+        client,
+        id,
+        "open",
+        json!({"owner": "Someone"}),
+        Some(command_id),
+    )
+    .await
+    .unwrap();
+    assert_eq!(sent.accepted().events, ["AccountOpened"], "{id}");
+}
+
 /// A certificate authority of the test's own.
 struct Authority {
     cert: rcgen::Certificate,
@@ -128,16 +142,7 @@ async fn a_function_connects_over_tls_with_a_client_certificate() {
     config.nats.tls_key = Some(pki.client.1.clone());
     let function = start_account(config).await.unwrap();
     let client = tls_client(&nats, &pki).await;
-    let sent = send(
-        &client,
-        "tls",
-        "open",
-        json!({"owner": "Tee"}),
-        Some("tls-1"),
-    )
-    .await
-    .unwrap();
-    assert_eq!(sent.accepted().events, ["AccountOpened"]);
+    opens_an_account(&client, "tls", "tls-1").await;
     function.stop().await.unwrap();
 }
 
@@ -230,10 +235,7 @@ async fn a_function_logs_in_with_an_nkey_seed_file_and_a_wrong_seed_fails_the_st
             .connect(nats.url())
             .await
             .unwrap();
-    let sent = send(&client, "nk", "open", json!({"owner": "Nk"}), Some("nk-1"))
-        .await
-        .unwrap();
-    assert_eq!(sent.accepted().events, ["AccountOpened"]);
+    opens_an_account(&client, "nk", "nk-1").await;
     function.stop().await.unwrap();
     assert_no_secret_in_trace_log(
         &nats,
@@ -381,16 +383,7 @@ async fn a_function_logs_in_with_a_creds_file_and_a_revoked_or_foreign_one_fails
         .connect(nats.url())
         .await
         .unwrap();
-    let sent = send(
-        &client,
-        "jwt",
-        "open",
-        json!({"owner": "Jay"}),
-        Some("jwt-1"),
-    )
-    .await
-    .unwrap();
-    assert_eq!(sent.accepted().events, ["AccountOpened"]);
+    opens_an_account(&client, "jwt", "jwt-1").await;
     function.stop().await.unwrap();
     // The function binary at trace level logs nothing of the seed.
     assert_no_secret_in_trace_log(
@@ -470,16 +463,7 @@ async fn a_projection_uses_redis_over_tls_as_an_acl_user_and_a_wrong_ca_fails_it
         .await
         .unwrap();
     let client = nats.connect().await.unwrap();
-    send(
-        &client,
-        "tls-r",
-        "open",
-        json!({"owner": "Arr"}),
-        Some("r-1"),
-    )
-    .await
-    .unwrap()
-    .accepted();
+    opens_an_account(&client, "tls-r", "r-1").await;
     // Read back over the plain port as the same ACL user: the TLS writes landed.
     let plain = format!("redis://jetfn:{PASSWORD}@127.0.0.1:{}", redis.port());
     let model = jetfn::readmodel::ReadModel::connect(&plain, "account-balances")

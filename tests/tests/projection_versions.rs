@@ -91,6 +91,19 @@ async fn scan_keys(
     }
 }
 
+/// Rebuilds the read model of `side` (at most 30 s) and returns the new version.
+async fn rebuild(side: &ReadSide) -> u64 {
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        jetfn::projection_function(account_projection::AccountBalances)
+            .with_config(side.config.clone())
+            .rebuild(),
+    )
+    .await
+    .expect("rebuild did not finish within 30 s")
+    .unwrap()
+}
+
 /// The names of the account stream's consumers.
 async fn consumer_names(client: &async_nats::Client) -> Result<BTreeSet<String>> {
     let stream = stream(client, ACCOUNT_STREAM).await?;
@@ -205,15 +218,7 @@ async fn a_rebuild_while_readers_poll_never_shows_a_missing_or_partial_account()
     // Let the readers and the senders get going against version 1 first.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let version = tokio::time::timeout(
-        Duration::from_secs(30),
-        jetfn::projection_function(account_projection::AccountBalances)
-            .with_config(side.config.clone())
-            .rebuild(),
-    )
-    .await
-    .expect("rebuild did not finish within 30 s")
-    .unwrap();
+    let version = rebuild(&side).await;
     assert_eq!(version, 2, "the rebuild reports the new version");
 
     stop.store(true, Ordering::Relaxed);
@@ -365,15 +370,7 @@ async fn the_consumer_a_scaler_watches_keeps_its_name_across_a_rebuild() {
         "before the rebuild"
     );
 
-    let version = tokio::time::timeout(
-        Duration::from_secs(30),
-        jetfn::projection_function(account_projection::AccountBalances)
-            .with_config(side.config.clone())
-            .rebuild(),
-    )
-    .await
-    .expect("rebuild did not finish within 30 s")
-    .unwrap();
+    let version = rebuild(&side).await;
     assert_eq!(version, 2);
     let last = accepted(client, &ids[0], "deposit", json!({"amount": 5}))
         .await
