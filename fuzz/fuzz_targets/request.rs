@@ -94,6 +94,7 @@ fuzz_target!(|input: Input<'_>| {
         fingerprint: Some(&checked.fingerprint),
         trace: Some(&checked.trace),
         time: "2026-01-01T00:00:00Z",
+        previous_seq: Some(0),
     };
     let written = event_headers(&meta, 0, "MoneyDeposited", 1);
     let event = StoredEvent::decode(1, Some(&written), Bytes::new()).expect("readable");

@@ -55,6 +55,11 @@ pub mod telemetry;
 pub mod testing;
 pub mod wire;
 
+/// Every binary built on jetfn allocates with mimalloc (feature `mimalloc`, on by default).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub use aggregate::{Aggregate, Rejection};
 pub use command::{Reply, command_function};
 pub use config::Config;

@@ -14,7 +14,7 @@
 use crate::direct::DirectGets;
 use crate::wire::event::{self as wire_event, EventMeta};
 use crate::wire::jetstream::{self as wire_js, DirectReply, PubAck};
-use crate::wire::{MalformedEvent, names};
+use crate::wire::{MalformedEvent, header, names};
 use async_nats::jetstream::stream;
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
@@ -30,6 +30,11 @@ pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 12, 0);
 
 /// Events read per direct-get batch request.
 const LOAD_BATCH: usize = 1000;
+/// Up to this many stream messages between a cached sequence and the aggregate's last event,
+/// scanning forward is cheaper than walking back.
+const SCAN_STRETCH: u64 = 256;
+/// The most gets a walk back makes before it gives up and scans.
+const MAX_WALK: usize = 32;
 
 /// Atomic batches one instance keeps in flight per stream, below the server's limit of 50.
 const MAX_INFLIGHT_BATCHES: usize = 40;
@@ -300,36 +305,89 @@ impl EventStore {
 
     /// The events of aggregate `id` stored after stream sequence `after`, oldest first.
     ///
-    /// A direct get *batch* makes the server count the subject's pending messages and look past
-    /// its last one, which in a big interleaved stream costs far more than the read. So the
-    /// subject's last message and the first one after `after` are asked for at once, as two
-    /// single gets (one round trip): that answers an empty aggregate, a new one-event aggregate
-    /// and the usual catch-up of one event. Only a longer history continues in batches of
-    /// [`LOAD_BATCH`].
+    /// JetStream finds a subject's last message at once, but its next message after a sequence
+    /// only by scanning every message in between: in a stream shared by many aggregates, a
+    /// catch-up by subject scans the whole stretch since `after`. So the read starts from the
+    /// subject's last event and follows each command's [`header::PREVIOUS_SEQ`] link back, one
+    /// get by sequence per step, until it reaches `after`: a catch-up of one command costs one
+    /// get. Short stretches, long tails and events without links are read forward in batches of
+    /// [`LOAD_BATCH`] instead.
     pub async fn read_after(&self, id: &str, after: u64) -> Result<Vec<StoredEvent>, StoreError> {
         let subject = self.subject(id);
-        let reads = self.reads().await?;
-        let (last, next) = tokio::join!(
-            reads.request(&self.direct_get_subject, wire_js::direct_get_last(&subject)),
-            reads.request(
-                &self.direct_get_subject,
-                wire_js::direct_get_next(after + 1, &subject)
-            ),
-        );
-        let (mut last, mut next) = (last?, next?);
-        let (last, next) = tokio::join!(last.next(), next.next());
-        let last = match self.single(&last?)? {
-            Some(last) if last.seq > after => last,
-            _ => return Ok(Vec::new()),
-        };
-        let Some(next) = self.single(&next?)? else {
+        let Some(last) = self.get(wire_js::direct_get_last(&subject), None).await? else {
             return Ok(Vec::new());
         };
-        if next.seq == last.seq {
-            return Ok(vec![next]);
+        if last.seq <= after {
+            return Ok(Vec::new());
         }
-        let start = next.seq + 1;
-        self.read_batches(&subject, start, vec![next]).await
+        if last.seq - after > SCAN_STRETCH
+            && let Some(events) = self.walk_back(&subject, last, after).await?
+        {
+            return Ok(events);
+        }
+        self.read_batches(&subject, after + 1, Vec::new()).await
+    }
+
+    /// Follows the links from `last` back to `after`; `None` when a link is missing or does
+    /// not lead there within [`MAX_WALK`] gets (the caller then scans).
+    async fn walk_back(
+        &self,
+        subject: &str,
+        last: StoredEvent,
+        after: u64,
+    ) -> Result<Option<Vec<StoredEvent>>, StoreError> {
+        let mut events = vec![last];
+        while let Some(newest_read) = events.last() {
+            let Some(previous) = newest_read.previous_seq else {
+                return Ok(None);
+            };
+            // Within a command, the event before; else the previous command's last event.
+            let seq = match newest_read.index {
+                0 if previous == after => break,
+                0 if previous < after => return Ok(None),
+                0 => previous,
+                _ => newest_read.seq - 1,
+            };
+            if events.len() >= MAX_WALK {
+                return Ok(None);
+            }
+            let Some(event) = self
+                .get(wire_js::direct_get_seq(seq), Some(subject))
+                .await?
+            else {
+                return Ok(None);
+            };
+            let links = if newest_read.index == 0 {
+                event.seq > after
+            } else {
+                // An atomic batch is stored contiguously; anything else is not this command.
+                event.index + 1 == newest_read.index
+                    && event.command_id == newest_read.command_id
+                    && event.previous_seq == Some(previous)
+            };
+            if !links {
+                return Ok(None);
+            }
+            events.push(event);
+        }
+        events.reverse();
+        Ok(Some(events))
+    }
+
+    /// One single direct get: the event it found, or `None` when there is none, or when
+    /// `subject` is given and the message found is on another subject.
+    async fn get(
+        &self,
+        body: Vec<u8>,
+        subject: Option<&str>,
+    ) -> Result<Option<StoredEvent>, StoreError> {
+        let reads = self.reads().await?;
+        let mut replies = reads.request(&self.direct_get_subject, body).await?;
+        let reply = replies.next().await?;
+        let event = self.single(&reply)?;
+        let on =
+            |subject| header::get(reply.headers.as_ref(), header::NATS_SUBJECT) == Some(subject);
+        Ok(event.filter(|_| subject.is_none_or(on)))
     }
 
     /// Reads `subject` from `seq` on in direct get batches, after `events` already read.
@@ -376,11 +434,9 @@ impl EventStore {
 
     /// The stream sequence of aggregate `id`'s last event (0 when it has none): one direct get.
     pub async fn last_seq(&self, id: &str) -> Result<u64, StoreError> {
-        let subject = self.subject(id);
-        let reads = self.reads().await?;
-        let body = wire_js::direct_get_last(&subject);
-        let mut replies = reads.request(&self.direct_get_subject, body).await?;
-        let last = self.single(&replies.next().await?)?;
+        let last = self
+            .get(wire_js::direct_get_last(&self.subject(id)), None)
+            .await?;
         Ok(last.map_or(0, |event| event.seq))
     }
 
@@ -404,6 +460,7 @@ impl EventStore {
             fingerprint: append.fingerprint,
             trace: append.trace,
             time: &time,
+            previous_seq: Some(append.expected_last_seq),
         };
         let mut messages: Vec<(HeaderMap, Bytes)> = append
             .events

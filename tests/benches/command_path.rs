@@ -79,18 +79,31 @@ async fn main() -> Result<()> {
     eprintln!("raw limits ...");
     let raw = raw_limits(&bench).await?;
 
-    eprintln!("1. serial deposits ...");
-    serial_deposits(&mut bench, &raw).await?;
-    eprintln!("2. throughput, 256 in flight over 10,000 accounts ...");
-    throughput(&mut bench, &raw).await?;
-    eprintln!("3. hot aggregate ...");
-    hot_aggregate(&mut bench, &raw).await?;
-    eprintln!("4. an aggregate with 100,000 events ...");
-    long_history(&mut bench).await?;
-    eprintln!("5. start-up, RSS, binary size ...");
-    start_up(&mut bench).await?;
-    eprintln!("6. RSS against distinct aggregates ...");
-    bounded_rss(&mut bench).await?;
+    let only = Only::from_env();
+    if only.runs("serial") {
+        eprintln!("1. serial deposits ...");
+        serial_deposits(&mut bench, &raw).await?;
+    }
+    if only.runs("throughput") {
+        eprintln!("2. throughput, 256 in flight over 10,000 accounts ...");
+        throughput(&mut bench, &raw).await?;
+    }
+    if only.runs("hot") {
+        eprintln!("3. hot aggregate ...");
+        hot_aggregate(&mut bench, &raw).await?;
+    }
+    if only.runs("history") {
+        eprintln!("4. an aggregate with 100,000 events ...");
+        long_history(&mut bench).await?;
+    }
+    if only.runs("startup") {
+        eprintln!("5. start-up, RSS, binary size ...");
+        start_up(&mut bench).await?;
+    }
+    if only.runs("rss") {
+        eprintln!("6. RSS against distinct aggregates ...");
+        bounded_rss(&mut bench).await?;
+    }
 
     println!();
     bench.table.print();
@@ -184,12 +197,22 @@ fn random_deposits(rng: &mut Rng, accounts: usize, n: usize) -> Vec<(String, byt
 
 /// Median accepted commands/s over 3 timed runs of random deposits, after one untimed pass
 /// that touches every account (so each instance runs warm).
-async fn deposit_rate(bench: &Bench, accounts: usize, label: &str) -> Result<f64> {
+async fn deposit_rate(
+    bench: &Bench,
+    functions: &[&FunctionProcess],
+    accounts: usize,
+    label: &str,
+) -> Result<f64> {
     let mut rng = Rng::new(0xbe5c);
     let warm: Vec<_> = (0..accounts)
         .map(|k| deposit(&format!("t{k}"), 1))
         .collect();
     concurrent(&bench.client, 256, warm).await;
+    let cpu = |functions: &[&FunctionProcess]| -> Result<Duration> {
+        functions.iter().map(|f| cpu_time(f.pid())).sum()
+    };
+    let cpu_before = cpu(functions)?;
+    let mut commands = 0;
     let mut rates = Vec::new();
     for _ in 0..3 {
         let run = concurrent(
@@ -204,7 +227,10 @@ async fn deposit_rate(bench: &Bench, accounts: usize, label: &str) -> Result<f64
             run.failures()
         );
         rates.push(run.accepted_rate());
+        commands += scaled(10_000);
     }
+    let per_command = (cpu(functions)? - cpu_before).as_secs_f64() * 1e6 / commands as f64;
+    eprintln!("  {label}: function CPU {per_command:.0} µs per command");
     Ok(median(rates))
 }
 
@@ -219,16 +245,22 @@ async fn throughput(bench: &mut Bench, raw: &Raw) -> Result<()> {
         "opening {accounts} accounts: {}",
         opened.failures()
     );
-    let info_one = deposit_rate(bench, accounts, "1 instance, RUST_LOG=info").await?;
+    let info_one = deposit_rate(bench, &[&function], accounts, "1 instance, RUST_LOG=info").await?;
     stop(function).await?;
 
     let function = bench.start(&[("RUST_LOG", "warn")]).await?;
-    let warn_one = deposit_rate(bench, accounts, "1 instance, RUST_LOG=warn").await?;
+    let warn_one = deposit_rate(bench, &[&function], accounts, "1 instance, RUST_LOG=warn").await?;
     stop(function).await?;
 
     let first = bench.start(&[]).await?;
     let second = bench.start(&[]).await?;
-    let info_two = deposit_rate(bench, accounts, "2 instances, RUST_LOG=info").await?;
+    let info_two = deposit_rate(
+        bench,
+        &[&first, &second],
+        accounts,
+        "2 instances, RUST_LOG=info",
+    )
+    .await?;
     stop(first).await?;
     stop(second).await?;
 

@@ -1644,6 +1644,8 @@ async fn p44_to_p51_events_in_jetstream() {
             "jetfn-command-id",
             "jetfn-command",
             "jetfn-command-fingerprint",
+            "jetfn-previous-seq",
+            "jetfn-event-index",
             "traceparent",
             "tracestate",
         ];
@@ -1658,10 +1660,30 @@ async fn p44_to_p51_events_in_jetstream() {
     assert_eq!(events[3].header("jetfn-command-id"), "with:colon:1", "P48");
     assert_eq!(events[4].header("jetfn-command-id"), "e-4", "P48");
 
+    // P48: each command links to the aggregate's last event before it; indexes from the second
+    // event of a command on.
+    let previous = |k: usize| events[k].header("jetfn-previous-seq").to_owned();
+    assert_eq!(previous(0), "0", "P48: the first command");
+    assert_eq!(previous(1), "0", "P48: the same command");
+    assert_eq!(events[0].headers.get("jetfn-event-index"), None, "P48");
+    assert_eq!(events[1].header("jetfn-event-index"), "1", "P48");
+    for k in 2..events.len() {
+        assert_eq!(
+            previous(k),
+            events[k - 1].seq.to_string(),
+            "P48: link of event {k}"
+        );
+    }
+
     // P50: one command's events are consecutive and share time and command.
     assert_eq!(events[1].seq, events[0].seq + 1, "P50");
     assert_eq!(events[1].seq, opened.seq, "P50/P21");
-    for name in ["ce-time", "jetfn-command-id", "jetfn-command"] {
+    for name in [
+        "ce-time",
+        "jetfn-command-id",
+        "jetfn-command",
+        "jetfn-previous-seq",
+    ] {
         assert_eq!(
             events[0].header(name),
             events[1].header(name),

@@ -27,6 +27,9 @@ pub(crate) struct Cached<A> {
     pub version: u64,
     /// The version the latest snapshot was taken at (or loaded from).
     pub snapshot_version: u64,
+    /// The version up to which a snapshot *and* the ledger entries of the commands it covers
+    /// are known to be stored; the writer raises it. Commands up to it may be forgotten here.
+    pub ledgered: Arc<AtomicU64>,
     /// Replies of the most recent commands that stored no event, by command id.
     pub recent: Recent,
     /// Replies of the commands whose events were folded in, by command id: they are recognised
@@ -52,6 +55,7 @@ impl<A: Default> Cached<A> {
             last_seq: 0,
             version: 0,
             snapshot_version: 0,
+            ledgered: Arc::default(),
             recent: Recent::new(recent, ttl),
             applied: HashMap::new(),
         }

@@ -92,6 +92,8 @@ fn push(
             time: None,
             command_id: command_id.map(str::to_owned),
             fingerprint: fingerprint.map(str::to_owned),
+            previous_seq: None,
+            index: 0,
             payload,
         },
     ));
@@ -184,6 +186,8 @@ impl EventLog for MemoryLog {
 pub(crate) struct MemoryLedger {
     entries: Mutex<HashMap<(String, String), Entry>>,
     pub reads: AtomicU32,
+    /// This many writes fail before writes work again.
+    pub failing_puts: AtomicU32,
 }
 
 impl MemoryLedger {
@@ -214,6 +218,13 @@ impl CommandLedger for MemoryLedger {
         command_id: &'a str,
         entry: &'a Entry,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let fail = self
+            .failing_puts
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Box::pin(async { Err(StoreError::Unavailable("ledger down".into())) });
+        }
         self.entries
             .lock()
             .unwrap_or_else(|p| p.into_inner())

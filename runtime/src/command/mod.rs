@@ -667,6 +667,7 @@ impl<A: Aggregate> Handler<A> {
                             cached.last_seq = record.seq;
                             cached.version = record.version;
                             cached.snapshot_version = record.version;
+                            cached.ledgered.store(record.version, Ordering::Relaxed);
                         }
                         Err(err) => {
                             tracing::warn!(id, error = %err, "snapshot unreadable; loading the events")
@@ -931,46 +932,58 @@ impl<A: Aggregate> Handler<A> {
         entry.reply
     }
 
-    /// Queues the ledger entry of an accepted command, and a snapshot when one is due.
+    /// Remembers an accepted command in the cache; when a snapshot is due, queues the ledger
+    /// entries of every command the snapshot will cover, then the snapshot.
+    ///
+    /// An accepted command needs no ledger entry while its events can still be read: any
+    /// instance that loads or catches up the aggregate folds them and finds its id. Only a
+    /// snapshot hides events from a load, so the entries of the commands it covers are written
+    /// just before it, and the writer stores the snapshot only once they all are. The cache
+    /// entry knows every command since the last snapshot it knows to be stored with its ledger
+    /// entries (its own or the one it loaded), from this instance and others alike, so a
+    /// snapshot never covers a command that only its events knew. It forgets them only once
+    /// the writer has confirmed that snapshot; until then it answers resends itself.
     fn record_later(&self, cached: &mut Cached<A>, request: &CommandRequest, reply: &Reply) {
         let entry = Entry {
             fingerprint: request.fingerprint.clone(),
             reply: reply.clone(),
         };
-        cached
-            .applied
-            .insert(request.command_id.clone(), entry.clone());
-        self.writer.queue(Job::Ledger {
-            id: request.id.clone(),
-            command_id: request.command_id.clone(),
-            entry,
-        });
+        cached.applied.insert(request.command_id.clone(), entry);
         let Some(setup) = &self.snapshots else { return };
         if cached.version < cached.snapshot_version + self.config.snapshot_every {
             return;
         }
-        match setup.codec.encode(&cached.state) {
-            Ok(state) => {
-                // Commands before the previous snapshot have their ledger entries stored (that
-                // snapshot waited for them), so the ledger answers for them from now on.
-                let before = cached.snapshot_version;
-                cached.applied.retain(|_, entry| match &entry.reply {
-                    Reply::Accepted(accepted) => accepted.version > before,
-                    Reply::Failed(_) => false,
-                });
-                cached.snapshot_version = cached.version;
-                self.writer.queue(Job::Snapshot {
-                    id: request.id.clone(),
-                    record: SnapshotRecord {
-                        format: setup.format.clone(),
-                        seq: cached.last_seq,
-                        version: cached.version,
-                        state,
-                    },
-                });
+        let ledgered = cached.ledgered.load(Ordering::Relaxed);
+        cached.applied.retain(|_, entry| match &entry.reply {
+            Reply::Accepted(accepted) => accepted.version > ledgered,
+            Reply::Failed(_) => false,
+        });
+        let state = match setup.codec.encode(&cached.state) {
+            Ok(state) => state,
+            Err(err) => {
+                tracing::warn!(id = %request.id, error = %err, "state not snapshotted");
+                return;
             }
-            Err(err) => tracing::warn!(id = %request.id, error = %err, "state not snapshotted"),
+        };
+        // Everything not yet confirmed, so a snapshot that failed is made good by the next.
+        for (command_id, entry) in &cached.applied {
+            self.writer.queue(Job::Ledger {
+                id: request.id.clone(),
+                command_id: command_id.clone(),
+                entry: entry.clone(),
+            });
         }
+        self.writer.queue(Job::Snapshot {
+            id: request.id.clone(),
+            record: SnapshotRecord {
+                format: setup.format.clone(),
+                seq: cached.last_seq,
+                version: cached.version,
+                state,
+            },
+            ledgered: cached.ledgered.clone(),
+        });
+        cached.snapshot_version = cached.version;
     }
 
     /// Full-jitter exponential backoff before retry `retry` (from 1) when a catch-up found

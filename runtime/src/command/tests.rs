@@ -278,7 +278,11 @@ async fn a_resent_command_id_gets_the_first_reply_from_any_instance_and_appends_
     let (again, _) = rig.send("add", add(3), "c").await;
     assert_eq!(again, first);
     let (log, ledger, snapshots) = rig.finish().await;
-    assert_eq!(ledger.len(), 1, "written after the reply");
+    assert_eq!(
+        ledger.len(),
+        0,
+        "no entry until a snapshot covers it: its event answers"
+    );
     let other = Rig::over(log, ledger, snapshots, config());
     let (elsewhere, _) = other.send("add", add(3), "c").await;
     assert_eq!(elsewhere, first);
@@ -333,6 +337,62 @@ async fn a_resend_after_a_snapshot_moved_past_its_events_gets_the_first_reply() 
     let cold = Rig::over(log, ledger, snapshots, config());
     let (again, _) = cold.send("add", add(1), "early").await;
     assert_eq!(again, first);
+}
+
+#[tokio::test]
+async fn a_snapshot_first_records_every_command_it_covers_from_any_instance() {
+    let a = Rig::new();
+    let b = a.another();
+    a.send("add", add(1), "c0").await;
+    let (from_b, _) = b.send("add", add(1), "c1").await;
+    // a catches up with b's command on the conflict, then snapshots at version 3.
+    a.send("add", add(1), "c2").await;
+    drop(b);
+    let (log, ledger, snapshots) = a.finish().await;
+    assert_eq!(ledger.len(), 3, "c0, c1 (from the other instance) and c2");
+    let record = snapshots
+        .records
+        .lock()
+        .unwrap()
+        .get("c1")
+        .cloned()
+        .unwrap();
+    assert_eq!(record.version, 3);
+    let cold = Rig::over(log, ledger, snapshots, config());
+    let (again, _) = cold.send("add", add(1), "c1").await;
+    assert_eq!(
+        again, from_b,
+        "answered from the ledger: the snapshot hides its event"
+    );
+    assert_eq!(cold.log.events("c1").len(), 3, "nothing appended again");
+}
+
+#[tokio::test]
+async fn a_snapshot_waits_for_the_ledger_and_the_next_one_records_what_was_missed() {
+    let rig = Rig::new();
+    // Every attempt at the first snapshot's three entries fails (5 attempts each).
+    rig.ledger.failing_puts.store(15, Ordering::Relaxed);
+    for n in 0..6 {
+        rig.send("add", add(1), &format!("c{n}")).await;
+    }
+    let (log, ledger, snapshots) = rig.finish().await;
+    assert_eq!(ledger.failing_puts.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        ledger.len(),
+        6,
+        "the second snapshot wrote the first one's entries too"
+    );
+    let record = snapshots
+        .records
+        .lock()
+        .unwrap()
+        .get("c1")
+        .cloned()
+        .unwrap();
+    assert_eq!(record.version, 6, "the first snapshot was never stored");
+    let cold = Rig::over(log, ledger, snapshots, config());
+    let (again, _) = cold.send("add", add(1), "c0").await;
+    assert_eq!(accepted_version(&again), 1, "c0's first reply");
 }
 
 #[tokio::test]

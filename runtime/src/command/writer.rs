@@ -1,21 +1,24 @@
-//! Writes that need not hold up a reply: ledger entries of accepted commands, and snapshots.
+//! Writes that need not hold up a reply: snapshots, with the ledger entries of the accepted
+//! commands they cover.
 //!
-//! Why an accepted command's ledger entry may be written after its reply: until it is written,
-//! the command is still recognised by its stored events, which carry its id. A resend that
-//! reaches any instance reads the ledger, finds nothing, and loads or catches up the aggregate;
-//! the events with that id are in what it reads, so it answers with the first reply. Only a
+//! Why an accepted command's ledger entry may wait for the snapshot that covers it: until then,
+//! the command is recognised by its stored events, which carry its id. A resend that reaches
+//! any instance reads the ledger, finds nothing, and loads or catches up the aggregate; the
+//! events with that id are in what it reads, so it answers with the first reply. Only a
 //! snapshot could hide those events from a cold load, so a snapshot is written only after every
-//! ledger entry queued before it is stored. If the process dies before the entry is written,
-//! the events still answer, because no snapshot past them was written either.
+//! ledger entry queued before it is stored. If the process dies first, the events still answer,
+//! because no snapshot past them was written either.
 //!
 //! Jobs run in the order they were queued. Ledger writes are pipelined (many in flight); a
-//! snapshot waits for all of them first.
+//! snapshot waits for all of them first, and once stored it tells the cache entry (`ledgered`)
+//! that the commands it covers may be forgotten there.
 
 use super::ledger::{CommandLedger, Entry};
 use super::snapshots::{SnapshotRecord, SnapshotStore};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -27,8 +30,12 @@ pub(crate) enum Job {
         command_id: String,
         entry: Entry,
     },
-    /// Store a snapshot.
-    Snapshot { id: String, record: SnapshotRecord },
+    /// Store a snapshot, then raise `ledgered` to its version.
+    Snapshot {
+        id: String,
+        record: SnapshotRecord,
+        ledgered: Arc<AtomicU64>,
+    },
 }
 
 /// The queue of background writes.
@@ -76,19 +83,26 @@ async fn run(
                     let ledger = ledger.clone();
                     writes.push(async move { record(&*ledger, &id, &command_id, &entry).await });
                 }
-                Job::Snapshot { id, record } => {
+                Job::Snapshot {
+                    id,
+                    record,
+                    ledgered,
+                } => {
                     while let Some(ok) = writes.next().await {
                         failed |= !ok;
                     }
-                    // A snapshot past an unrecorded command could hide its events.
-                    if failed {
+                    // A snapshot past an unrecorded command could hide its events. The next
+                    // snapshot of the aggregate writes all its unconfirmed entries again.
+                    if std::mem::take(&mut failed) {
                         tracing::warn!(id, "snapshot skipped: a ledger write before it failed");
                         continue;
                     }
-                    if let Some(store) = &snapshots
-                        && let Err(err) = store.put(&id, &record).await
-                    {
-                        tracing::warn!(id, error = %err, "snapshot not written");
+                    let Some(store) = &snapshots else { continue };
+                    match store.put(&id, &record).await {
+                        Ok(()) => {
+                            ledgered.fetch_max(record.version, Ordering::Relaxed);
+                        }
+                        Err(err) => tracing::warn!(id, error = %err, "snapshot not written"),
                     }
                 }
             }

@@ -25,6 +25,11 @@ pub struct StoredEvent {
     pub command_id: Option<String>,
     /// The fingerprint of that command, if recorded.
     pub fingerprint: Option<String>,
+    /// The aggregate's last sequence before that command ([`header::PREVIOUS_SEQ`]), when
+    /// recorded and readable. Events written before jetfn recorded it have none.
+    pub previous_seq: Option<u64>,
+    /// The event's position among its command's events, from 0.
+    pub index: u32,
     /// The JSON payload.
     pub payload: Bytes,
 }
@@ -57,6 +62,14 @@ impl StoredEvent {
                 .map_err(|_| malformed(format!("{} is {v:?}", header::EVENT_VERSION)))?,
         };
         let owned = |name: &str| header::get(headers, name).map(str::to_owned);
+        // The links only speed up reads: an unreadable one is treated as absent, never as a
+        // malformed event.
+        let index = match header::get(headers, header::EVENT_INDEX) {
+            None => Some(0),
+            Some(index) => index.parse().ok(),
+        };
+        let previous_seq =
+            header::get_u64(headers, header::PREVIOUS_SEQ).filter(|_| index.is_some());
         Ok(StoredEvent {
             seq,
             event_type: event_type.to_owned(),
@@ -64,6 +77,8 @@ impl StoredEvent {
             time: owned(header::CE_TIME),
             command_id: owned(header::COMMAND_ID),
             fingerprint: owned(header::COMMAND_FINGERPRINT),
+            previous_seq,
+            index: index.unwrap_or(0),
             payload,
         })
     }
@@ -86,6 +101,9 @@ pub struct EventMeta<'a> {
     pub trace: Option<&'a TraceContext>,
     /// When the command was decided (RFC 3339).
     pub time: &'a str,
+    /// The aggregate's last sequence before the command: what the append expects, and so what
+    /// JetStream checks. `None` writes no link (events published without that check).
+    pub previous_seq: Option<u64>,
 }
 
 /// The deduplication id (and CloudEvents id) of a command's `index`-th event.
@@ -110,6 +128,12 @@ pub fn headers(meta: &EventMeta<'_>, index: usize, event_type: &str, version: u3
     headers.insert(header::COMMAND, meta.command);
     if let Some(fingerprint) = meta.fingerprint {
         headers.insert(header::COMMAND_FINGERPRINT, fingerprint);
+    }
+    if let Some(previous_seq) = meta.previous_seq {
+        headers.insert(header::PREVIOUS_SEQ, previous_seq.to_string().as_str());
+        if index > 0 {
+            headers.insert(header::EVENT_INDEX, index.to_string().as_str());
+        }
     }
     if let Some(trace) = meta.trace {
         trace.write(&mut headers);
@@ -137,6 +161,7 @@ mod tests {
             fingerprint: Some("f"),
             trace: None,
             time: "2026-01-01T00:00:00Z",
+            previous_seq: Some(7),
         }
     }
 
@@ -154,6 +179,25 @@ mod tests {
         assert_eq!(event.command_id.as_deref(), Some("c-1"));
         assert_eq!(event.fingerprint.as_deref(), Some("f"));
         assert_eq!(event.time.as_deref(), Some("2026-01-01T00:00:00Z"));
+        assert_eq!(event.previous_seq, Some(7));
+        assert_eq!(event.index, 2);
+    }
+
+    #[test]
+    fn a_commands_first_event_records_no_index_and_unreadable_links_count_as_absent() {
+        let first = headers(&meta(), 0, "MoneyDeposited", 1);
+        assert_eq!(header::get(Some(&first), header::EVENT_INDEX), None);
+        let event = StoredEvent::decode(8, Some(&first), Bytes::new()).unwrap();
+        assert_eq!((event.previous_seq, event.index), (Some(7), 0));
+
+        let mut garbled = first.clone();
+        garbled.insert(header::EVENT_INDEX, "one");
+        let event = StoredEvent::decode(8, Some(&garbled), Bytes::new()).unwrap();
+        assert_eq!(event.previous_seq, None);
+        let mut garbled = first;
+        garbled.insert(header::PREVIOUS_SEQ, "-1");
+        let event = StoredEvent::decode(8, Some(&garbled), Bytes::new()).unwrap();
+        assert_eq!(event.previous_seq, None);
     }
 
     #[test]

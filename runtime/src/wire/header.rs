@@ -42,6 +42,14 @@ pub const COMMAND_ID: &str = "jetfn-command-id";
 pub const COMMAND: &str = "jetfn-command";
 /// A fingerprint of the command's name and body, so a reused command id is recognised.
 pub const COMMAND_FINGERPRINT: &str = "jetfn-command-fingerprint";
+/// The stream sequence of the aggregate's last event before the command that wrote this event
+/// (the command's expected last subject sequence, checked by JetStream): it links a command's
+/// events to the ones before, so a reader can walk an aggregate's history back by sequence
+/// instead of scanning the stream for its subject.
+pub const PREVIOUS_SEQ: &str = "jetfn-previous-seq";
+/// The position of an event among its command's events, from 0. Written from the second event
+/// on; absent means 0.
+pub const EVENT_INDEX: &str = "jetfn-event-index";
 
 /// W3C trace context: the sending span.
 pub const TRACEPARENT: &str = "traceparent";

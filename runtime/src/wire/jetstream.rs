@@ -99,6 +99,11 @@ pub fn direct_get_next(seq: u64, subject: &str) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The body of a direct get of the message stored at `seq`, whatever its subject.
+pub fn direct_get_seq(seq: u64) -> Vec<u8> {
+    serde_json::json!({ "seq": seq }).to_string().into_bytes()
+}
+
 /// The body of a direct get of the last message on `subject`.
 pub fn direct_get_last(subject: &str) -> Vec<u8> {
     serde_json::json!({ "last_by_subj": subject })

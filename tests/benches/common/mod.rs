@@ -273,6 +273,26 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
     Ok(kb * 1024)
 }
 
+/// CPU time (user + system) process `pid` has used so far.
+pub fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("/proc/{pid}/stat field {}", i + 3))
+    };
+    // utime and stime, in clock ticks (100 per second on Linux).
+    let total = ticks(11)? + ticks(12)?;
+    Ok(Duration::from_millis(total * 10))
+}
+
 /// Bytes as MB with one decimal.
 pub fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
@@ -523,6 +543,9 @@ pub async fn seed(
             fingerprint: None,
             trace: None,
             time: &time,
+            // Pipelined, so the sequences are not known: no links, as in events that other
+            // tools publish.
+            previous_seq: None,
         };
         let version = <account::Account as Aggregate>::event_version(&event_type);
         let headers = event::headers(&meta, 0, &event_type, version);
@@ -736,4 +759,27 @@ pub async fn raw_redis_hset(redis_url: &str, rounds: usize) -> Result<f64> {
     let rate = (rounds * 100) as f64 / started.elapsed().as_secs_f64();
     let () = redis::cmd("FLUSHALL").query_async(&mut connection).await?;
     Ok(rate)
+}
+
+/// The sections `JETFN_BENCH_ONLY` (comma-separated names) selects; all when it is unset.
+pub struct Only(Option<Vec<String>>);
+
+impl Only {
+    /// Reads `JETFN_BENCH_ONLY`.
+    pub fn from_env() -> Only {
+        Only(std::env::var("JETFN_BENCH_ONLY").ok().map(|names| {
+            names
+                .split(',')
+                .map(|name| name.trim().to_owned())
+                .filter(|name| !name.is_empty())
+                .collect()
+        }))
+    }
+
+    /// Whether section `name` runs.
+    pub fn runs(&self, name: &str) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == name))
+    }
 }
