@@ -99,7 +99,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
             .unwrap_or_else(|| "-".into());
     }
 
-    let streams = list_streams(&client).await;
+    let streams = list_streams(&config.nats.jetstream(client.clone())).await;
     let functions: Vec<Value> = services
         .iter()
         .map(|(name, s)| {
@@ -402,8 +402,7 @@ fn sum_data(data: &[Value], key: &str) -> Value {
 }
 
 /// Every JetStream stream with its message and byte counts.
-async fn list_streams(client: &Client) -> Result<Vec<Value>> {
-    let js = jetstream::new(client.clone());
+async fn list_streams(js: &jetstream::Context) -> Result<Vec<Value>> {
     let infos: Vec<jetstream::stream::Info> = js
         .streams()
         .try_collect()

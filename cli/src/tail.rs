@@ -80,7 +80,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     };
 
     let client = config.nats.connect(crate::common::CONNECTION).await?;
-    let js = jetstream::new(client);
+    let js = config.nats.jetstream(client);
     let stream = js.get_stream(&stream_name).await.map_err(|err| {
         let not_found = matches!(
             err.kind(),

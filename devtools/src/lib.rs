@@ -11,6 +11,8 @@
 //! - [`RedisServer`]: a `redis-server` on a free loopback port that keeps nothing on disk
 //!   (unless [`Builder::persistent`]); [`RedisServer::restart_empty`] simulates losing the
 //!   cache.
+//! - [`NatsCluster`]: several of them at once, a JetStream cluster on loopback;
+//!   [`rewrite_ports`] runs the configurations of `deploy/nats/` on free ports.
 //! - [`process`]: log files, signals and bounded waits on child processes.
 //!
 //! A server is ready when a real client reaches *this* server (by name or process id) and it
@@ -24,10 +26,12 @@
 //! # Ok(()) }
 //! ```
 
+mod cluster;
 mod discover;
 pub mod process;
 mod server;
 
+pub use cluster::{NatsCluster, free_ports, rewrite_ports};
 pub use discover::{
     MIN_NATS_SERVER_VERSION, NATS_SERVER_PIP_REQUIREMENT, Version, is_executable_file,
     nats_server_binary, redis_server_binary,

@@ -374,6 +374,12 @@ pub struct Nats {
     config: Option<String>,
     /// The user and password the readiness probe logs in with.
     login: Option<(String, String)>,
+    /// JetStream on (`-js -sd`); off for a leaf node that uses its hub's.
+    jetstream: bool,
+    /// The CA, certificate and key the readiness probe connects with over TLS.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// The `.creds` file the readiness probe logs in with (decentralised auth).
+    credentials: Option<PathBuf>,
 }
 
 /// A private `nats-server` with JetStream enabled, listening on a free loopback port, with its
@@ -415,21 +421,34 @@ impl Flavor for Nats {
         if self.config.is_some() {
             args.extend(["-c".into(), dir.join("nats.conf").into()]);
         }
-        args.extend(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"].map(OsString::from));
-        args.push(dir.join(Self::NAME).into());
+        args.extend(["-a", "127.0.0.1", "-p", &port.to_string()].map(OsString::from));
+        if self.jetstream {
+            args.extend(["-js", "-sd"].map(OsString::from));
+            args.push(dir.join(Self::NAME).into());
+        }
         args.extend(["--server_name", &self.name].map(OsString::from));
         args
     }
 
     /// Ready = we reach *our* server (not another one that grabbed the port) and JetStream
-    /// answers.
+    /// answers (when it runs one; in a cluster that takes a meta leader, so start the nodes
+    /// together).
     async fn probe(&self, url: &str, _pid: u32) -> Result<(), String> {
-        let options = match &self.login {
-            Some((user, password)) => {
+        let mut options = match (&self.login, &self.credentials) {
+            (_, Some(creds)) => async_nats::ConnectOptions::with_credentials_file(creds)
+                .await
+                .map_err(|e| format!("credentials {}: {e}", creds.display()))?,
+            (Some((user, password)), None) => {
                 async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
             }
-            None => async_nats::ConnectOptions::new(),
+            (None, None) => async_nats::ConnectOptions::new(),
         };
+        if let Some((ca, cert, key)) = &self.tls {
+            options = options
+                .require_tls(true)
+                .add_root_certificates(ca.clone())
+                .add_client_certificate(cert.clone(), key.clone());
+        }
         let client = options
             .connection_timeout(Duration::from_millis(500))
             .connect(url)
@@ -441,6 +460,9 @@ impl Flavor for Nats {
                 "{url} is answered by another server ({:?}), not ours",
                 info.server_name
             ));
+        }
+        if !self.jetstream {
+            return Ok(());
         }
         async_nats::jetstream::new(client)
             .query_account()
@@ -482,6 +504,33 @@ impl Builder<Nats> {
         self.flavor.login = Some((user.into(), password.into()));
         self
     }
+
+    /// The readiness probe connects over TLS, trusting the PEM CA file `ca` and presenting the
+    /// client certificate `cert` with key `key`, for a configuration whose `tls` block requires
+    /// them. [`Server::connect`] stays plain: such a server's clients bring their own options.
+    pub fn probe_tls(
+        mut self,
+        ca: impl Into<PathBuf>,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
+        self.flavor.tls = Some((ca.into(), cert.into(), key.into()));
+        self
+    }
+
+    /// The readiness probe logs in with the `.creds` file `path` (JWT and nkey seed), for an
+    /// operator-mode configuration; its account must have JetStream.
+    pub fn probe_credentials(mut self, path: impl Into<PathBuf>) -> Self {
+        self.flavor.credentials = Some(path.into());
+        self
+    }
+
+    /// Runs no JetStream (no `-js`), as a leaf node that uses its hub's does; ready as soon as a
+    /// client reaches it.
+    pub fn without_jetstream(mut self) -> Self {
+        self.flavor.jetstream = false;
+        self
+    }
 }
 
 impl Server<Nats> {
@@ -491,6 +540,9 @@ impl Server<Nats> {
             name: unique_name(),
             config: None,
             login: None,
+            jetstream: true,
+            tls: None,
+            credentials: None,
         })
     }
 
@@ -540,6 +592,8 @@ pub struct Redis {
     persistent: bool,
     /// The next start keeps the data directory (a snapshot saved by `stop_saving`).
     keep_once: std::sync::atomic::AtomicBool,
+    /// A TLS port beside the plain one: (port, certificate, key, CA), files in PEM.
+    tls: Option<(u16, PathBuf, PathBuf, PathBuf)>,
 }
 
 /// A private `redis-server` on a free loopback port, working in the `redis/` directory of its
@@ -602,6 +656,13 @@ impl Flavor for Redis {
         args.extend(persistence.iter().map(OsString::from));
         args.extend(["--daemonize", "no", "--dir"].map(OsString::from));
         args.push(dir.join(Self::NAME).into());
+        if let Some((port, cert, key, ca)) = &self.tls {
+            args.extend(["--tls-port".into(), port.to_string().into()]);
+            args.extend(["--tls-cert-file".into(), cert.into()]);
+            args.extend(["--tls-key-file".into(), key.into()]);
+            args.extend(["--tls-ca-cert-file".into(), ca.into()]);
+            args.extend(["--tls-auth-clients", "no"].map(OsString::from));
+        }
         args
     }
 
@@ -644,6 +705,19 @@ impl Builder<Redis> {
         self.flavor.persistent = true;
         self
     }
+
+    /// Also listens for TLS on a second free port ([`Server::tls_url`]), with the PEM files
+    /// `cert` and `key`, trusting `ca` (client certificates are not required). The plain port
+    /// stays, for the readiness probe and for tests that look inside.
+    pub fn tls(
+        mut self,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+        ca: impl Into<PathBuf>,
+    ) -> Result<Self> {
+        self.flavor.tls = Some((free_port()?, cert.into(), key.into(), ca.into()));
+        Ok(self)
+    }
 }
 
 impl Server<Redis> {
@@ -652,6 +726,7 @@ impl Server<Redis> {
         Builder::new(Redis {
             persistent: false,
             keep_once: std::sync::atomic::AtomicBool::new(false),
+            tls: None,
         })
     }
 
@@ -659,6 +734,14 @@ impl Server<Redis> {
     /// directory; see [`Builder::start`].
     pub async fn start() -> Result<RedisServer> {
         Self::builder().start().await
+    }
+
+    /// `rediss://127.0.0.1:PORT` of the TLS port, when [`Builder::tls`] asked for one.
+    pub fn tls_url(&self) -> Option<String> {
+        self.flavor
+            .tls
+            .as_ref()
+            .map(|(port, ..)| format!("rediss://127.0.0.1:{port}"))
     }
 
     /// A `redis::Client` for this server.

@@ -174,6 +174,9 @@ pub struct NatsConfig {
     pub creds_file: Option<PathBuf>,
     /// An nkey seed (`SU...`).
     pub nkey_seed: Option<Secret>,
+    /// A file holding an nkey seed (`SU...`, surrounding whitespace ignored), read at connect:
+    /// the seed stays out of the environment and the configuration. Not with `nkey_seed`.
+    pub nkey_seed_file: Option<PathBuf>,
     /// User name for user/password authentication.
     pub user: Option<String>,
     /// Password for user/password authentication.
@@ -198,6 +201,13 @@ pub struct NatsConfig {
     /// NATS user its own (`_INBOX.account`, say) so permissions can keep users off each other's
     /// replies.
     pub inbox_prefix: String,
+    /// The JetStream domain to talk to (`hub`): every JetStream request goes to
+    /// `$JS.<domain>.API`, as a function on a leaf node needs to reach the hub's JetStream.
+    /// Not together with `jetstream_api_prefix`.
+    pub jetstream_domain: Option<String>,
+    /// The JetStream API prefix itself, for an account that imports another's JetStream under a
+    /// prefix of its own. `$JS.API` when neither this nor `jetstream_domain` is set.
+    pub jetstream_api_prefix: Option<String>,
 }
 
 impl Default for NatsConfig {
@@ -207,6 +217,7 @@ impl Default for NatsConfig {
             name: None,
             creds_file: None,
             nkey_seed: None,
+            nkey_seed_file: None,
             user: None,
             password: None,
             token: None,
@@ -217,6 +228,8 @@ impl Default for NatsConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
             inbox_prefix: "_INBOX".into(),
+            jetstream_domain: None,
+            jetstream_api_prefix: None,
         }
     }
 }
@@ -229,6 +242,7 @@ impl fmt::Debug for NatsConfig {
             .field("name", &self.name)
             .field("creds_file", &self.creds_file)
             .field("nkey_seed", &self.nkey_seed)
+            .field("nkey_seed_file", &self.nkey_seed_file)
             .field("user", &self.user)
             .field("password", &self.password)
             .field("token", &self.token)
@@ -237,6 +251,8 @@ impl fmt::Debug for NatsConfig {
             .field("tls_key", &self.tls_key)
             .field("tls_required", &self.tls_required)
             .field("inbox_prefix", &self.inbox_prefix)
+            .field("jetstream_domain", &self.jetstream_domain)
+            .field("jetstream_api_prefix", &self.jetstream_api_prefix)
             .finish_non_exhaustive()
     }
 }
@@ -315,7 +331,8 @@ pub struct StreamConfig {
     /// Subject prefix of events: an aggregate's events go to `<subject_prefix>.<id>`.
     /// Defaults to `evt.<aggregate>`.
     pub subject_prefix: Option<String>,
-    /// Replicas (1 for a single server, 3 for a production cluster).
+    /// Replicas (1 for a single server, 3 for a production cluster) of the event stream, the
+    /// snapshot bucket, and the dead-letter stream when a projection creates it.
     pub replicas: usize,
     /// How long JetStream remembers `Nats-Msg-Id`s. Older repeats are caught by the ledger.
     #[serde(with = "humantime_serde")]
@@ -444,6 +461,12 @@ impl Config {
         if self.nats.tls_cert.is_some() != self.nats.tls_key.is_some() {
             return invalid("nats.tls_cert", "tls_cert and tls_key must be set together");
         }
+        if self.nats.nkey_seed.is_some() && self.nats.nkey_seed_file.is_some() {
+            return invalid(
+                "nats.nkey_seed_file",
+                "set either nats.nkey_seed or nats.nkey_seed_file, not both",
+            );
+        }
         if self.nats.password.is_some() && self.nats.user.is_none() {
             return invalid("nats.user", "must be set when nats.password is");
         }
@@ -471,6 +494,25 @@ impl Config {
             return invalid(
                 "nats.inbox_prefix",
                 "must be dot-separated tokens without spaces, `*` or `>`",
+            );
+        }
+        if let Some(domain) = &self.nats.jetstream_domain
+            && !is_name(domain)
+        {
+            return invalid("nats.jetstream_domain", "must match [A-Za-z0-9_-]+");
+        }
+        if let Some(prefix) = &self.nats.jetstream_api_prefix
+            && !is_subject_prefix(prefix)
+        {
+            return invalid(
+                "nats.jetstream_api_prefix",
+                "must be dot-separated tokens without spaces, `*` or `>`",
+            );
+        }
+        if self.nats.jetstream_domain.is_some() && self.nats.jetstream_api_prefix.is_some() {
+            return invalid(
+                "nats.jetstream_api_prefix",
+                "set either nats.jetstream_domain or nats.jetstream_api_prefix, not both",
             );
         }
         if self.command.reply_prefixes.is_empty()
@@ -572,6 +614,12 @@ impl NatsConfig {
         if let Some(seed) = &self.nkey_seed {
             options = options.nkey(seed.expose().to_owned());
         }
+        if let Some(path) = &self.nkey_seed_file {
+            let seed = tokio::fs::read_to_string(path).await.map_err(|e| {
+                self.connect_error(format!("nats.nkey_seed_file {}: {e}", path.display()))
+            })?;
+            options = options.nkey(seed.trim().to_owned());
+        }
         if let (Some(user), Some(password)) = (&self.user, &self.password) {
             options = options.user_and_password(user.clone(), password.expose().to_owned());
         }
@@ -609,7 +657,46 @@ impl NatsConfig {
             .request_timeout(Some(self.request_timeout))
             .connect(addrs)
             .await
-            .map_err(|e| self.connect_error(e.to_string()))
+            .map_err(|e| self.connect_error(self.describe(&e)))
+    }
+
+    /// Why a connection failed, for people: a failed TLS handshake (which async-nats reports as
+    /// an I/O error with the TLS library's words) is called one, with the files it used.
+    fn describe(&self, error: &async_nats::ConnectError) -> String {
+        let reason = error.to_string();
+        let lower = reason.to_lowercase();
+        let tls = matches!(error.kind(), async_nats::ConnectErrorKind::Tls)
+            || ["certificate", "tls", "handshake", "alert"]
+                .iter()
+                .any(|word| lower.contains(word));
+        if !tls {
+            return reason;
+        }
+        let shown = |path: &Option<PathBuf>| {
+            path.as_ref()
+                .map_or("none".to_owned(), |p| p.display().to_string())
+        };
+        format!(
+            "TLS handshake failed (nats.tls_ca: {}, nats.tls_cert: {}): {reason}",
+            shown(&self.tls_ca),
+            shown(&self.tls_cert)
+        )
+    }
+
+    /// The prefix of every JetStream API subject: `$JS.<domain>.API` with `jetstream_domain`,
+    /// `jetstream_api_prefix` when set, else `$JS.API`.
+    pub fn jetstream_api(&self) -> String {
+        match (&self.jetstream_domain, &self.jetstream_api_prefix) {
+            (Some(domain), _) => crate::wire::names::domain_api(domain),
+            (None, Some(prefix)) => prefix.clone(),
+            (None, None) => crate::wire::names::JETSTREAM_API.to_owned(),
+        }
+    }
+
+    /// The JetStream context every part of the runtime uses on `client`: the API prefix of
+    /// [`NatsConfig::jetstream_api`], requests bounded by the connection's `request_timeout`.
+    pub fn jetstream(&self, client: async_nats::Client) -> async_nats::jetstream::Context {
+        crate::wire::jetstream::context(client, &self.jetstream_api())
     }
 
     fn connect_error(&self, reason: String) -> crate::Error {
@@ -737,6 +824,35 @@ mod tests {
         config.command.subject_prefix = Some("a.>".into());
         let message = config.validate().unwrap_err().to_string();
         assert!(message.contains("command.subject_prefix"), "{message}");
+    }
+
+    #[test]
+    fn a_jetstream_domain_prefixes_every_jetstream_api_subject() {
+        let mut config = Config::default();
+        assert_eq!(config.nats.jetstream_api(), "$JS.API");
+        config.nats.jetstream_domain = Some("hub".into());
+        config.validate().unwrap();
+        assert_eq!(config.nats.jetstream_api(), "$JS.hub.API");
+        config.nats.jetstream_domain = None;
+        config.nats.jetstream_api_prefix = Some("JS.imported.API".into());
+        config.validate().unwrap();
+        assert_eq!(config.nats.jetstream_api(), "JS.imported.API");
+    }
+
+    #[test]
+    fn a_jetstream_domain_is_one_token_and_excludes_an_api_prefix() {
+        let mut config = Config::default();
+        config.nats.jetstream_domain = Some("hub.eu".into());
+        let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains("nats.jetstream_domain"), "{message}");
+        config.nats.jetstream_domain = Some("hub".into());
+        config.nats.jetstream_api_prefix = Some("$JS.hub.API".into());
+        let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains("not both"), "{message}");
+        config.nats.jetstream_domain = None;
+        config.nats.jetstream_api_prefix = Some("$JS.>".into());
+        let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains("nats.jetstream_api_prefix"), "{message}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::direct::DirectGets;
 use crate::wire::event::{self as wire_event, EventMeta, Previous};
 use crate::wire::jetstream::{self as wire_js, DirectReply, PubAck};
 use crate::wire::{MalformedEvent, header, names};
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::stream;
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -146,6 +146,9 @@ pub struct StoreSettings {
     pub max_bytes: Option<i64>,
     /// How long to wait for JetStream.
     pub timeout: Duration,
+    /// The JetStream API prefix (`$JS.API`, or `$JS.<domain>.API`):
+    /// [`crate::config::NatsConfig::jetstream_api`].
+    pub api_prefix: String,
 }
 
 /// Reads and appends one aggregate type's events.
@@ -163,7 +166,7 @@ impl EventStore {
     /// A store over an existing connection. Call [`EventStore::provision`] to create the stream.
     pub fn new(client: Client, settings: StoreSettings) -> Self {
         EventStore {
-            direct_get_subject: names::direct_get(&settings.stream),
+            direct_get_subject: names::direct_get(&settings.api_prefix, &settings.stream),
             source: format!("/jetfn/{}", settings.aggregate),
             client,
             settings,
@@ -191,7 +194,7 @@ impl EventStore {
     /// instance may run it at start-up. A stream that holds another aggregate type's events (the
     /// default names of `a-b` and `a_b` are the same) is refused.
     pub async fn provision(&self) -> Result<(), StoreError> {
-        let js = jetstream::new(self.client.clone());
+        let js = crate::wire::jetstream::context(self.client.clone(), &self.settings.api_prefix);
         let desired = self.stream_config();
         match js.get_stream(&self.settings.stream).await {
             Ok(mut existing) => {

@@ -50,6 +50,7 @@ async fn store(nats: &NatsServer, name: &str) -> EventStore {
             duplicate_window: Duration::from_secs(120),
             max_bytes: None,
             timeout: Duration::from_secs(5),
+            api_prefix: jetfn::wire::names::JETSTREAM_API.into(),
         },
     );
     store.provision().await.unwrap();

@@ -2,13 +2,16 @@
 //! (`Nats-Msg-Id`) until it is answered, a load of such clients, and the check that every
 //! acknowledged command's events are in the stream exactly once.
 
+use crate::FunctionProcess;
 use crate::commands::{ACCOUNT_STREAM, StoredMessage, stored_messages};
+use crate::readmodels::{FeedOrder, check_read_side, live_generation, wait_until_caught_up};
 use anyhow::{Context, Result, bail};
 use async_nats::HeaderMap;
 use jetfn::Reply;
 use jetfn::command::ErrorKind;
 use jetfn::wire::header;
 use jetfn::wire::{AggregateNames, CommandSubjects};
+use jetfn_devtools::RedisServer;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -319,6 +322,11 @@ impl fmt::Display for Figures {
 }
 
 impl Figures {
+    /// Nothing lost, repeated or stray, and no other problem.
+    pub fn exact(&self) -> bool {
+        self.lost == 0 && self.duplicates == 0 && self.strays == 0 && self.problems.is_empty()
+    }
+
     fn problem(&mut self, problem: String) {
         if self.problems.len() < 20 {
             self.problems.push(problem);
@@ -413,4 +421,118 @@ pub async fn check_exactly_once(
         }
     }
     Ok((figures, events))
+}
+
+/// The log line of a command function that serves.
+pub const FUNCTION_READY: &str = "command function ready";
+/// The log line of a projection that runs.
+pub const PROJECTION_READY: &str = "projection function ready";
+
+/// Spawns function binary `name` (`account`, `account-projection`) with `env` and waits until
+/// it logs that it serves.
+pub async fn function_process(
+    name: &str,
+    env: &[(&str, String)],
+    patience: Duration,
+) -> Result<FunctionProcess> {
+    let ready = if name.ends_with("projection") {
+        PROJECTION_READY
+    } else {
+        FUNCTION_READY
+    };
+    let mut process = FunctionProcess::spawn(name, env)?;
+    process.wait_for_log(ready, patience).await?;
+    Ok(process)
+}
+
+/// Prints the figures of `test`, then panics unless every acknowledged command's events are
+/// stored exactly once (none lost, none repeated, none of an unacknowledged command).
+pub async fn assert_exactly_once(
+    test: &str,
+    client: &async_nats::Client,
+    acked: &[Acked],
+) -> Figures {
+    let (figures, _) = match check_exactly_once(client, acked).await {
+        Ok(checked) => checked,
+        Err(e) => panic!("{test}: reading the stream: {e:#}"),
+    };
+    println!("{test}: {figures}");
+    assert!(
+        figures.exact(),
+        "{test}: {figures}\n{}",
+        figures.problems.join("\n")
+    );
+    figures
+}
+
+/// Waits until the projection (one partition) has caught up with the stream, then panics unless
+/// the live read model and its change feed equal a fold of the stream.
+pub async fn assert_read_model_exact(
+    client: &async_nats::Client,
+    redis: &RedisServer,
+    patience: Duration,
+) {
+    let checked = async {
+        wait_until_caught_up(client, redis, 1, patience).await?;
+        let live = live_generation(redis).await?;
+        check_read_side(client, redis, live, 1, FeedOrder::Stream).await
+    };
+    if let Err(e) = checked.await {
+        panic!("the read model is not exact: {e:#}");
+    }
+}
+
+/// The first acceptance at or after `since`, as time after `since`.
+pub fn first_ack_after(acked: &[Acked], since: Instant) -> Option<Duration> {
+    acked
+        .iter()
+        .map(|a| a.answered.answered_at)
+        .filter(|at| *at >= since)
+        .min()
+        .map(|at| at - since)
+}
+
+/// Commands sent before `at` and accepted after it: those a fault caught in flight.
+pub fn in_flight_at(acked: &[Acked], at: Instant) -> Vec<&Acked> {
+    acked
+        .iter()
+        .filter(|a| a.answered.first_sent <= at && a.answered.answered_at > at)
+        .collect()
+}
+
+/// A duration for a figure line: seconds with two decimals, or `never`.
+pub fn secs(duration: Option<Duration>) -> String {
+    duration.map_or("never".to_owned(), |d| format!("{:.2}s", d.as_secs_f64()))
+}
+
+/// Panics, naming the process and showing its log, unless it still runs.
+pub fn assert_running(process: &mut FunctionProcess) {
+    let status = match process.try_status() {
+        Ok(status) => status,
+        Err(e) => panic!("{}: {e:#}", process.name()),
+    };
+    assert!(
+        status.is_none(),
+        "{} exited ({status:?}) instead of riding out the fault; log:\n{}",
+        process.name(),
+        process.log()
+    );
+}
+
+/// The longest time between two consecutive acceptances (or from `from` to the first one)
+/// within `from..=to`: how long no command got through.
+pub fn longest_silence(acked: &[Acked], from: Instant, to: Instant) -> Duration {
+    let mut times: Vec<Instant> = acked
+        .iter()
+        .map(|a| a.answered.answered_at)
+        .filter(|at| *at >= from && *at <= to)
+        .collect();
+    times.sort();
+    let mut previous = from;
+    let mut longest = Duration::ZERO;
+    for at in times {
+        longest = longest.max(at - previous);
+        previous = at;
+    }
+    longest
 }

@@ -35,12 +35,13 @@ pub mod faults;
 mod process;
 pub mod readmodels;
 pub mod schemas;
+pub mod topology;
 pub mod workload;
 
 pub use binaries::binary_path;
 pub use jetfn_devtools::{
-    MIN_NATS_SERVER_VERSION, NATS_SERVER_PIP_REQUIREMENT, NatsServer, RedisServer, Version,
-    nats_server_binary, redis_server_binary,
+    MIN_NATS_SERVER_VERSION, NATS_SERVER_PIP_REQUIREMENT, NatsCluster, NatsServer, RedisServer,
+    Version, free_ports, nats_server_binary, redis_server_binary, rewrite_ports,
 };
 pub use process::FunctionProcess;
 

@@ -419,3 +419,26 @@ pub async fn check_read_side(
         .map_err(|e| e.context(format!("change feed: {feed:?}")))?;
     feed
 }
+
+/// Creates the Redis ACL user `user` with `password` and every right, and switches the default
+/// user off: from then on only `user` gets in.
+pub async fn only_acl_user(redis: &RedisServer, user: &str, password: &str) -> Result<()> {
+    let mut connection = redis.connect().await?;
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            user,
+            "on",
+            &format!(">{password}"),
+            "~*",
+            "&*",
+            "+@all",
+        ])
+        .query_async(&mut connection)
+        .await?;
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "default", "off"])
+        .query_async(&mut connection)
+        .await?;
+    Ok(())
+}

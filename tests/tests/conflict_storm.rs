@@ -103,10 +103,7 @@ async fn a_conflict_storm_on_three_instances_loses_no_update() {
         figures.conflicts
     );
     assert!(
-        figures.lost == 0
-            && figures.duplicates == 0
-            && figures.strays == 0
-            && figures.problems.is_empty(),
+        figures.exact(),
         "{figures}\n{}",
         figures.problems.join("\n")
     );

@@ -101,6 +101,7 @@ fn default_account_store(client: async_nats::Client) -> EventStore {
             duplicate_window: config.stream.duplicate_window,
             max_bytes: config.stream.max_bytes,
             timeout: config.nats.request_timeout,
+            api_prefix: config.nats.jetstream_api(),
         },
     )
 }
@@ -394,8 +395,11 @@ fn the_keda_trigger_names_a_projection_consumer() {
     let trigger = &scaled["spec"]["triggers"][0];
     assert_eq!(trigger["type"], "nats-jetstream");
     assert_eq!(trigger["metadata"]["stream"], "ACCOUNT_EVENTS");
-    // <projection>-g<version>-p<partition>, as the projection names its durable consumers.
-    assert_eq!(trigger["metadata"]["consumer"], "account-balances-g1-p0");
+    // The live consumer of partition 0, whose name survives rebuilds.
+    assert_eq!(
+        trigger["metadata"]["consumer"],
+        jetfn::wire::names::live_projection_consumer("account-balances", 0)
+    );
     let target = scaled["spec"]["scaleTargetRef"]["name"].as_str().unwrap();
     assert!(
         objects

@@ -13,11 +13,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use jetfn::readmodel::ReadModel;
-use jetfn_tests::faults::{Acked, Figures, Load, check_exactly_once};
-use jetfn_tests::readmodels::{
-    FeedOrder, PROJECTION, check_read_side, live_generation, read_model_checkpoint,
-    wait_until_caught_up,
+use jetfn_tests::faults::{
+    Acked, Figures, Load, assert_exactly_once, assert_read_model_exact, assert_running,
+    first_ack_after, function_process, in_flight_at, secs,
 };
+use jetfn_tests::readmodels::{PROJECTION, read_model_checkpoint};
 use jetfn_tests::workload::{poll, stream_last_seq};
 use jetfn_tests::{FunctionProcess, NatsServer, RedisServer};
 use nix::sys::signal::{Signal, kill};
@@ -32,19 +32,12 @@ const MAX_PER_CLIENT: usize = 2_000;
 const ACKS: usize = 150;
 /// How long anything may take to start, to serve again or to catch up, generously.
 const PATIENCE: Duration = Duration::from_secs(60);
-/// The log line of a command function that serves.
-const FUNCTION_READY: &str = "command function ready";
-/// The log line of a projection that runs.
-const PROJECTION_READY: &str = "projection function ready";
 
 /// Starts an `account` command function process and waits until it serves.
 async fn account_process(nats: &NatsServer) -> FunctionProcess {
-    let mut process = FunctionProcess::spawn("account", &[("NATS_URL", nats.url())]).unwrap();
-    process
-        .wait_for_log(FUNCTION_READY, PATIENCE)
+    function_process("account", &[("NATS_URL", nats.url())], PATIENCE)
         .await
-        .unwrap();
-    process
+        .unwrap()
 }
 
 /// Starts an `account-projection` process with `extra` settings and waits until it runs.
@@ -55,12 +48,9 @@ async fn projection_process(
 ) -> FunctionProcess {
     let mut env = vec![("NATS_URL", nats.url()), ("REDIS_URL", redis.url())];
     env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
-    let mut process = FunctionProcess::spawn("account-projection", &env).unwrap();
-    process
-        .wait_for_log(PROJECTION_READY, PATIENCE)
+    function_process("account-projection", &env, PATIENCE)
         .await
-        .unwrap();
-    process
+        .unwrap()
 }
 
 /// Sends `signal` to a server process.
@@ -69,66 +59,15 @@ fn signal(pid: Option<u32>, signal: Signal) {
     kill(Pid::from_raw(pid), signal).unwrap();
 }
 
-/// Panics, naming the process and showing its log, unless it still runs.
-fn assert_running(process: &mut FunctionProcess) {
-    let status = process.try_status().unwrap();
-    assert!(
-        status.is_none(),
-        "{} exited ({status:?}) instead of riding out the fault; log:\n{}",
-        process.name(),
-        process.log()
-    );
-}
-
 /// The first invariant: prints the figures, then checks every acknowledged command's events are
 /// stored exactly once.
 async fn check_commands(test: &str, client: &async_nats::Client, acked: &[Acked]) -> Figures {
-    let (figures, _) = check_exactly_once(client, acked).await.unwrap();
-    println!("{test}: {figures}");
-    assert!(
-        figures.lost == 0
-            && figures.duplicates == 0
-            && figures.strays == 0
-            && figures.problems.is_empty(),
-        "{test}: {figures}\n{}",
-        figures.problems.join("\n")
-    );
-    figures
+    assert_exactly_once(test, client, acked).await
 }
 
-/// The second invariant: waits until the projection has caught up with the stream, then checks
-/// the live read model and its change feed against a fold of the stream.
+/// The second invariant: the read model ends exact.
 async fn check_read_model(client: &async_nats::Client, redis: &RedisServer) {
-    wait_until_caught_up(client, redis, 1, PATIENCE)
-        .await
-        .unwrap();
-    let live = live_generation(redis).await.unwrap();
-    check_read_side(client, redis, live, 1, FeedOrder::Stream)
-        .await
-        .unwrap();
-}
-
-/// The first acceptance at or after `since`, as time after `since`.
-fn first_ack_after(acked: &[Acked], since: Instant) -> Option<Duration> {
-    acked
-        .iter()
-        .map(|a| a.answered.answered_at)
-        .filter(|at| *at >= since)
-        .min()
-        .map(|at| at - since)
-}
-
-/// Commands sent before `at` and accepted after it: those the fault caught in flight.
-fn in_flight_at(acked: &[Acked], at: Instant) -> Vec<&Acked> {
-    acked
-        .iter()
-        .filter(|a| a.answered.first_sent <= at && a.answered.answered_at > at)
-        .collect()
-}
-
-/// A duration for a figure line.
-fn secs(duration: Option<Duration>) -> String {
-    duration.map_or("never".to_owned(), |d| format!("{:.2}s", d.as_secs_f64()))
+    assert_read_model_exact(client, redis, PATIENCE).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

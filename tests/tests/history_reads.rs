@@ -25,6 +25,7 @@ fn store(client: &async_nats::Client) -> EventStore {
             duplicate_window: config.stream.duplicate_window,
             max_bytes: config.stream.max_bytes,
             timeout: config.nats.request_timeout,
+            api_prefix: config.nats.jetstream_api(),
         },
     )
 }

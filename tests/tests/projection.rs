@@ -121,7 +121,7 @@ async fn once_caught_up_every_event_is_acknowledged_with_one_ack_per_batch() {
         .await
         .unwrap();
     let consumer = stream
-        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("account-balances-g1-p0")
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("account-balances-p0")
         .await
         .unwrap();
     // Acks are sent after the commit; give the last one a moment to arrive.

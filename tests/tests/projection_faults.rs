@@ -20,7 +20,7 @@ use std::time::Duration;
 /// The projection binary.
 const BINARY: &str = "account-projection";
 /// The durable consumer of the only partition of the first read-model version.
-const CONSUMER: &str = "account-balances-g1-p0";
+const CONSUMER: &str = "account-balances-p0";
 /// How long catching up may take, generously.
 const CATCH_UP: Duration = Duration::from_secs(60);
 

@@ -91,6 +91,19 @@ async fn scan_keys(
     }
 }
 
+/// Rebuilds the read model of `side` (at most 30 s) and returns the new version.
+async fn rebuild(side: &ReadSide) -> u64 {
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        jetfn::projection_function(account_projection::AccountBalances)
+            .with_config(side.config.clone())
+            .rebuild(),
+    )
+    .await
+    .expect("rebuild did not finish within 30 s")
+    .unwrap()
+}
+
 /// The names of the account stream's consumers.
 async fn consumer_names(client: &async_nats::Client) -> Result<BTreeSet<String>> {
     let stream = stream(client, ACCOUNT_STREAM).await?;
@@ -205,15 +218,7 @@ async fn a_rebuild_while_readers_poll_never_shows_a_missing_or_partial_account()
     // Let the readers and the senders get going against version 1 first.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let version = tokio::time::timeout(
-        Duration::from_secs(30),
-        jetfn::projection_function(account_projection::AccountBalances)
-            .with_config(side.config.clone())
-            .rebuild(),
-    )
-    .await
-    .expect("rebuild did not finish within 30 s")
-    .unwrap();
+    let version = rebuild(&side).await;
     assert_eq!(version, 2, "the rebuild reports the new version");
 
     stop.store(true, Ordering::Relaxed);
@@ -250,8 +255,8 @@ async fn a_rebuild_while_readers_poll_never_shows_a_missing_or_partial_account()
     assert!(
         !consumers
             .iter()
-            .any(|c| c.starts_with("account-balances-g1-")),
-        "version 1 consumers remain: {consumers:?}"
+            .any(|c| c.starts_with("account-balances-g")),
+        "build consumers remain: {consumers:?}"
     );
 
     // The live projection follows version 2.
@@ -343,6 +348,55 @@ impl Projection for FixedBalances {
         };
         account_projection::AccountBalances.apply(&event.with_event(known), writes)
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_a_scaler_watches_keeps_its_name_across_a_rebuild() {
+    let side = ReadSide::start_with(|config| {
+        config.projection.rebuild_grace = Duration::from_secs(1);
+    })
+    .await
+    .unwrap();
+    let (client, redis) = (&side.client, &side.redis);
+    let live = jetfn::wire::names::live_projection_consumer(PROJECTION, 0);
+    let ids: Vec<String> = (0..20).map(|n| format!("keda-{n:02}")).collect();
+    open_accounts(client, &ids, 10).await.unwrap();
+    wait_until_caught_up(client, redis, 1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(
+        consumer_names(client).await.unwrap(),
+        BTreeSet::from([live.clone()]),
+        "before the rebuild"
+    );
+
+    let version = rebuild(&side).await;
+    assert_eq!(version, 2);
+    let last = accepted(client, &ids[0], "deposit", json!({"amount": 5}))
+        .await
+        .unwrap();
+    // The live instance reads version 2 through the consumer of the same name: its ack floor
+    // reaches the command sent after the rebuild.
+    let url = redis.url();
+    poll(
+        "the live consumer past the new command",
+        Duration::from_secs(20),
+        || {
+            let (client, live, url) = (client.clone(), live.clone(), url.clone());
+            async move {
+                let floor = jetfn_tests::readmodels::consumer_ack_floor(&client, &live).await?;
+                let at = jetfn_tests::readmodels::read_model_checkpoint(&url, 1).await?;
+                Ok((floor >= last && at == Some((2, last))).then_some(()))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        consumer_names(client).await.unwrap(),
+        BTreeSet::from([live]),
+        "after the rebuild: the build consumers are gone, the live one stays"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,33 +3,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use jetfn_tests::commands::start_account;
-use jetfn_tests::readmodels::{projection_config, start_projection};
+use jetfn_tests::readmodels::{only_acl_user, projection_config, start_projection};
 use jetfn_tests::{FunctionProcess, NatsServer, RedisServer};
 use std::time::Duration;
 
 const PASSWORD: &str = "s3cret-Pa55word";
 
-/// Creates an ACL user `jetfn` and makes the default user need a password too.
+/// Creates an ACL user `jetfn` and switches the default user off.
 async fn lock_down(redis: &RedisServer) {
-    let mut connection = redis.connect().await.unwrap();
-    let _: () = redis::cmd("ACL")
-        .arg(&[
-            "SETUSER",
-            "jetfn",
-            "on",
-            &format!(">{PASSWORD}"),
-            "~*",
-            "&*",
-            "+@all",
-        ])
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("ACL")
-        .arg(&["SETUSER", "default", "off"])
-        .query_async(&mut connection)
-        .await
-        .unwrap();
+    only_acl_user(redis, "jetfn", PASSWORD).await.unwrap();
 }
 
 fn with_user(redis: &RedisServer, password: &str) -> String {

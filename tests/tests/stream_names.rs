@@ -21,6 +21,7 @@ fn store(client: &async_nats::Client, aggregate: &str) -> EventStore {
             duplicate_window: config.stream.duplicate_window,
             max_bytes: config.stream.max_bytes,
             timeout: config.nats.request_timeout,
+            api_prefix: config.nats.jetstream_api(),
         },
     )
 }

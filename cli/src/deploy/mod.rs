@@ -10,7 +10,6 @@ mod plan;
 
 use crate::common::{Global, say, say_json};
 use anyhow::{Result, bail};
-use async_nats::jetstream;
 use plan::{Action, Item, Problem};
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -106,8 +105,8 @@ async fn compare(global: &Global, options: &Options, apply: bool) -> Result<Exit
             options.dir.display()
         );
     }
-    let (client, _config) = global.connect().await?;
-    let js = jetstream::new(client.clone());
+    let (client, config) = global.connect().await?;
+    let js = config.nats.jetstream(client.clone());
     let items = plan::plan(&js, &declared).await?;
     let not_managed = plan::not_managed(&js, &declared).await?;
     let refusals = check::check(&client, &js, &items).await?;

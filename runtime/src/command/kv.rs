@@ -16,19 +16,21 @@ use std::sync::Arc;
 pub(crate) struct JsonBucket {
     js: jetstream::Context,
     bucket: String,
+    api_prefix: String,
     direct_get: String,
     reads: Arc<DirectGets>,
 }
 
 impl JsonBucket {
-    /// Opens the bucket, creating it with `config` when it does not exist. An existing bucket is
-    /// left as it is (an operator may have raised its replicas).
+    /// Opens the bucket through `js`, whose API prefix `api_prefix` may name another domain, creating it
+    /// with `config` when it does not exist. An existing bucket is left as it is (an operator may
+    /// have raised its replicas).
     pub async fn open(
-        client: async_nats::Client,
+        js: jetstream::Context,
+        api_prefix: &str,
         reads: Arc<DirectGets>,
         config: kv::Config,
     ) -> Result<JsonBucket, StoreError> {
-        let js = jetstream::new(client);
         let bucket = config.bucket.clone();
         if js.get_key_value(&bucket).await.is_err()
             && let Err(err) = js.create_key_value(config).await
@@ -39,9 +41,11 @@ impl JsonBucket {
                 "KV bucket {bucket}: {err}"
             )));
         }
+        let api_prefix = api_prefix.to_owned();
         Ok(JsonBucket {
             js,
-            direct_get: names::direct_get(&names::kv_stream(&bucket)),
+            direct_get: names::direct_get(&api_prefix, &names::kv_stream(&bucket)),
+            api_prefix,
             bucket,
             reads,
         })
@@ -82,7 +86,10 @@ impl JsonBucket {
             StoreError::Unavailable(format!("write to KV bucket {} failed: {e}", self.bucket))
         };
         self.js
-            .publish(names::kv_subject(&self.bucket, key), bytes.into())
+            .publish(
+                names::kv_put_subject(&self.api_prefix, &self.bucket, key),
+                bytes.into(),
+            )
             .await
             .map_err(|e| failed(e.to_string()))?
             .await

@@ -55,7 +55,8 @@ pub(crate) struct KvLedger {
 impl KvLedger {
     /// Opens the bucket, creating it if it does not exist.
     pub async fn open(
-        client: async_nats::Client,
+        js: jetstream::Context,
+        api_prefix: &str,
         reads: Arc<DirectGets>,
         bucket: &str,
         ttl: Duration,
@@ -70,7 +71,7 @@ impl KvLedger {
             num_replicas: replicas,
             ..Default::default()
         };
-        let bucket = JsonBucket::open(client, reads, config).await?;
+        let bucket = JsonBucket::open(js, api_prefix, reads, config).await?;
         Ok(KvLedger { bucket })
     }
 }

@@ -143,6 +143,7 @@ impl<A: Aggregate> CommandFunction<A> {
                 duplicate_window: config.stream.duplicate_window,
                 max_bytes: config.stream.max_bytes,
                 timeout: config.nats.request_timeout,
+                api_prefix: config.nats.jetstream_api(),
             },
         );
         store.check_server_version()?;
@@ -150,8 +151,11 @@ impl<A: Aggregate> CommandFunction<A> {
             store.provision().await?;
         }
         let reads = Arc::new(DirectGets::start(client.clone(), config.nats.request_timeout).await?);
+        let js = config.nats.jetstream(client.clone());
+        let api_prefix = config.nats.jetstream_api();
         let ledger = KvLedger::open(
-            client.clone(),
+            js.clone(),
+            &api_prefix,
             reads.clone(),
             &names.ledger_bucket,
             config.ledger.ttl,
@@ -162,7 +166,8 @@ impl<A: Aggregate> CommandFunction<A> {
         let snapshots = match A::snapshots() {
             Some(codec) => {
                 let store = KvSnapshots::open(
-                    client.clone(),
+                    js,
+                    &api_prefix,
                     reads,
                     &names.snapshot_bucket,
                     config.stream.replicas,

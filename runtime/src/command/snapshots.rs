@@ -67,7 +67,8 @@ pub(crate) struct KvSnapshots {
 impl KvSnapshots {
     /// Opens the bucket, creating it if it does not exist.
     pub async fn open(
-        client: async_nats::Client,
+        js: jetstream::Context,
+        api_prefix: &str,
         reads: Arc<DirectGets>,
         bucket: &str,
         replicas: usize,
@@ -80,7 +81,7 @@ impl KvSnapshots {
             num_replicas: replicas,
             ..Default::default()
         };
-        let bucket = JsonBucket::open(client, reads, config).await?;
+        let bucket = JsonBucket::open(js, api_prefix, reads, config).await?;
         Ok(KvSnapshots { bucket })
     }
 }

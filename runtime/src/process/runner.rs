@@ -101,7 +101,7 @@ impl<P: ProcessManager> ProcessManagerFunction<P> {
         let source = AggregateNames::new(<P::Source as Aggregate>::NAME, &config)?;
         let client = config.nats.connect(&names.connection()).await?;
         crate::store::check_server_version(&client.server_info().version)?;
-        let js = jetstream::new(client.clone());
+        let js = config.nats.jetstream(client.clone());
         let store = EventStore::new(
             client.clone(),
             StoreSettings {
@@ -112,11 +112,17 @@ impl<P: ProcessManager> ProcessManagerFunction<P> {
                 duplicate_window: config.stream.duplicate_window,
                 max_bytes: None,
                 timeout: config.nats.request_timeout,
+                api_prefix: config.nats.jetstream_api(),
             },
         );
         store.provision().await?;
         let timers = Timers::provision(js.clone(), names.clone(), config.stream.replicas).await?;
-        dead_letters::provision(&js, &config.projection.dead_letter_stream).await?;
+        dead_letters::provision(
+            &js,
+            &config.projection.dead_letter_stream,
+            config.stream.replicas,
+        )
+        .await?;
         let mut commands = CommandClient::new(client.clone()).timeout(COMMAND_TIMEOUT);
         if let Some(prefix) = &config.command.subject_prefix {
             commands = commands.prefix(prefix.clone());

@@ -59,8 +59,13 @@ impl DeadLetters {
     /// Opens the dead-letter stream named in `config.projection.dead_letter_stream`.
     pub async fn connect(config: &Config) -> Result<DeadLetters, Error> {
         let client = config.nats.connect("jetfn-dlq").await?;
-        let js = jetstream::new(client);
-        provision(&js, &config.projection.dead_letter_stream).await?;
+        let js = config.nats.jetstream(client);
+        provision(
+            &js,
+            &config.projection.dead_letter_stream,
+            config.stream.replicas,
+        )
+        .await?;
         Self::open(&js, &config.projection.dead_letter_stream).await
     }
 
@@ -125,8 +130,13 @@ fn letter(dlq_seq: u64, headers: HeaderMap, payload: Bytes) -> DeadLetter {
     }
 }
 
-/// Creates the dead-letter stream if it does not exist (an existing one is left as it is).
-pub(crate) async fn provision(js: &jetstream::Context, name: &str) -> Result<(), Error> {
+/// Creates the dead-letter stream with `replicas` replicas (`stream.replicas`) if it does not
+/// exist (an existing one is left as it is).
+pub(crate) async fn provision(
+    js: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+) -> Result<(), Error> {
     if js.get_stream(name).await.is_ok() {
         return Ok(());
     }
@@ -137,6 +147,7 @@ pub(crate) async fn provision(js: &jetstream::Context, name: &str) -> Result<(),
         storage: stream::StorageType::File,
         allow_direct: true,
         duplicate_window: Duration::from_secs(120),
+        num_replicas: replicas,
         ..Default::default()
     })
     .await

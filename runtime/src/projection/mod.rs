@@ -377,13 +377,18 @@ impl<P: Projection> Context<P> {
         crate::store::check_server_version(&client.server_info().version)?;
         let model = ReadModel::connect(config.redis.url.expose(), P::NAME).await?;
         model.check_permissions().await?;
-        let js = async_nats::jetstream::new(client.clone());
+        let js = config.nats.jetstream(client.clone());
         let names = crate::wire::AggregateNames::new(aggregate, config)?;
         let source = Source {
             stream: names.stream,
             subject_prefix: names.event_prefix,
         };
-        dead_letters::provision(&js, &config.projection.dead_letter_stream).await?;
+        dead_letters::provision(
+            &js,
+            &config.projection.dead_letter_stream,
+            config.stream.replicas,
+        )
+        .await?;
         Ok(Context {
             js,
             upcasters: Arc::new(<P::Source as Aggregate>::upcasters()),

@@ -2,12 +2,15 @@
 //!
 //! The new version `G+1` is written beside the live version `G` from the first event, by workers
 //! in build mode. When every partition has caught up with the stream, `{P}:active` is set to
-//! `G+1` in one step; live instances notice on their next batch and follow. After
-//! `projection.rebuild_grace` the old version's keys and consumers are deleted.
+//! `G+1` in one step; live instances notice on their next batch and follow, through their own
+//! consumers (`<projection>-p<k>`, whose names never change), recreated at the new version's
+//! checkpoints; the build consumers (`<projection>-g<G+1>-p<k>`) are deleted. After
+//! `projection.rebuild_grace` the old version's keys are deleted.
 
-use super::worker::{PIN_GROUP, Worker, consumer_name};
+use super::worker::Worker;
 use super::{Context, Projection, Stats};
 use crate::Error;
+use crate::wire::names;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -109,14 +112,9 @@ pub(crate) async fn rebuild<P: Projection>(
     );
     let _ = stop_tx.send(true);
     while workers.join_next().await.is_some() {}
-    // Hand the new consumers to the live instances at once instead of after the pin timeout.
-    if let Ok(stream) = context.js.get_stream(&context.source.stream).await {
-        for partition in 0..partitions {
-            let _ = stream
-                .unpin_consumer(&consumer_name(P::NAME, new, partition), PIN_GROUP)
-                .await;
-        }
-    }
+    // The live instances follow the new version through their own consumers
+    // (`<projection>-p<k>`, recreated at its checkpoints): the build consumers are done.
+    delete_consumers(&context, P::NAME, new).await;
 
     if old > 0 {
         tokio::time::sleep(context.config.projection.rebuild_grace).await;
@@ -153,7 +151,7 @@ async fn delete_consumers<P>(context: &Context<P>, projection: &str, generation:
         return;
     };
     for partition in 0..1024 {
-        let name = consumer_name(projection, generation, partition);
+        let name = names::projection_consumer(projection, generation, partition);
         if stream.delete_consumer(&name).await.is_err()
             && partition >= context.config.projection.partitions
         {

@@ -8,7 +8,7 @@ use crate::readmodel::{
     Applied, AppliedEvent, Batch, Mode, Op, ReadModel, ReadModelError, RedisWrites, Step,
 };
 use crate::telemetry::TraceContext;
-use crate::wire::{StoredEvent, header};
+use crate::wire::{StoredEvent, header, names};
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PriorityPolicy, pull};
 use async_nats::jetstream::{AckKind, Message};
 use futures::{FutureExt, StreamExt};
@@ -26,11 +26,6 @@ pub(crate) const PIN_GROUP: &str = "jetfn";
 pub(crate) struct Source {
     pub stream: String,
     pub subject_prefix: String,
-}
-
-/// The durable consumer of one partition of one version.
-pub(crate) fn consumer_name(projection: &str, generation: u64, partition: u32) -> String {
-    format!("{projection}-g{generation}-p{partition}")
 }
 
 /// The partition an aggregate belongs to: FNV-1a (32 bit) of its id, modulo the partitions (the
@@ -115,6 +110,9 @@ impl<P: Projection> Worker<P> {
                     );
                     self.generation = generation;
                     self.stats.generation.store(generation, Ordering::Relaxed);
+                    // The live consumer keeps its name: it starts again after the new
+                    // version's checkpoint.
+                    recreate = true;
                 }
                 Some(Rebind::Reset) => {
                     tracing::warn!(
@@ -250,6 +248,16 @@ impl<P: Projection> Worker<P> {
         }
     }
 
+    /// The consumer this worker reads through: the live one, whose name survives rebuilds, or
+    /// the build consumer of the version it writes.
+    fn consumer_name(&self) -> String {
+        if self.live {
+            names::live_projection_consumer(P::NAME, self.partition)
+        } else {
+            names::projection_consumer(P::NAME, self.generation, self.partition)
+        }
+    }
+
     /// Releases this partition's pin so a standby instance takes over at once.
     async fn release_pin(&self) {
         if let Ok(stream) = self
@@ -258,8 +266,9 @@ impl<P: Projection> Worker<P> {
             .get_stream(&self.context.source.stream)
             .await
         {
-            let name = consumer_name(P::NAME, self.generation, self.partition);
-            let _ = stream.unpin_consumer(&name, PIN_GROUP).await;
+            let _ = stream
+                .unpin_consumer(&self.consumer_name(), PIN_GROUP)
+                .await;
         }
     }
 
@@ -280,7 +289,7 @@ impl<P: Projection> Worker<P> {
         &self,
         recreate: bool,
     ) -> Result<(consumer::Consumer<pull::Config>, u64), Error> {
-        let name = consumer_name(P::NAME, self.generation, self.partition);
+        let name = self.consumer_name();
         let stream = self
             .context
             .js
@@ -680,10 +689,14 @@ mod tests {
     }
 
     #[test]
-    fn consumer_names_carry_version_and_partition() {
+    fn build_consumers_carry_the_version_and_live_ones_do_not() {
         assert_eq!(
-            consumer_name("account-balances", 2, 3),
+            names::projection_consumer("account-balances", 2, 3),
             "account-balances-g2-p3"
+        );
+        assert_eq!(
+            names::live_projection_consumer("account-balances", 3),
+            "account-balances-p3"
         );
     }
 }

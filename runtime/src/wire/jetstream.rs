@@ -176,6 +176,13 @@ pub fn expect_last_subject_sequence(headers: &mut HeaderMap, seq: u64) {
     );
 }
 
+/// The JetStream context on `client` under API prefix `api` (`$JS.API`, or a domain's
+/// `$JS.<domain>.API`). The one constructor of contexts in the runtime and the CLI: build it
+/// through [`crate::config::NatsConfig::jetstream`], which knows the configured prefix.
+pub fn context(client: async_nats::Client, api: &str) -> async_nats::jetstream::Context {
+    async_nats::jetstream::with_prefix(client, api)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -163,9 +163,17 @@ impl AggregateNames {
     }
 }
 
-/// The subject that direct-gets messages of `stream`.
-pub fn direct_get(stream: &str) -> String {
-    format!("$JS.API.DIRECT.GET.{stream}")
+/// The JetStream API prefix without a domain.
+pub const JETSTREAM_API: &str = "$JS.API";
+
+/// The JetStream API prefix of domain `domain`: `$JS.<domain>.API`.
+pub fn domain_api(domain: &str) -> String {
+    format!("$JS.{domain}.API")
+}
+
+/// The subject that direct-gets messages of `stream`, under JetStream API prefix `api`.
+pub fn direct_get(api: &str, stream: &str) -> String {
+    format!("{api}.DIRECT.GET.{stream}")
 }
 
 /// The stream behind KV bucket `bucket`.
@@ -176,6 +184,18 @@ pub fn kv_stream(bucket: &str) -> String {
 /// The subject of `key` in KV bucket `bucket`.
 pub fn kv_subject(bucket: &str, key: &str) -> String {
     format!("$KV.{bucket}.{key}")
+}
+
+/// Where a write of `key` in KV bucket `bucket` is published, under JetStream API prefix `api`:
+/// the key's subject itself in the local domain, `<api>.$KV.<bucket>.<key>` in another one (the
+/// hub's JetStream maps it back to the key's subject, as it does for async-nats KV stores).
+pub fn kv_put_subject(api: &str, bucket: &str, key: &str) -> String {
+    let subject = kv_subject(bucket, key);
+    if api == JETSTREAM_API {
+        subject
+    } else {
+        format!("{api}.{subject}")
+    }
 }
 
 /// The subject that pings every instance of service `name`.
@@ -224,7 +244,8 @@ pub fn dlq_subject(projection: &str) -> String {
     format!("jetfn.dlq.{projection}")
 }
 
-/// The durable consumer of one partition of one read-model version.
+/// The durable consumer a rebuild writes one partition of read-model version `generation`
+/// through: `<projection>-g<G>-p<k>`, deleted once the new version is live.
 pub fn projection_consumer(projection: &str, generation: u64, partition: u32) -> String {
     format!("{projection}-g{generation}-p{partition}")
 }
@@ -315,6 +336,14 @@ impl ProcessNames {
     }
 }
 
+/// The durable consumer the live read model reads one partition through:
+/// `<projection>-p<k>`, whatever the version. It keeps its name across rebuilds (it is recreated
+/// at the new version's checkpoint when the version switches), so a scaler watching its lag
+/// (KEDA's `nats-jetstream` trigger) keeps working.
+pub fn live_projection_consumer(projection: &str, partition: u32) -> String {
+    format!("{projection}-p{partition}")
+}
+
 /// Where an aggregate type's commands arrive: `[<prefix>.]cmd.<aggregate>.`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandSubjects {
@@ -382,6 +411,22 @@ pub fn check_id(id: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kv_writes_to_another_domain_go_under_its_api_prefix() {
+        assert_eq!(
+            kv_put_subject(JETSTREAM_API, "jetfn-ledger-account", "a.c1"),
+            "$KV.jetfn-ledger-account.a.c1"
+        );
+        assert_eq!(
+            kv_put_subject(&domain_api("hub"), "jetfn-ledger-account", "a.c1"),
+            "$JS.hub.API.$KV.jetfn-ledger-account.a.c1"
+        );
+        assert_eq!(
+            direct_get(&domain_api("hub"), "ACCOUNT_EVENTS"),
+            "$JS.hub.API.DIRECT.GET.ACCOUNT_EVENTS"
+        );
+    }
 
     #[test]
     fn command_subjects_split_id_and_command() {

@@ -624,6 +624,7 @@ pub async fn raw_stream(client: &async_nats::Client, name: &str, prefix: &str) -
             duplicate_window: Duration::from_secs(120),
             max_bytes: None,
             timeout: Duration::from_secs(5),
+            api_prefix: jetfn::wire::names::JETSTREAM_API.into(),
         },
     );
     store

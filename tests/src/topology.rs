@@ -1,0 +1,114 @@
+//! The deployments of `deploy/nats/` on loopback: an edge leaf node on its hub
+//! (`leaf.conf`), and the 3-node cluster (`cluster/node-{1,2,3}.conf`), each run from the
+//! very files a user deploys, with their fixed ports moved to free ones.
+
+use crate::{NatsCluster, NatsServer, free_ports, rewrite_ports};
+use anyhow::{Context, Result};
+use std::path::Path;
+
+/// The JetStream domain of the hub (`deploy/nats/cluster/`), which leaf nodes name.
+pub const HUB_DOMAIN: &str = "hub";
+
+/// The leaf node port of the cluster's nodes in `deploy/nats/`, which `leaf.conf` dials.
+const HUB_LEAF_PORTS: [u16; 3] = [7431, 7432, 7433];
+/// The route ports of the cluster's nodes.
+const ROUTE_PORTS: [u16; 3] = [6231, 6232, 6233];
+/// The monitoring ports of the cluster's nodes.
+const MONITOR_PORTS: [u16; 3] = [8231, 8232, 8233];
+/// The monitoring port of `leaf.conf`.
+const LEAF_MONITOR_PORT: u16 = 8241;
+
+/// The text of `deploy/nats/<file>`.
+pub fn deploy_nats_config(file: &str) -> Result<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/nats")
+        .join(file);
+    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// A hub and an edge leaf node connected to it.
+#[derive(Debug)]
+pub struct Edge {
+    /// The hub: one nats-server with JetStream in domain [`HUB_DOMAIN`], accepting leaf nodes.
+    pub hub: NatsServer,
+    /// The leaf: `deploy/nats/leaf.conf`, no JetStream, its remote aimed at the hub.
+    pub leaf: NatsServer,
+}
+
+impl Edge {
+    /// Starts the hub, then the leaf, and waits until the leaf connection is up.
+    pub async fn start() -> Result<Edge> {
+        let ports = free_ports(2)?;
+        let (hub_leaf_port, leaf_monitor_port) = (ports[0], ports[1]);
+        // The hub of deploy/nats/cluster/ as one node: its domain and its leaf node listener.
+        let hub = NatsServer::builder()
+            .config(format!(
+                "jetstream {{ domain: {HUB_DOMAIN} }}\nleafnodes {{ listen: 127.0.0.1:{hub_leaf_port} }}\n"
+            ))
+            .start()
+            .await?;
+        let mut moved: Vec<(u16, u16)> = HUB_LEAF_PORTS.map(|p| (p, hub_leaf_port)).into();
+        moved.push((LEAF_MONITOR_PORT, leaf_monitor_port));
+        let leaf_config = rewrite_ports(&deploy_nats_config("leaf.conf")?, &moved);
+        let leaf = NatsServer::builder()
+            .config(leaf_config)
+            .without_jetstream()
+            .start()
+            .await?;
+        let edge = Edge { hub, leaf };
+        edge.wait_for_leaf_connection().await?;
+        Ok(edge)
+    }
+
+    /// Waits (at most 20 s) until a subscription on the hub is seen from the leaf: the leaf
+    /// connection is up and carries interest.
+    pub async fn wait_for_leaf_connection(&self) -> Result<()> {
+        let hub = self.hub.connect().await?;
+        let leaf = self.leaf.connect().await?;
+        let subject = format!("jetfn.test.edge.{}", uuid::Uuid::new_v4().simple());
+        let mut responder = hub.subscribe(subject.clone()).await?;
+        hub.flush().await?;
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            while let Some(message) = responder.next().await {
+                if let Some(reply) = message.reply {
+                    let _ = hub.publish(reply, "pong".into()).await;
+                }
+            }
+        });
+        crate::workload::poll(
+            "the leaf connection",
+            std::time::Duration::from_secs(20),
+            || {
+                let (leaf, subject) = (leaf.clone(), subject.clone());
+                async move { Ok(leaf.request(subject, "ping".into()).await.ok().map(|_| ())) }
+            },
+        )
+        .await
+    }
+}
+
+/// Starts the 3-node cluster of `deploy/nats/cluster/` on free ports (client, route, leaf node
+/// and monitoring ports all moved, the store in a temporary directory), every node at once.
+pub async fn start_cluster() -> Result<NatsCluster> {
+    let ports = free_ports(9)?;
+    let mut moved: Vec<(u16, u16)> = Vec::new();
+    for node in 0..3 {
+        moved.push((ROUTE_PORTS[node], ports[node]));
+        moved.push((HUB_LEAF_PORTS[node], ports[3 + node]));
+        moved.push((MONITOR_PORTS[node], ports[6 + node]));
+    }
+    let mut builders = Vec::new();
+    for node in 1..=3 {
+        let text = deploy_nats_config(&format!("cluster/node-{node}.conf"))?;
+        // The store is the harness's (`-sd`, a temporary directory): nats-server refuses a
+        // second `store_dir`.
+        let text: String = text
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("store_dir:"))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        builders.push(NatsServer::builder().config(rewrite_ports(&text, &moved)));
+    }
+    Ok(NatsCluster::start(builders).await?)
+}
