@@ -192,28 +192,9 @@ impl<A: Aggregate> CommandFunction<A> {
             config.ledger.ttl,
         );
         let handler = Arc::new(handler);
-        let mut violations = crate::permissions::watch();
+        let violations = crate::permissions::watch();
         let (service, endpoint) =
             register_service(&client, &handler, &names, &self.version).await?;
-        // A denied subscription is reported asynchronously. The server sends its refusal before
-        // the flush's PONG, so once the flush returns the refusal is already queued for the
-        // connection's event task; a moment's grace lets that task hand it over. Anything later
-        // stops the serving loop.
-        let flushed = tokio::time::timeout(config.nats.request_timeout, client.flush()).await;
-        if flushed.is_err() {
-            return Err(Error::Service(
-                "NATS did not confirm the subscriptions".into(),
-            ));
-        }
-        let wildcard = handler.subjects.wildcard();
-        let refused = tokio::time::timeout(
-            REFUSAL_GRACE,
-            crate::permissions::denied(&mut violations, &wildcard),
-        )
-        .await;
-        if let Ok(denied) = refused {
-            return Err(Error::Service(format!("permission denied: {denied}")));
-        }
         tracing::info!(
             aggregate = A::NAME,
             subjects = %handler.subjects.wildcard(),
@@ -221,24 +202,93 @@ impl<A: Aggregate> CommandFunction<A> {
             queue_group = %handler.config.queue_group,
             "command function ready"
         );
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let ready = stop_rx.clone();
-        let health =
-            health::serve(&config.health, client.clone(), move || !*ready.borrow()).await?;
-        let serving = Serving {
-            client,
-            handler,
-            service,
-            endpoint,
-            writer,
-            violations,
-        };
-        let task = tokio::spawn(serve(serving, stop_rx));
-        Ok(RunningFunction {
-            stop: stop_tx,
-            task,
-            _health: health,
-        })
+        go_live(
+            &config,
+            Serving {
+                client,
+                handler,
+                service,
+                endpoint,
+                writer,
+                violations,
+            },
+        )
+        .await
+    }
+}
+
+/// Confirms the subscriptions were allowed, starts the health endpoint and serves.
+async fn go_live<H: Serves>(
+    config: &Config,
+    mut serving: Serving<H>,
+) -> Result<RunningFunction, Error> {
+    // A denied subscription is reported asynchronously. The server sends its refusal before
+    // the flush's PONG, so once the flush returns the refusal is already queued for the
+    // connection's event task; a moment's grace lets that task hand it over. Anything later
+    // stops the serving loop.
+    let flushed = tokio::time::timeout(config.nats.request_timeout, serving.client.flush()).await;
+    if flushed.is_err() {
+        return Err(Error::Service(
+            "NATS did not confirm the subscriptions".into(),
+        ));
+    }
+    let wildcard = serving.handler.wildcard();
+    let refused = tokio::time::timeout(
+        REFUSAL_GRACE,
+        crate::permissions::denied(&mut serving.violations, &wildcard),
+    )
+    .await;
+    if let Ok(denied) = refused {
+        return Err(Error::Service(format!("permission denied: {denied}")));
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ready = stop_rx.clone();
+    let health = health::serve(&config.health, serving.client.clone(), move || {
+        !*ready.borrow()
+    })
+    .await?;
+    let task = tokio::spawn(serve(serving, stop_rx));
+    Ok(RunningFunction {
+        stop: stop_tx,
+        task,
+        _health: health,
+    })
+}
+
+/// What the serving loop needs of a handler: the single-aggregate [`Handler`] and the atomic
+/// decision handler are served alike.
+trait Serves: Send + Sync + 'static {
+    /// Processes one request and replies.
+    fn handle(&self, request: service::Request) -> impl Future<Output = ()> + Send;
+    /// Answers a request the instance has no room for.
+    fn overloaded(&self, request: service::Request) -> impl Future<Output = ()> + Send;
+    /// Requests taken before the instance answers `overloaded`.
+    fn max_pending(&self) -> usize;
+    /// The command subjects served, as a subscription wildcard.
+    fn wildcard(&self) -> String;
+    /// The function's name in logs.
+    fn name(&self) -> &str;
+}
+
+impl<A: Aggregate> Serves for Handler<A> {
+    fn handle(&self, request: service::Request) -> impl Future<Output = ()> + Send {
+        Handler::handle(self, request)
+    }
+
+    fn overloaded(&self, request: service::Request) -> impl Future<Output = ()> + Send {
+        Handler::overloaded(self, request)
+    }
+
+    fn max_pending(&self) -> usize {
+        self.config.max_pending
+    }
+
+    fn wildcard(&self) -> String {
+        self.subjects.wildcard()
+    }
+
+    fn name(&self) -> &str {
+        A::NAME
     }
 }
 
@@ -318,9 +368,9 @@ async fn register_service<A: Aggregate>(
 }
 
 /// What the serving loop owns.
-struct Serving<A: Aggregate> {
+struct Serving<H> {
     client: Client,
-    handler: Arc<Handler<A>>,
+    handler: Arc<H>,
     service: service::Service,
     endpoint: service::endpoint::Endpoint,
     writer: tokio::task::JoinHandle<()>,
@@ -329,8 +379,8 @@ struct Serving<A: Aggregate> {
 
 /// Takes requests until told to stop, then drains: the endpoint unsubscribes, already received
 /// requests are still processed, the background writes finish, and the loop ends.
-async fn serve<A: Aggregate>(
-    serving: Serving<A>,
+async fn serve<H: Serves>(
+    serving: Serving<H>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let Serving {
@@ -343,8 +393,8 @@ async fn serve<A: Aggregate>(
     } = serving;
     // Requests waiting for their aggregate hold no processing permit (that is taken after the
     // aggregate's lock), so this only bounds memory.
-    let pending = Arc::new(Semaphore::new(handler.config.max_pending));
-    let wildcard = handler.subjects.wildcard();
+    let pending = Arc::new(Semaphore::new(handler.max_pending()));
+    let wildcard = handler.wildcard();
     let mut in_flight = JoinSet::new();
     let mut service = Some(service);
     let mut result = Ok(());
@@ -378,6 +428,7 @@ async fn serve<A: Aggregate>(
         }
     }
     while in_flight.join_next().await.is_some() {}
+    let name = handler.name().to_owned();
     // The handler's writer queue closes with the last handler; wait for its writes.
     drop(handler);
     if tokio::time::timeout(Duration::from_secs(5), writer)
@@ -392,7 +443,7 @@ async fn serve<A: Aggregate>(
         Ok(Err(err)) => tracing::warn!(error = %err, "replies may not have been flushed"),
         Err(_) => tracing::warn!("NATS unreachable at shutdown: replies may not have been flushed"),
     }
-    tracing::info!(aggregate = A::NAME, "command function stopped");
+    tracing::info!(function = %name, "command function stopped");
     result
 }
 
@@ -752,6 +803,7 @@ impl<A: Aggregate> Handler<A> {
             version: cached.version,
             seq: cached.last_seq,
             events: types,
+            aggregates: Vec::new(),
         });
         let entry = Entry {
             fingerprint: fingerprint.unwrap_or_default(),
@@ -1016,6 +1068,7 @@ fn accepted(request: &CommandRequest, version: u64, seq: u64, events: Vec<String
         version,
         seq,
         events,
+        aggregates: Vec::new(),
     })
 }
 
