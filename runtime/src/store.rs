@@ -226,6 +226,46 @@ impl EventStore {
         }
     }
 
+    /// Fails unless the stream exists and takes every subject of this aggregate type: an atomic
+    /// decision writes all its aggregates in one batch, and a batch is single-stream.
+    pub async fn check_single_stream(&self) -> Result<(), StoreError> {
+        let js = jetstream::new(self.client.clone());
+        let filter = format!("{}.*", self.settings.subject_prefix);
+        let incompatible = |message: String| StoreError::IncompatibleStream {
+            stream: self.settings.stream.clone(),
+            message,
+        };
+        let mut stream = js.get_stream(&self.settings.stream).await.map_err(|e| {
+            incompatible(format!(
+                "cannot be read ({e}); an atomic decision needs all its aggregates' events \
+                 ({filter}) in this one stream"
+            ))
+        })?;
+        let config = stream
+            .info()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+            .config
+            .clone();
+        let covers = config.subjects.iter().any(|s| {
+            s == &filter || s == ">" || *s == format!("{}.>", self.settings.subject_prefix)
+        });
+        if !covers {
+            return Err(incompatible(format!(
+                "does not take {filter} (its subjects: {}); an atomic batch is single-stream, so \
+                 every aggregate of a decision must be stored in this one stream",
+                config.subjects.join(", ")
+            )));
+        }
+        if !config.allow_atomic_publish {
+            return Err(incompatible(
+                "does not allow atomic publish (allow_atomic_publish), which atomic decisions need"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn check_compatible(&self, current: &stream::Config) -> Result<(), StoreError> {
         let incompatible = |message: String| StoreError::IncompatibleStream {
             stream: self.settings.stream.clone(),

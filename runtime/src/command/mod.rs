@@ -18,6 +18,7 @@
 //! between instances.
 
 mod cache;
+pub mod decision;
 mod kv;
 mod ledger;
 #[cfg(test)]
@@ -30,7 +31,7 @@ mod tests;
 mod writer;
 
 pub use crate::wire::names::MAX_ID_LEN;
-pub use reply::{Accepted, ErrorKind, Failure, Reply};
+pub use reply::{Accepted, ErrorKind, Failure, Reply, Written};
 pub use request::MAX_COMMAND_ID_LEN;
 
 use crate::aggregate::{Aggregate, Snapshots, Upcasters, decode_stored};
@@ -138,50 +139,9 @@ impl<A: Aggregate> CommandFunction<A> {
             .name
             .clone()
             .unwrap_or_else(|| names.connection());
-        let client = config.nats.connect(&connection).await?;
-        let store = EventStore::new(
-            client.clone(),
-            StoreSettings {
-                aggregate: A::NAME.to_owned(),
-                stream: names.stream.clone(),
-                subject_prefix: names.event_prefix.clone(),
-                replicas: config.stream.replicas,
-                duplicate_window: config.stream.duplicate_window,
-                max_bytes: config.stream.max_bytes,
-                timeout: config.nats.request_timeout,
-            },
-        );
-        store.check_server_version()?;
-        if config.stream.provision {
-            store.provision().await?;
-        }
-        let reads = Arc::new(DirectGets::start(client.clone(), config.nats.request_timeout).await?);
-        let ledger = KvLedger::open(
-            client.clone(),
-            reads.clone(),
-            &names.ledger_bucket,
-            config.ledger.ttl,
-            config.ledger.replicas,
-        )
-        .await?;
+        let (client, store, ledger, snapshots) =
+            open::<A>(&config, &names, &connection, &names.ledger_bucket).await?;
         let upcasters = A::upcasters();
-        let snapshots = match A::snapshots() {
-            Some(codec) => {
-                let store = KvSnapshots::open(
-                    client.clone(),
-                    reads,
-                    &names.snapshot_bucket,
-                    config.stream.replicas,
-                )
-                .await?;
-                Some(SnapshotSetup {
-                    format: snapshots::format_of::<A>(codec.version(), &upcasters),
-                    store: Arc::new(store),
-                    codec,
-                })
-            }
-            None => None,
-        };
         let (handler, writer) = Handler::<A>::new(
             Arc::new(store),
             Arc::new(ledger),
@@ -215,6 +175,61 @@ impl<A: Aggregate> CommandFunction<A> {
         )
         .await
     }
+}
+
+/// Connects and opens what a function writing aggregate type `A`'s events needs: the event
+/// store (provisioned when configured), the ledger bucket `ledger_bucket` and, when `A` has
+/// them, its snapshots.
+async fn open<A: Aggregate>(
+    config: &Config,
+    names: &AggregateNames,
+    connection: &str,
+    ledger_bucket: &str,
+) -> Result<(Client, EventStore, KvLedger, Option<SnapshotSetup<A>>), Error> {
+    let client = config.nats.connect(connection).await?;
+    let store = EventStore::new(
+        client.clone(),
+        StoreSettings {
+            aggregate: A::NAME.to_owned(),
+            stream: names.stream.clone(),
+            subject_prefix: names.event_prefix.clone(),
+            replicas: config.stream.replicas,
+            duplicate_window: config.stream.duplicate_window,
+            max_bytes: config.stream.max_bytes,
+            timeout: config.nats.request_timeout,
+        },
+    );
+    store.check_server_version()?;
+    if config.stream.provision {
+        store.provision().await?;
+    }
+    let reads = Arc::new(DirectGets::start(client.clone(), config.nats.request_timeout).await?);
+    let ledger = KvLedger::open(
+        client.clone(),
+        reads.clone(),
+        ledger_bucket,
+        config.ledger.ttl,
+        config.ledger.replicas,
+    )
+    .await?;
+    let snapshots = match A::snapshots() {
+        Some(codec) => {
+            let store = KvSnapshots::open(
+                client.clone(),
+                reads,
+                &names.snapshot_bucket,
+                config.stream.replicas,
+            )
+            .await?;
+            Some(SnapshotSetup {
+                format: snapshots::format_of::<A>(codec.version(), &A::upcasters()),
+                store: Arc::new(store),
+                codec,
+            })
+        }
+        None => None,
+    };
+    Ok((client, store, ledger, snapshots))
 }
 
 /// Confirms the subscriptions were allowed, starts the health endpoint and serves.
@@ -266,8 +281,14 @@ trait Serves: Send + Sync + 'static {
     fn max_pending(&self) -> usize;
     /// The command subjects served, as a subscription wildcard.
     fn wildcard(&self) -> String;
+    /// The command subjects' pattern, for the endpoint's metadata.
+    fn pattern(&self) -> String;
     /// The function's name in logs.
     fn name(&self) -> &str;
+    /// The queue group of its subscription.
+    fn queue_group(&self) -> &str;
+    /// The endpoint data of `$SRV.STATS`.
+    fn stats(&self) -> serde_json::Value;
 }
 
 impl<A: Aggregate> Serves for Handler<A> {
@@ -287,8 +308,20 @@ impl<A: Aggregate> Serves for Handler<A> {
         self.subjects.wildcard()
     }
 
+    fn pattern(&self) -> String {
+        self.subjects.pattern()
+    }
+
     fn name(&self) -> &str {
         A::NAME
+    }
+
+    fn queue_group(&self) -> &str {
+        &self.config.queue_group
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        Handler::stats(self)
     }
 }
 
@@ -344,24 +377,41 @@ async fn register_service<A: Aggregate>(
             format!("{}.<id>", names.event_prefix),
         ),
     ]);
+    register(
+        client,
+        handler,
+        A::NAME,
+        format!("jetfn command function for aggregate {}", A::NAME),
+        metadata,
+        version,
+    )
+    .await
+}
+
+/// Registers the NATS service `name` of `handler` and its one endpoint on the command subjects.
+async fn register<H: Serves>(
+    client: &Client,
+    handler: &Arc<H>,
+    name: &str,
+    description: String,
+    metadata: HashMap<String, String>,
+    version: &str,
+) -> Result<(service::Service, service::endpoint::Endpoint), Error> {
     let stats = handler.clone();
     let service = client
         .service_builder()
-        .description(format!("jetfn command function for aggregate {}", A::NAME))
+        .description(description)
         .metadata(metadata)
-        .queue_group(&handler.config.queue_group)
+        .queue_group(handler.queue_group())
         .stats_handler(move |_endpoint, _stats| stats.stats())
-        .start(A::NAME, version)
+        .start(name, version)
         .await
         .map_err(|e| Error::Service(format!("cannot register NATS service: {e}")))?;
     let endpoint = service
         .endpoint_builder()
         .name("commands")
-        .metadata(HashMap::from([(
-            "subject".to_owned(),
-            handler.subjects.pattern(),
-        )]))
-        .add(handler.subjects.wildcard())
+        .metadata(HashMap::from([("subject".to_owned(), handler.pattern())]))
+        .add(handler.wildcard())
         .await
         .map_err(|e| Error::Service(format!("cannot subscribe to commands: {e}")))?;
     Ok((service, endpoint))
@@ -566,11 +616,31 @@ impl<A: Aggregate> Handler<A> {
     }
 
     async fn handle(&self, request: service::Request) {
+        self.serve_request(
+            request,
+            A::NAME,
+            |message| self.check(message),
+            |checked, command| async move { self.execute(&checked, command).await },
+        )
+        .await
+    }
+
+    /// One request from start to reply: the reply-subject check, the wire checks (`check`),
+    /// the work (`execute`), the counters, the log line and the reply.
+    async fn serve_request<C, Fut>(
+        &self,
+        request: service::Request,
+        name: &str,
+        check: impl FnOnce(&async_nats::Message) -> Result<(CommandRequest, C), String>,
+        execute: impl FnOnce(CommandRequest, C) -> Fut,
+    ) where
+        Fut: Future<Output = (Reply, u32)>,
+    {
         let started = Instant::now();
         let message = &request.message;
         let span = tracing::info_span!(
             "command",
-            aggregate = A::NAME,
+            aggregate = name,
             id = tracing::field::Empty,
             command = tracing::field::Empty,
             command_id = tracing::field::Empty,
@@ -592,16 +662,14 @@ impl<A: Aggregate> Handler<A> {
             );
             return;
         }
-        let (reply, retries) = match self.check(message) {
+        let (reply, retries) = match check(message) {
             Ok((checked, command)) => {
                 span.record("id", checked.id.as_str());
                 span.record("command", checked.command.as_str());
                 span.record("command_id", checked.command_id.as_str());
                 span.record("trace_id", checked.trace.trace_id.as_str());
                 telemetry::link(&span, &checked.trace);
-                self.execute(&checked, command)
-                    .instrument(span.clone())
-                    .await
+                execute(checked, command).instrument(span.clone()).await
             }
             Err(message) => (Reply::failed(ErrorKind::Invalid, message), 0),
         };
