@@ -60,7 +60,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "account,account-projection",
+        default_value = "account,account-projection,bank",
         value_name = "NAMES"
     )]
     functions: Vec<String>,
