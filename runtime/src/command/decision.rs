@@ -645,3 +645,182 @@ fn decision_reply(
         aggregates,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! The decision loop on the in-memory log: conflicts and exhausted retries reached on
+    //! purpose, and lost acknowledgements.
+
+    use super::super::memory::{Fault, MemoryLedger, MemoryLog};
+    use super::*;
+    use crate::Rejection;
+    use crate::config::CommandConfig;
+    use crate::decision::Events;
+    use crate::telemetry::TraceContext;
+    use crate::wire::CommandSubjects;
+    use serde::{Deserialize, Serialize};
+    use std::time::Duration;
+
+    #[derive(Debug, Default)]
+    struct Pot {
+        coins: u64,
+    }
+
+    #[derive(Serialize, Deserialize, schemars::JsonSchema)]
+    enum PotEvent {
+        Added { by: u64 },
+        Taken { by: u64 },
+    }
+
+    #[derive(Deserialize, schemars::JsonSchema)]
+    enum PotCommand {}
+
+    impl Aggregate for Pot {
+        const NAME: &'static str = "pot";
+        type Command = PotCommand;
+        type Event = PotEvent;
+        fn decide(&self, command: PotCommand) -> Result<Vec<PotEvent>, Rejection> {
+            match command {}
+        }
+        fn evolve(self, event: &PotEvent) -> Self {
+            match event {
+                PotEvent::Added { by } => Pot {
+                    coins: self.coins + by,
+                },
+                PotEvent::Taken { by } => Pot {
+                    coins: self.coins.saturating_sub(*by),
+                },
+            }
+        }
+    }
+
+    #[derive(Deserialize, schemars::JsonSchema)]
+    #[serde(rename_all = "snake_case")]
+    enum MoveCommand {
+        Move { from: String, to: String },
+    }
+
+    /// Moves every coin of `from` to `to`: what it moves depends on the state it read.
+    struct MoveAll;
+
+    impl Decision for MoveAll {
+        const NAME: &'static str = "mover";
+        type Aggregate = Pot;
+        type Command = MoveCommand;
+        fn aggregates(MoveCommand::Move { from, to }: &MoveCommand) -> Vec<String> {
+            vec![from.clone(), to.clone()]
+        }
+        fn decide(
+            states: &States<'_, Pot>,
+            MoveCommand::Move { from, to }: MoveCommand,
+        ) -> Result<Events<Pot>, Rejection> {
+            let by = states.get(&from).map_or(0, |pot| pot.coins);
+            if by == 0 {
+                return Err(Rejection::new(format!("{from} is empty")));
+            }
+            Ok(Events::new()
+                .with(from, [PotEvent::Taken { by }])
+                .with(to, [PotEvent::Added { by }]))
+        }
+    }
+
+    fn rig(log: &Arc<MemoryLog>, max_retries: u32) -> DecisionHandler<MoveAll> {
+        let config = CommandConfig {
+            max_retries,
+            retry_backoff: Duration::ZERO,
+            max_retry_backoff: Duration::ZERO,
+            ..CommandConfig::default()
+        };
+        let (inner, _writer) = Handler::new(
+            log.clone(),
+            Arc::new(MemoryLedger::default()),
+            None,
+            Default::default(),
+            CommandSubjects::new(None, "mover"),
+            config,
+            Duration::from_secs(3600),
+        );
+        DecisionHandler {
+            inner,
+            _decision: PhantomData,
+        }
+    }
+
+    async fn send(handler: &DecisionHandler<MoveAll>, command_id: &str) -> (Reply, u32) {
+        let body = serde_json::json!({"from": "a", "to": "b"});
+        let request = CommandRequest {
+            id: "m1".into(),
+            command: "move".into(),
+            command_id: command_id.into(),
+            fingerprint: request::fingerprint("move", &body),
+            body,
+            trace: TraceContext::new_root(),
+        };
+        let command = request::decode_for::<MoveCommand>("decision mover", &request).unwrap();
+        handler.execute(&request, command).await
+    }
+
+    fn coins(log: &MemoryLog, id: &str) -> i64 {
+        log.events(id)
+            .iter()
+            .map(|e| {
+                let by: serde_json::Value = serde_json::from_slice(&e.payload).unwrap();
+                let by = by["by"].as_i64().unwrap();
+                if e.event_type == "Taken" { -by } else { by }
+            })
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_conflict_catches_up_and_decides_again_on_the_new_states() {
+        let log = Arc::new(MemoryLog::default());
+        log.append_foreign("a", "Added", r#"{"by":1}"#);
+        let handler = rig(&log, 5);
+        // Cached at one coin; a rival adds one to `a` before the first append.
+        assert_eq!(send(&handler, "warm-up").await.0.error_kind(), None);
+        log.append_foreign("a", "Added", r#"{"by":1}"#);
+        log.inject(Fault::Rival("Added"));
+        let (reply, retries) = send(&handler, "c").await;
+        assert_eq!(reply.error_kind(), None, "{reply:?}");
+        assert_eq!(retries, 1);
+        // Decided again on the caught-up state: both coins moved, none lost or made.
+        assert_eq!((coins(&log, "a"), coins(&log, "b")), (0, 3));
+    }
+
+    #[tokio::test]
+    async fn conflicts_until_the_retries_run_out_reply_conflict_and_store_nothing() {
+        let log = Arc::new(MemoryLog::default());
+        log.append_foreign("a", "Added", r#"{"by":1}"#);
+        let handler = rig(&log, 3);
+        for _ in 0..=3 {
+            log.inject(Fault::Rival("Added"));
+        }
+        let (reply, retries) = send(&handler, "c").await;
+        assert_eq!(reply.error_kind(), Some(ErrorKind::Conflict), "{reply:?}");
+        assert_eq!(retries, 3);
+        assert!(log.events("b").is_empty(), "nothing of the decision stored");
+    }
+
+    #[tokio::test]
+    async fn a_lost_ack_is_answered_from_the_stored_events_without_appending_again() {
+        let log = Arc::new(MemoryLog::default());
+        log.append_foreign("a", "Added", r#"{"by":2}"#);
+        let handler = rig(&log, 5);
+        log.inject(Fault::LostAck);
+        let (reply, retries) = send(&handler, "c").await;
+        let Reply::Accepted(accepted) = reply else {
+            panic!("expected success, got {reply:?}")
+        };
+        assert_eq!(retries, 1);
+        let written: Vec<(&str, u64)> = accepted
+            .aggregates
+            .iter()
+            .map(|w| (w.id.as_str(), w.version))
+            .collect();
+        assert_eq!(written, [("a", 2), ("b", 1)]);
+        assert_eq!((log.events("a").len(), log.events("b").len()), (2, 1));
+        // A repeat on a fresh instance finds the events too.
+        let (again, _) = send(&rig(&log, 5), "c").await;
+        assert_eq!(again, Reply::Accepted(accepted));
+    }
+}
