@@ -4,7 +4,9 @@
 //! disk differ, so a changed command or event type cannot ship without its schema.
 
 use anyhow::{Context, Result};
-use jetfn::schema::{command_schemas, event_schemas, reply_schema, schema_of};
+use jetfn::schema::{
+    command_schemas, decision_command_schemas, event_schemas, reply_schema, schema_of,
+};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -16,6 +18,9 @@ pub fn generated() -> Vec<(PathBuf, String)> {
     }
     for (name, schema) in event_schemas::<account::Account>() {
         files.push((format!("account/events/{name}.json").into(), schema));
+    }
+    for (name, schema) in decision_command_schemas::<bank::Bank>() {
+        files.push((format!("bank/commands/{name}.json").into(), schema));
     }
     files.push(("reply.json".into(), reply_schema()));
     files.push((

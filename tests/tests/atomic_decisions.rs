@@ -341,3 +341,63 @@ async fn random_concurrent_transfers_on_two_instances_conserve_money_at_every_ba
     }
     account_fn.stop().await.unwrap();
 }
+
+/// Documents why jetfn never uses wildcard expected-subject checks: two writers whose checks
+/// (`race.<n>.*` and `race.<n>.>`) both cover both writes each expect the filter to be empty, so
+/// at most one may be stored. On a 3-node R3 stream both were stored in 132 of 300 races
+/// (nats-server 2.15.1); on one R1 server 0 of 300, so there this test would fail for want of a
+/// race, not prove safety. It runs against `JETFN_WILDCARD_NATS_URL` (a cluster; the stream is
+/// created with `JETFN_WILDCARD_REPLICAS`, default 3): `just wildcard-race nats://127.0.0.1:4222`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "documents why jetfn never uses wildcard checks; needs a 3-node cluster: just wildcard-race URL"]
+async fn wildcard_checks_let_a_conflicting_write_through() {
+    let url = std::env::var("JETFN_WILDCARD_NATS_URL")
+        .expect("JETFN_WILDCARD_NATS_URL names a nats-server cluster (just wildcard-race URL)");
+    let replicas = std::env::var("JETFN_WILDCARD_REPLICAS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let client = async_nats::connect(&url).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let name = format!("WILDCARD_RACE_{}", uuid::Uuid::new_v4().simple());
+    js.create_stream(jetstream::stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("{name}.>")],
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let write = |subject: String, filter: String| {
+        let js = js.clone();
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(header::EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+            headers.insert(
+                header::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT,
+                filter.as_str(),
+            );
+            match js.publish_with_headers(subject, headers, "{}".into()).await {
+                Ok(ack) => ack.await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    };
+    let races = 300;
+    let mut both = 0;
+    for n in 0..races {
+        let (a, b) = tokio::join!(
+            write(format!("{name}.{n}.a"), format!("{name}.{n}.*")),
+            write(format!("{name}.{n}.b"), format!("{name}.{n}.>")),
+        );
+        if a && b {
+            both += 1;
+        }
+    }
+    let _ = js.delete_stream(&name).await;
+    println!("both conflicting writes stored in {both} of {races} races (R{replicas})");
+    assert!(
+        both > 0,
+        "no race let both writes through here; the documented failure was on an R3 cluster"
+    );
+}

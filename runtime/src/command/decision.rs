@@ -149,7 +149,10 @@ impl<D: Decision> DecisionFunction<D> {
         });
         let violations = crate::permissions::watch();
         let commands = variant_names::<D::Command>().join(",");
+        let schemas = serde_json::to_string(&crate::schema::decision_command_schemas::<D>())
+            .unwrap_or_default();
         let metadata = HashMap::from([
+            (names::meta::SCHEMAS.to_owned(), schemas),
             (names::meta::KIND.to_owned(), names::KIND_COMMAND.to_owned()),
             (names::meta::AGGREGATE.to_owned(), aggregate.to_owned()),
             (names::meta::COMMANDS.to_owned(), commands),
