@@ -107,14 +107,7 @@ pub async fn send(
     command_id: Option<&str>,
 ) -> Result<Sent> {
     let subject = CommandSubjects::new(None, "account").subject(id, command);
-    send_raw_within(
-        client,
-        &subject,
-        body.to_string(),
-        command_id,
-        Duration::from_secs(60),
-    )
-    .await
+    send_raw(client, &subject, body.to_string(), command_id).await
 }
 
 /// One message as stored in the stream.
@@ -237,4 +230,35 @@ pub async fn transfer(
         Duration::from_secs(60),
     )
     .await
+}
+
+/// The `$SRV.STATS.<service>` replies of `instances` instances (each answers), waiting up to 5 s
+/// for each.
+pub async fn service_stats(
+    client: &async_nats::Client,
+    service: &str,
+    instances: usize,
+) -> Result<Vec<Value>> {
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await?;
+    client
+        .publish_with_reply(format!("$SRV.STATS.{service}"), inbox, "".into())
+        .await?;
+    let mut stats = Vec::with_capacity(instances);
+    while stats.len() < instances {
+        let message = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures::StreamExt::next(&mut replies),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "{} of {instances} instances answered $SRV.STATS",
+                stats.len()
+            )
+        })?
+        .context("inbox subscription closed")?;
+        stats.push(serde_json::from_slice(&message.payload)?);
+    }
+    Ok(stats)
 }

@@ -13,7 +13,7 @@ use jetfn::wire::{AggregateNames, CommandSubjects, header};
 use jetfn_tests::NatsServer;
 use jetfn_tests::commands::{
     ACCOUNT_STREAM, StoredMessage, account_config, balance, message_count, send, send_raw,
-    start_account, start_bank, stored_messages, transfer,
+    service_stats, start_account, start_bank, stored_messages, transfer,
 };
 use rand::Rng;
 use serde_json::json;
@@ -276,20 +276,7 @@ async fn random_concurrent_transfers_on_two_instances_conserve_money_at_every_ba
             *totals.entry(outcome).or_default() += n;
         }
     }
-    let stats: Vec<serde_json::Value> = {
-        let reply_to = client.new_inbox();
-        let mut inbox = client.subscribe(reply_to.clone()).await.unwrap();
-        client
-            .publish_with_reply("$SRV.STATS.bank", reply_to, "".into())
-            .await
-            .unwrap();
-        let mut replies = Vec::new();
-        while replies.len() < 2 {
-            let message = futures::StreamExt::next(&mut inbox).await.unwrap();
-            replies.push(serde_json::from_slice(&message.payload).unwrap());
-        }
-        replies
-    };
+    let stats = service_stats(&client, "bank", 2).await.unwrap();
     let retries: u64 = stats
         .iter()
         .map(|s| s["endpoints"][0]["data"]["retries"].as_u64().unwrap())

@@ -25,16 +25,16 @@ use super::ledger::Entry;
 use super::request::{self, CommandRequest};
 use super::writer::Job;
 use super::{
-    Handler, RunningFunction, Serves, Serving, accepted, answer, encode, go_live, open, register,
-    unavailable,
+    Handler, RunningFunction, Serves, Serving, accepted, answer, encode, given_or_loaded, go_live,
+    open, register, run_until_signal, unavailable,
 };
+use crate::Error;
 use crate::aggregate::Aggregate;
 use crate::codec::variant_names;
 use crate::config::Config;
 use crate::decision::{Decision, MAX_BATCH_EVENTS, States};
 use crate::store::{Append, AppendError, NewEvent};
 use crate::wire::{AggregateNames, names};
-use crate::{Error, telemetry};
 use async_nats::service;
 use std::collections::HashMap;
 use std::future::Future;
@@ -101,24 +101,13 @@ impl<D: Decision> DecisionFunction<D> {
 
     /// Runs until SIGTERM or SIGINT, as [`super::CommandFunction::run`] does.
     pub async fn run(self) -> Result<(), Error> {
-        telemetry::init();
-        let signal = telemetry::shutdown_signal();
-        let running = self.start().await?;
-        let stopped = running.stop_on(signal).await;
-        telemetry::shutdown();
-        stopped
+        run_until_signal(self.start()).await
     }
 
     /// Connects, checks that the aggregates' stream can take the atomic batches, opens the
     /// ledger and starts serving.
     pub async fn start(self) -> Result<RunningFunction, Error> {
-        let config = match self.config {
-            Some(config) => {
-                config.validate()?;
-                config
-            }
-            None => Config::load()?,
-        };
+        let config = given_or_loaded(self.config)?;
         let aggregate = <D::Aggregate as Aggregate>::NAME;
         if D::NAME == aggregate {
             return Err(Error::Service(format!(

@@ -115,24 +115,13 @@ impl<A: Aggregate> CommandFunction<A> {
     /// Runs until SIGTERM or SIGINT, then stops taking commands, finishes the ones in flight and
     /// returns. Initialises logging from `RUST_LOG` unless the caller already did.
     pub async fn run(self) -> Result<(), Error> {
-        telemetry::init();
-        let signal = telemetry::shutdown_signal();
-        let running = self.start().await?;
-        let stopped = running.stop_on(signal).await;
-        telemetry::shutdown();
-        stopped
+        run_until_signal(self.start()).await
     }
 
     /// Connects, provisions the stream, ledger and snapshot buckets, and starts serving. The
     /// returned handle stops the function gracefully.
     pub async fn start(self) -> Result<RunningFunction, Error> {
-        let config = match self.config {
-            Some(config) => {
-                config.validate()?;
-                config
-            }
-            None => Config::load()?,
-        };
+        let config = given_or_loaded(self.config)?;
         let names = AggregateNames::new(A::NAME, &config)?;
         let connection = config
             .nats
@@ -322,6 +311,30 @@ impl<A: Aggregate> Serves for Handler<A> {
 
     fn stats(&self) -> serde_json::Value {
         Handler::stats(self)
+    }
+}
+
+/// Starts a function, serves it until SIGTERM or SIGINT, then stops it gracefully; logging from
+/// `RUST_LOG` unless the caller already set it up.
+async fn run_until_signal(
+    start: impl Future<Output = Result<RunningFunction, Error>>,
+) -> Result<(), Error> {
+    telemetry::init();
+    let signal = telemetry::shutdown_signal();
+    let running = start.await?;
+    let stopped = running.stop_on(signal).await;
+    telemetry::shutdown();
+    stopped
+}
+
+/// The configuration given to a builder (validated), or `jetfn.toml` and the environment.
+fn given_or_loaded(config: Option<Config>) -> Result<Config, Error> {
+    match config {
+        Some(config) => {
+            config.validate()?;
+            Ok(config)
+        }
+        None => Ok(Config::load()?),
     }
 }
 
