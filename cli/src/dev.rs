@@ -25,12 +25,14 @@ use tokio::time::timeout;
 
 const EXAMPLES: &str = "\
 Examples:
-  jetfn dev                                   # private nats-server + redis-server, both functions
+  jetfn dev                                   # private nats-server + redis-server, all functions
   jetfn dev --functions account               # only the command function
   NATS_URL=nats://127.0.0.1:4222 REDIS_URL=redis://127.0.0.1:6379 jetfn dev   # your own servers
 
 Then, from another terminal in the same directory:
   jetfn send account.alice.open '{\"owner\":\"Alice\",\"initial_deposit\":100}'
+  jetfn send account.bob.open '{\"owner\":\"Bob\"}'
+  jetfn send bank.t1.transfer '{\"from\":\"alice\",\"to\":\"bob\",\"amount\":10}'   # one atomic append
   redis-cli -u \"$(cat .jetfn/redis.url)\" HGETALL '{account-balances}:g1:account:alice'
 
 Without NATS_URL (or --server) a private nats-server >= 2.12 is started: $JETFN_NATS_SERVER,
