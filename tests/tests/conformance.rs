@@ -1644,6 +1644,8 @@ async fn p44_to_p51_events_in_jetstream() {
             "jetfn-command-id",
             "jetfn-command",
             "jetfn-command-fingerprint",
+            "jetfn-previous-seq",
+            "jetfn-event-index",
             "traceparent",
             "tracestate",
         ];

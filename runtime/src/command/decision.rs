@@ -44,6 +44,10 @@ use std::time::Instant;
 
 use super::reply::{ErrorKind, Reply, Written};
 
+/// Replies of accepted decisions each cached aggregate keeps before starting over: the ledger,
+/// written in the background within moments, answers for older ones.
+const MAX_APPLIED: usize = 1024;
+
 /// Starts building the function that serves decision `D`.
 ///
 /// ```no_run
@@ -399,7 +403,19 @@ impl<D: Decision> DecisionHandler<D> {
                         Err(rejection) => Reply::rejected(&rejection),
                         Ok(_) => accepted(request, 0, 0, Vec::new()),
                     };
-                    return (self.record_now(request, reply).await, retries);
+                    let reply = self.record_now(request, reply).await;
+                    if reply.error_kind() != Some(ErrorKind::Unavailable) {
+                        // A repeat queued behind this command on the same aggregates may have
+                        // asked the ledger before this was recorded: the cache answers it.
+                        let entry = Entry {
+                            fingerprint: request.fingerprint.clone(),
+                            reply: reply.clone(),
+                        };
+                        for cached in &mut locked.cached {
+                            cached.recent.remember(&request.command_id, entry.clone());
+                        }
+                    }
+                    return (reply, retries);
                 }
             };
             if decided.len() > MAX_BATCH_EVENTS {
@@ -511,9 +527,13 @@ impl<D: Decision> DecisionHandler<D> {
             reply: reply.clone(),
         };
         for (at, _) in encoded {
-            locked.cached[*at]
-                .applied
-                .insert(request.command_id.clone(), entry.clone());
+            let applied = &mut locked.cached[*at].applied;
+            // The ledger answers once its entry is written (in the background); only the last
+            // commands need answering from here, and the cache must not grow without end.
+            if applied.len() >= MAX_APPLIED {
+                applied.clear();
+            }
+            applied.insert(request.command_id.clone(), entry.clone());
         }
         self.inner.writer.queue(Job::Ledger {
             id: request.id.clone(),
@@ -587,6 +607,14 @@ impl<D: Decision> DecisionHandler<D> {
 /// this instance's own record, or rebuilt from the events another instance (or an earlier
 /// attempt whose acknowledgement was lost) stored.
 fn earlier<A>(locked: &Locked<A>, request: &CommandRequest) -> Option<Reply> {
+    // Rejections and empty decisions of this instance, not yet found in the ledger.
+    if let Some(entry) = locked
+        .cached
+        .iter()
+        .find_map(|cached| cached.recent.get(&request.command_id))
+    {
+        return Some(answer(entry, request));
+    }
     let mut written = Vec::new();
     let mut fingerprint = String::new();
     for (id, cached) in locked.ids.iter().zip(&locked.cached) {
