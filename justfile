@@ -48,3 +48,7 @@ bench:
 # Regenerate the JSON Schemas in schemas/ from the Rust types (a test fails when they drift).
 schemas:
     cargo run -q -p jetfn-tests --bin jetfn-schemas
+
+# Races wildcard expected-subject checks on the cluster at URL: why jetfn only uses literal ones.
+wildcard-race URL:
+    JETFN_WILDCARD_NATS_URL={{URL}} cargo nextest run -p jetfn-tests --test atomic_decisions --run-ignored only --no-capture wildcard

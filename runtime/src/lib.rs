@@ -27,6 +27,7 @@
 //! Modules, one concept each:
 //! * [`aggregate`]: the domain model ([`Aggregate`], [`Rejection`]);
 //! * [`command`]: command functions, the reply contract and retries;
+//! * [`decision`]: atomic decisions across aggregates, appended in one atomic batch;
 //! * [`client`]: a typed client that sends commands with idempotency keys and retries;
 //! * [`store`]: the JetStream event store (load by direct get, append with OCC);
 //! * [`projection`]: projection functions, exactly-once into Redis, rebuilds, dead letters;
@@ -43,6 +44,7 @@ pub mod client;
 mod codec;
 pub mod command;
 pub mod config;
+pub mod decision;
 mod direct;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -65,8 +67,10 @@ pub mod wire;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub use aggregate::{Aggregate, Rejection};
+pub use command::decision::decision_function;
 pub use command::{Reply, command_function};
 pub use config::Config;
+pub use decision::Decision;
 pub use process::{Action, Incoming, ProcessManager, process_manager_function};
 pub use projection::{Projection, Recorded, Refusal, projection_function};
 pub use readmodel::RedisWrites;

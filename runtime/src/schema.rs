@@ -33,6 +33,18 @@ where
     )
 }
 
+/// One schema per command of atomic decision `D`, by command name: the schema of its body.
+pub fn decision_command_schemas<D: crate::decision::Decision>() -> BTreeMap<String, Value> {
+    split_variants(
+        schemars::schema_for!(D::Command).to_value(),
+        &format!("{}:command", D::NAME),
+        &format!(
+            "The body of command `{{name}}` on `cmd.{}.<id>.{{name}}` (an atomic decision).",
+            D::NAME
+        ),
+    )
+}
+
 /// One schema per event type of `A`: the schema of its stored JSON payload.
 pub fn event_schemas<A: Aggregate>() -> BTreeMap<String, Value>
 where

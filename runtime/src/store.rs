@@ -231,6 +231,46 @@ impl EventStore {
         }
     }
 
+    /// Fails unless the stream exists and takes every subject of this aggregate type: an atomic
+    /// decision writes all its aggregates in one batch, and a batch is single-stream.
+    pub async fn check_single_stream(&self) -> Result<(), StoreError> {
+        let js = crate::wire::jetstream::context(self.client.clone(), &self.settings.api_prefix);
+        let filter = format!("{}.*", self.settings.subject_prefix);
+        let incompatible = |message: String| StoreError::IncompatibleStream {
+            stream: self.settings.stream.clone(),
+            message,
+        };
+        let mut stream = js.get_stream(&self.settings.stream).await.map_err(|e| {
+            incompatible(format!(
+                "cannot be read ({e}); an atomic decision needs all its aggregates' events \
+                 ({filter}) in this one stream"
+            ))
+        })?;
+        let config = stream
+            .info()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+            .config
+            .clone();
+        let covers = config.subjects.iter().any(|s| {
+            s == &filter || s == ">" || *s == format!("{}.>", self.settings.subject_prefix)
+        });
+        if !covers {
+            return Err(incompatible(format!(
+                "does not take {filter} (its subjects: {}); an atomic batch is single-stream, so \
+                 every aggregate of a decision must be stored in this one stream",
+                config.subjects.join(", ")
+            )));
+        }
+        if !config.allow_atomic_publish {
+            return Err(incompatible(
+                "does not allow atomic publish (allow_atomic_publish), which atomic decisions need"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn check_compatible(&self, current: &stream::Config) -> Result<(), StoreError> {
         let incompatible = |message: String| StoreError::IncompatibleStream {
             stream: self.settings.stream.clone(),
@@ -472,42 +512,52 @@ impl EventStore {
     /// Appends a command's events, all or nothing, if the aggregate is still at
     /// `expected_last_seq`. Returns the stream sequence of the last event.
     pub async fn append(&self, append: Append<'_>) -> Result<u64, AppendError> {
-        let subject = self.subject(append.aggregate_id);
+        self.append_all(std::slice::from_ref(&append)).await
+    }
+
+    /// Appends one command's events to several aggregates, all or nothing, if each aggregate is
+    /// still at its `expected_last_seq`. Returns the stream sequence of the last event.
+    ///
+    /// Each aggregate's events are contiguous and indexed from 0 with that aggregate's previous
+    /// sequence, exactly as a single-aggregate append writes them, so the walk back of
+    /// [`EventStore::read_after`] reads them as it reads any command. Each aggregate's first
+    /// message carries its own **literal** `Nats-Expected-Last-Subject-Sequence`; the wildcard
+    /// form (`...-Subject`) is never used: it is not safe under concurrency on replicated streams.
+    pub async fn append_all(&self, appends: &[Append<'_>]) -> Result<u64, AppendError> {
         let time = wire_event::now_rfc3339();
-        let meta = EventMeta {
-            source: &self.source,
-            aggregate_id: append.aggregate_id,
-            command_id: append.command_id,
-            command: append.command,
-            fingerprint: append.fingerprint,
-            trace: append.trace,
-            time: &time,
-            previous: Some(Previous {
-                seq: append.expected_last_seq,
-                version: append.expected_version,
-            }),
-        };
-        let mut messages: Vec<(HeaderMap, Bytes)> = append
-            .events
-            .iter()
-            .enumerate()
-            .map(|(index, event)| {
-                let headers = wire_event::headers(&meta, index, &event.event_type, event.version);
-                (headers, Bytes::from(event.payload.clone()))
-            })
-            .collect();
+        let mut messages: Vec<(String, HeaderMap, Bytes)> = Vec::new();
+        for append in appends {
+            let subject = self.subject(append.aggregate_id);
+            let meta = EventMeta {
+                source: &self.source,
+                aggregate_id: append.aggregate_id,
+                command_id: append.command_id,
+                command: append.command,
+                fingerprint: append.fingerprint,
+                trace: append.trace,
+                time: &time,
+                previous: Some(Previous {
+                    seq: append.expected_last_seq,
+                    version: append.expected_version,
+                }),
+            };
+            for (index, event) in append.events.iter().enumerate() {
+                let mut headers =
+                    wire_event::headers(&meta, index, &event.event_type, event.version);
+                if index == 0 {
+                    wire_js::expect_last_subject_sequence(&mut headers, append.expected_last_seq);
+                }
+                messages.push((subject.clone(), headers, Bytes::from(event.payload.clone())));
+            }
+        }
         match messages.len() {
             0 => Err(AppendError::Unavailable("nothing to append".into())),
             1 => {
-                let (mut headers, payload) = messages.remove(0);
-                wire_js::expect_last_subject_sequence(&mut headers, append.expected_last_seq);
+                let (subject, headers, payload) = messages.remove(0);
                 let reply = self.request(&subject, headers, payload).await?;
                 acknowledged(&reply)
             }
-            _ => {
-                self.append_atomic_batch(&subject, append.expected_last_seq, messages)
-                    .await
-            }
+            _ => self.append_atomic_batch(messages).await,
         }
     }
 
@@ -517,9 +567,7 @@ impl EventStore {
     /// instance, and a refusal for too many batches in flight (10210) is retried with backoff.
     async fn append_atomic_batch(
         &self,
-        subject: &str,
-        expected_last_seq: u64,
-        messages: Vec<(HeaderMap, Bytes)>,
+        messages: Vec<(String, HeaderMap, Bytes)>,
     ) -> Result<u64, AppendError> {
         let _slot = self
             .batches
@@ -528,10 +576,7 @@ impl EventStore {
             .map_err(|_| AppendError::Unavailable("shutting down".into()))?;
         let mut attempt = 0;
         loop {
-            match self
-                .send_batch(subject, expected_last_seq, messages.clone())
-                .await
-            {
+            match self.send_batch(messages.clone()).await {
                 Err(AppendError::TooManyBatches(message)) if attempt < INFLIGHT_BATCH_RETRIES => {
                     tracing::debug!(error = %message, attempt, "waiting for atomic batch room");
                     attempt += 1;
@@ -546,32 +591,28 @@ impl EventStore {
         }
     }
 
+    /// Sends one batch; each message already carries its own expectations.
     async fn send_batch(
         &self,
-        subject: &str,
-        expected_last_seq: u64,
-        messages: Vec<(HeaderMap, Bytes)>,
+        messages: Vec<(String, HeaderMap, Bytes)>,
     ) -> Result<u64, AppendError> {
         let batch_id = uuid::Uuid::new_v4().simple().to_string();
         let count = messages.len();
-        for (index, (mut headers, payload)) in messages.into_iter().enumerate() {
+        for (index, (subject, mut headers, payload)) in messages.into_iter().enumerate() {
             let position = index + 1;
             wire_js::batch_headers(&mut headers, &batch_id, position, count);
-            if position == 1 {
-                wire_js::expect_last_subject_sequence(&mut headers, expected_last_seq);
-            }
             if position == count {
-                let reply = self.request(subject, headers, payload).await?;
+                let reply = self.request(&subject, headers, payload).await?;
                 return acknowledged(&reply);
             } else if position == 1 {
-                let reply = self.request(subject, headers, payload).await?;
+                let reply = self.request(&subject, headers, payload).await?;
                 if !reply.is_empty() {
                     // An early refusal; the commit reply would say the same.
                     acknowledged(&reply)?;
                 }
             } else {
                 self.client
-                    .publish_with_headers(subject.to_owned(), headers, payload)
+                    .publish_with_headers(subject, headers, payload)
                     .await
                     .map_err(|e| AppendError::Unavailable(e.to_string()))?;
             }
@@ -630,6 +671,13 @@ pub(crate) trait EventLog: Send + Sync + 'static {
 
     /// Appends a command's events if the aggregate is still at `append.expected_last_seq`.
     fn append<'a>(&'a self, append: Append<'a>) -> BoxFuture<'a, Result<u64, AppendError>>;
+
+    /// Appends one command's events to several aggregates, all or nothing, if each is still at
+    /// its expected sequence. Returns the sequence of the last event.
+    fn append_all<'a>(
+        &'a self,
+        appends: &'a [Append<'a>],
+    ) -> BoxFuture<'a, Result<u64, AppendError>>;
 }
 
 impl EventLog for EventStore {
@@ -647,6 +695,13 @@ impl EventLog for EventStore {
 
     fn append<'a>(&'a self, append: Append<'a>) -> BoxFuture<'a, Result<u64, AppendError>> {
         Box::pin(EventStore::append(self, append))
+    }
+
+    fn append_all<'a>(
+        &'a self,
+        appends: &'a [Append<'a>],
+    ) -> BoxFuture<'a, Result<u64, AppendError>> {
+        Box::pin(EventStore::append_all(self, appends))
     }
 }
 

@@ -27,6 +27,7 @@
 //! ```
 
 use crate::aggregate::{Aggregate, Rejection, replay};
+use crate::decision::{Decision, Events, States};
 use std::fmt::Debug;
 
 /// Starts a scenario from the events that already happened.
@@ -179,5 +180,125 @@ where
     /// The actions, for assertions of their own.
     pub fn actions(self) -> Vec<crate::process::Action<P::Event>> {
         self.actions
+    }
+}
+
+/// Starts a scenario of an atomic [`Decision`](crate::decision::Decision) from each aggregate's
+/// past events; aggregates not listed have no events (the default state).
+///
+/// ```
+/// # use jetfn::{Aggregate, Rejection};
+/// # use jetfn::decision::{Decision, Events, States};
+/// # #[derive(Default)] struct Counter { value: u64 }
+/// # #[derive(serde::Deserialize, schemars::JsonSchema)] enum Command {}
+/// # #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+/// # enum Event { Added { by: u64 }, Removed { by: u64 } }
+/// # impl Aggregate for Counter {
+/// #     const NAME: &'static str = "counter";
+/// #     type Command = Command; type Event = Event;
+/// #     fn decide(&self, c: Command) -> Result<Vec<Event>, Rejection> { match c {} }
+/// #     fn evolve(self, e: &Event) -> Self { match e {
+/// #         Event::Added { by } => Counter { value: self.value + by },
+/// #         Event::Removed { by } => Counter { value: self.value - by },
+/// #     } }
+/// # }
+/// # #[derive(serde::Deserialize, schemars::JsonSchema)] struct Move { from: String, to: String }
+/// # struct Mover;
+/// # impl Decision for Mover {
+/// #     const NAME: &'static str = "mover";
+/// #     type Aggregate = Counter; type Command = Move;
+/// #     fn aggregates(m: &Move) -> Vec<String> { vec![m.from.clone(), m.to.clone()] }
+/// #     fn decide(s: &States<'_, Counter>, m: Move) -> Result<Events<Counter>, Rejection> {
+/// #         if s.get(&m.from).map_or(0, |c| c.value) == 0 { return Err("nothing to move".into()) }
+/// #         Ok(Events::new().with(m.from, [Event::Removed { by: 1 }]).with(m.to, [Event::Added { by: 1 }]))
+/// #     }
+/// # }
+/// use jetfn::testing::given_aggregates;
+///
+/// given_aggregates::<Mover>([("a", vec![Event::Added { by: 1 }])])
+///     .when(Move { from: "a".into(), to: "b".into() })
+///     .then([("a", vec![Event::Removed { by: 1 }]), ("b", vec![Event::Added { by: 1 }])]);
+/// ```
+pub fn given_aggregates<D: Decision>(
+    histories: impl IntoIterator<Item = (impl Into<String>, Vec<<D::Aggregate as Aggregate>::Event>)>,
+) -> GivenAggregates<D> {
+    GivenAggregates {
+        states: histories
+            .into_iter()
+            .map(|(id, events)| (id.into(), replay::<D::Aggregate>(&events)))
+            .collect(),
+    }
+}
+
+/// The states built from each aggregate's given events.
+pub struct GivenAggregates<D: Decision> {
+    states: Vec<(String, D::Aggregate)>,
+}
+
+impl<D: Decision> GivenAggregates<D> {
+    /// Decides a command over the aggregates it names (unlisted ones in the default state).
+    pub fn when(self, command: D::Command) -> ThenAggregates<D> {
+        let defaults: Vec<(String, D::Aggregate)> = D::aggregates(&command)
+            .into_iter()
+            .filter(|id| !self.states.iter().any(|(known, _)| known == id))
+            .map(|id| (id, D::Aggregate::default()))
+            .collect();
+        let entries = self
+            .states
+            .iter()
+            .chain(&defaults)
+            .map(|(id, state)| (id.as_str(), state))
+            .collect();
+        ThenAggregates {
+            outcome: D::decide(&States::new(entries), command),
+        }
+    }
+}
+
+/// What the decision decided.
+#[must_use = "a given/when without a `then_*` checks nothing"]
+pub struct ThenAggregates<D: Decision> {
+    outcome: Result<Events<D::Aggregate>, Rejection>,
+}
+
+impl<D: Decision> ThenAggregates<D>
+where
+    <D::Aggregate as Aggregate>::Event: Debug + PartialEq,
+{
+    /// Asserts the decision wrote exactly these events to exactly these aggregates.
+    #[track_caller]
+    pub fn then<'a>(
+        self,
+        expected: impl IntoIterator<Item = (&'a str, Vec<<D::Aggregate as Aggregate>::Event>)>,
+    ) {
+        let mut expected: Vec<(String, Vec<_>)> = expected
+            .into_iter()
+            .map(|(id, events)| (id.to_owned(), events))
+            .collect();
+        match self.outcome {
+            Ok(events) => {
+                let mut decided = events.into_parts();
+                decided.sort_by(|a, b| a.0.cmp(&b.0));
+                expected.sort_by(|a, b| a.0.cmp(&b.0));
+                assert_eq!(decided, expected, "the decision wrote other events");
+            }
+            Err(rejection) => panic!("expected events {expected:?}, but rejected: {rejection}"),
+        }
+    }
+
+    /// Asserts the decision was rejected with a message containing `fragment`.
+    #[track_caller]
+    pub fn then_rejected(self, fragment: &str) {
+        match self.outcome {
+            Ok(events) => panic!(
+                "expected a rejection containing {fragment:?}, got {:?}",
+                events.into_parts()
+            ),
+            Err(rejection) => assert!(
+                rejection.message().contains(fragment),
+                "expected a rejection containing {fragment:?}, got {:?}",
+                rejection.message()
+            ),
+        }
     }
 }

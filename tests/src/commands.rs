@@ -63,6 +63,17 @@ pub async fn send_raw(
     body: impl Into<bytes::Bytes>,
     command_id: Option<&str>,
 ) -> Result<Sent> {
+    send_raw_within(client, subject, body, command_id, Duration::from_secs(10)).await
+}
+
+/// [`send_raw`], waiting up to `timeout` for the reply.
+pub async fn send_raw_within(
+    client: &async_nats::Client,
+    subject: &str,
+    body: impl Into<bytes::Bytes>,
+    command_id: Option<&str>,
+    timeout: Duration,
+) -> Result<Sent> {
     let mut headers = HeaderMap::new();
     if let Some(id) = command_id {
         headers.insert(header::MSG_ID, id);
@@ -70,7 +81,7 @@ pub async fn send_raw(
     let request = async_nats::Request::new()
         .headers(headers)
         .payload(body.into())
-        .timeout(Some(Duration::from_secs(10)));
+        .timeout(Some(timeout));
     let message = client
         .send_request(subject.to_owned(), request)
         .await
@@ -188,4 +199,66 @@ pub fn balance(events: &[StoredMessage]) -> Result<u64> {
         }
     }
     Ok(balance)
+}
+
+/// Starts the bank's atomic decision function in this process.
+pub async fn start_bank(config: jetfn::Config) -> Result<RunningFunction> {
+    jetfn::decision_function::<bank::Bank>()
+        .with_config(config)
+        .start()
+        .await
+        .context("starting the bank function")
+}
+
+/// Sends `cmd.bank.<id>.transfer {from, to, amount}`. The reply may wait behind many transfers
+/// queued on the same accounts, so it is awaited for up to 60 s.
+pub async fn transfer(
+    client: &async_nats::Client,
+    id: &str,
+    from: &str,
+    to: &str,
+    amount: u64,
+    command_id: Option<&str>,
+) -> Result<Sent> {
+    let subject = CommandSubjects::new(None, "bank").subject(id, "transfer");
+    let body = serde_json::json!({"from": from, "to": to, "amount": amount});
+    send_raw_within(
+        client,
+        &subject,
+        body.to_string(),
+        command_id,
+        Duration::from_secs(60),
+    )
+    .await
+}
+
+/// The `$SRV.STATS.<service>` replies of `instances` instances (each answers), waiting up to 5 s
+/// for each.
+pub async fn service_stats(
+    client: &async_nats::Client,
+    service: &str,
+    instances: usize,
+) -> Result<Vec<Value>> {
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await?;
+    client
+        .publish_with_reply(format!("$SRV.STATS.{service}"), inbox, "".into())
+        .await?;
+    let mut stats = Vec::with_capacity(instances);
+    while stats.len() < instances {
+        let message = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures::StreamExt::next(&mut replies),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "{} of {instances} instances answered $SRV.STATS",
+                stats.len()
+            )
+        })?
+        .context("inbox subscription closed")?;
+        stats.push(serde_json::from_slice(&message.payload)?);
+    }
+    Ok(stats)
 }

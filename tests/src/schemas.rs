@@ -5,7 +5,8 @@
 
 use anyhow::{Context, Result};
 use jetfn::schema::{
-    command_schemas, event_schemas, process_event_schemas, reply_schema, schema_of,
+    command_schemas, decision_command_schemas, event_schemas, process_event_schemas, reply_schema,
+    schema_of,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,9 @@ pub fn generated() -> Vec<(PathBuf, String)> {
             "Read model {transfer-status}:g<G>:transfer:<id>",
         ),
     ));
+    for (name, schema) in decision_command_schemas::<bank::Bank>() {
+        files.push((format!("bank/commands/{name}.json").into(), schema));
+    }
     files.push(("reply.json".into(), reply_schema()));
     files.push((
         "account-balances/account.json".into(),

@@ -8,8 +8,8 @@ use futures::future::join_all;
 use jetfn::command::ErrorKind;
 use jetfn_tests::NatsServer;
 use jetfn_tests::commands::{
-    ACCOUNT_STREAM, account_config, balance, message_count, send, send_raw, start_account,
-    stored_messages, stream,
+    ACCOUNT_STREAM, account_config, balance, message_count, send, send_raw, service_stats,
+    start_account, stored_messages, stream,
 };
 use serde_json::json;
 use std::collections::{BTreeSet, HashMap};
@@ -621,22 +621,8 @@ async fn two_instances_in_one_queue_group_both_serve() {
     }
 
     // $SRV.STATS.account is answered by every instance; collect them all.
-    let inbox = client.new_inbox();
-    let mut replies = client.subscribe(inbox.clone()).await.unwrap();
-    client
-        .publish_with_reply("$SRV.STATS.account", inbox, "".into())
-        .await
-        .unwrap();
     let mut served = HashMap::new();
-    while served.len() < 2 {
-        let message = tokio::time::timeout(
-            Duration::from_secs(5),
-            futures::StreamExt::next(&mut replies),
-        )
-        .await
-        .expect("both instances answer $SRV.STATS")
-        .unwrap();
-        let stats: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+    for stats in service_stats(&client, "account", 2).await.unwrap() {
         let requests = stats["endpoints"][0]["num_requests"].as_u64().unwrap();
         assert_eq!(stats["endpoints"][0]["queue_group"], "q");
         served.insert(stats["id"].as_str().unwrap().to_owned(), requests);

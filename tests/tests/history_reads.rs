@@ -11,6 +11,7 @@ use jetfn::store::{Append, EventStore, NewEvent, StoreSettings, StoredEvent};
 use jetfn::wire::AggregateNames;
 use jetfn::wire::event::{self, EventMeta};
 use jetfn_tests::NatsServer;
+use std::collections::BTreeMap;
 
 fn store(client: &async_nats::Client) -> EventStore {
     let config = jetfn::Config::default();
@@ -203,4 +204,50 @@ async fn events_published_without_links_are_read_all_the_same() {
         3 + 2 * 2
     );
     check_reads_from_every_boundary(&store, "target", &boundaries).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_aggregate_batches_read_back_exactly_for_each_aggregate_from_any_point() {
+    let nats = NatsServer::start().await.unwrap();
+    let client = nats.connect().await.unwrap();
+    let store = store(&client);
+    store.provision().await.unwrap();
+
+    // Atomic decisions over "left" and "right" (two and one, then one and three events per
+    // aggregate in one batch), 300 other aggregates' events apart.
+    let mut boundaries = BTreeMap::from([("left", vec![0]), ("right", vec![0])]);
+    let mut versions = BTreeMap::from([("left", 0u64), ("right", 0u64)]);
+    for round in 0..6 {
+        let (left_count, right_count) = if round % 2 == 0 { (2, 1) } else { (1, 3) };
+        let command_id = format!("d{round}");
+        let (left_events, right_events) = (
+            events(&command_id, left_count),
+            events(&command_id, right_count),
+        );
+        let appends =
+            [("left", &left_events), ("right", &right_events)].map(|(id, events)| Append {
+                aggregate_id: id,
+                expected_last_seq: *boundaries[id].last().unwrap(),
+                expected_version: versions[id],
+                command_id: &command_id,
+                command: "decide",
+                events,
+                fingerprint: None,
+                trace: None,
+            });
+        let last = store.append_all(&appends).await.unwrap();
+        *versions.get_mut("left").unwrap() += left_count as u64;
+        *versions.get_mut("right").unwrap() += right_count as u64;
+        boundaries.get_mut("right").unwrap().push(last);
+        boundaries
+            .get_mut("left")
+            .unwrap()
+            .push(last - right_count as u64);
+        noise(&store, round, 300).await;
+    }
+    for (id, boundaries) in &boundaries {
+        let history = store.read_after(id, 0).await.unwrap();
+        assert_eq!(history.len(), if *id == "left" { 9 } else { 12 }, "{id}");
+        check_reads_from_every_boundary(&store, id, boundaries).await;
+    }
 }

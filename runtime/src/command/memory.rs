@@ -130,6 +130,13 @@ impl EventLog for MemoryLog {
     }
 
     fn append<'a>(&'a self, append: Append<'a>) -> BoxFuture<'a, Result<u64, AppendError>> {
+        Box::pin(async move { self.append_all(std::slice::from_ref(&append)).await })
+    }
+
+    fn append_all<'a>(
+        &'a self,
+        appends: &'a [Append<'a>],
+    ) -> BoxFuture<'a, Result<u64, AppendError>> {
         Box::pin(async move {
             self.appends.fetch_add(1, Ordering::Relaxed);
             let fault = self.lock().faults.pop_front();
@@ -141,36 +148,42 @@ impl EventLog for MemoryLog {
                     ));
                 }
                 Some(Fault::Rival(event_type)) => {
-                    self.append_foreign(append.aggregate_id, event_type, r#"{"by":1}"#);
+                    if let Some(first) = appends.first() {
+                        self.append_foreign(first.aggregate_id, event_type, r#"{"by":1}"#);
+                    }
                 }
                 _ => {}
             }
             let mut log = self.lock();
-            let last = last_of(&log, append.aggregate_id);
-            // JetStream's dedupe: the same command's events are not stored twice.
-            let own = log.events.iter().any(|(aggregate, e)| {
-                aggregate == append.aggregate_id
-                    && e.command_id.as_deref() == Some(append.command_id)
-            });
-            if own {
-                return Err(AppendError::Conflict("duplicate (injected dedupe)".into()));
-            }
-            if last != append.expected_last_seq {
-                return Err(AppendError::Conflict(format!(
-                    "wrong last sequence: {last} (expected {})",
-                    append.expected_last_seq
-                )));
+            for append in appends {
+                let last = last_of(&log, append.aggregate_id);
+                // JetStream's dedupe: the same command's events are not stored twice.
+                let own = log.events.iter().any(|(aggregate, e)| {
+                    aggregate == append.aggregate_id
+                        && e.command_id.as_deref() == Some(append.command_id)
+                });
+                if own {
+                    return Err(AppendError::Conflict("duplicate (injected dedupe)".into()));
+                }
+                if last != append.expected_last_seq {
+                    return Err(AppendError::Conflict(format!(
+                        "wrong last sequence: {last} (expected {})",
+                        append.expected_last_seq
+                    )));
+                }
             }
             let mut seq = 0;
-            for event in append.events {
-                seq = push(
-                    &mut log,
-                    append.aggregate_id,
-                    &event.event_type,
-                    Some(append.command_id),
-                    append.fingerprint,
-                    Bytes::from(event.payload.clone()),
-                );
+            for append in appends {
+                for event in append.events {
+                    seq = push(
+                        &mut log,
+                        append.aggregate_id,
+                        &event.event_type,
+                        Some(append.command_id),
+                        append.fingerprint,
+                        Bytes::from(event.payload.clone()),
+                    );
+                }
             }
             match fault {
                 Some(Fault::LostAck) => {

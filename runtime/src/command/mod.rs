@@ -18,6 +18,7 @@
 //! between instances.
 
 mod cache;
+pub mod decision;
 mod kv;
 mod ledger;
 #[cfg(test)]
@@ -30,7 +31,7 @@ mod tests;
 mod writer;
 
 pub use crate::wire::names::MAX_ID_LEN;
-pub use reply::{Accepted, ErrorKind, Failure, Reply};
+pub use reply::{Accepted, ErrorKind, Failure, Reply, Written};
 pub use request::MAX_COMMAND_ID_LEN;
 
 use crate::aggregate::{Aggregate, Snapshots, Upcasters, decode_stored};
@@ -114,12 +115,7 @@ impl<A: Aggregate> CommandFunction<A> {
     /// Runs until SIGTERM or SIGINT, then stops taking commands, finishes the ones in flight and
     /// returns. Initialises logging from `RUST_LOG` unless the caller already did.
     pub async fn run(self) -> Result<(), Error> {
-        telemetry::init();
-        let signal = telemetry::shutdown_signal();
-        let running = self.start().await?;
-        let stopped = running.stop_on(signal).await;
-        telemetry::shutdown();
-        stopped
+        run_until_signal(self.start()).await
     }
 
     /// Connects, provisions the stream, ledger and snapshot buckets, and starts serving. The
@@ -132,55 +128,9 @@ impl<A: Aggregate> CommandFunction<A> {
             .name
             .clone()
             .unwrap_or_else(|| names.connection());
-        let client = config.nats.connect(&connection).await?;
-        let store = EventStore::new(
-            client.clone(),
-            StoreSettings {
-                aggregate: A::NAME.to_owned(),
-                stream: names.stream.clone(),
-                subject_prefix: names.event_prefix.clone(),
-                replicas: config.stream.replicas,
-                duplicate_window: config.stream.duplicate_window,
-                max_bytes: config.stream.max_bytes,
-                timeout: config.nats.request_timeout,
-                api_prefix: config.nats.jetstream_api(),
-            },
-        );
-        store.check_server_version()?;
-        if config.stream.provision {
-            store.provision().await?;
-        }
-        let reads = Arc::new(DirectGets::start(client.clone(), config.nats.request_timeout).await?);
-        let js = config.nats.jetstream(client.clone());
-        let api_prefix = config.nats.jetstream_api();
-        let ledger = KvLedger::open(
-            js.clone(),
-            &api_prefix,
-            reads.clone(),
-            &names.ledger_bucket,
-            config.ledger.ttl,
-            config.ledger.replicas,
-        )
-        .await?;
+        let (client, store, ledger, snapshots) =
+            open::<A>(&config, &names, &connection, &names.ledger_bucket).await?;
         let upcasters = A::upcasters();
-        let snapshots = match A::snapshots() {
-            Some(codec) => {
-                let store = KvSnapshots::open(
-                    js,
-                    &api_prefix,
-                    reads,
-                    &names.snapshot_bucket,
-                    config.stream.replicas,
-                )
-                .await?;
-                Some(SnapshotSetup {
-                    format: snapshots::format_of::<A>(codec.version(), &upcasters),
-                    store: Arc::new(store),
-                    codec,
-                })
-            }
-            None => None,
-        };
         let (handler, writer) = Handler::<A>::new(
             Arc::new(store),
             Arc::new(ledger),
@@ -191,28 +141,9 @@ impl<A: Aggregate> CommandFunction<A> {
             config.ledger.ttl,
         );
         let handler = Arc::new(handler);
-        let mut violations = crate::permissions::watch();
+        let violations = crate::permissions::watch();
         let (service, endpoint) =
             register_service(&client, &handler, &names, &self.version).await?;
-        // A denied subscription is reported asynchronously. The server sends its refusal before
-        // the flush's PONG, so once the flush returns the refusal is already queued for the
-        // connection's event task; a moment's grace lets that task hand it over. Anything later
-        // stops the serving loop.
-        let flushed = tokio::time::timeout(config.nats.request_timeout, client.flush()).await;
-        if flushed.is_err() {
-            return Err(Error::Service(
-                "NATS did not confirm the subscriptions".into(),
-            ));
-        }
-        let wildcard = handler.subjects.wildcard();
-        let refused = tokio::time::timeout(
-            REFUSAL_GRACE,
-            crate::permissions::denied(&mut violations, &wildcard),
-        )
-        .await;
-        if let Ok(denied) = refused {
-            return Err(Error::Service(format!("permission denied: {denied}")));
-        }
         tracing::info!(
             aggregate = A::NAME,
             subjects = %handler.subjects.wildcard(),
@@ -220,25 +151,185 @@ impl<A: Aggregate> CommandFunction<A> {
             queue_group = %handler.config.queue_group,
             "command function ready"
         );
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let ready = stop_rx.clone();
-        let health =
-            health::serve(&config.health, client.clone(), move || !*ready.borrow()).await?;
-        let serving = Serving {
-            client,
-            handler,
-            service,
-            endpoint,
-            writer,
-            violations,
-        };
-        let task = tokio::spawn(serve(serving, stop_rx));
-        Ok(RunningFunction {
-            stop: stop_tx,
-            task,
-            _health: health,
-        })
+        go_live(
+            &config,
+            Serving {
+                client,
+                handler,
+                service,
+                endpoint,
+                writer,
+                violations,
+            },
+        )
+        .await
     }
+}
+
+/// Connects and opens what a function writing aggregate type `A`'s events needs: the event
+/// store (provisioned when configured), the ledger bucket `ledger_bucket` and, when `A` has
+/// them, its snapshots.
+async fn open<A: Aggregate>(
+    config: &Config,
+    names: &AggregateNames,
+    connection: &str,
+    ledger_bucket: &str,
+) -> Result<(Client, EventStore, KvLedger, Option<SnapshotSetup<A>>), Error> {
+    let client = config.nats.connect(connection).await?;
+    let store = EventStore::new(
+        client.clone(),
+        StoreSettings {
+            aggregate: A::NAME.to_owned(),
+            stream: names.stream.clone(),
+            subject_prefix: names.event_prefix.clone(),
+            replicas: config.stream.replicas,
+            duplicate_window: config.stream.duplicate_window,
+            max_bytes: config.stream.max_bytes,
+            timeout: config.nats.request_timeout,
+            api_prefix: config.nats.jetstream_api(),
+        },
+    );
+    store.check_server_version()?;
+    if config.stream.provision {
+        store.provision().await?;
+    }
+    let reads = Arc::new(DirectGets::start(client.clone(), config.nats.request_timeout).await?);
+    let js = config.nats.jetstream(client.clone());
+    let api_prefix = config.nats.jetstream_api();
+    let ledger = KvLedger::open(
+        js.clone(),
+        &api_prefix,
+        reads.clone(),
+        ledger_bucket,
+        config.ledger.ttl,
+        config.ledger.replicas,
+    )
+    .await?;
+    let snapshots = match A::snapshots() {
+        Some(codec) => {
+            let store = KvSnapshots::open(
+                js,
+                &api_prefix,
+                reads,
+                &names.snapshot_bucket,
+                config.stream.replicas,
+            )
+            .await?;
+            Some(SnapshotSetup {
+                format: snapshots::format_of::<A>(codec.version(), &A::upcasters()),
+                store: Arc::new(store),
+                codec,
+            })
+        }
+        None => None,
+    };
+    Ok((client, store, ledger, snapshots))
+}
+
+/// Confirms the subscriptions were allowed, starts the health endpoint and serves.
+async fn go_live<H: Serves>(
+    config: &Config,
+    mut serving: Serving<H>,
+) -> Result<RunningFunction, Error> {
+    // A denied subscription is reported asynchronously. The server sends its refusal before
+    // the flush's PONG, so once the flush returns the refusal is already queued for the
+    // connection's event task; a moment's grace lets that task hand it over. Anything later
+    // stops the serving loop.
+    let flushed = tokio::time::timeout(config.nats.request_timeout, serving.client.flush()).await;
+    if flushed.is_err() {
+        return Err(Error::Service(
+            "NATS did not confirm the subscriptions".into(),
+        ));
+    }
+    let wildcard = serving.handler.wildcard();
+    let refused = tokio::time::timeout(
+        REFUSAL_GRACE,
+        crate::permissions::denied(&mut serving.violations, &wildcard),
+    )
+    .await;
+    if let Ok(denied) = refused {
+        return Err(Error::Service(format!("permission denied: {denied}")));
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ready = stop_rx.clone();
+    let health = health::serve(&config.health, serving.client.clone(), move || {
+        !*ready.borrow()
+    })
+    .await?;
+    let task = tokio::spawn(serve(serving, stop_rx));
+    Ok(RunningFunction {
+        stop: stop_tx,
+        task,
+        _health: health,
+    })
+}
+
+/// What the serving loop needs of a handler: the single-aggregate [`Handler`] and the atomic
+/// decision handler are served alike.
+trait Serves: Send + Sync + 'static {
+    /// Processes one request and replies.
+    fn handle(&self, request: service::Request) -> impl Future<Output = ()> + Send;
+    /// Answers a request the instance has no room for.
+    fn overloaded(&self, request: service::Request) -> impl Future<Output = ()> + Send;
+    /// Requests taken before the instance answers `overloaded`.
+    fn max_pending(&self) -> usize;
+    /// The command subjects served, as a subscription wildcard.
+    fn wildcard(&self) -> String;
+    /// The command subjects' pattern, for the endpoint's metadata.
+    fn pattern(&self) -> String;
+    /// The function's name in logs.
+    fn name(&self) -> &str;
+    /// The queue group of its subscription.
+    fn queue_group(&self) -> &str;
+    /// The endpoint data of `$SRV.STATS`.
+    fn stats(&self) -> serde_json::Value;
+}
+
+impl<A: Aggregate> Serves for Handler<A> {
+    fn handle(&self, request: service::Request) -> impl Future<Output = ()> + Send {
+        Handler::handle(self, request)
+    }
+
+    fn overloaded(&self, request: service::Request) -> impl Future<Output = ()> + Send {
+        Handler::overloaded(self, request)
+    }
+
+    fn max_pending(&self) -> usize {
+        self.config.max_pending
+    }
+
+    fn wildcard(&self) -> String {
+        self.subjects.wildcard()
+    }
+
+    fn pattern(&self) -> String {
+        self.subjects.pattern()
+    }
+
+    fn name(&self) -> &str {
+        A::NAME
+    }
+
+    fn queue_group(&self) -> &str {
+        &self.config.queue_group
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        Handler::stats(self)
+    }
+}
+
+/// Starts a function, serves it until SIGTERM or SIGINT, then stops it gracefully; logging from
+/// `RUST_LOG` unless the caller already set it up.
+async fn run_until_signal(
+    start: impl Future<Output = Result<RunningFunction, Error>>,
+) -> Result<(), Error> {
+    telemetry::init();
+    let signal = telemetry::shutdown_signal();
+    let running = start.await?;
+    let stopped = running.stop_on(signal).await;
+    telemetry::shutdown();
+    stopped
 }
 
 /// A command function that is serving. Dropping it does not stop it; call
@@ -293,33 +384,50 @@ async fn register_service<A: Aggregate>(
             format!("{}.<id>", names.event_prefix),
         ),
     ]);
+    register(
+        client,
+        handler,
+        A::NAME,
+        format!("jetfn command function for aggregate {}", A::NAME),
+        metadata,
+        version,
+    )
+    .await
+}
+
+/// Registers the NATS service `name` of `handler` and its one endpoint on the command subjects.
+async fn register<H: Serves>(
+    client: &Client,
+    handler: &Arc<H>,
+    name: &str,
+    description: String,
+    metadata: HashMap<String, String>,
+    version: &str,
+) -> Result<(service::Service, service::endpoint::Endpoint), Error> {
     let stats = handler.clone();
     let service = client
         .service_builder()
-        .description(format!("jetfn command function for aggregate {}", A::NAME))
+        .description(description)
         .metadata(metadata)
-        .queue_group(&handler.config.queue_group)
+        .queue_group(handler.queue_group())
         .stats_handler(move |_endpoint, _stats| stats.stats())
-        .start(A::NAME, version)
+        .start(name, version)
         .await
         .map_err(|e| Error::Service(format!("cannot register NATS service: {e}")))?;
     let endpoint = service
         .endpoint_builder()
         .name("commands")
-        .metadata(HashMap::from([(
-            "subject".to_owned(),
-            handler.subjects.pattern(),
-        )]))
-        .add(handler.subjects.wildcard())
+        .metadata(HashMap::from([("subject".to_owned(), handler.pattern())]))
+        .add(handler.wildcard())
         .await
         .map_err(|e| Error::Service(format!("cannot subscribe to commands: {e}")))?;
     Ok((service, endpoint))
 }
 
 /// What the serving loop owns.
-struct Serving<A: Aggregate> {
+struct Serving<H> {
     client: Client,
-    handler: Arc<Handler<A>>,
+    handler: Arc<H>,
     service: service::Service,
     endpoint: service::endpoint::Endpoint,
     writer: tokio::task::JoinHandle<()>,
@@ -328,8 +436,8 @@ struct Serving<A: Aggregate> {
 
 /// Takes requests until told to stop, then drains: the endpoint unsubscribes, already received
 /// requests are still processed, the background writes finish, and the loop ends.
-async fn serve<A: Aggregate>(
-    serving: Serving<A>,
+async fn serve<H: Serves>(
+    serving: Serving<H>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let Serving {
@@ -342,8 +450,8 @@ async fn serve<A: Aggregate>(
     } = serving;
     // Requests waiting for their aggregate hold no processing permit (that is taken after the
     // aggregate's lock), so this only bounds memory.
-    let pending = Arc::new(Semaphore::new(handler.config.max_pending));
-    let wildcard = handler.subjects.wildcard();
+    let pending = Arc::new(Semaphore::new(handler.max_pending()));
+    let wildcard = handler.wildcard();
     let mut in_flight = JoinSet::new();
     let mut service = Some(service);
     let mut result = Ok(());
@@ -377,6 +485,7 @@ async fn serve<A: Aggregate>(
         }
     }
     while in_flight.join_next().await.is_some() {}
+    let name = handler.name().to_owned();
     // The handler's writer queue closes with the last handler; wait for its writes.
     drop(handler);
     if tokio::time::timeout(Duration::from_secs(5), writer)
@@ -391,7 +500,7 @@ async fn serve<A: Aggregate>(
         Ok(Err(err)) => tracing::warn!(error = %err, "replies may not have been flushed"),
         Err(_) => tracing::warn!("NATS unreachable at shutdown: replies may not have been flushed"),
     }
-    tracing::info!(aggregate = A::NAME, "command function stopped");
+    tracing::info!(function = %name, "command function stopped");
     result
 }
 
@@ -514,11 +623,31 @@ impl<A: Aggregate> Handler<A> {
     }
 
     async fn handle(&self, request: service::Request) {
+        self.serve_request(
+            request,
+            A::NAME,
+            |message| self.check(message),
+            |checked, command| async move { self.execute(&checked, command).await },
+        )
+        .await
+    }
+
+    /// One request from start to reply: the reply-subject check, the wire checks (`check`),
+    /// the work (`execute`), the counters, the log line and the reply.
+    async fn serve_request<C, Fut>(
+        &self,
+        request: service::Request,
+        name: &str,
+        check: impl FnOnce(&async_nats::Message) -> Result<(CommandRequest, C), String>,
+        execute: impl FnOnce(CommandRequest, C) -> Fut,
+    ) where
+        Fut: Future<Output = (Reply, u32)>,
+    {
         let started = Instant::now();
         let message = &request.message;
         let span = tracing::info_span!(
             "command",
-            aggregate = A::NAME,
+            aggregate = name,
             id = tracing::field::Empty,
             command = tracing::field::Empty,
             command_id = tracing::field::Empty,
@@ -540,16 +669,14 @@ impl<A: Aggregate> Handler<A> {
             );
             return;
         }
-        let (reply, retries) = match self.check(message) {
+        let (reply, retries) = match check(message) {
             Ok((checked, command)) => {
                 span.record("id", checked.id.as_str());
                 span.record("command", checked.command.as_str());
                 span.record("command_id", checked.command_id.as_str());
                 span.record("trace_id", checked.trace.trace_id.as_str());
                 telemetry::link(&span, &checked.trace);
-                self.execute(&checked, command)
-                    .instrument(span.clone())
-                    .await
+                execute(checked, command).instrument(span.clone()).await
             }
             Err(message) => (Reply::failed(ErrorKind::Invalid, message), 0),
         };
@@ -752,6 +879,7 @@ impl<A: Aggregate> Handler<A> {
             version: cached.version,
             seq: cached.last_seq,
             events: types,
+            aggregates: Vec::new(),
         });
         let entry = Entry {
             fingerprint: fingerprint.unwrap_or_default(),
@@ -1029,6 +1157,7 @@ fn accepted(request: &CommandRequest, version: u64, seq: u64, events: Vec<String
         version,
         seq,
         events,
+        aggregates: Vec::new(),
     })
 }
 

@@ -30,6 +30,24 @@ pub struct Accepted {
     pub seq: u64,
     /// The types of the events the command wrote, in order.
     pub events: Vec<String>,
+    /// An atomic decision's reply: every aggregate it wrote, with its new version (empty for a
+    /// single-aggregate command, and then left out of the JSON). `seq` is then the sequence of
+    /// the batch's last message and `version` is 0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aggregates: Vec<Written>,
+}
+
+/// One aggregate an atomic decision wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Written {
+    /// The aggregate id.
+    pub id: String,
+    /// The number of events in the aggregate after the decision.
+    pub version: u64,
+    /// The stream sequence of the aggregate's last event after the decision.
+    pub seq: u64,
+    /// The types of the events written to it, in order.
+    pub events: Vec<String>,
 }
 
 /// A failed command.
@@ -187,6 +205,7 @@ mod tests {
             version: 2,
             seq: 9,
             events: vec!["AccountOpened".into(), "MoneyDeposited".into()],
+            aggregates: Vec::new(),
         });
         let json: serde_json::Value = serde_json::from_slice(&reply.to_json()).unwrap();
         assert_eq!(

@@ -7,6 +7,7 @@ use crate::codec::{decode_variant, variant_names};
 use crate::telemetry::TraceContext;
 use crate::wire::{CommandSubjects, header};
 use async_nats::HeaderMap;
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 /// The longest command id (`Nats-Msg-Id`).
@@ -35,6 +36,25 @@ pub(crate) fn check<A: Aggregate>(
     payload: &[u8],
     max_body_bytes: usize,
 ) -> Result<(CommandRequest, A::Command), String> {
+    check_for::<A::Command>(
+        &format!("aggregate {}", A::NAME),
+        subjects,
+        subject,
+        headers,
+        payload,
+        max_body_bytes,
+    )
+}
+
+/// [`check`] for the commands `C` of `owner` (`aggregate account`, `decision bank`).
+pub(crate) fn check_for<C: DeserializeOwned>(
+    owner: &str,
+    subjects: &CommandSubjects,
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+    max_body_bytes: usize,
+) -> Result<(CommandRequest, C), String> {
     let (id, command) = subjects.parse(subject)?;
     let command_id = match header::get(headers, header::MSG_ID) {
         Some(value) => {
@@ -56,18 +76,26 @@ pub(crate) fn check<A: Aggregate>(
         body,
         trace,
     };
-    let decoded = decode::<A>(&request)?;
+    let decoded = decode_for::<C>(owner, &request)?;
     Ok((request, decoded))
 }
 
 /// Decodes a checked request into the aggregate's command type.
 pub(crate) fn decode<A: Aggregate>(request: &CommandRequest) -> Result<A::Command, String> {
-    let known = variant_names::<A::Command>();
+    decode_for::<A::Command>(&format!("aggregate {}", A::NAME), request)
+}
+
+/// Decodes a checked request into the command type `C` of the function named `owner`.
+pub(crate) fn decode_for<C: DeserializeOwned>(
+    owner: &str,
+    request: &CommandRequest,
+) -> Result<C, String> {
+    let known = variant_names::<C>();
     if !known.is_empty() && !known.contains(&request.command.as_str()) {
         return Err(format!(
-            "unknown command {:?} for aggregate {}; known commands: {}",
+            "unknown command {:?} for {}; known commands: {}",
             request.command,
-            A::NAME,
+            owner,
             known.join(", ")
         ));
     }

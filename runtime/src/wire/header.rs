@@ -17,6 +17,12 @@ pub use async_nats::service::{
 
 /// The value of [`NATS_BATCH_COMMIT`] that commits a batch with its last message.
 pub const BATCH_COMMIT_FINAL: &str = async_nats::header::NATS_BATCH_COMMIT_FINAL;
+/// JetStream's expected-last-sequence check over a subject *filter*. jetfn **never** sends it: on
+/// replicated streams the leader tracks in-flight writes by literal subject, so overlapping
+/// wildcard checks can all pass (see the README, "Atomic decisions across aggregates"). Named
+/// only for the test that documents this.
+pub const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str =
+    "Nats-Expected-Last-Subject-Sequence-Subject";
 /// Messages still matching a direct get batch after its end (status 204 reply).
 pub const NUM_PENDING: &str = "Nats-Num-Pending";
 
