@@ -168,13 +168,16 @@ impl<D: Decision> DecisionFunction<D> {
             &self.version,
         )
         .await?;
-        tracing::info!(
-            decision = D::NAME,
-            aggregate,
-            subjects = %handler.wildcard(),
-            stream = %names.stream,
-            "decision function ready"
-        );
+        let subjects = handler.wildcard();
+        let ready = move || {
+            tracing::info!(
+                decision = D::NAME,
+                aggregate,
+                subjects = %subjects,
+                stream = %names.stream,
+                "decision function ready"
+            )
+        };
         go_live(
             &config,
             Serving {
@@ -185,6 +188,7 @@ impl<D: Decision> DecisionFunction<D> {
                 writer,
                 violations,
             },
+            ready,
         )
         .await
     }

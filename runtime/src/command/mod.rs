@@ -144,13 +144,19 @@ impl<A: Aggregate> CommandFunction<A> {
         let violations = crate::permissions::watch();
         let (service, endpoint) =
             register_service(&client, &handler, &names, &self.version).await?;
-        tracing::info!(
-            aggregate = A::NAME,
-            subjects = %handler.subjects.wildcard(),
-            stream = %names.stream,
-            queue_group = %handler.config.queue_group,
-            "command function ready"
+        let (subjects, queue_group) = (
+            handler.subjects.wildcard(),
+            handler.config.queue_group.clone(),
         );
+        let ready = move || {
+            tracing::info!(
+                aggregate = A::NAME,
+                subjects = %subjects,
+                stream = %names.stream,
+                queue_group = %queue_group,
+                "command function ready"
+            )
+        };
         go_live(
             &config,
             Serving {
@@ -161,6 +167,7 @@ impl<A: Aggregate> CommandFunction<A> {
                 writer,
                 violations,
             },
+            ready,
         )
         .await
     }
@@ -226,10 +233,12 @@ async fn open<A: Aggregate>(
     Ok((client, store, ledger, snapshots))
 }
 
-/// Confirms the subscriptions were allowed, starts the health endpoint and serves.
+/// Confirms the subscriptions were allowed, says so with `ready` (never before: a denied
+/// function must not log that it is ready), starts the health endpoint and serves.
 async fn go_live<H: Serves>(
     config: &Config,
     mut serving: Serving<H>,
+    ready: impl FnOnce(),
 ) -> Result<RunningFunction, Error> {
     // A denied subscription is reported asynchronously. The server sends its refusal before
     // the flush's PONG, so once the flush returns the refusal is already queued for the
@@ -250,6 +259,7 @@ async fn go_live<H: Serves>(
     if let Ok(denied) = refused {
         return Err(Error::Service(format!("permission denied: {denied}")));
     }
+    ready();
     let (stop_tx, stop_rx) = watch::channel(false);
     let ready = stop_rx.clone();
     let health = health::serve(&config.health, serving.client.clone(), move || {
