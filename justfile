@@ -51,4 +51,4 @@ schemas:
 
 # Races wildcard expected-subject checks on the cluster at URL: why jetfn only uses literal ones.
 wildcard-race URL:
-    JETFN_WILDCARD_NATS_URL={{URL}} cargo nextest run -p jetfn-tests --test atomic_decisions --run-ignored only --no-capture wildcard
+    JETFN_WILDCARD_NATS_URL={{URL}} cargo nextest run -p jetfn-tests --test atomic_decisions --no-capture wildcard

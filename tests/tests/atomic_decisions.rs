@@ -334,18 +334,24 @@ async fn random_concurrent_transfers_on_two_instances_conserve_money_at_every_ba
 /// (`race.<n>.*` and `race.<n>.>`) both cover both writes each expect the filter to be empty, so
 /// at most one may be stored. On a 3-node R3 stream both were stored in 132 of 300 races
 /// (nats-server 2.15.1); on one R1 server 0 of 300, so there this test would fail for want of a
-/// race, not prove safety. It runs against `JETFN_WILDCARD_NATS_URL` (a cluster; the stream is
-/// created with `JETFN_WILDCARD_REPLICAS`, default 3): `just wildcard-race nats://127.0.0.1:4222`.
+/// race, not prove safety. It runs on the harness's 3-node loopback cluster (the one
+/// `deploy/nats/cluster/` describes), or against `JETFN_WILDCARD_NATS_URL` when set
+/// (`just wildcard-race URL`; replicas `JETFN_WILDCARD_REPLICAS`, default 3). If it ever fails,
+/// the server made wildcard checks safe: the fact in the docs is out of date, not jetfn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "documents why jetfn never uses wildcard checks; needs a 3-node cluster: just wildcard-race URL"]
-async fn wildcard_checks_let_a_conflicting_write_through() {
-    let url = std::env::var("JETFN_WILDCARD_NATS_URL")
-        .expect("JETFN_WILDCARD_NATS_URL names a nats-server cluster (just wildcard-race URL)");
+async fn wildcard_checks_let_a_conflicting_write_through_on_a_replicated_stream() {
     let replicas = std::env::var("JETFN_WILDCARD_REPLICAS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let client = async_nats::connect(&url).await.unwrap();
+    let (_cluster, client) = match std::env::var("JETFN_WILDCARD_NATS_URL") {
+        Ok(url) => (None, async_nats::connect(&url).await.unwrap()),
+        Err(_) => {
+            let cluster = jetfn_tests::topology::start_cluster().await.unwrap();
+            let client = cluster.connect().await.unwrap();
+            (Some(cluster), client)
+        }
+    };
     let js = jetstream::new(client.clone());
     let name = format!("WILDCARD_RACE_{}", uuid::Uuid::new_v4().simple());
     js.create_stream(jetstream::stream::Config {
