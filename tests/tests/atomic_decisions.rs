@@ -395,3 +395,126 @@ async fn wildcard_checks_let_a_conflicting_write_through_on_a_replicated_stream(
         "no race let both writes through here; the documented failure was on an R3 cluster"
     );
 }
+
+/// The node that leads stream `name`, as the cluster reports it.
+async fn stream_leader(client: &async_nats::Client, name: &str) -> Option<String> {
+    let mut stream = jetstream::new(client.clone()).get_stream(name).await.ok()?;
+    let info = stream.info().await.ok()?;
+    info.cluster.as_ref().and_then(|c| c.leader.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_on_an_r3_cluster_conserve_money_when_the_stream_leader_is_killed() {
+    jetfn_tests::init_tracing();
+    const ACCOUNTS: usize = 10;
+    const START: u64 = 1_000;
+    const CLIENTS: usize = 16;
+    const PER_CLIENT: usize = 10;
+    let mut cluster = jetfn_tests::topology::start_cluster().await.unwrap();
+    let mut config = jetfn::Config::default();
+    config.nats.url = cluster.urls();
+    config.nats.request_timeout = std::time::Duration::from_secs(2);
+    config.stream.replicas = 3;
+    config.ledger.replicas = 3;
+    let account_fn = start_account(config.clone()).await.unwrap();
+    let banks = [
+        start_bank(config.clone()).await.unwrap(),
+        start_bank(config.clone()).await.unwrap(),
+    ];
+    let client = cluster.connect().await.unwrap();
+    let ids: Vec<String> = (0..ACCOUNTS).map(|n| format!("acct-{n}")).collect();
+    for id in &ids {
+        open(&client, id, START).await;
+    }
+
+    // Clients resend the same command id on `unavailable`, `conflict` or no answer.
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let load = tokio::spawn({
+        let (client, ids, answered) = (client.clone(), ids.clone(), answered.clone());
+        async move {
+            join_all((0..CLIENTS).map(|c| {
+                let (client, ids, answered) = (client.clone(), ids.clone(), answered.clone());
+                async move {
+                    let mut outcomes = Vec::new();
+                    for n in 0..PER_CLIENT {
+                        let (from, to, amount) = {
+                            let mut rng = rand::rng();
+                            let from = rng.random_range(0..ACCOUNTS);
+                            let to = (from + rng.random_range(1..ACCOUNTS)) % ACCOUNTS;
+                            (from, to, rng.random_range(1..=400u64))
+                        };
+                        let id = format!("x-{c}-{n}");
+                        let subject = CommandSubjects::new(None, "bank").subject(&id, "transfer");
+                        let body = json!({"from": ids[from], "to": ids[to], "amount": amount});
+                        let sent =
+                            jetfn_tests::faults::send_until_answered(&client, &subject, &body, &id)
+                                .await
+                                .unwrap();
+                        answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        outcomes
+                            .push((sent.reply.error_kind(), sent.unavailable + sent.unanswered));
+                    }
+                    outcomes
+                }
+            }))
+            .await
+        }
+    });
+
+    // Kill the event stream's leader once a quarter of the transfers are answered.
+    let patience = std::time::Duration::from_secs(60);
+    jetfn_tests::workload::poll("transfers under way", patience, || {
+        let answered = answered.clone();
+        async move {
+            Ok(
+                (answered.load(std::sync::atomic::Ordering::Relaxed) >= CLIENTS * PER_CLIENT / 4)
+                    .then_some(()),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    let leader = stream_leader(&client, ACCOUNT_STREAM)
+        .await
+        .expect("the event stream has a leader");
+    let node = cluster
+        .index_of(&leader)
+        .expect("the leader is one of ours");
+    cluster.node_mut(node).unwrap().kill().unwrap();
+    let outcomes: Vec<_> = load.await.unwrap().into_iter().flatten().collect();
+
+    let count = |kind: Option<ErrorKind>| outcomes.iter().filter(|(k, _)| *k == kind).count();
+    let accepted = count(None);
+    let resent: u32 = outcomes.iter().map(|(_, r)| r).sum();
+    println!(
+        "R3, leader {leader} killed: {} transfers, {accepted} accepted, {} rejected, {} other; \
+         {resent} resends after unavailable or no answer",
+        outcomes.len(),
+        count(Some(ErrorKind::Rejected)),
+        outcomes.len() - accepted - count(Some(ErrorKind::Rejected)),
+    );
+    assert!(accepted > 0);
+    assert!(
+        outcomes
+            .iter()
+            .all(|(k, _)| matches!(k, None | Some(ErrorKind::Rejected))),
+        "every transfer ends accepted or rejected: {outcomes:?}"
+    );
+    let stored = stored_messages(&client, ACCOUNT_STREAM, None)
+        .await
+        .unwrap();
+    fold_checking_every_batch(&stored, i128::from(START) * ACCOUNTS as i128);
+    let transfers_stored = stored
+        .iter()
+        .filter(|m| m.header(header::COMMAND_ID).starts_with("x-"))
+        .count();
+    assert_eq!(
+        transfers_stored,
+        2 * accepted,
+        "each accepted transfer stored once"
+    );
+    for bank in banks {
+        bank.stop().await.unwrap();
+    }
+    account_fn.stop().await.unwrap();
+}
