@@ -25,8 +25,8 @@ use super::ledger::Entry;
 use super::request::{self, CommandRequest};
 use super::writer::Job;
 use super::{
-    Handler, RunningFunction, Serves, Serving, accepted, answer, encode, go_live, open, register,
-    run_until_signal, unavailable,
+    Handler, Replies, Request, RunningFunction, Serves, ServiceSpec, Serving, accepted, answer,
+    encode, go_live, open, register, run_until_signal, stats_of, unavailable,
 };
 use crate::Error;
 use crate::aggregate::Aggregate;
@@ -35,7 +35,6 @@ use crate::config::Config;
 use crate::decision::{Decision, MAX_BATCH_EVENTS, States};
 use crate::store::{Append, AppendError, NewEvent};
 use crate::wire::{AggregateNames, names};
-use async_nats::service;
 use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -159,15 +158,16 @@ impl<D: Decision> DecisionFunction<D> {
             "jetfn atomic decision {} over aggregates {aggregate}",
             D::NAME
         );
-        let (service, endpoint) = register(
-            &client,
-            &handler,
-            D::NAME,
+        let spec = ServiceSpec {
+            name: D::NAME.to_owned(),
+            version: self.version.clone(),
             description,
             metadata,
-            &self.version,
-        )
-        .await?;
+            queue_group: handler.queue_group().to_owned(),
+            replies: Replies::new(&config.nats.reply_prefixes),
+            stats: stats_of(&handler),
+        };
+        let (service, endpoint) = register(&client, &handler, spec).await?;
         let subjects = handler.wildcard();
         let ready = move || {
             tracing::info!(
@@ -202,7 +202,7 @@ struct DecisionHandler<D: Decision> {
 }
 
 impl<D: Decision> Serves for DecisionHandler<D> {
-    async fn handle(&self, request: service::Request) {
+    async fn handle(&self, request: Request) {
         let subjects = &self.inner.subjects;
         let max_body = self.inner.config.max_body_bytes;
         self.inner
@@ -224,7 +224,7 @@ impl<D: Decision> Serves for DecisionHandler<D> {
             .await
     }
 
-    fn overloaded(&self, request: service::Request) -> impl Future<Output = ()> + Send {
+    fn overloaded(&self, request: Request) -> impl Future<Output = ()> + Send {
         self.inner.overloaded(request)
     }
 
