@@ -319,7 +319,7 @@ impl Default for CommandConfig {
             cache_entries: 100_000,
             recent_commands: 16,
             max_queued_per_aggregate: 1024,
-            snapshot_every: 1000,
+            snapshot_every: 100,
         }
     }
 }
