@@ -182,6 +182,10 @@ impl Side {
             .list(TOTALS_PROJECTION)
             .await
             .unwrap();
+        // Filed in the order they were refused: one refused while its batch was prepared goes
+        // before an earlier one refused by the apply step of the same batch.
+        let mut letters = letters;
+        letters.sort_by_key(|l| l.seq);
         let seqs: Vec<u64> = letters.iter().map(|l| l.seq).collect();
         let want: Vec<u64> = expected.iter().map(|(seq, _)| *seq).collect();
         assert_eq!(seqs, want, "{letters:?}");
