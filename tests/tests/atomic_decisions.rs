@@ -49,8 +49,10 @@ async fn a_transfer_writes_both_accounts_in_one_atomic_append_and_answers_a_repe
         json!({"ok": true, "id": "t1", "version": 0, "seq": 5,
                "events": ["MoneyWithdrawn", "MoneyDeposited"],
                "aggregates": [
-                   {"id": "alice", "version": 3, "seq": 4, "events": ["MoneyWithdrawn"]},
-                   {"id": "bob", "version": 2, "seq": 5, "events": ["MoneyDeposited"]}]})
+                   {"aggregate": "account", "id": "alice", "version": 3, "seq": 4,
+                    "events": ["MoneyWithdrawn"]},
+                   {"aggregate": "account", "id": "bob", "version": 2, "seq": 5,
+                    "events": ["MoneyDeposited"]}]})
     );
     // Ordinary events on each account's subject, linked like any command's.
     let stored = stored_messages(&client, ACCOUNT_STREAM, None)

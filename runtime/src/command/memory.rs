@@ -41,6 +41,65 @@ pub(crate) struct MemoryLog {
 }
 
 impl MemoryLog {
+    /// Appends several aggregates' events, all or nothing, with literal-subject OCC.
+    async fn append_all(&self, appends: &[Append<'_>]) -> Result<u64, AppendError> {
+        {
+            self.appends.fetch_add(1, Ordering::Relaxed);
+            let fault = self.lock().faults.pop_front();
+            match &fault {
+                Some(Fault::Slow(delay)) => tokio::time::sleep(*delay).await,
+                Some(Fault::Unavailable) => {
+                    return Err(AppendError::Unavailable(
+                        "store unreachable (injected)".into(),
+                    ));
+                }
+                Some(Fault::Rival(event_type)) => {
+                    if let Some(first) = appends.first() {
+                        self.append_foreign(first.aggregate_id, event_type, r#"{"by":1}"#);
+                    }
+                }
+                _ => {}
+            }
+            let mut log = self.lock();
+            for append in appends {
+                let last = last_of(&log, append.aggregate_id);
+                // JetStream's dedupe: the same command's events are not stored twice.
+                let own = log.events.iter().any(|(aggregate, e)| {
+                    aggregate == append.aggregate_id
+                        && e.command_id.as_deref() == Some(append.command_id)
+                });
+                if own {
+                    return Err(AppendError::Conflict("duplicate (injected dedupe)".into()));
+                }
+                if last != append.expected_last_seq {
+                    return Err(AppendError::Conflict(format!(
+                        "wrong last sequence: {last} (expected {})",
+                        append.expected_last_seq
+                    )));
+                }
+            }
+            let mut seq = 0;
+            for append in appends {
+                for event in append.events {
+                    seq = push(
+                        &mut log,
+                        append.aggregate_id,
+                        &event.event_type,
+                        Some(append.command_id),
+                        append.fingerprint,
+                        Bytes::from(event.payload.clone()),
+                    );
+                }
+            }
+            match fault {
+                Some(Fault::LostAck) => {
+                    Err(AppendError::Unknown("no acknowledgement (injected)".into()))
+                }
+                _ => Ok(seq),
+            }
+        }
+    }
+
     /// Queues a fault for a coming append.
     pub fn inject(&self, fault: Fault) {
         self.lock().faults.push_back(fault);
@@ -110,6 +169,23 @@ fn last_of(log: &Log, id: &str) -> u64 {
 }
 
 impl EventLog for MemoryLog {
+    fn append_across<'a>(
+        &'a self,
+        appends: &'a [(&'a dyn EventLog, Append<'a>)],
+    ) -> BoxFuture<'a, Result<u64, AppendError>> {
+        // One aggregate type per memory log: every append must be on this one.
+        let own = appends
+            .iter()
+            .all(|(log, _)| std::ptr::addr_eq(*log as *const dyn EventLog, self as *const Self));
+        let appends: Vec<Append<'a>> = appends.iter().map(|(_, append)| *append).collect();
+        Box::pin(async move {
+            if !own {
+                return Err(AppendError::Unavailable("another memory log".into()));
+            }
+            self.append_all(&appends).await
+        })
+    }
+
     fn read_after<'a>(
         &'a self,
         id: &'a str,
@@ -131,67 +207,6 @@ impl EventLog for MemoryLog {
 
     fn append<'a>(&'a self, append: Append<'a>) -> BoxFuture<'a, Result<u64, AppendError>> {
         Box::pin(async move { self.append_all(std::slice::from_ref(&append)).await })
-    }
-
-    fn append_all<'a>(
-        &'a self,
-        appends: &'a [Append<'a>],
-    ) -> BoxFuture<'a, Result<u64, AppendError>> {
-        Box::pin(async move {
-            self.appends.fetch_add(1, Ordering::Relaxed);
-            let fault = self.lock().faults.pop_front();
-            match &fault {
-                Some(Fault::Slow(delay)) => tokio::time::sleep(*delay).await,
-                Some(Fault::Unavailable) => {
-                    return Err(AppendError::Unavailable(
-                        "store unreachable (injected)".into(),
-                    ));
-                }
-                Some(Fault::Rival(event_type)) => {
-                    if let Some(first) = appends.first() {
-                        self.append_foreign(first.aggregate_id, event_type, r#"{"by":1}"#);
-                    }
-                }
-                _ => {}
-            }
-            let mut log = self.lock();
-            for append in appends {
-                let last = last_of(&log, append.aggregate_id);
-                // JetStream's dedupe: the same command's events are not stored twice.
-                let own = log.events.iter().any(|(aggregate, e)| {
-                    aggregate == append.aggregate_id
-                        && e.command_id.as_deref() == Some(append.command_id)
-                });
-                if own {
-                    return Err(AppendError::Conflict("duplicate (injected dedupe)".into()));
-                }
-                if last != append.expected_last_seq {
-                    return Err(AppendError::Conflict(format!(
-                        "wrong last sequence: {last} (expected {})",
-                        append.expected_last_seq
-                    )));
-                }
-            }
-            let mut seq = 0;
-            for append in appends {
-                for event in append.events {
-                    seq = push(
-                        &mut log,
-                        append.aggregate_id,
-                        &event.event_type,
-                        Some(append.command_id),
-                        append.fingerprint,
-                        Bytes::from(event.payload.clone()),
-                    );
-                }
-            }
-            match fault {
-                Some(Fault::LostAck) => {
-                    Err(AppendError::Unknown("no acknowledgement (injected)".into()))
-                }
-                _ => Ok(seq),
-            }
-        })
     }
 }
 
