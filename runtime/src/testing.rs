@@ -32,6 +32,19 @@ use std::any::Any;
 use std::fmt::Debug;
 use std::marker::PhantomData;
 
+/// Panics unless `outcome` is a rejection whose message contains `fragment`.
+#[track_caller]
+fn assert_rejected(outcome: Result<impl Debug, Rejection>, fragment: &str) {
+    match outcome {
+        Ok(events) => panic!("expected a rejection containing {fragment:?}, got {events:?}"),
+        Err(rejection) => assert!(
+            rejection.message().contains(fragment),
+            "expected a rejection containing {fragment:?}, got {:?}",
+            rejection.message()
+        ),
+    }
+}
+
 /// Starts a scenario from the events that already happened.
 pub fn given<A: Aggregate>(events: impl IntoIterator<Item = A::Event>) -> Given<A> {
     let history: Vec<A::Event> = events.into_iter().collect();
@@ -82,14 +95,7 @@ where
     /// Asserts the command was rejected with a message containing `fragment`.
     #[track_caller]
     pub fn then_rejected(self, fragment: &str) {
-        match self.outcome {
-            Ok(events) => panic!("expected a rejection containing {fragment:?}, got {events:?}"),
-            Err(rejection) => assert!(
-                rejection.message().contains(fragment),
-                "expected a rejection containing {fragment:?}, got {:?}",
-                rejection.message()
-            ),
-        }
+        assert_rejected(self.outcome, fragment);
     }
 }
 
@@ -366,14 +372,7 @@ impl<D: Decision> ThenAggregates<D> {
     /// Asserts the decision was rejected with a message containing `fragment`.
     #[track_caller]
     pub fn then_rejected(self, fragment: &str) {
-        match self.outcome {
-            Ok(events) => panic!("expected a rejection containing {fragment:?}, got {events:?}"),
-            Err(rejection) => assert!(
-                rejection.message().contains(fragment),
-                "expected a rejection containing {fragment:?}, got {:?}",
-                rejection.message()
-            ),
-        }
+        assert_rejected(self.outcome, fragment);
     }
 
     /// Asserts the decision was accepted and returns what it wrote, for assertions of their
