@@ -42,7 +42,7 @@ const MAX_INFLIGHT_BATCHES: usize = 40;
 const INFLIGHT_BATCH_RETRIES: u32 = 50;
 
 /// How many times provisioning updates a stream before it gives up on concurrent changes.
-pub const PROVISION_ROUNDS: u32 = 8;
+const PROVISION_ROUNDS: u32 = 8;
 /// How long provisioning waits after an update before it reads the stream again (plus up to
 /// as much at random).
 const PROVISION_SETTLE: Duration = Duration::from_millis(100);
@@ -175,7 +175,9 @@ impl EventStore {
     /// A store over an existing connection. Call [`EventStore::provision`] to create the stream.
     pub fn new(client: Client, settings: StoreSettings) -> Self {
         EventStore {
-            shared: settings.stream != names::default_stream(&settings.aggregate),
+            // A process manager's instance stream (owner `pm.<name>`) holds no aggregate type.
+            shared: names::check_aggregate_name(&settings.aggregate).is_ok()
+                && settings.stream != names::default_stream(&settings.aggregate),
             direct_get_subject: names::direct_get(&settings.api_prefix, &settings.stream),
             source: format!("/jetfn/{}", settings.aggregate),
             client,
@@ -212,7 +214,7 @@ impl EventStore {
     /// JetStream updates a stream's configuration as a whole, so two functions adding their
     /// subjects at once could each write a configuration that lacks the other's. After an
     /// update the stream is read again a moment later, and updated again until it holds this
-    /// type's subjects (at most [`PROVISION_ROUNDS`] times).
+    /// type's subjects (at most 8 times).
     pub async fn provision(&self) -> Result<(), StoreError> {
         let js = crate::wire::jetstream::context(self.client.clone(), &self.settings.api_prefix);
         let desired = self.stream_config();
@@ -355,6 +357,22 @@ impl EventStore {
         Ok(())
     }
 
+    /// The stream metadata this type adds: its name, and in a stream other than its default
+    /// one (which other types may share) its subjects. A stream of one type keeps the one key.
+    fn stream_metadata(&self) -> std::collections::HashMap<String, String> {
+        let mut metadata = std::collections::HashMap::from([(
+            names::STREAM_AGGREGATE_METADATA.to_owned(),
+            self.settings.aggregate.clone(),
+        )]);
+        if self.shared {
+            metadata.insert(
+                names::stream_subjects_metadata(&self.settings.aggregate),
+                self.filter(),
+            );
+        }
+        metadata
+    }
+
     /// The subject filter of this aggregate type's events.
     fn filter(&self) -> String {
         format!("{}.*", self.settings.subject_prefix)
@@ -378,17 +396,7 @@ impl EventStore {
             allow_atomic_publish: true,
             deny_delete: true,
             deny_purge: true,
-            metadata: [
-                (
-                    names::STREAM_AGGREGATE_METADATA.to_owned(),
-                    self.settings.aggregate.clone(),
-                ),
-                (
-                    names::stream_subjects_metadata(&self.settings.aggregate),
-                    self.filter(),
-                ),
-            ]
-            .into(),
+            metadata: self.stream_metadata(),
             ..Default::default()
         }
     }

@@ -9,7 +9,9 @@ use jetfn::command::ErrorKind;
 use jetfn::command::RunningFunction;
 use jetfn::wire::{CommandSubjects, header};
 use jetfn_tests::NatsServer;
-use jetfn_tests::commands::{Sent, account_config, message_count, send_raw, stored_messages};
+use jetfn_tests::commands::{
+    Sent, account_config, message_count, send_raw, service_stats, stored_messages,
+};
 use serde_json::json;
 
 /// The stream users and usernames share in these tests.
@@ -150,6 +152,18 @@ async fn of_two_concurrent_signups_for_one_username_exactly_one_is_accepted() {
     }
     // Every accepted signup stored its user and its claim; the losers stored nothing.
     assert_eq!(message_count(&client, USERS).await.unwrap(), 2 * rounds);
+    // Each type's state cache counts its own lookups: every signup looked up one of each.
+    let stats = service_stats(&client, "signup", 2).await.unwrap();
+    for aggregate in ["user", "username"] {
+        let lookups: u64 = stats
+            .iter()
+            .map(|s| {
+                let cache = &s["endpoints"][0]["data"]["caches"][aggregate];
+                cache["hits"].as_u64().unwrap() + cache["misses"].as_u64().unwrap()
+            })
+            .sum();
+        assert!(lookups >= 2 * rounds, "{aggregate}: {lookups} lookups");
+    }
     for instance in instances {
         instance.stop().await.unwrap();
     }

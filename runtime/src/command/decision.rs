@@ -382,7 +382,17 @@ impl<D: Decision> Serves for DecisionHandler<D> {
     }
 
     fn stats(&self) -> serde_json::Value {
-        self.inner.stats()
+        let mut stats = self.inner.stats();
+        if self.parts.len() > 1 {
+            // `cache` is the first type's; each type's own state cache by type name.
+            let caches: serde_json::Map<String, serde_json::Value> = self
+                .parts
+                .iter()
+                .map(|p| (p.aggregate().to_owned(), p.cache()))
+                .collect();
+            stats["caches"] = caches.into();
+        }
+        stats
     }
 }
 
@@ -396,6 +406,8 @@ trait Part: Send + Sync {
     fn aggregate(&self) -> &'static str;
     /// Joins the queue for aggregate `id`'s slot; the future takes it.
     fn queue(&self, id: &str) -> Result<BoxFuture<'static, Box<dyn Locked>>, QueueFull>;
+    /// The state cache's numbers for `$SRV.STATS`.
+    fn cache(&self) -> serde_json::Value;
 }
 
 struct PartOf<A: Aggregate>(Arc<Handler<A>>);
@@ -403,6 +415,10 @@ struct PartOf<A: Aggregate>(Arc<Handler<A>>);
 impl<A: Aggregate> Part for PartOf<A> {
     fn aggregate(&self) -> &'static str {
         A::NAME
+    }
+
+    fn cache(&self) -> serde_json::Value {
+        self.0.cache.to_json()
     }
 
     fn queue(&self, id: &str) -> Result<BoxFuture<'static, Box<dyn Locked>>, QueueFull> {

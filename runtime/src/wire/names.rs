@@ -101,8 +101,9 @@ pub fn default_stream(aggregate: &str) -> String {
 /// comma-separated, sorted (`account`; `user,username` for a shared stream).
 pub const STREAM_AGGREGATE_METADATA: &str = "jetfn.aggregate";
 
-/// Stream metadata key recording the event subjects of aggregate type `aggregate` in the stream
-/// (`jetfn.aggregate.user` = `evt.user.*`): a subject prefix belongs to one type.
+/// Stream metadata key recording the event subjects of aggregate type `aggregate` in a stream
+/// other than its default one (`jetfn.aggregate.user` = `evt.user.*`): a subject prefix belongs
+/// to one type.
 pub fn stream_subjects_metadata(aggregate: &str) -> String {
     format!("{STREAM_AGGREGATE_METADATA}.{aggregate}")
 }
