@@ -412,3 +412,89 @@ writes!([A, B, C, D] A @ 0);
 writes!([A, B, C, D] B @ 1);
 writes!([A, B, C, D] C @ 2);
 writes!([A, B, C, D] D @ 3);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Default, PartialEq)]
+    struct Left(u32);
+    #[derive(Debug, Default, PartialEq)]
+    struct Right(u32);
+    #[derive(Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+    enum LeftEvent {
+        L,
+    }
+    #[derive(Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+    enum RightEvent {
+        R,
+    }
+    #[derive(Deserialize, JsonSchema)]
+    enum Never {}
+
+    impl Aggregate for Left {
+        const NAME: &'static str = "left";
+        type Command = Never;
+        type Event = LeftEvent;
+        fn decide(&self, command: Never) -> Result<Vec<LeftEvent>, Rejection> {
+            match command {}
+        }
+        fn evolve(self, _: &LeftEvent) -> Self {
+            Left(self.0 + 1)
+        }
+    }
+
+    impl Aggregate for Right {
+        const NAME: &'static str = "right";
+        type Command = Never;
+        type Event = RightEvent;
+        fn decide(&self, command: Never) -> Result<Vec<RightEvent>, Rejection> {
+            match command {}
+        }
+        fn evolve(self, _: &RightEvent) -> Self {
+            Right(self.0 + 1)
+        }
+    }
+
+    #[test]
+    fn events_find_their_type_from_the_event_type_and_keep_types_with_one_id_apart() {
+        let events: Events<(Left, Right)> = Events::new()
+            .with("a", [LeftEvent::L])
+            .with("a", [RightEvent::R, RightEvent::R])
+            .with("a", [LeftEvent::L]);
+        assert_eq!(events.len(), 4);
+        assert_eq!(events.aggregates(), [("left", "a"), ("right", "a")]);
+        assert_eq!(events.of::<Left>("a"), [LeftEvent::L, LeftEvent::L]);
+        assert_eq!(events.of::<Right>("a").len(), 2);
+        assert!(events.of::<Right>("b").is_empty());
+        assert_eq!(type_names::<(Left, Right)>(), ["left", "right"]);
+        assert_eq!(
+            <(Left, Right)>::key(("right", "a".into())),
+            ("right", "a".to_owned())
+        );
+        assert_eq!(Left::key("a".into()), ("left", "a".to_owned()));
+    }
+
+    #[test]
+    fn states_answer_by_type_and_id() {
+        let (left, right) = (Left(1), Right(2));
+        let states: States<'_, (Left, Right)> = States::erased(vec![
+            StateEntry {
+                aggregate: "left",
+                id: "a",
+                state: &left,
+            },
+            StateEntry {
+                aggregate: "right",
+                id: "a",
+                state: &right,
+            },
+        ]);
+        assert_eq!(states.get::<Left>("a"), Some(&Left(1)));
+        assert_eq!(states.get::<Right>("a"), Some(&Right(2)));
+        assert_eq!(states.get::<Right>("b"), None);
+        let one = States::new(vec![("a", &left)]);
+        assert_eq!(one.get("a"), Some(&Left(1)));
+    }
+}
