@@ -201,6 +201,11 @@ pub struct NatsConfig {
     /// NATS user its own (`_INBOX.account`, say) so permissions can keep users off each other's
     /// replies.
     pub inbox_prefix: String,
+    /// Reply subjects the function answers, for every request it serves (commands, `$SRV`
+    /// discovery, control endpoints): a request whose reply subject is not under one of these
+    /// prefixes is dropped unprocessed, so no client can aim an answer at an event subject or a
+    /// control endpoint.
+    pub reply_prefixes: Vec<String>,
     /// The JetStream domain to talk to (`hub`): every JetStream request goes to
     /// `$JS.<domain>.API`, as a function on a leaf node needs to reach the hub's JetStream.
     /// Not together with `jetstream_api_prefix`.
@@ -228,6 +233,7 @@ impl Default for NatsConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
             inbox_prefix: "_INBOX".into(),
+            reply_prefixes: vec!["_INBOX".into()],
             jetstream_domain: None,
             jetstream_api_prefix: None,
         }
@@ -251,6 +257,7 @@ impl fmt::Debug for NatsConfig {
             .field("tls_key", &self.tls_key)
             .field("tls_required", &self.tls_required)
             .field("inbox_prefix", &self.inbox_prefix)
+            .field("reply_prefixes", &self.reply_prefixes)
             .field("jetstream_domain", &self.jetstream_domain)
             .field("jetstream_api_prefix", &self.jetstream_api_prefix)
             .finish_non_exhaustive()
@@ -285,10 +292,6 @@ pub struct CommandConfig {
     pub max_pending: usize,
     /// The largest accepted command body in bytes.
     pub max_body_bytes: usize,
-    /// Reply subjects the function answers: a request whose reply subject is not under one of
-    /// these prefixes is refused unprocessed, so no client can aim a reply at an event subject
-    /// or a control endpoint.
-    pub reply_prefixes: Vec<String>,
     /// Aggregates whose folded state an instance keeps (least recently used are dropped).
     /// 0 keeps none: every command loads its aggregate.
     pub cache_entries: usize,
@@ -305,7 +308,7 @@ impl Default for CommandConfig {
     fn default() -> Self {
         CommandConfig {
             subject_prefix: None,
-            queue_group: "q".into(),
+            queue_group: crate::wire::names::QUEUE_GROUP.into(),
             max_retries: 100,
             conflict_budget: Duration::from_secs(2),
             retry_backoff: Duration::from_millis(2),
@@ -313,11 +316,10 @@ impl Default for CommandConfig {
             max_in_flight: 256,
             max_pending: 16 * 1024,
             max_body_bytes: 64 * 1024,
-            reply_prefixes: vec!["_INBOX".into()],
             cache_entries: 100_000,
             recent_commands: 16,
             max_queued_per_aggregate: 1024,
-            snapshot_every: 1000,
+            snapshot_every: 100,
         }
     }
 }
@@ -515,15 +517,15 @@ impl Config {
                 "set either nats.jetstream_domain or nats.jetstream_api_prefix, not both",
             );
         }
-        if self.command.reply_prefixes.is_empty()
+        if self.nats.reply_prefixes.is_empty()
             || !self
-                .command
+                .nats
                 .reply_prefixes
                 .iter()
                 .all(|p| is_subject_prefix(p))
         {
             return invalid(
-                "command.reply_prefixes",
+                "nats.reply_prefixes",
                 "must list at least one subject prefix without spaces, `*` or `>`",
             );
         }

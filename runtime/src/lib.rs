@@ -56,6 +56,7 @@ pub mod projection;
 pub mod readmodel;
 mod running;
 pub mod schema;
+mod service;
 pub mod store;
 pub mod telemetry;
 pub mod testing;

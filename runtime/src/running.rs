@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 pub(crate) struct Tasks {
     pub stop: watch::Sender<bool>,
     pub tasks: JoinSet<Result<(), Error>>,
-    pub service: Option<async_nats::service::Service>,
+    pub service: Option<crate::service::Service>,
     pub health: Option<HealthServer>,
 }
 
@@ -21,7 +21,7 @@ impl Tasks {
     pub async fn stop(mut self, what: &str) -> Result<(), Error> {
         let _ = self.stop.send(true);
         if let Some(service) = self.service.take() {
-            let _ = service.stop().await;
+            service.stop().await;
         }
         let mut result = Ok(());
         while let Some(joined) = self.tasks.join_next().await {

@@ -26,6 +26,35 @@ pub fn deploy_nats_config(file: &str) -> Result<String> {
     std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
 }
 
+/// The passwords tests give the users of `deploy/nats/permissions.conf`.
+pub mod passwords {
+    /// The account command function's user, `account`.
+    pub const ACCOUNT: &str = "account-pw-1";
+    /// The projection's user, `account-balances`.
+    pub const PROJECTION: &str = "balances-pw-2";
+    /// The client's user, `jetfn-client`.
+    pub const CLIENT: &str = "client-pw-3";
+    /// The operations user, `jetfn-deploy`.
+    pub const DEPLOY: &str = "deploy-pw-4";
+}
+
+/// `deploy/nats/permissions.conf` with its password variables defined in front of it
+/// ([`passwords`]).
+pub fn deploy_permissions() -> Result<String> {
+    let permissions = deploy_nats_config("permissions.conf")?;
+    Ok(format!(
+        "JETFN_ACCOUNT_PASSWORD: \"{}\"\n\
+         JETFN_ACCOUNT_BALANCES_PASSWORD: \"{}\"\n\
+         JETFN_CLIENT_PASSWORD: \"{}\"\n\
+         JETFN_DEPLOY_PASSWORD: \"{}\"\n\
+         {permissions}",
+        passwords::ACCOUNT,
+        passwords::PROJECTION,
+        passwords::CLIENT,
+        passwords::DEPLOY,
+    ))
+}
+
 /// A hub and an edge leaf node connected to it.
 #[derive(Debug)]
 pub struct Edge {
@@ -33,11 +62,20 @@ pub struct Edge {
     pub hub: NatsServer,
     /// The leaf: `deploy/nats/leaf.conf`, no JetStream, its remote aimed at the hub.
     pub leaf: NatsServer,
+    /// The user and password a client at the leaf logs in with to check the leaf connection.
+    leaf_login: Option<(String, String)>,
 }
 
 impl Edge {
     /// Starts the hub, then the leaf, and waits until the leaf connection is up.
     pub async fn start() -> Result<Edge> {
+        Self::start_with_leaf_config("", None).await
+    }
+
+    /// Like [`Edge::start`], with `extra` appended to the leaf's configuration (its users, say);
+    /// the leaf's readiness probe and the leaf-connection check then log in as `login`, a user
+    /// that may publish and subscribe anything.
+    pub async fn start_with_leaf_config(extra: &str, login: Option<(&str, &str)>) -> Result<Edge> {
         let ports = free_ports(2)?;
         let (hub_leaf_port, leaf_monitor_port) = (ports[0], ports[1]);
         // The hub of deploy/nats/cluster/ as one node: its domain and its leaf node listener.
@@ -50,12 +88,19 @@ impl Edge {
         let mut moved: Vec<(u16, u16)> = HUB_LEAF_PORTS.map(|p| (p, hub_leaf_port)).into();
         moved.push((LEAF_MONITOR_PORT, leaf_monitor_port));
         let leaf_config = rewrite_ports(&deploy_nats_config("leaf.conf")?, &moved);
-        let leaf = NatsServer::builder()
-            .config(leaf_config)
-            .without_jetstream()
-            .start()
-            .await?;
-        let edge = Edge { hub, leaf };
+        let mut leaf = NatsServer::builder()
+            .config(format!("{leaf_config}\n{extra}"))
+            .without_jetstream();
+        if let Some((user, password)) = login {
+            leaf = leaf.login(user, password);
+        }
+        let leaf = leaf.start().await?;
+        let leaf_login = login.map(|(u, p)| (u.to_owned(), p.to_owned()));
+        let edge = Edge {
+            hub,
+            leaf,
+            leaf_login,
+        };
         edge.wait_for_leaf_connection().await?;
         Ok(edge)
     }
@@ -64,7 +109,14 @@ impl Edge {
     /// connection is up and carries interest.
     pub async fn wait_for_leaf_connection(&self) -> Result<()> {
         let hub = self.hub.connect().await?;
-        let leaf = self.leaf.connect().await?;
+        let leaf = match &self.leaf_login {
+            Some((user, password)) => {
+                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+                    .connect(self.leaf.url())
+                    .await?
+            }
+            None => self.leaf.connect().await?,
+        };
         let subject = format!("jetfn.test.edge.{}", uuid::Uuid::new_v4().simple());
         let mut responder = hub.subscribe(subject.clone()).await?;
         hub.flush().await?;

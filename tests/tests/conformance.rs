@@ -1511,6 +1511,38 @@ async fn p35_to_p41_p43_discovery() {
     .json();
     assert_eq!(replayed, json!({"replayed": 0}), "P43");
 
+    // P79: a reply subject outside the inboxes gets nothing: no answer, no processing.
+    let status_errors = |stats: &[Value]| {
+        stats[0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "status")
+            .unwrap()["num_errors"]
+            .as_u64()
+            .unwrap()
+    };
+    let refused_before = status_errors(&stats);
+    for subject in [
+        "$SRV.PING",
+        "cmd.account.p79.open",
+        "jetfn.projection.account-balances.status",
+    ] {
+        client
+            .publish_with_reply(subject, "evt.account.p79", r#"{"owner":"P"}"#.into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    // Answered in order after the refused ones.
+    let stats = services(client, "$SRV.STATS.account-balances").await;
+    assert_eq!(status_errors(&stats), refused_before + 1, "P79: counted");
+    ok(
+        &cmd(client, "p79b", "open", json!({"owner": "P"}), None).await,
+        "p79b",
+    );
+    assert!(events_of(client, "evt.account.p79").await.is_empty(), "P79");
+
     side.projection.stop().await.unwrap();
     side.function.stop().await.unwrap();
 }

@@ -150,3 +150,106 @@ async fn functions_at_a_leaf_node_store_in_the_hub_and_serve_again_after_the_hub
     );
     assert_read_model_exact(&hub_client, &redis, PATIENCE).await;
 }
+
+/// The least-privilege users of `deploy/nats/permissions.conf` as a leaf node in front of the
+/// hub gives them: every JetStream API subject under the hub's domain prefix, KV writes
+/// included (deploy/README.md, "Edge: leaf nodes"), and a user for the test's own checks.
+fn edge_permissions() -> String {
+    let permissions = jetfn_tests::topology::deploy_permissions()
+        .unwrap()
+        .replace("\"$JS.API.", &format!("\"$JS.{HUB_DOMAIN}.API."))
+        .replace("\"$KV.", &format!("\"$JS.{HUB_DOMAIN}.API.$KV."));
+    permissions.replacen(
+        "users = [",
+        &format!("users = [\n    {{ user: \"{PROBE_USER}\", password: \"{PROBE_PASSWORD}\" }}"),
+        1,
+    )
+}
+
+/// The test's own user at the leaf, allowed everything.
+const PROBE_USER: &str = "edge-probe";
+const PROBE_PASSWORD: &str = "probe-pw-5";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_at_a_leaf_node_work_with_the_deploy_permissions_under_the_hub_domain() {
+    use jetfn_tests::topology::passwords;
+    jetfn_tests::init_tracing();
+    let edge =
+        Edge::start_with_leaf_config(&edge_permissions(), Some((PROBE_USER, PROBE_PASSWORD)))
+            .await
+            .unwrap();
+    let redis = RedisServer::start().await.unwrap();
+    let as_user = |user: &str, password: &str, extra: &[(&'static str, String)]| {
+        let mut env = vec![
+            ("NATS_URL", edge.leaf.url()),
+            ("JETFN_NATS__JETSTREAM_DOMAIN", HUB_DOMAIN.to_owned()),
+            ("JETFN_NATS__USER", user.to_owned()),
+            ("JETFN_NATS__PASSWORD", password.to_owned()),
+            ("JETFN_NATS__INBOX_PREFIX", format!("_INBOX.{user}")),
+        ];
+        env.extend(extra.iter().cloned());
+        env
+    };
+    let _function = function_process(
+        "account",
+        &as_user("account", passwords::ACCOUNT, &[]),
+        PATIENCE,
+    )
+    .await
+    .unwrap();
+    let _projection = function_process(
+        "account-projection",
+        &as_user(
+            "account-balances",
+            passwords::PROJECTION,
+            &[("REDIS_URL", redis.url())],
+        ),
+        PATIENCE,
+    )
+    .await
+    .unwrap();
+    let client = async_nats::ConnectOptions::with_user_and_password(
+        "jetfn-client".into(),
+        passwords::CLIENT.into(),
+    )
+    .custom_inbox_prefix("_INBOX.jetfn-client")
+    .connect(edge.leaf.url())
+    .await
+    .unwrap();
+    for (id, command, body) in [
+        ("e1", "open", json!({"owner": "E", "initial_deposit": 5})),
+        ("e1", "deposit", json!({"amount": 7})),
+        ("e2", "open", json!({"owner": "F"})),
+    ] {
+        let reply = jetfn_tests::commands::send(&client, id, command, body, None)
+            .await
+            .unwrap();
+        assert!(
+            reply.reply.error_kind().is_none(),
+            "{id} {command}: {:?}",
+            reply.reply
+        );
+    }
+    // A rejection is written to the ledger (in the hub's KV) before it is answered.
+    let refused =
+        jetfn_tests::commands::send(&client, "e2", "withdraw", json!({"amount": 9}), None)
+            .await
+            .unwrap();
+    assert_eq!(
+        refused.reply.error_kind(),
+        Some(ErrorKind::Rejected),
+        "{:?}",
+        refused.reply
+    );
+    let hub_client = edge.hub.connect().await.unwrap();
+    assert_read_model_exact(&hub_client, &redis, PATIENCE).await;
+    let violations: Vec<String> = edge
+        .leaf
+        .log()
+        .lines()
+        .chain(edge.hub.log().lines())
+        .filter(|line| line.contains("Violation"))
+        .map(str::to_owned)
+        .collect();
+    assert!(violations.is_empty(), "{violations:#?}");
+}

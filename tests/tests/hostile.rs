@@ -1,5 +1,5 @@
-//! Hostile clients against the command function: requests that try to aim replies at event
-//! subjects, resend storms around a rejected command id, floods on one aggregate, oversized
+//! Hostile clients against the functions: requests that try to aim replies (to commands,
+//! `$SRV` discovery and control requests) at event or control subjects, resend storms around a rejected command id, floods on one aggregate, oversized
 //! trace headers and bursts of atomic batches. Each test reproduces a defect found in an audit.
 
 use futures::future::join_all;
@@ -7,8 +7,9 @@ use jetfn::command::ErrorKind;
 use jetfn::wire::header;
 use jetfn_tests::NatsServer;
 use jetfn_tests::commands::{
-    ACCOUNT_STREAM, account_config, send, send_raw, start_account, stored_messages,
+    ACCOUNT_STREAM, account_config, message_count, send, send_raw, start_account, stored_messages,
 };
+use jetfn_tests::readmodels::{PROJECTION, ReadSide, live_generation};
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -188,4 +189,83 @@ async fn four_hundred_concurrent_multi_event_commands_all_succeed_on_healthy_ser
         .unwrap();
     assert_eq!(stored.len(), 800, "two events per open, each stored once");
     function.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_and_control_requests_never_answer_outside_the_inboxes() {
+    let side = ReadSide::start().await.unwrap();
+    let client = &side.client;
+    send(client, "victim", "open", json!({"owner": "V"}), None)
+        .await
+        .unwrap()
+        .accepted();
+    // Each answer would land in the victim's events, start a rebuild or a dead-letter replay,
+    // or file a fake dead letter: every subject one of the two functions may publish to.
+    let targets = [
+        "evt.account.victim",
+        "jetfn.projection.account-balances.rebuild",
+        "jetfn.projection.account-balances.dlq.replay",
+        "jetfn.dlq.account-balances",
+    ];
+    let requests = [
+        "$SRV.PING",
+        "$SRV.INFO",
+        "$SRV.STATS",
+        "$SRV.PING.account",
+        "$SRV.STATS.account-balances",
+        "jetfn.projection.account-balances.status",
+    ];
+    for request in requests {
+        for target in targets {
+            client
+                .publish_with_reply(request, target, "".into())
+                .await
+                .unwrap();
+        }
+    }
+    client.flush().await.unwrap();
+    // Both services still answer an inbox, after the hostile requests were handled in order.
+    let answered = jetfn_tests::commands::service_stats(client, "account", 1)
+        .await
+        .unwrap();
+    assert_eq!(answered.len(), 1);
+    let projection = jetfn_tests::commands::service_stats(client, PROJECTION, 1)
+        .await
+        .unwrap();
+    send(client, "victim", "deposit", json!({"amount": 5}), None)
+        .await
+        .unwrap()
+        .accepted();
+
+    let victim = stored_messages(client, ACCOUNT_STREAM, Some("evt.account.victim"))
+        .await
+        .unwrap();
+    assert_eq!(victim.len(), 2, "only the victim's own two events");
+    assert_eq!(
+        message_count(client, "JETFN_DLQ").await.unwrap(),
+        0,
+        "no fake dead letter"
+    );
+    let endpoints = projection[0]["endpoints"].as_array().unwrap();
+    let endpoint = |name: &str| {
+        endpoints
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("no endpoint {name}: {endpoints:?}"))
+    };
+    for control in ["rebuild", "dlq-replay"] {
+        assert_eq!(
+            endpoint(control)["num_requests"],
+            0,
+            "{control} was never triggered"
+        );
+    }
+    let status = endpoint("status");
+    assert_eq!(status["num_requests"], 0);
+    assert_eq!(
+        status["num_errors"],
+        targets.len(),
+        "the refused status requests are counted"
+    );
+    assert_eq!(live_generation(&side.redis).await.unwrap(), 1);
 }

@@ -15,29 +15,17 @@ use jetfn_tests::{FunctionProcess, NatsServer, RedisServer};
 use serde_json::{Value, json};
 use std::time::Duration;
 
-const ACCOUNT_PASSWORD: &str = "account-pw-1";
-const PROJECTION_PASSWORD: &str = "balances-pw-2";
-const CLIENT_PASSWORD: &str = "client-pw-3";
-const DEPLOY_PASSWORD: &str = "deploy-pw-4";
+use jetfn_tests::topology::passwords::{
+    ACCOUNT as ACCOUNT_PASSWORD, CLIENT as CLIENT_PASSWORD, DEPLOY as DEPLOY_PASSWORD,
+    PROJECTION as PROJECTION_PASSWORD,
+};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 /// The line of the account user that allows appending events.
 const EVENT_PUBLISH_LINE: &str = "\"evt.account.*\"";
 
-/// `deploy/nats/permissions.conf` with its password variables defined in front of it.
 fn deploy_permissions() -> String {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/nats/permissions.conf"
-    );
-    let permissions = std::fs::read_to_string(path).unwrap();
-    format!(
-        "JETFN_ACCOUNT_PASSWORD: \"{ACCOUNT_PASSWORD}\"\n\
-         JETFN_ACCOUNT_BALANCES_PASSWORD: \"{PROJECTION_PASSWORD}\"\n\
-         JETFN_CLIENT_PASSWORD: \"{CLIENT_PASSWORD}\"\n\
-         JETFN_DEPLOY_PASSWORD: \"{DEPLOY_PASSWORD}\"\n\
-         {permissions}"
-    )
+    jetfn_tests::topology::deploy_permissions().unwrap()
 }
 
 async fn start_nats(config: &str) -> NatsServer {

@@ -28,8 +28,9 @@ use super::ledger::{Entry, KvLedger};
 use super::request::{self, CommandRequest};
 use super::writer::Job;
 use super::{
-    Handler, RunningFunction, Serves, Serving, accepted, answer, encode, go_live, open_ledger,
-    open_snapshots, open_store, register, run_until_signal, unavailable,
+    Handler, Replies, Request, RunningFunction, Serves, ServiceSpec, Serving, accepted, answer,
+    encode, go_live, open_ledger, open_snapshots, open_store, register, run_until_signal, stats_of,
+    unavailable,
 };
 use crate::Error;
 use crate::aggregate::Aggregate;
@@ -41,7 +42,7 @@ use crate::decision::{
 use crate::direct::DirectGets;
 use crate::store::{Append, AppendError, EventLog, NewEvent};
 use crate::wire::{AggregateNames, CommandSubjects, names};
-use async_nats::{Client, service};
+use async_nats::Client;
 use futures::future::BoxFuture;
 use std::any::Any;
 use std::collections::HashMap;
@@ -290,15 +291,16 @@ impl<D: Decision> DecisionFunction<D> {
             "jetfn atomic decision {} over aggregates {aggregates}",
             D::NAME
         );
-        let (service, endpoint) = register(
-            &client,
-            &handler,
-            D::NAME,
+        let spec = ServiceSpec {
+            name: D::NAME.to_owned(),
+            version: self.version.clone(),
             description,
             metadata,
-            &self.version,
-        )
-        .await?;
+            queue_group: handler.queue_group().to_owned(),
+            replies: Replies::new(&config.nats.reply_prefixes),
+            stats: stats_of(&handler),
+        };
+        let (service, endpoint) = register(&client, &handler, spec).await?;
         let subjects = handler.wildcard();
         let ready = move || {
             tracing::info!(
@@ -335,7 +337,7 @@ struct DecisionHandler<D: Decision> {
 }
 
 impl<D: Decision> Serves for DecisionHandler<D> {
-    async fn handle(&self, request: service::Request) {
+    async fn handle(&self, request: Request) {
         let subjects = &self.inner.subjects;
         let max_body = self.inner.config.max_body_bytes;
         self.inner
@@ -357,7 +359,7 @@ impl<D: Decision> Serves for DecisionHandler<D> {
             .await
     }
 
-    fn overloaded(&self, request: service::Request) -> impl Future<Output = ()> + Send {
+    fn overloaded(&self, request: Request) -> impl Future<Output = ()> + Send {
         self.inner.overloaded(request)
     }
 

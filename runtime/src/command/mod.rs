@@ -38,14 +38,13 @@ use crate::aggregate::{Aggregate, Snapshots, Upcasters, decode_stored};
 use crate::codec::{encode_variant, variant_names};
 use crate::config::Config;
 use crate::direct::DirectGets;
+use crate::service::{self, Endpoint, Replies, Request, Service, ServiceSpec};
 use crate::store::{Append, AppendError, EventLog, EventStore, NewEvent, StoreSettings};
 use crate::telemetry;
 use crate::wire::{AggregateNames, CommandSubjects, header, names};
 use crate::{Error, health};
-use async_nats::service::{self, ServiceExt};
 use async_nats::{Client, HeaderMap};
 use cache::{Cached, QueueFull, StateCache};
-use futures::StreamExt;
 use ledger::{CommandLedger, Entry, KvLedger};
 use rand::Rng;
 use request::CommandRequest;
@@ -143,7 +142,7 @@ impl<A: Aggregate> CommandFunction<A> {
         let handler = Arc::new(handler);
         let violations = crate::permissions::watch();
         let (service, endpoint) =
-            register_service(&client, &handler, &names, &self.version).await?;
+            register_service(&client, &handler, &names, &config, &self.version).await?;
         let (subjects, queue_group) = (
             handler.subjects.wildcard(),
             handler.config.queue_group.clone(),
@@ -304,9 +303,9 @@ async fn go_live<H: Serves>(
 /// decision handler are served alike.
 trait Serves: Send + Sync + 'static {
     /// Processes one request and replies.
-    fn handle(&self, request: service::Request) -> impl Future<Output = ()> + Send;
+    fn handle(&self, request: Request) -> impl Future<Output = ()> + Send;
     /// Answers a request the instance has no room for.
-    fn overloaded(&self, request: service::Request) -> impl Future<Output = ()> + Send;
+    fn overloaded(&self, request: Request) -> impl Future<Output = ()> + Send;
     /// Requests taken before the instance answers `overloaded`.
     fn max_pending(&self) -> usize;
     /// The command subjects served, as a subscription wildcard.
@@ -322,11 +321,11 @@ trait Serves: Send + Sync + 'static {
 }
 
 impl<A: Aggregate> Serves for Handler<A> {
-    fn handle(&self, request: service::Request) -> impl Future<Output = ()> + Send {
+    fn handle(&self, request: Request) -> impl Future<Output = ()> + Send {
         Handler::handle(self, request)
     }
 
-    fn overloaded(&self, request: service::Request) -> impl Future<Output = ()> + Send {
+    fn overloaded(&self, request: Request) -> impl Future<Output = ()> + Send {
         Handler::overloaded(self, request)
     }
 
@@ -405,8 +404,9 @@ async fn register_service<A: Aggregate>(
     client: &Client,
     handler: &Arc<Handler<A>>,
     names: &AggregateNames,
+    config: &Config,
     version: &str,
-) -> Result<(service::Service, service::endpoint::Endpoint), Error> {
+) -> Result<(Service, Endpoint), Error> {
     let commands = variant_names::<A::Command>().join(",");
     let schemas = serde_json::to_string(&crate::schema::command_schemas::<A>()).unwrap_or_default();
     let metadata = HashMap::from([
@@ -423,40 +423,39 @@ async fn register_service<A: Aggregate>(
     register(
         client,
         handler,
-        A::NAME,
-        format!("jetfn command function for aggregate {}", A::NAME),
-        metadata,
-        version,
+        service::ServiceSpec {
+            name: A::NAME.to_owned(),
+            version: version.to_owned(),
+            description: format!("jetfn command function for aggregate {}", A::NAME),
+            metadata,
+            queue_group: handler.queue_group().to_owned(),
+            replies: Replies::new(&config.nats.reply_prefixes),
+            stats: stats_of(handler),
+        },
     )
     .await
 }
 
-/// Registers the NATS service `name` of `handler` and its one endpoint on the command subjects.
+/// The `$SRV.STATS` data of a handler.
+fn stats_of<H: Serves>(handler: &Arc<H>) -> Arc<dyn Fn() -> serde_json::Value + Send + Sync> {
+    let handler = handler.clone();
+    Arc::new(move || handler.stats())
+}
+
+/// Registers the NATS service of `handler` and its one endpoint on the command subjects.
 async fn register<H: Serves>(
     client: &Client,
     handler: &Arc<H>,
-    name: &str,
-    description: String,
-    metadata: HashMap<String, String>,
-    version: &str,
-) -> Result<(service::Service, service::endpoint::Endpoint), Error> {
-    let stats = handler.clone();
-    let service = client
-        .service_builder()
-        .description(description)
-        .metadata(metadata)
-        .queue_group(handler.queue_group())
-        .stats_handler(move |_endpoint, _stats| stats.stats())
-        .start(name, version)
-        .await
-        .map_err(|e| Error::Service(format!("cannot register NATS service: {e}")))?;
+    spec: ServiceSpec,
+) -> Result<(Service, Endpoint), Error> {
+    let service = Service::start(client, spec).await?;
     let endpoint = service
-        .endpoint_builder()
-        .name("commands")
-        .metadata(HashMap::from([("subject".to_owned(), handler.pattern())]))
-        .add(handler.wildcard())
-        .await
-        .map_err(|e| Error::Service(format!("cannot subscribe to commands: {e}")))?;
+        .endpoint(
+            "commands",
+            handler.wildcard(),
+            HashMap::from([("subject".to_owned(), handler.pattern())]),
+        )
+        .await?;
     Ok((service, endpoint))
 }
 
@@ -464,8 +463,8 @@ async fn register<H: Serves>(
 struct Serving<H> {
     client: Client,
     handler: Arc<H>,
-    service: service::Service,
-    endpoint: service::endpoint::Endpoint,
+    service: Service,
+    endpoint: Endpoint,
     writer: tokio::task::JoinHandle<()>,
     violations: tokio::sync::broadcast::Receiver<String>,
 }
@@ -498,7 +497,7 @@ async fn serve<H: Serves>(
                     && let Some(service) = service.take()
                 {
                     // Unsubscribes the endpoint; buffered requests still come through.
-                    let _ = service.stop().await;
+                    service.stop().await;
                 }
             }
             denied = crate::permissions::denied(&mut violations, &wildcard) => {
@@ -658,7 +657,7 @@ impl<A: Aggregate> Handler<A> {
         stats
     }
 
-    async fn handle(&self, request: service::Request) {
+    async fn handle(&self, request: Request) {
         self.serve_request(
             request,
             A::NAME,
@@ -668,11 +667,11 @@ impl<A: Aggregate> Handler<A> {
         .await
     }
 
-    /// One request from start to reply: the reply-subject check, the wire checks (`check`),
-    /// the work (`execute`), the counters, the log line and the reply.
+    /// One request from start to reply: the wire checks (`check`), the work (`execute`), the
+    /// counters, the log line and the reply. (Its reply subject was checked by the endpoint.)
     async fn serve_request<C, Fut>(
         &self,
-        request: service::Request,
+        request: Request,
         name: &str,
         check: impl FnOnce(&async_nats::Message) -> Result<(CommandRequest, C), String>,
         execute: impl FnOnce(CommandRequest, C) -> Fut,
@@ -692,19 +691,6 @@ impl<A: Aggregate> Handler<A> {
             retries = tracing::field::Empty,
             duration_ms = tracing::field::Empty,
         );
-        if !self.answers(message.reply.as_deref()) {
-            // Processing it would let the client aim the reply at any subject this function may
-            // publish to (its event subjects, say).
-            self.counters
-                .count(&Reply::failed(ErrorKind::Invalid, ""), 0);
-            tracing::warn!(
-                parent: &span,
-                subject = %message.subject,
-                reply = message.reply.as_deref().unwrap_or_default(),
-                "request refused: its reply subject is not an inbox (command.reply_prefixes)"
-            );
-            return;
-        }
         let (reply, retries) = match check(message) {
             Ok((checked, command)) => {
                 span.record("id", checked.id.as_str());
@@ -733,7 +719,7 @@ impl<A: Aggregate> Handler<A> {
     }
 
     /// Answers a request the instance has no room for, without processing it.
-    async fn overloaded(&self, request: service::Request) {
+    async fn overloaded(&self, request: Request) {
         let message = format!(
             "instance overloaded: {} requests pending (command.max_pending); retry with the same \
              command id",
@@ -741,21 +727,7 @@ impl<A: Aggregate> Handler<A> {
         );
         let reply = unavailable(message);
         self.counters.count(&reply, 0);
-        if self.answers(request.message.reply.as_deref()) {
-            let _ = respond(&request, &reply).await;
-        }
-    }
-
-    /// Whether a request's reply subject may be answered: none (fire and forget), or one under
-    /// a configured reply prefix.
-    fn answers(&self, reply: Option<&str>) -> bool {
-        reply.is_none_or(|reply| {
-            self.config.reply_prefixes.iter().any(|prefix| {
-                reply
-                    .strip_prefix(prefix.as_str())
-                    .is_some_and(|rest| rest.starts_with('.') && rest.len() > 1)
-            })
-        })
+        let _ = respond(&request, &reply).await;
     }
 
     /// The wire checks: subject, command id, body, and decoding into the command type.
@@ -1217,7 +1189,6 @@ async fn respond(request: &service::Request, reply: &Reply) -> Result<(), String
         headers.insert(header::SERVICE_ERROR, message.as_str());
     }
     request
-        .respond_with_headers(Ok(reply.to_json().into()), headers)
+        .respond_with_headers(reply.to_json().into(), headers)
         .await
-        .map_err(|e| e.to_string())
 }

@@ -24,13 +24,13 @@ use crate::command::{ErrorKind, Reply};
 use crate::config::Config;
 use crate::projection::dead_letters;
 use crate::projection::worker::decode_recorded;
+use crate::service::{Replies, Service, ServiceSpec};
 use crate::store::{Append, AppendError, EventStore, StoreSettings, StoredEvent};
 use crate::wire::AggregateNames;
 use crate::wire::names::{self, ProcessNames};
 use crate::{Error, telemetry};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::{self, AckKind, Message};
-use async_nats::service::{self, ServiceExt};
 use futures::StreamExt;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -170,7 +170,7 @@ impl<P: ProcessManager> ProcessManagerFunction<P> {
             js,
             stats: Arc::new(Stats::default()),
         });
-        let service = register(&client, &core, &self.version).await?;
+        let service = register(&client, &core, &config.nats.reply_prefixes, &self.version).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         for (role, consumer) in consumers.iter().cloned() {
@@ -716,8 +716,9 @@ async fn track_pending(
 async fn register<P: ProcessManager>(
     client: &async_nats::Client,
     core: &Arc<Core<P>>,
+    replies: &[String],
     version: &str,
-) -> Result<service::Service, Error> {
+) -> Result<Service, Error> {
     let metadata = HashMap::from([
         (
             names::meta::KIND.to_owned(),
@@ -735,26 +736,23 @@ async fn register<P: ProcessManager>(
         ),
     ]);
     let stats = core.stats.clone();
-    let service = client
-        .service_builder()
-        .description(format!("jetfn process manager {}", P::NAME))
-        .metadata(metadata)
-        .stats_handler(move |_, _| stats.to_json())
-        .start(core.names.service(), version)
-        .await
-        .map_err(|e| Error::Service(format!("cannot register NATS service: {e}")))?;
+    let spec = ServiceSpec {
+        name: core.names.service(),
+        version: version.to_owned(),
+        description: format!("jetfn process manager {}", P::NAME),
+        metadata,
+        queue_group: names::QUEUE_GROUP.to_owned(),
+        replies: Replies::new(replies),
+        stats: Arc::new(move || stats.to_json()),
+    };
+    let service = Service::start(client, spec).await?;
     let mut status = service
-        .endpoint_builder()
-        .name(names::STATUS)
-        .add(core.names.status())
-        .await
-        .map_err(|e| Error::Service(format!("cannot subscribe to status requests: {e}")))?;
+        .endpoint(names::STATUS, core.names.status(), HashMap::new())
+        .await?;
     let stats = core.stats.clone();
     tokio::spawn(async move {
         while let Some(request) = status.next().await {
-            let _ = request
-                .respond(Ok(stats.to_json().to_string().into()))
-                .await;
+            let _ = request.respond(stats.to_json().to_string().into()).await;
         }
     });
     Ok(service)

@@ -13,9 +13,8 @@
 use super::rebuild::{self, RebuildProgress};
 use super::{Context, Projection, Stats, dead_letters};
 use crate::Error;
+use crate::service::{Replies, Request, Service, ServiceSpec};
 use crate::wire::names;
-use async_nats::service::{self, ServiceExt};
-use futures::StreamExt;
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +24,7 @@ pub(crate) async fn register<P: Projection>(
     projection: Arc<P>,
     context: Context<P>,
     stats: Arc<Stats>,
-) -> Result<service::Service, Error> {
+) -> Result<Service, Error> {
     let for_stats = stats.clone();
     let metadata = HashMap::from([
         (
@@ -45,26 +44,18 @@ pub(crate) async fn register<P: Projection>(
             format!("{{{}}}", P::NAME),
         ),
     ]);
-    let service = context
-        .client
-        .service_builder()
-        .description(format!("jetfn projection {}", P::NAME))
-        .metadata(metadata)
-        .stats_handler(move |_, _| for_stats.to_json())
-        .start(P::NAME, env!("CARGO_PKG_VERSION"))
-        .await
-        .map_err(|e| Error::Service(format!("cannot register NATS service: {e}")))?;
-    let endpoint = |name: &'static str, subject: String| {
-        let service = &service;
-        async move {
-            service
-                .endpoint_builder()
-                .name(name)
-                .add(subject)
-                .await
-                .map_err(|e| Error::Service(format!("cannot subscribe to {name} requests: {e}")))
-        }
+    let spec = ServiceSpec {
+        name: P::NAME.to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        description: format!("jetfn projection {}", P::NAME),
+        metadata,
+        queue_group: names::QUEUE_GROUP.to_owned(),
+        replies: Replies::new(&context.config.nats.reply_prefixes),
+        stats: Arc::new(move || for_stats.to_json()),
     };
+    let service = Service::start(&context.client, spec).await?;
+    let endpoint =
+        |name: &'static str, subject: String| service.endpoint(name, subject, HashMap::new());
     let subject = |action| names::projection_endpoint(P::NAME, action);
     let mut status = endpoint("status", subject(names::STATUS)).await?;
     let mut rebuilds = endpoint("rebuild", subject(names::REBUILD)).await?;
@@ -145,9 +136,9 @@ async fn start_rebuild<P: Projection>(
     json!({ "started": true, "generation": generation })
 }
 
-async fn respond(request: &service::Request, body: serde_json::Value) {
+async fn respond(request: &Request, body: serde_json::Value) {
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
-    if let Err(err) = request.respond(Ok(bytes.into())).await {
+    if let Err(err) = request.respond(bytes.into()).await {
         tracing::debug!(error = %err, "control reply not sent");
     }
 }

@@ -242,6 +242,28 @@ pub fn service_stats(name: &str) -> String {
     format!("$SRV.STATS.{name}")
 }
 
+/// The three subjects on which instance `id` of service `name` answers discovery verb `verb`
+/// (`PING`, `INFO` or `STATS`): every service, every instance of `name`, and this instance.
+pub fn service_verb_subjects(verb: &str, name: &str, id: &str) -> [String; 3] {
+    [
+        format!("$SRV.{verb}"),
+        format!("$SRV.{verb}.{name}"),
+        format!("$SRV.{verb}.{name}.{id}"),
+    ]
+}
+
+/// The queue group of control endpoints (projections, process managers), and the default of
+/// `command.queue_group`: the NATS services protocol's default, so one instance answers each
+/// request.
+pub const QUEUE_GROUP: &str = "q";
+
+/// The `type` of a `$SRV.PING` response.
+pub const SERVICE_PING_RESPONSE: &str = "io.nats.micro.v1.ping_response";
+/// The `type` of a `$SRV.INFO` response.
+pub const SERVICE_INFO_RESPONSE: &str = "io.nats.micro.v1.info_response";
+/// The `type` of a `$SRV.STATS` response.
+pub const SERVICE_STATS_RESPONSE: &str = "io.nats.micro.v1.stats_response";
+
 /// The value of [`meta::KIND`] for a command function.
 pub const KIND_COMMAND: &str = "command";
 /// The value of [`meta::KIND`] for a projection function.

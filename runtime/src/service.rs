@@ -1,0 +1,561 @@
+//! NATS services (the micro protocol, ADR-32) that answer only inbox subjects.
+//!
+//! Every jetfn function is a NATS service: it answers `$SRV.PING`, `$SRV.INFO` and
+//! `$SRV.STATS` (bare, with its name, and with its name and instance id), and serves its
+//! endpoints (commands, control requests) in a queue group.
+//!
+//! A responder publishes to whatever reply subject a request names, and a function's NATS user
+//! needs `allow_responses` to answer at all. Together that would let any client aim a
+//! function's answer at any subject the function may publish to: a `$SRV.PING` with reply
+//! subject `evt.account.victim` would store a ping response as the victim's next event, and the
+//! subject permissions cannot tell the two publishes apart. So every request here, discovery
+//! and endpoint alike, is answered only when its reply subject lies under one of the configured
+//! reply prefixes (`nats.reply_prefixes`, by default `_INBOX`); any other is dropped unanswered
+//! and unprocessed, counted as an endpoint error, and logged.
+//!
+//! The response documents keep the protocol's shape (the `nats micro` CLI and `jetfn status`
+//! read them): `io.nats.micro.v1.{ping,info,stats}_response`.
+
+use crate::Error;
+use crate::wire::names;
+use async_nats::{Client, HeaderMap, Message, Subscriber};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// The reply subjects a function answers.
+#[derive(Debug, Clone)]
+pub(crate) struct Replies {
+    prefixes: Arc<[String]>,
+}
+
+impl Replies {
+    /// Replies under these subject prefixes (`_INBOX` admits `_INBOX.<anything>`).
+    pub fn new(prefixes: &[String]) -> Self {
+        Replies {
+            prefixes: prefixes.into(),
+        }
+    }
+
+    /// Whether a request may be answered: it names no reply subject (fire and forget), or one
+    /// strictly under a configured prefix.
+    pub fn answers(&self, reply: Option<&str>) -> bool {
+        reply.is_none_or(|reply| {
+            self.prefixes.iter().any(|prefix| {
+                reply
+                    .strip_prefix(prefix.as_str())
+                    .is_some_and(|rest| rest.starts_with('.') && rest.len() > 1)
+            })
+        })
+    }
+}
+
+/// Statistics data an endpoint reports in `$SRV.STATS`.
+type StatsData = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// What a service is called and how it answers.
+pub(crate) struct ServiceSpec {
+    /// The service name, `[A-Za-z0-9_-]+`.
+    pub name: String,
+    /// Its version (semver).
+    pub version: String,
+    /// A human description for `$SRV.INFO`.
+    pub description: String,
+    /// `$SRV.INFO` and `$SRV.PING` metadata.
+    pub metadata: HashMap<String, String>,
+    /// The queue group of its endpoints.
+    pub queue_group: String,
+    /// The reply subjects it answers.
+    pub replies: Replies,
+    /// The `data` of every endpoint in `$SRV.STATS`.
+    pub stats: StatsData,
+}
+
+/// A registered service instance. Dropping it does not stop it; call [`Service::stop`].
+pub(crate) struct Service {
+    client: Client,
+    identity: Arc<Identity>,
+    endpoints: Arc<Mutex<Vec<Arc<EndpointState>>>>,
+    stop: watch::Sender<bool>,
+    verbs: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("name", &self.identity.name)
+            .field("id", &self.identity.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who a service instance is, as every discovery response says.
+struct Identity {
+    name: String,
+    id: String,
+    version: String,
+    description: String,
+    metadata: HashMap<String, String>,
+    queue_group: String,
+    started: String,
+    replies: Replies,
+    stats: StatsData,
+}
+
+impl Service {
+    /// Validates the name and version, subscribes the discovery subjects and starts answering
+    /// them.
+    pub async fn start(client: &Client, spec: ServiceSpec) -> Result<Service, Error> {
+        if !is_service_name(&spec.name) {
+            return Err(Error::Service(format!(
+                "cannot register NATS service {:?}: a service name is [A-Za-z0-9_-]+",
+                spec.name
+            )));
+        }
+        if !is_semver(&spec.version) {
+            return Err(Error::Service(format!(
+                "cannot register NATS service {}: version {:?} is not semver (1.2.3)",
+                spec.name, spec.version
+            )));
+        }
+        let started = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let identity = Arc::new(Identity {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            name: spec.name,
+            version: spec.version,
+            description: spec.description,
+            metadata: spec.metadata,
+            queue_group: spec.queue_group,
+            started,
+            replies: spec.replies,
+            stats: spec.stats,
+        });
+        let mut subscriptions = Vec::with_capacity(9);
+        for verb in Verb::ALL {
+            for subject in names::service_verb_subjects(verb.token(), &identity.name, &identity.id)
+            {
+                let subscriber = client
+                    .subscribe(subject.clone())
+                    .await
+                    .map_err(|e| Error::Service(format!("cannot subscribe to {subject}: {e}")))?;
+                subscriptions.push(subscriber.map(move |message| (verb, message)));
+            }
+        }
+        let endpoints = Arc::default();
+        let (stop, _) = watch::channel(false);
+        let verbs = tokio::spawn(answer_verbs(
+            client.clone(),
+            identity.clone(),
+            Arc::clone(&endpoints),
+            futures::stream::select_all(subscriptions),
+        ));
+        Ok(Service {
+            client: client.clone(),
+            identity,
+            endpoints,
+            stop,
+            verbs,
+        })
+    }
+
+    /// Subscribes endpoint `name` on `subject` in the service's queue group.
+    pub async fn endpoint(
+        &self,
+        name: &str,
+        subject: String,
+        metadata: HashMap<String, String>,
+    ) -> Result<Endpoint, Error> {
+        let requests = self
+            .client
+            .queue_subscribe(subject.clone(), self.identity.queue_group.clone())
+            .await
+            .map_err(|e| Error::Service(format!("cannot subscribe to {name} requests: {e}")))?;
+        let state = Arc::new(EndpointState {
+            name: name.to_owned(),
+            subject,
+            metadata,
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            processing_ns: AtomicU64::new(0),
+            last_error: Mutex::default(),
+        });
+        if let Ok(mut endpoints) = self.endpoints.lock() {
+            endpoints.push(state.clone());
+        }
+        Ok(Endpoint {
+            requests,
+            state,
+            client: self.client.clone(),
+            replies: self.identity.replies.clone(),
+            service: self.identity.name.clone(),
+            stopped: self.stop.subscribe(),
+            unsubscribed: false,
+        })
+    }
+
+    /// Leaves discovery and unsubscribes the endpoints; requests they already received still
+    /// come out of [`Endpoint::next`].
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.verbs.abort();
+    }
+}
+
+/// One endpoint's subscription: yields the requests it may answer.
+pub(crate) struct Endpoint {
+    requests: Subscriber,
+    state: Arc<EndpointState>,
+    client: Client,
+    replies: Replies,
+    service: String,
+    stopped: watch::Receiver<bool>,
+    unsubscribed: bool,
+}
+
+impl Endpoint {
+    /// The next request whose reply subject may be answered; `None` once the endpoint was
+    /// stopped and its buffered requests are taken.
+    pub async fn next(&mut self) -> Option<Request> {
+        loop {
+            let message = tokio::select! {
+                changed = self.stopped.changed(), if !self.unsubscribed => {
+                    if changed.is_err() || *self.stopped.borrow() {
+                        self.unsubscribed = true;
+                        // What the server already sent is still delivered below.
+                        let _ = self.requests.unsubscribe().await;
+                    }
+                    continue;
+                }
+                message = self.requests.next() => message?,
+            };
+            if self.replies.answers(message.reply.as_deref()) {
+                self.state.requests.fetch_add(1, Ordering::Relaxed);
+                return Some(Request {
+                    message,
+                    client: self.client.clone(),
+                    state: self.state.clone(),
+                    issued: Instant::now(),
+                });
+            }
+            self.state.refused(&self.service, &message);
+        }
+    }
+}
+
+/// A request to answer.
+#[derive(Debug)]
+pub(crate) struct Request {
+    /// The request as received.
+    pub message: Message,
+    client: Client,
+    state: Arc<EndpointState>,
+    issued: Instant,
+}
+
+impl Request {
+    /// Answers with `body` (nothing is sent when the request named no reply subject).
+    pub async fn respond(&self, body: Bytes) -> Result<(), String> {
+        self.respond_with_headers(body, HeaderMap::new()).await
+    }
+
+    /// Answers with `body` and `headers`.
+    pub async fn respond_with_headers(
+        &self,
+        body: Bytes,
+        headers: HeaderMap,
+    ) -> Result<(), String> {
+        let elapsed = u64::try_from(self.issued.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.state
+            .processing_ns
+            .fetch_add(elapsed, Ordering::Relaxed);
+        let Some(reply) = self.message.reply.clone() else {
+            return Ok(());
+        };
+        self.client
+            .publish_with_headers(reply, headers, body)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// An endpoint's description and counters.
+#[derive(Debug)]
+struct EndpointState {
+    name: String,
+    subject: String,
+    metadata: HashMap<String, String>,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    processing_ns: AtomicU64,
+    last_error: Mutex<String>,
+}
+
+impl EndpointState {
+    /// Counts and logs a request dropped for its reply subject.
+    fn refused(&self, service: &str, message: &Message) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = "refused a reply subject outside nats.reply_prefixes".into();
+        }
+        tracing::warn!(
+            service,
+            subject = %message.subject,
+            reply = message.reply.as_deref().unwrap_or_default(),
+            "request refused unprocessed: its reply subject is not an inbox (nats.reply_prefixes)"
+        );
+    }
+
+    fn info(&self, queue_group: &str) -> EndpointInfo<'_> {
+        EndpointInfo {
+            name: &self.name,
+            subject: &self.subject,
+            queue_group: queue_group.to_owned(),
+            metadata: &self.metadata,
+        }
+    }
+
+    fn stats(&self, queue_group: &str, data: serde_json::Value) -> EndpointStats<'_> {
+        let requests = self.requests.load(Ordering::Relaxed);
+        let processing_time = self.processing_ns.load(Ordering::Relaxed);
+        EndpointStats {
+            name: &self.name,
+            subject: &self.subject,
+            queue_group: queue_group.to_owned(),
+            num_requests: requests,
+            num_errors: self.errors.load(Ordering::Relaxed),
+            processing_time,
+            average_processing_time: processing_time.checked_div(requests).unwrap_or(0),
+            last_error: self
+                .last_error
+                .lock()
+                .map(|last| last.clone())
+                .unwrap_or_default(),
+            data,
+        }
+    }
+}
+
+/// The discovery verbs.
+#[derive(Debug, Clone, Copy)]
+enum Verb {
+    Ping,
+    Info,
+    Stats,
+}
+
+impl Verb {
+    const ALL: [Verb; 3] = [Verb::Ping, Verb::Info, Verb::Stats];
+
+    fn token(self) -> &'static str {
+        match self {
+            Verb::Ping => "PING",
+            Verb::Info => "INFO",
+            Verb::Stats => "STATS",
+        }
+    }
+}
+
+/// Answers discovery requests until the service stops.
+async fn answer_verbs(
+    client: Client,
+    identity: Arc<Identity>,
+    endpoints: Arc<Mutex<Vec<Arc<EndpointState>>>>,
+    mut requests: impl futures::Stream<Item = (Verb, Message)> + Unpin,
+) {
+    while let Some((verb, message)) = requests.next().await {
+        let Some(reply) = message.reply.clone() else {
+            continue;
+        };
+        if !identity.replies.answers(Some(&reply)) {
+            tracing::warn!(
+                service = %identity.name,
+                subject = %message.subject,
+                reply = %reply,
+                "discovery request refused: its reply subject is not an inbox (nats.reply_prefixes)"
+            );
+            continue;
+        }
+        let endpoints: Vec<Arc<EndpointState>> = endpoints
+            .lock()
+            .map(|list| list.clone())
+            .unwrap_or_default();
+        let body = match verb {
+            Verb::Ping => serde_json::to_vec(&identity.ping()),
+            Verb::Info => serde_json::to_vec(&identity.info(&endpoints)),
+            Verb::Stats => serde_json::to_vec(&identity.stats(&endpoints)),
+        };
+        match body {
+            Ok(body) => {
+                if let Err(err) = client.publish(reply, body.into()).await {
+                    tracing::debug!(error = %err, "discovery reply not sent");
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "discovery reply not encoded"),
+        }
+    }
+}
+
+impl Identity {
+    fn ping(&self) -> Ping<'_> {
+        Ping {
+            kind: names::SERVICE_PING_RESPONSE,
+            name: &self.name,
+            id: &self.id,
+            version: &self.version,
+            metadata: &self.metadata,
+        }
+    }
+
+    fn info<'a>(&'a self, endpoints: &'a [Arc<EndpointState>]) -> Info<'a> {
+        Info {
+            kind: names::SERVICE_INFO_RESPONSE,
+            name: &self.name,
+            id: &self.id,
+            description: &self.description,
+            version: &self.version,
+            metadata: &self.metadata,
+            endpoints: endpoints
+                .iter()
+                .map(|e| e.info(&self.queue_group))
+                .collect(),
+        }
+    }
+
+    fn stats<'a>(&'a self, endpoints: &'a [Arc<EndpointState>]) -> Stats<'a> {
+        Stats {
+            kind: names::SERVICE_STATS_RESPONSE,
+            name: &self.name,
+            id: &self.id,
+            version: &self.version,
+            metadata: &self.metadata,
+            started: &self.started,
+            endpoints: endpoints
+                .iter()
+                .map(|e| e.stats(&self.queue_group, (self.stats)()))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Ping<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    name: &'a str,
+    id: &'a str,
+    version: &'a str,
+    metadata: &'a HashMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct Info<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    name: &'a str,
+    id: &'a str,
+    description: &'a str,
+    version: &'a str,
+    metadata: &'a HashMap<String, String>,
+    endpoints: Vec<EndpointInfo<'a>>,
+}
+
+#[derive(Serialize)]
+struct EndpointInfo<'a> {
+    name: &'a str,
+    subject: &'a str,
+    queue_group: String,
+    metadata: &'a HashMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct Stats<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    name: &'a str,
+    id: &'a str,
+    version: &'a str,
+    metadata: &'a HashMap<String, String>,
+    started: &'a str,
+    endpoints: Vec<EndpointStats<'a>>,
+}
+
+/// Times in nanoseconds, as the protocol has them.
+#[derive(Serialize)]
+struct EndpointStats<'a> {
+    name: &'a str,
+    subject: &'a str,
+    queue_group: String,
+    num_requests: u64,
+    num_errors: u64,
+    processing_time: u64,
+    average_processing_time: u64,
+    last_error: String,
+    data: serde_json::Value,
+}
+
+fn is_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `MAJOR.MINOR.PATCH`, optionally followed by `-pre` and `+build` parts.
+fn is_semver(version: &str) -> bool {
+    let core = version.split(['-', '+']).next().unwrap_or_default();
+    let parts: Vec<&str> = core.split('.').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inboxes() -> Replies {
+        Replies::new(&["_INBOX".into(), "_INBOX_client".into()])
+    }
+
+    #[test]
+    fn replies_go_only_strictly_under_a_configured_prefix() {
+        let replies = inboxes();
+        assert!(
+            replies.answers(None),
+            "fire and forget has nobody to answer"
+        );
+        assert!(replies.answers(Some("_INBOX.abc")));
+        assert!(replies.answers(Some("_INBOX.user.abc.1")));
+        assert!(replies.answers(Some("_INBOX_client.x")));
+        for refused in [
+            "evt.account.victim",
+            "_INBOX",
+            "_INBOX.",
+            "_INBOXevil.x",
+            "jetfn.projection.account-balances.rebuild",
+            "",
+        ] {
+            assert!(!replies.answers(Some(refused)), "{refused:?} was answered");
+        }
+    }
+
+    #[test]
+    fn versions_are_semver_and_names_are_service_tokens() {
+        for good in ["0.1.0", "1.22.333", "1.0.0-rc.1", "1.0.0+build.5"] {
+            assert!(is_semver(good), "{good}");
+        }
+        for bad in ["1.0", "1.0.x", "", "1..0", "v1.0.0"] {
+            assert!(!is_semver(bad), "{bad}");
+        }
+        assert!(is_service_name("account-balances_2"));
+        assert!(!is_service_name("a.b") && !is_service_name("") && !is_service_name("a b"));
+    }
+}
