@@ -9,8 +9,8 @@
 //! event or refuses), P49 beyond "unknown headers are `Nats-...`", P55's grace period as a slow
 //! reader sees it, P59 (advice) and P66 (trimming the change feed at about 10,000 entries).
 //! P3 is checked for `account` only. P71 is checked in `functions/transfer/tests/rules.rs`, P72
-//! and P73 in `process_manager.rs`, P75-P78 in `atomic_decisions.rs`; P74 and P79-P82 here, with
-//! the signup decision (the race of P81 in `cross_type_decisions.rs`).
+//! and P73 in `process_manager.rs`, P75-P78 in `atomic_decisions.rs`; P74 and P80-P83 here, with
+//! the signup decision (the race of P82 in `cross_type_decisions.rs`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -2255,9 +2255,9 @@ fn field_names(value: &Value) -> BTreeSet<&str> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p74_p79_to_p82_decisions_across_aggregate_types() {
+async fn p74_p80_to_p83_decisions_across_aggregate_types() {
     let nats = NatsServer::start().await.unwrap();
-    // P82: without one stream for both types, the function does not start.
+    // P83: without one stream for both types, the function does not start.
     let refused = jetfn::decision_function::<signup::Signup>()
         .with_config(account_config(&nats))
         .start()
@@ -2266,7 +2266,7 @@ async fn p74_p79_to_p82_decisions_across_aggregate_types() {
         .to_string();
     assert!(
         refused.contains("user in USER_EVENTS") && refused.contains("username in USERNAME_EVENTS"),
-        "P82: {refused}"
+        "P83: {refused}"
     );
     let mut config = account_config(&nats);
     config.stream.name = Some("USERS".into());
@@ -2316,7 +2316,7 @@ async fn p74_p79_to_p82_decisions_across_aggregate_types() {
         "P74"
     );
 
-    // P79: one stream, each type on its own subjects, all listed.
+    // P80: one stream, each type on its own subjects, all listed.
     let info = request(&client, "$JS.API.STREAM.INFO.USERS", "", &[])
         .await
         .json();
@@ -2324,22 +2324,22 @@ async fn p74_p79_to_p82_decisions_across_aggregate_types() {
     assert_eq!(
         config["subjects"],
         json!(["evt.user.*", "evt.username.*"]),
-        "P79"
+        "P80"
     );
     assert_eq!(
         config["metadata"]["jetfn.aggregate"], "user,username",
-        "P79"
+        "P80"
     );
     assert_eq!(
         config["metadata"]["jetfn.aggregate.user"], "evt.user.*",
-        "P79"
+        "P80"
     );
     assert_eq!(
         config["metadata"]["jetfn.aggregate.username"], "evt.username.*",
-        "P79"
+        "P80"
     );
 
-    // P80, P81: each event on its own subject, its dedupe id naming its type.
+    // P81, P82: each event on its own subject, its dedupe id naming its type.
     for (subject, msg_id, ce_id) in [
         ("evt.user.u1", "user.u1:c1:0", "u1:c1:0"),
         ("evt.username.alice", "username.alice:c1:0", "alice:c1:0"),
@@ -2352,16 +2352,16 @@ async fn p74_p79_to_p82_decisions_across_aggregate_types() {
         )
         .await;
         let event = Event::from_raw(&raw);
-        assert_eq!(event.header("Nats-Msg-Id"), msg_id, "P80");
-        assert_eq!(event.header("ce-id"), ce_id, "P80");
+        assert_eq!(event.header("Nats-Msg-Id"), msg_id, "P81");
+        assert_eq!(event.header("ce-id"), ce_id, "P81");
         assert_eq!(
             event.header("Nats-Expected-Last-Subject-Sequence"),
             "0",
-            "P81"
+            "P82"
         );
     }
 
-    // P81: the name is taken.
+    // P82: the name is taken.
     let body = json!({"user": "u2", "username": "alice"}).to_string();
     let taken = request(
         &client,
@@ -2371,20 +2371,20 @@ async fn p74_p79_to_p82_decisions_across_aggregate_types() {
     )
     .await
     .json();
-    assert_eq!(taken["error"]["kind"], "rejected", "P81: {taken}");
-    assert_eq!(taken["error"]["code"], "username_taken", "P81: {taken}");
+    assert_eq!(taken["error"]["kind"], "rejected", "P82: {taken}");
+    assert_eq!(taken["error"]["code"], "username_taken", "P82: {taken}");
     assert_eq!(
         taken["error"]["message"], "username alice is taken by u1",
-        "P81"
-    );
-
-    // P82: discovery names both types and their subjects.
-    let infos = services(&client, "$SRV.INFO.signup").await;
-    let metadata = &infos[0]["metadata"];
-    assert_eq!(metadata["jetfn.aggregate"], "user,username", "P82");
-    assert_eq!(
-        metadata["jetfn.events"], "evt.user.<id>,evt.username.<id>",
         "P82"
     );
-    assert_eq!(metadata["jetfn.stream"], "USERS", "P82");
+
+    // P83: discovery names both types and their subjects.
+    let infos = services(&client, "$SRV.INFO.signup").await;
+    let metadata = &infos[0]["metadata"];
+    assert_eq!(metadata["jetfn.aggregate"], "user,username", "P83");
+    assert_eq!(
+        metadata["jetfn.events"], "evt.user.<id>,evt.username.<id>",
+        "P83"
+    );
+    assert_eq!(metadata["jetfn.stream"], "USERS", "P83");
 }
