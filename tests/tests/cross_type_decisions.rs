@@ -10,7 +10,7 @@ use jetfn::command::RunningFunction;
 use jetfn::wire::{CommandSubjects, header};
 use jetfn_tests::NatsServer;
 use jetfn_tests::commands::{
-    Sent, account_config, message_count, send_raw, service_stats, stored_messages,
+    Sent, account_config, message_count, operator_stream, send_raw, service_stats, stored_messages,
 };
 use serde_json::json;
 
@@ -208,13 +208,7 @@ async fn a_cross_type_decision_refuses_to_start_when_the_shared_stream_does_not_
     let nats = NatsServer::start().await.unwrap();
     let client = nats.connect().await.unwrap();
     // An operator's stream that takes users but not usernames.
-    async_nats::jetstream::new(client.clone())
-        .create_stream(async_nats::jetstream::stream::Config {
-            name: USERS.into(),
-            subjects: vec!["evt.user.*".into()],
-            allow_atomic_publish: true,
-            ..Default::default()
-        })
+    operator_stream(&client, USERS, &["evt.user.*"])
         .await
         .unwrap();
     let mut config = users_config(&nats);
