@@ -812,6 +812,12 @@ pub(crate) trait EventLog: Send + Sync + 'static {
     fn event_store(&self) -> Option<&EventStore> {
         None
     }
+
+    /// The in-memory log behind this log, in the command loop's unit tests.
+    #[cfg(test)]
+    fn memory(&self) -> Option<&crate::command::memory::MemoryLog> {
+        None
+    }
 }
 
 impl EventLog for EventStore {

@@ -1174,4 +1174,152 @@ mod tests {
         let (again, _) = send(&rig(&log, 5), "c").await;
         assert_eq!(again, Reply::Accepted(accepted));
     }
+
+    #[derive(Debug, Default)]
+    struct Jar {
+        coins: u64,
+    }
+
+    #[derive(Serialize, Deserialize, schemars::JsonSchema)]
+    enum JarEvent {
+        Filled { by: u64 },
+    }
+
+    impl Aggregate for Jar {
+        const NAME: &'static str = "jar";
+        type Command = PotCommand;
+        type Event = JarEvent;
+        fn decide(&self, command: PotCommand) -> Result<Vec<JarEvent>, Rejection> {
+            match command {}
+        }
+        fn evolve(self, JarEvent::Filled { by }: &JarEvent) -> Self {
+            Jar {
+                coins: self.coins + by,
+            }
+        }
+    }
+
+    #[derive(Deserialize, schemars::JsonSchema)]
+    #[serde(rename_all = "snake_case")]
+    enum BottleCommand {
+        Bottle { pot: String, jar: String },
+    }
+
+    /// Pours every coin of a pot into a jar: two aggregate types in one stream.
+    struct Bottle;
+
+    impl Decision for Bottle {
+        const NAME: &'static str = "bottler";
+        type Aggregate = (Pot, Jar);
+        type Command = BottleCommand;
+        fn aggregates(
+            BottleCommand::Bottle { pot, jar }: &BottleCommand,
+        ) -> Vec<(&'static str, String)> {
+            vec![(Pot::NAME, pot.clone()), (Jar::NAME, jar.clone())]
+        }
+        fn decide(
+            states: &States<'_, (Pot, Jar)>,
+            BottleCommand::Bottle { pot, jar }: BottleCommand,
+        ) -> Result<Events<(Pot, Jar)>, Rejection> {
+            let by = states.get::<Pot>(&pot).map_or(0, |p| p.coins);
+            if by == 0 {
+                return Err(Rejection::new(format!("{pot} is empty")));
+            }
+            Ok(Events::new()
+                .with(pot, [PotEvent::Taken { by }])
+                .with(jar, [JarEvent::Filled { by }]))
+        }
+    }
+
+    /// A bottler over views of `log` for pots and jars, with a ledger of its own.
+    fn bottler(log: &MemoryLog) -> DecisionHandler<Bottle> {
+        let config = CommandConfig {
+            retry_backoff: Duration::ZERO,
+            max_retry_backoff: Duration::ZERO,
+            ..CommandConfig::default()
+        };
+        let ledger = Arc::new(MemoryLedger::default());
+        let subjects = CommandSubjects::new(None, "bottler");
+        let ttl = Duration::from_secs(3600);
+        let (pots, _) = Handler::<Pot>::new(
+            Arc::new(log.of_type("pot")),
+            ledger.clone(),
+            None,
+            Default::default(),
+            subjects.clone(),
+            config.clone(),
+            ttl,
+        );
+        let (jars, _) = Handler::<Jar>::new(
+            Arc::new(log.of_type("jar")),
+            ledger,
+            None,
+            Default::default(),
+            subjects,
+            config,
+            ttl,
+        );
+        let pots = Arc::new(pots);
+        DecisionHandler {
+            parts: vec![
+                Arc::new(PartOf(pots.clone())),
+                Arc::new(PartOf(Arc::new(jars))),
+            ],
+            inner: pots,
+            _decision: PhantomData,
+        }
+    }
+
+    async fn bottle(handler: &DecisionHandler<Bottle>, command_id: &str) -> (Reply, u32) {
+        let body = serde_json::json!({"pot": "a", "jar": "a"});
+        let request = CommandRequest {
+            id: "b1".into(),
+            command: "bottle".into(),
+            command_id: command_id.into(),
+            fingerprint: request::fingerprint("bottle", &body),
+            body,
+            trace: TraceContext::new_root(),
+        };
+        let command = request::decode_for::<BottleCommand>("decision bottler", &request).unwrap();
+        handler.execute(&request, command).await
+    }
+
+    #[tokio::test]
+    async fn a_conflict_across_types_catches_up_and_decides_again_on_the_new_states() {
+        let stream = MemoryLog::default();
+        let (pots, jars) = (stream.of_type("pot"), stream.of_type("jar"));
+        pots.append_foreign("a", "Added", r#"{"by":1}"#);
+        // Before the batch lands, a rival adds a coin to the pot (its first aggregate).
+        stream.inject(Fault::Rival("Added"));
+        let (reply, retries) = bottle(&bottler(&stream), "c").await;
+        assert_eq!(reply.error_kind(), None, "{reply:?}");
+        assert_eq!(retries, 1);
+        // Both coins moved, none lost or made; the pot and the jar with one id stay apart.
+        assert_eq!((coins(&pots, "a"), coins(&jars, "a")), (0, 2));
+        assert_eq!(jars.events("a").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_lost_ack_across_types_is_answered_from_both_types_events() {
+        let stream = MemoryLog::default();
+        stream
+            .of_type("pot")
+            .append_foreign("a", "Added", r#"{"by":2}"#);
+        stream.inject(Fault::LostAck);
+        let (reply, retries) = bottle(&bottler(&stream), "c").await;
+        let Reply::Accepted(accepted) = reply else {
+            panic!("expected success, got {reply:?}")
+        };
+        assert_eq!(retries, 1);
+        let written: Vec<(&str, &str, u64, u64)> = accepted
+            .aggregates
+            .iter()
+            .map(|w| (w.aggregate.as_str(), w.id.as_str(), w.version, w.seq))
+            .collect();
+        assert_eq!(written, [("pot", "a", 2, 2), ("jar", "a", 1, 3)]);
+        // A repeat on a fresh instance (its own empty ledger) finds both types' events.
+        let (again, _) = bottle(&bottler(&stream), "c").await;
+        assert_eq!(again, Reply::Accepted(accepted));
+        assert_eq!(stream.of_type("jar").events("a").len(), 1, "stored once");
+    }
 }

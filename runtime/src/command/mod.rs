@@ -22,7 +22,7 @@ pub mod decision;
 mod kv;
 mod ledger;
 #[cfg(test)]
-mod memory;
+pub(crate) mod memory;
 mod reply;
 pub(crate) mod request;
 mod snapshots;
