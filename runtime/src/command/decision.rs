@@ -1097,18 +1097,28 @@ mod tests {
         }
     }
 
-    async fn send(handler: &DecisionHandler<MoveAll>, command_id: &str) -> (Reply, u32) {
-        let body = serde_json::json!({"from": "a", "to": "b"});
+    /// Sends `command` with `body` to decision `d1` of `handler`.
+    async fn send_as<D: Decision>(
+        handler: &DecisionHandler<D>,
+        command: &str,
+        body: serde_json::Value,
+        command_id: &str,
+    ) -> (Reply, u32) {
         let request = CommandRequest {
-            id: "m1".into(),
-            command: "move".into(),
+            id: "d1".into(),
+            command: command.into(),
             command_id: command_id.into(),
-            fingerprint: request::fingerprint("move", &body),
+            fingerprint: request::fingerprint(command, &body),
             body,
             trace: TraceContext::new_root(),
         };
-        let command = request::decode_for::<MoveCommand>("decision mover", &request).unwrap();
-        handler.execute(&request, command).await
+        let decoded = request::decode_for::<D::Command>(&owner::<D>(), &request).unwrap();
+        handler.execute(&request, decoded).await
+    }
+
+    async fn send(handler: &DecisionHandler<MoveAll>, command_id: &str) -> (Reply, u32) {
+        let body = serde_json::json!({"from": "a", "to": "b"});
+        send_as(handler, "move", body, command_id).await
     }
 
     fn coins(log: &MemoryLog, id: &str) -> i64 {
@@ -1272,16 +1282,7 @@ mod tests {
 
     async fn bottle(handler: &DecisionHandler<Bottle>, command_id: &str) -> (Reply, u32) {
         let body = serde_json::json!({"pot": "a", "jar": "a"});
-        let request = CommandRequest {
-            id: "b1".into(),
-            command: "bottle".into(),
-            command_id: command_id.into(),
-            fingerprint: request::fingerprint("bottle", &body),
-            body,
-            trace: TraceContext::new_root(),
-        };
-        let command = request::decode_for::<BottleCommand>("decision bottler", &request).unwrap();
-        handler.execute(&request, command).await
+        send_as(handler, "bottle", body, command_id).await
     }
 
     #[tokio::test]
