@@ -16,7 +16,7 @@ set -euo pipefail
 
 # The function binaries to run (package/binary names under functions/).
 # Add new functions here.
-FUNCTIONS="account,account-projection,transfer,transfer-manager,transfer-projection,bank"
+FUNCTIONS="account,account-projection,transfer,transfer-manager,transfer-projection,bank,signup"
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"

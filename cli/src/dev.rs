@@ -33,6 +33,7 @@ Then, from another terminal in the same directory:
   jetfn send account.alice.open '{\"owner\":\"Alice\",\"initial_deposit\":100}'
   jetfn send account.bob.open '{\"owner\":\"Bob\"}'
   jetfn send bank.t1.transfer '{\"from\":\"alice\",\"to\":\"bob\",\"amount\":10}'   # one atomic append
+  jetfn send signup.s1.register '{\"user\":\"u1\",\"username\":\"alice\"}'   # across two types
   redis-cli -u \"$(cat .jetfn/redis.url)\" HGETALL '{account-balances}:g1:account:alice'
 
 Without NATS_URL (or --server) a private nats-server >= 2.12 is started: $JETFN_NATS_SERVER,
@@ -62,7 +63,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "account,account-projection,transfer,transfer-manager,transfer-projection,bank",
+        default_value = "account,account-projection,transfer,transfer-manager,transfer-projection,bank,signup",
         value_name = "NAMES"
     )]
     functions: Vec<String>,

@@ -67,7 +67,7 @@ pub trait Aggregate: Default + Send + Sync + 'static {
     type Command: DeserializeOwned + JsonSchema + Send;
 
     /// What happened. Stored one message per event; its JSON Schema is published in `schemas/`.
-    type Event: Serialize + DeserializeOwned + JsonSchema + Send + Sync;
+    type Event: Serialize + DeserializeOwned + JsonSchema + Send + Sync + 'static;
 
     /// Decides which events a command causes in the current state, or rejects it.
     ///

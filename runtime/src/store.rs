@@ -41,6 +41,12 @@ const MAX_INFLIGHT_BATCHES: usize = 40;
 /// How often an atomic batch refused for too many in flight (10210) is tried again.
 const INFLIGHT_BATCH_RETRIES: u32 = 50;
 
+/// How many times provisioning updates a stream before it gives up on concurrent changes.
+const PROVISION_ROUNDS: u32 = 8;
+/// How long provisioning waits after an update before it reads the stream again (plus up to
+/// as much at random).
+const PROVISION_SETTLE: Duration = Duration::from_millis(100);
+
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -109,7 +115,7 @@ pub struct NewEvent {
 }
 
 /// What one command appends.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct Append<'a> {
     /// The aggregate id.
     pub aggregate_id: &'a str,
@@ -160,12 +166,18 @@ pub struct EventStore {
     source: String,
     reads: Arc<OnceCell<DirectGets>>,
     batches: Arc<Semaphore>,
+    /// Whether the stream is not the aggregate type's default one, so it may hold other
+    /// types' events too: the `Nats-Msg-Id`s then name the type.
+    shared: bool,
 }
 
 impl EventStore {
     /// A store over an existing connection. Call [`EventStore::provision`] to create the stream.
     pub fn new(client: Client, settings: StoreSettings) -> Self {
         EventStore {
+            // A process manager's instance stream (owner `pm.<name>`) holds no aggregate type.
+            shared: names::check_aggregate_name(&settings.aggregate).is_ok()
+                && settings.stream != names::default_stream(&settings.aggregate),
             direct_get_subject: names::direct_get(&settings.api_prefix, &settings.stream),
             source: format!("/jetfn/{}", settings.aggregate),
             client,
@@ -190,45 +202,66 @@ impl EventStore {
         check_server_version(&self.client.server_info().version)
     }
 
-    /// Creates the stream, or updates the settings jetfn relies on. Idempotent, so every
-    /// instance may run it at start-up. A stream that holds another aggregate type's events (the
-    /// default names of `a-b` and `a_b` are the same) is refused.
+    /// Creates the stream, or updates the settings jetfn relies on and adds this aggregate
+    /// type's subjects and name to it. Idempotent, so every instance may run it at start-up.
+    ///
+    /// Several aggregate types share a stream when configured to (`stream.name`), each on its
+    /// own subjects; the stream lists them in its metadata ([`names::STREAM_AGGREGATE_METADATA`],
+    /// and [`names::stream_subjects_metadata`] per type). Refused: a type whose *default* stream
+    /// name is that of a type already there (`a-b` and `a_b` both default to `A_B_EVENTS`), and
+    /// a type whose subjects another type already uses (one `stream.subject_prefix` for two).
+    ///
+    /// JetStream updates a stream's configuration as a whole, so two functions adding their
+    /// subjects at once could each write a configuration that lacks the other's. After an
+    /// update the stream is read again a moment later, and updated again until it holds this
+    /// type's subjects (at most 8 times).
     pub async fn provision(&self) -> Result<(), StoreError> {
         let js = crate::wire::jetstream::context(self.client.clone(), &self.settings.api_prefix);
         let desired = self.stream_config();
-        match js.get_stream(&self.settings.stream).await {
-            Ok(mut existing) => {
-                let current = existing
+        for round in 0..PROVISION_ROUNDS {
+            let current = match js.get_stream(&self.settings.stream).await {
+                Ok(mut existing) => existing
                     .info()
                     .await
                     .map_err(|e| StoreError::Unavailable(e.to_string()))?
                     .config
-                    .clone();
-                self.check_compatible(&current)?;
-                let merged = merge_managed(current.clone(), &desired);
-                if merged != current {
-                    tracing::info!(stream = %self.settings.stream, "updating stream settings");
-                    js.update_stream(merged)
-                        .await
-                        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-                }
-                Ok(())
-            }
-            Err(_) => match js.create_stream(desired.clone()).await {
-                Ok(_) => {
-                    tracing::info!(stream = %self.settings.stream, "created stream");
-                    Ok(())
-                }
-                // Another instance may have created it in between.
-                Err(create) => match js.get_stream(&self.settings.stream).await {
-                    Ok(_) => Ok(()),
-                    Err(_) => Err(StoreError::Unavailable(format!(
-                        "cannot create stream {}: {create}",
-                        self.settings.stream
-                    ))),
+                    .clone(),
+                Err(_) => match js.create_stream(desired.clone()).await {
+                    Ok(_) => {
+                        tracing::info!(stream = %self.settings.stream, "created stream");
+                        return Ok(());
+                    }
+                    // Another function may have created it in between: merge into theirs.
+                    Err(create) => match js.get_stream(&self.settings.stream).await {
+                        Ok(_) => continue,
+                        Err(_) => {
+                            return Err(StoreError::Unavailable(format!(
+                                "cannot create stream {}: {create}",
+                                self.settings.stream
+                            )));
+                        }
+                    },
                 },
-            },
+            };
+            self.check_compatible(&current)?;
+            let merged = merge_managed(current.clone(), &desired);
+            if merged == current {
+                return Ok(());
+            }
+            tracing::info!(stream = %self.settings.stream, round, "updating stream settings");
+            js.update_stream(merged)
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            // A function that read the stream before this update may write over it: look again
+            // once its update would have landed.
+            let settle = PROVISION_SETTLE + PROVISION_SETTLE.mul_f64(rand::random::<f64>());
+            tokio::time::sleep(settle).await;
         }
+        Err(StoreError::Unavailable(format!(
+            "stream {}: its subjects kept changing while aggregate {} was added ({PROVISION_ROUNDS} \
+             updates); start the functions again",
+            self.settings.stream, self.settings.aggregate
+        )))
     }
 
     /// Fails unless the stream exists and takes every subject of this aggregate type: an atomic
@@ -283,15 +316,66 @@ impl EventStore {
                     .into(),
             ));
         }
-        let owner = current.metadata.get(names::STREAM_AGGREGATE_METADATA);
-        if let Some(owner) = owner.filter(|o| **o != self.settings.aggregate) {
+        let me = self.settings.aggregate.as_str();
+        let owners = current
+            .metadata
+            .get(names::STREAM_AGGREGATE_METADATA)
+            .map(|value| names::stream_owners(value))
+            .unwrap_or_default();
+        if owners.contains(&me) {
+            return Ok(());
+        }
+        let others: Vec<&str> = owners.into_iter().filter(|o| *o != me).collect();
+        // Types whose default names collide never share by accident.
+        let default = names::default_stream(me);
+        if self.settings.stream == default
+            && let Some(other) = others.iter().find(|o| names::default_stream(o) == default)
+        {
             return Err(incompatible(format!(
-                "holds the events of aggregate {owner:?}, not {:?}; give one of them its own \
-                 stream with stream.name",
-                self.settings.aggregate
+                "holds the events of aggregate {other:?}, not {me:?}; give one of them its own \
+                 stream with stream.name"
+            )));
+        }
+        // A subject prefix is one type's, so each type's events stay apart.
+        let filter = self.filter();
+        let taken = others
+            .iter()
+            .find(|o| current.metadata.get(&names::stream_subjects_metadata(o)) == Some(&filter));
+        // A type listed before jetfn recorded each type's subjects owns the stream's subjects.
+        let unrecorded = others.iter().find(|o| {
+            !current
+                .metadata
+                .contains_key(&names::stream_subjects_metadata(o))
+        });
+        if let Some(other) = taken.or(unrecorded.filter(|_| current.subjects.contains(&filter))) {
+            return Err(incompatible(format!(
+                "aggregate {other:?} already stores its events on {filter}; two aggregate types \
+                 cannot share a subject prefix, so give {me:?} its own stream.subject_prefix or \
+                 leave it unset"
             )));
         }
         Ok(())
+    }
+
+    /// The stream metadata this type adds: its name, and in a stream other than its default
+    /// one (which other types may share) its subjects. A stream of one type keeps the one key.
+    fn stream_metadata(&self) -> std::collections::HashMap<String, String> {
+        let mut metadata = std::collections::HashMap::from([(
+            names::STREAM_AGGREGATE_METADATA.to_owned(),
+            self.settings.aggregate.clone(),
+        )]);
+        if self.shared {
+            metadata.insert(
+                names::stream_subjects_metadata(&self.settings.aggregate),
+                self.filter(),
+            );
+        }
+        metadata
+    }
+
+    /// The subject filter of this aggregate type's events.
+    fn filter(&self) -> String {
+        format!("{}.*", self.settings.subject_prefix)
     }
 
     /// The stream configuration jetfn needs.
@@ -302,7 +386,7 @@ impl EventStore {
                 "jetfn events of aggregate {}",
                 self.settings.aggregate
             )),
-            subjects: vec![format!("{}.*", self.settings.subject_prefix)],
+            subjects: vec![self.filter()],
             storage: stream::StorageType::File,
             num_replicas: self.settings.replicas,
             duplicate_window: self.settings.duplicate_window,
@@ -312,11 +396,7 @@ impl EventStore {
             allow_atomic_publish: true,
             deny_delete: true,
             deny_purge: true,
-            metadata: [(
-                names::STREAM_AGGREGATE_METADATA.to_owned(),
-                self.settings.aggregate.clone(),
-            )]
-            .into(),
+            metadata: self.stream_metadata(),
             ..Default::default()
         }
     }
@@ -525,31 +605,80 @@ impl EventStore {
     /// form (`...-Subject`) is never used: it is not safe under concurrency on replicated streams.
     pub async fn append_all(&self, appends: &[Append<'_>]) -> Result<u64, AppendError> {
         let time = wire_event::now_rfc3339();
-        let mut messages: Vec<(String, HeaderMap, Bytes)> = Vec::new();
+        let mut messages = Vec::new();
         for append in appends {
-            let subject = self.subject(append.aggregate_id);
-            let meta = EventMeta {
-                source: &self.source,
-                aggregate_id: append.aggregate_id,
-                command_id: append.command_id,
-                command: append.command,
-                fingerprint: append.fingerprint,
-                trace: append.trace,
-                time: &time,
-                previous: Some(Previous {
-                    seq: append.expected_last_seq,
-                    version: append.expected_version,
-                }),
-            };
-            for (index, event) in append.events.iter().enumerate() {
-                let mut headers =
-                    wire_event::headers(&meta, index, &event.event_type, event.version);
-                if index == 0 {
-                    wire_js::expect_last_subject_sequence(&mut headers, append.expected_last_seq);
-                }
-                messages.push((subject.clone(), headers, Bytes::from(event.payload.clone())));
-            }
+            self.messages(append, &time, &mut messages);
         }
+        self.send_messages(messages).await
+    }
+
+    /// Appends one command's events to aggregates of several types, all or nothing, each
+    /// append paired with the store of its aggregate's type; every store must be of this
+    /// store's stream (an atomic batch is single-stream). Otherwise as
+    /// [`EventStore::append_all`].
+    pub async fn append_across(
+        &self,
+        appends: &[(&EventStore, Append<'_>)],
+    ) -> Result<u64, AppendError> {
+        let time = wire_event::now_rfc3339();
+        let mut messages = Vec::new();
+        for (store, append) in appends {
+            if store.settings.stream != self.settings.stream {
+                return Err(AppendError::Unavailable(format!(
+                    "aggregate {} is stored in stream {}, not {}: one atomic batch is \
+                     single-stream",
+                    store.settings.aggregate, store.settings.stream, self.settings.stream
+                )));
+            }
+            store.messages(append, &time, &mut messages);
+        }
+        self.send_messages(messages).await
+    }
+
+    /// The messages of one append, each with its headers, after `messages`.
+    fn messages(
+        &self,
+        append: &Append<'_>,
+        time: &str,
+        messages: &mut Vec<(String, HeaderMap, Bytes)>,
+    ) {
+        let subject = self.subject(append.aggregate_id);
+        let meta = EventMeta {
+            source: &self.source,
+            aggregate_id: append.aggregate_id,
+            command_id: append.command_id,
+            command: append.command,
+            fingerprint: append.fingerprint,
+            trace: append.trace,
+            time,
+            previous: Some(Previous {
+                seq: append.expected_last_seq,
+                version: append.expected_version,
+            }),
+        };
+        for (index, event) in append.events.iter().enumerate() {
+            let mut headers = wire_event::headers(&meta, index, &event.event_type, event.version);
+            if self.shared {
+                let id = wire_event::shared_msg_id(
+                    &self.settings.aggregate,
+                    append.aggregate_id,
+                    append.command_id,
+                    index,
+                );
+                headers.insert(header::MSG_ID, id.as_str());
+            }
+            if index == 0 {
+                wire_js::expect_last_subject_sequence(&mut headers, append.expected_last_seq);
+            }
+            messages.push((subject.clone(), headers, Bytes::from(event.payload.clone())));
+        }
+    }
+
+    /// Publishes one message, or several as one atomic batch.
+    async fn send_messages(
+        &self,
+        mut messages: Vec<(String, HeaderMap, Bytes)>,
+    ) -> Result<u64, AppendError> {
         match messages.len() {
             0 => Err(AppendError::Unavailable("nothing to append".into())),
             1 => {
@@ -672,12 +801,23 @@ pub(crate) trait EventLog: Send + Sync + 'static {
     /// Appends a command's events if the aggregate is still at `append.expected_last_seq`.
     fn append<'a>(&'a self, append: Append<'a>) -> BoxFuture<'a, Result<u64, AppendError>>;
 
-    /// Appends one command's events to several aggregates, all or nothing, if each is still at
-    /// its expected sequence. Returns the sequence of the last event.
-    fn append_all<'a>(
+    /// Appends one command's events to aggregates of several types sharing this log's stream,
+    /// all or nothing, each append paired with the log of its aggregate's type.
+    fn append_across<'a>(
         &'a self,
-        appends: &'a [Append<'a>],
+        appends: &'a [(&'a dyn EventLog, Append<'a>)],
     ) -> BoxFuture<'a, Result<u64, AppendError>>;
+
+    /// The JetStream store behind this log, if it is one.
+    fn event_store(&self) -> Option<&EventStore> {
+        None
+    }
+
+    /// The in-memory log behind this log, in the command loop's unit tests.
+    #[cfg(test)]
+    fn memory(&self) -> Option<&crate::command::memory::MemoryLog> {
+        None
+    }
 }
 
 impl EventLog for EventStore {
@@ -697,21 +837,50 @@ impl EventLog for EventStore {
         Box::pin(EventStore::append(self, append))
     }
 
-    fn append_all<'a>(
+    fn append_across<'a>(
         &'a self,
-        appends: &'a [Append<'a>],
+        appends: &'a [(&'a dyn EventLog, Append<'a>)],
     ) -> BoxFuture<'a, Result<u64, AppendError>> {
-        Box::pin(EventStore::append_all(self, appends))
+        Box::pin(async move {
+            let mut typed = Vec::with_capacity(appends.len());
+            for (log, append) in appends {
+                let Some(store) = log.event_store() else {
+                    return Err(AppendError::Unavailable(
+                        "an atomic batch mixes JetStream and other logs".into(),
+                    ));
+                };
+                typed.push((store, *append));
+            }
+            EventStore::append_across(self, &typed).await
+        })
+    }
+
+    fn event_store(&self) -> Option<&EventStore> {
+        Some(self)
     }
 }
 
 /// Copies the settings jetfn manages onto an existing stream's configuration, keeping the rest
-/// (limits an operator set, placement, metadata).
+/// (limits an operator set, placement, other metadata): the desired subjects are added, and the
+/// aggregate types listed in the metadata are merged.
 fn merge_managed(mut current: stream::Config, desired: &stream::Config) -> stream::Config {
     for subject in &desired.subjects {
         if !current.subjects.contains(subject) {
             current.subjects.push(subject.clone());
         }
+    }
+    for (key, value) in &desired.metadata {
+        let merged = match current.metadata.get(key) {
+            Some(existing) if key == names::STREAM_AGGREGATE_METADATA => {
+                names::stream_owners_value(
+                    names::stream_owners(existing)
+                        .into_iter()
+                        .chain(names::stream_owners(value)),
+                )
+            }
+            _ => value.clone(),
+        };
+        current.metadata.insert(key.clone(), merged);
     }
     current.allow_direct = true;
     current.allow_atomic_publish = true;

@@ -27,8 +27,23 @@
 //! ```
 
 use crate::aggregate::{Aggregate, Rejection, replay};
-use crate::decision::{Decision, Events, States};
+use crate::decision::{Aggregates, Decision, Events, StateEntry, States, Visit};
+use std::any::Any;
 use std::fmt::Debug;
+use std::marker::PhantomData;
+
+/// Panics unless `outcome` is a rejection whose message contains `fragment`.
+#[track_caller]
+fn assert_rejected(outcome: Result<impl Debug, Rejection>, fragment: &str) {
+    match outcome {
+        Ok(events) => panic!("expected a rejection containing {fragment:?}, got {events:?}"),
+        Err(rejection) => assert!(
+            rejection.message().contains(fragment),
+            "expected a rejection containing {fragment:?}, got {:?}",
+            rejection.message()
+        ),
+    }
+}
 
 /// Starts a scenario from the events that already happened.
 pub fn given<A: Aggregate>(events: impl IntoIterator<Item = A::Event>) -> Given<A> {
@@ -80,14 +95,7 @@ where
     /// Asserts the command was rejected with a message containing `fragment`.
     #[track_caller]
     pub fn then_rejected(self, fragment: &str) {
-        match self.outcome {
-            Ok(events) => panic!("expected a rejection containing {fragment:?}, got {events:?}"),
-            Err(rejection) => assert!(
-                rejection.message().contains(fragment),
-                "expected a rejection containing {fragment:?}, got {:?}",
-                rejection.message()
-            ),
-        }
+        assert_rejected(self.outcome, fragment);
     }
 }
 
@@ -221,36 +229,135 @@ where
 /// ```
 pub fn given_aggregates<D: Decision>(
     histories: impl IntoIterator<Item = (impl Into<String>, Vec<<D::Aggregate as Aggregate>::Event>)>,
-) -> GivenAggregates<D> {
+) -> GivenAggregates<D>
+where
+    D::Aggregate: Aggregate,
+{
+    histories
+        .into_iter()
+        .fold(given_decision::<D>(), |given, (id, events)| {
+            given.with::<D::Aggregate>(id, events)
+        })
+}
+
+/// Starts a scenario of a [`Decision`](crate::decision::Decision) over any of its aggregate
+/// types, one type at a time with [`GivenAggregates::with`]; aggregates not listed have no
+/// events (the default state). For a decision over several types:
+///
+/// ```
+/// # use jetfn::{Aggregate, Rejection};
+/// # use jetfn::decision::{Decision, Events, States};
+/// # #[derive(Default)] struct Tally { value: u64 }
+/// # #[derive(Default)] struct Log { lines: u64 }
+/// # #[derive(serde::Deserialize, schemars::JsonSchema)] enum Never {}
+/// # #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+/// # enum Counted { Added { by: u64 } }
+/// # #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+/// # enum Logged { Noted { line: String } }
+/// # impl Aggregate for Tally {
+/// #     const NAME: &'static str = "tally";
+/// #     type Command = Never; type Event = Counted;
+/// #     fn decide(&self, c: Never) -> Result<Vec<Counted>, Rejection> { match c {} }
+/// #     fn evolve(self, Counted::Added { by }: &Counted) -> Self { Tally { value: self.value + by } }
+/// # }
+/// # impl Aggregate for Log {
+/// #     const NAME: &'static str = "log";
+/// #     type Command = Never; type Event = Logged;
+/// #     fn decide(&self, c: Never) -> Result<Vec<Logged>, Rejection> { match c {} }
+/// #     fn evolve(self, _: &Logged) -> Self { Log { lines: self.lines + 1 } }
+/// # }
+/// # #[derive(serde::Deserialize, schemars::JsonSchema)] struct Add { tally: String, log: String }
+/// # struct Noted;
+/// # impl Decision for Noted {
+/// #     const NAME: &'static str = "noted";
+/// #     type Aggregate = (Tally, Log); type Command = Add;
+/// #     fn aggregates(a: &Add) -> Vec<(&'static str, String)> {
+/// #         vec![(Tally::NAME, a.tally.clone()), (Log::NAME, a.log.clone())]
+/// #     }
+/// #     fn decide(s: &States<'_, (Tally, Log)>, a: Add) -> Result<Events<(Tally, Log)>, Rejection> {
+/// #         let value = s.get::<Tally>(&a.tally).map_or(0, |t| t.value);
+/// #         Ok(Events::new()
+/// #             .with(a.tally, [Counted::Added { by: 1 }])
+/// #             .with(a.log, [Logged::Noted { line: format!("{} + 1", value) }]))
+/// #     }
+/// # }
+/// use jetfn::testing::given_decision;
+///
+/// let events = given_decision::<Noted>()
+///     .with::<Tally>("t", [Counted::Added { by: 2 }])
+///     .when(Add { tally: "t".into(), log: "l".into() })
+///     .then_events();
+/// assert_eq!(events.aggregates(), [("tally", "t"), ("log", "l")]);
+/// assert_eq!(events.of::<Log>("l"), [Logged::Noted { line: "2 + 1".into() }]);
+/// ```
+pub fn given_decision<D: Decision>() -> GivenAggregates<D> {
     GivenAggregates {
-        states: histories
-            .into_iter()
-            .map(|(id, events)| (id.into(), replay::<D::Aggregate>(&events)))
-            .collect(),
+        states: Vec::new(),
+        _decision: PhantomData,
     }
 }
 
+/// A state of any aggregate type.
+type AnyState = Box<dyn Any + Send + Sync>;
+
+/// Makes an aggregate type's default state.
+type MakeDefault = fn() -> AnyState;
+
 /// The states built from each aggregate's given events.
 pub struct GivenAggregates<D: Decision> {
-    states: Vec<(String, D::Aggregate)>,
+    states: Vec<(&'static str, String, AnyState)>,
+    _decision: PhantomData<fn() -> D>,
 }
 
 impl<D: Decision> GivenAggregates<D> {
+    /// Aggregate `id` of type `T` had these events.
+    pub fn with<T: Aggregate>(
+        mut self,
+        id: impl Into<String>,
+        events: impl IntoIterator<Item = T::Event>,
+    ) -> Self {
+        let events: Vec<T::Event> = events.into_iter().collect();
+        self.states
+            .push((T::NAME, id.into(), Box::new(replay::<T>(&events))));
+        self
+    }
+
     /// Decides a command over the aggregates it names (unlisted ones in the default state).
     pub fn when(self, command: D::Command) -> ThenAggregates<D> {
-        let defaults: Vec<(String, D::Aggregate)> = D::aggregates(&command)
+        struct Defaults(Vec<(&'static str, MakeDefault)>);
+        impl Visit for Defaults {
+            fn visit<A: Aggregate>(&mut self) {
+                self.0.push((A::NAME, || Box::new(A::default())));
+            }
+        }
+        let mut defaults = Defaults(Vec::new());
+        D::Aggregate::visit(&mut defaults);
+        let missing: Vec<(&'static str, String, AnyState)> = D::aggregates(&command)
             .into_iter()
-            .filter(|id| !self.states.iter().any(|(known, _)| known == id))
-            .map(|id| (id, D::Aggregate::default()))
+            .map(D::Aggregate::key)
+            .filter(|(t, id)| {
+                !self
+                    .states
+                    .iter()
+                    .any(|(k, known, _)| k == t && known == id)
+            })
+            .filter_map(|(t, id)| {
+                let default = defaults.0.iter().find(|(name, _)| *name == t)?.1;
+                Some((t, id, default()))
+            })
             .collect();
         let entries = self
             .states
             .iter()
-            .chain(&defaults)
-            .map(|(id, state)| (id.as_str(), state))
+            .chain(&missing)
+            .map(|(aggregate, id, state)| StateEntry {
+                aggregate,
+                id,
+                state: &**state,
+            })
             .collect();
         ThenAggregates {
-            outcome: D::decide(&States::new(entries), command),
+            outcome: D::decide(&States::erased(entries), command),
         }
     }
 }
@@ -261,8 +368,27 @@ pub struct ThenAggregates<D: Decision> {
     outcome: Result<Events<D::Aggregate>, Rejection>,
 }
 
+impl<D: Decision> ThenAggregates<D> {
+    /// Asserts the decision was rejected with a message containing `fragment`.
+    #[track_caller]
+    pub fn then_rejected(self, fragment: &str) {
+        assert_rejected(self.outcome, fragment);
+    }
+
+    /// Asserts the decision was accepted and returns what it wrote, for assertions of their
+    /// own ([`Events::of`], [`Events::aggregates`]).
+    #[track_caller]
+    pub fn then_events(self) -> Events<D::Aggregate> {
+        match self.outcome {
+            Ok(events) => events,
+            Err(rejection) => panic!("expected events, but rejected: {rejection}"),
+        }
+    }
+}
+
 impl<D: Decision> ThenAggregates<D>
 where
+    D::Aggregate: Aggregate,
     <D::Aggregate as Aggregate>::Event: Debug + PartialEq,
 {
     /// Asserts the decision wrote exactly these events to exactly these aggregates.
@@ -283,22 +409,6 @@ where
                 assert_eq!(decided, expected, "the decision wrote other events");
             }
             Err(rejection) => panic!("expected events {expected:?}, but rejected: {rejection}"),
-        }
-    }
-
-    /// Asserts the decision was rejected with a message containing `fragment`.
-    #[track_caller]
-    pub fn then_rejected(self, fragment: &str) {
-        match self.outcome {
-            Ok(events) => panic!(
-                "expected a rejection containing {fragment:?}, got {:?}",
-                events.into_parts()
-            ),
-            Err(rejection) => assert!(
-                rejection.message().contains(fragment),
-                "expected a rejection containing {fragment:?}, got {:?}",
-                rejection.message()
-            ),
         }
     }
 }

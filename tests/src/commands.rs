@@ -174,6 +174,25 @@ pub async fn stored_messages(
     Ok(messages)
 }
 
+/// Creates stream `name` as an operator would, taking only `subjects`, with atomic publish:
+/// for tests of functions that refuse a stream they were not given.
+pub async fn operator_stream(
+    client: &async_nats::Client,
+    name: &str,
+    subjects: &[&str],
+) -> Result<()> {
+    jetstream::new(client.clone())
+        .create_stream(jetstream::stream::Config {
+            name: name.into(),
+            subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
+            allow_atomic_publish: true,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating stream {name}"))?;
+    Ok(())
+}
+
 /// How many messages the stream holds.
 pub async fn message_count(client: &async_nats::Client, stream_name: &str) -> Result<u64> {
     match jetstream::new(client.clone()).get_stream(stream_name).await {

@@ -39,6 +39,15 @@ pub fn generated() -> Vec<(PathBuf, String)> {
     for (name, schema) in decision_command_schemas::<bank::Bank>() {
         files.push((format!("bank/commands/{name}.json").into(), schema));
     }
+    for (name, schema) in decision_command_schemas::<signup::Signup>() {
+        files.push((format!("signup/commands/{name}.json").into(), schema));
+    }
+    for (name, schema) in event_schemas::<signup::User>() {
+        files.push((format!("user/events/{name}.json").into(), schema));
+    }
+    for (name, schema) in event_schemas::<signup::Username>() {
+        files.push((format!("username/events/{name}.json").into(), schema));
+    }
     files.push(("reply.json".into(), reply_schema()));
     files.push((
         "account-balances/account.json".into(),

@@ -12,8 +12,8 @@ use jetfn::store::{EventStore, StoreSettings};
 use jetfn::wire::{AggregateNames, CommandSubjects, header};
 use jetfn_tests::NatsServer;
 use jetfn_tests::commands::{
-    ACCOUNT_STREAM, StoredMessage, account_config, balance, message_count, send, send_raw,
-    service_stats, start_account, start_bank, stored_messages, transfer,
+    ACCOUNT_STREAM, StoredMessage, account_config, balance, message_count, operator_stream, send,
+    send_raw, service_stats, start_account, start_bank, stored_messages, transfer,
 };
 use rand::Rng;
 use serde_json::json;
@@ -49,8 +49,10 @@ async fn a_transfer_writes_both_accounts_in_one_atomic_append_and_answers_a_repe
         json!({"ok": true, "id": "t1", "version": 0, "seq": 5,
                "events": ["MoneyWithdrawn", "MoneyDeposited"],
                "aggregates": [
-                   {"id": "alice", "version": 3, "seq": 4, "events": ["MoneyWithdrawn"]},
-                   {"id": "bob", "version": 2, "seq": 5, "events": ["MoneyDeposited"]}]})
+                   {"aggregate": "account", "id": "alice", "version": 3, "seq": 4,
+                    "events": ["MoneyWithdrawn"]},
+                   {"aggregate": "account", "id": "bob", "version": 2, "seq": 5,
+                    "events": ["MoneyDeposited"]}]})
     );
     // Ordinary events on each account's subject, linked like any command's.
     let stored = stored_messages(&client, ACCOUNT_STREAM, None)
@@ -162,13 +164,7 @@ async fn a_decision_beyond_one_atomic_batch_is_invalid_and_writes_nothing() {
 async fn a_decision_refuses_to_start_when_its_aggregates_stream_does_not_take_them_all() {
     let nats = NatsServer::start().await.unwrap();
     let client = nats.connect().await.unwrap();
-    jetstream::new(client.clone())
-        .create_stream(jetstream::stream::Config {
-            name: ACCOUNT_STREAM.into(),
-            subjects: vec!["evt.account.alice".into()],
-            allow_atomic_publish: true,
-            ..Default::default()
-        })
+    operator_stream(&client, ACCOUNT_STREAM, &["evt.account.alice"])
         .await
         .unwrap();
     let mut config = account_config(&nats);

@@ -9,7 +9,8 @@
 //! event or refuses), P49 beyond "unknown headers are `Nats-...`", P55's grace period as a slow
 //! reader sees it, P59 (advice) and P66 (trimming the change feed at about 10,000 entries).
 //! P3 is checked for `account` only. P71 is checked in `functions/transfer/tests/rules.rs`, P72
-//! and P73 in `process_manager.rs`.
+//! and P73 in `process_manager.rs`, P75-P78 in `atomic_decisions.rs`; P74 and P80-P83 here, with
+//! the signup decision (the race of P82 in `cross_type_decisions.rs`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -2251,4 +2252,139 @@ fn field_names(value: &Value) -> BTreeSet<&str> {
         .keys()
         .map(String::as_str)
         .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p74_p80_to_p83_decisions_across_aggregate_types() {
+    let nats = NatsServer::start().await.unwrap();
+    // P83: without one stream for both types, the function does not start.
+    let refused = jetfn::decision_function::<signup::Signup>()
+        .with_config(account_config(&nats))
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("user in USER_EVENTS") && refused.contains("username in USERNAME_EVENTS"),
+        "P83: {refused}"
+    );
+    let mut config = account_config(&nats);
+    config.stream.name = Some("USERS".into());
+    let _signup = jetfn::decision_function::<signup::Signup>()
+        .with_config(config)
+        .start()
+        .await
+        .unwrap();
+    let client = nats.connect().await.unwrap();
+    let body = json!({"user": "u1", "username": "alice"}).to_string();
+    let reply = request(
+        &client,
+        "cmd.signup.s1.register",
+        body,
+        &[("Nats-Msg-Id", "c1")],
+    )
+    .await;
+    let body = reply.json();
+    assert_eq!(
+        (&body["version"], &body["seq"]),
+        (&json!(0), &json!(2)),
+        "P74: {body}"
+    );
+    let written: Vec<(&str, &str, u64, u64)> = body["aggregates"]
+        .as_array()
+        .expect("P74: aggregates")
+        .iter()
+        .map(|a| {
+            assert_eq!(
+                field_names(a),
+                BTreeSet::from(["aggregate", "id", "version", "seq", "events"]),
+                "P74: {a}"
+            );
+            let text = |key: &str| a[key].as_str().unwrap();
+            let number = |key: &str| a[key].as_u64().unwrap();
+            (
+                text("aggregate"),
+                text("id"),
+                number("version"),
+                number("seq"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        written,
+        [("user", "u1", 1, 1), ("username", "alice", 1, 2)],
+        "P74"
+    );
+
+    // P80: one stream, each type on its own subjects, all listed.
+    let info = request(&client, "$JS.API.STREAM.INFO.USERS", "", &[])
+        .await
+        .json();
+    let config = &info["config"];
+    assert_eq!(
+        config["subjects"],
+        json!(["evt.user.*", "evt.username.*"]),
+        "P80"
+    );
+    assert_eq!(
+        config["metadata"]["jetfn.aggregate"], "user,username",
+        "P80"
+    );
+    assert_eq!(
+        config["metadata"]["jetfn.aggregate.user"], "evt.user.*",
+        "P80"
+    );
+    assert_eq!(
+        config["metadata"]["jetfn.aggregate.username"], "evt.username.*",
+        "P80"
+    );
+
+    // P81, P82: each event on its own subject, its dedupe id naming its type.
+    for (subject, msg_id, ce_id) in [
+        ("evt.user.u1", "user.u1:c1:0", "u1:c1:0"),
+        ("evt.username.alice", "username.alice:c1:0", "alice:c1:0"),
+    ] {
+        let raw = request(
+            &client,
+            "$JS.API.DIRECT.GET.USERS",
+            json!({"last_by_subj": subject}).to_string(),
+            &[],
+        )
+        .await;
+        let event = Event::from_raw(&raw);
+        assert_eq!(event.header("Nats-Msg-Id"), msg_id, "P81");
+        assert_eq!(event.header("ce-id"), ce_id, "P81");
+        assert_eq!(
+            event.header("Nats-Expected-Last-Subject-Sequence"),
+            "0",
+            "P82"
+        );
+    }
+
+    // P82: the name is taken.
+    let body = json!({"user": "u2", "username": "alice"}).to_string();
+    let taken = request(
+        &client,
+        "cmd.signup.s2.register",
+        body,
+        &[("Nats-Msg-Id", "c2")],
+    )
+    .await
+    .json();
+    assert_eq!(taken["error"]["kind"], "rejected", "P82: {taken}");
+    assert_eq!(taken["error"]["code"], "username_taken", "P82: {taken}");
+    assert_eq!(
+        taken["error"]["message"], "username alice is taken by u1",
+        "P82"
+    );
+
+    // P83: discovery names both types and their subjects.
+    let infos = services(&client, "$SRV.INFO.signup").await;
+    let metadata = &infos[0]["metadata"];
+    assert_eq!(metadata["jetfn.aggregate"], "user,username", "P83");
+    assert_eq!(
+        metadata["jetfn.events"], "evt.user.<id>,evt.username.<id>",
+        "P83"
+    );
+    assert_eq!(metadata["jetfn.stream"], "USERS", "P83");
 }

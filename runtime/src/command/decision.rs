@@ -4,8 +4,8 @@
 //! For every request on `cmd.<decision>.<id>.<command>` the runtime
 //! 1. runs the command function's wire checks and decodes the command;
 //! 2. asks the [`Decision`] which aggregates it needs, and takes their slots in the state cache
-//!    in id order (so two decisions over the same accounts never wait for each other in a
-//!    circle), loading each on a miss: snapshot, then the events after it;
+//!    of their type in (type, id) order (so two decisions over the same aggregates never wait
+//!    for each other in a circle), loading each on a miss: snapshot, then the events after it;
 //! 3. answers a repeated command id from the ledger (keyed by the decision's `<id>`) or from the
 //!    command's events found on the aggregates;
 //! 4. decides, and appends every event in **one** ADR-50 atomic batch, each aggregate's events
@@ -13,39 +13,53 @@
 //!    `Nats-Expected-Last-Subject-Sequence`. On a conflict it catches up the aggregates (one
 //!    direct get each for those that did not change) and decides again, within the same
 //!    `command.max_retries`, `command.conflict_budget` and backoff as a single-aggregate command;
-//! 5. replies with every aggregate written, its new version, and the sequence of the batch's
-//!    last message as the consistency token.
+//! 5. replies with every aggregate written (type and id), its new version, and the sequence of
+//!    the batch's last message as the consistency token.
+//!
+//! Each aggregate type keeps its own state cache (one single-aggregate [`Handler`] per type);
+//! the types of one decision must share one stream, which start-up checks.
 //!
 //! Wildcard `Nats-Expected-Last-Subject-Sequence-Subject` checks are never used: on replicated
 //! streams the server tracks in-flight writes by literal subject, so two batches with
 //! overlapping wildcard checks can both be accepted.
 
-use super::cache::{Cached, QueueFull, Slot};
-use super::ledger::Entry;
+use super::cache::{Cached, QueueFull};
+use super::ledger::{Entry, KvLedger};
 use super::request::{self, CommandRequest};
 use super::writer::Job;
 use super::{
     Handler, Replies, Request, RunningFunction, Serves, ServiceSpec, Serving, accepted, answer,
-    encode, go_live, open, register, run_until_signal, stats_of, unavailable,
+    encode, go_live, open_ledger, open_snapshots, open_store, register, run_until_signal, stats_of,
+    unavailable,
 };
 use crate::Error;
 use crate::aggregate::Aggregate;
 use crate::codec::variant_names;
 use crate::config::Config;
-use crate::decision::{Decision, MAX_BATCH_EVENTS, States};
-use crate::store::{Append, AppendError, NewEvent};
-use crate::wire::{AggregateNames, names};
+use crate::decision::{
+    Aggregates, Decision, EventList, MAX_BATCH_EVENTS, StateEntry, States, Visit, type_names,
+};
+use crate::direct::DirectGets;
+use crate::store::{Append, AppendError, EventLog, NewEvent};
+use crate::wire::{AggregateNames, CommandSubjects, names};
+use async_nats::Client;
+use futures::future::BoxFuture;
+use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Instant;
+use tokio::sync::OwnedMutexGuard;
 
 use super::reply::{ErrorKind, Reply, Written};
 
 /// Replies of accepted decisions each cached aggregate keeps before starting over: the ledger,
 /// written in the background within moments, answers for older ones.
 const MAX_APPLIED: usize = 1024;
+
+/// The first aggregate type of decision `D`.
+type First<D> = <<D as Decision>::Aggregate as Aggregates>::First;
 
 /// Starts building the function that serves decision `D`.
 ///
@@ -89,6 +103,109 @@ pub struct DecisionFunction<D> {
     _decision: PhantomData<fn() -> D>,
 }
 
+/// What each aggregate type's part is opened with.
+struct Setup<'a> {
+    config: &'a Config,
+    client: &'a Client,
+    reads: Arc<DirectGets>,
+    ledger: Arc<KvLedger>,
+    commands: CommandSubjects,
+}
+
+/// Opens one aggregate type's part of a decision function.
+type OpenPart = for<'a> fn(&'a Setup<'a>) -> BoxFuture<'a, Result<Arc<dyn Part>, Error>>;
+
+/// Collects a part opener per aggregate type.
+#[derive(Default)]
+struct Openers(Vec<OpenPart>);
+
+impl Visit for Openers {
+    fn visit<A: Aggregate>(&mut self) {
+        fn open<'a, A: Aggregate>(
+            setup: &'a Setup<'a>,
+        ) -> BoxFuture<'a, Result<Arc<dyn Part>, Error>> {
+            Box::pin(async move {
+                let handler = open_handler::<A>(setup).await?;
+                Ok(Arc::new(PartOf(handler)) as Arc<dyn Part>)
+            })
+        }
+        self.0.push(open::<A>);
+    }
+}
+
+/// The handler of aggregate type `A`'s events in a decision function: its store (whose stream
+/// must take atomic batches of all its subjects), snapshots and state cache, with the
+/// decision's ledger.
+async fn open_handler<A: Aggregate>(setup: &Setup<'_>) -> Result<Arc<Handler<A>>, Error> {
+    let names = AggregateNames::new(A::NAME, setup.config)?;
+    let store = open_store(setup.config, &names, setup.client).await?;
+    store.check_single_stream().await?;
+    let snapshots =
+        open_snapshots::<A>(setup.config, &names, setup.client, setup.reads.clone()).await?;
+    // The writer task of a type other than the first has nothing to write (the first type's
+    // writes the decision's ledger entries); it ends with its handler.
+    let (handler, _writer) = Handler::<A>::new(
+        Arc::new(store),
+        setup.ledger.clone(),
+        snapshots,
+        A::upcasters(),
+        setup.commands.clone(),
+        setup.config.command.clone(),
+        setup.config.ledger.ttl,
+    );
+    Ok(Arc::new(handler))
+}
+
+/// Refuses decisions whose aggregate types cannot be written in one atomic batch: repeated or
+/// clashing names, a shared `stream.subject_prefix`, or streams that differ. Returns each
+/// type's names.
+fn check_types<D: Decision>(config: &Config) -> Result<Vec<AggregateNames>, Error> {
+    let types = type_names::<D::Aggregate>();
+    let refuse = |message: String| Err(Error::Service(message));
+    if let Some(clash) = types.iter().find(|t| **t == D::NAME) {
+        return refuse(format!(
+            "decision {:?} has the name of its aggregate type {clash:?}; the aggregate's command \
+             function owns cmd.{clash}.>, so give the decision another name",
+            D::NAME
+        ));
+    }
+    for (at, name) in types.iter().enumerate() {
+        if types[..at].contains(name) {
+            return refuse(format!(
+                "decision {:?} lists aggregate type {name:?} twice; its types must be distinct",
+                D::NAME
+            ));
+        }
+    }
+    if types.len() > 1 && config.stream.subject_prefix.is_some() {
+        return refuse(format!(
+            "decision {:?} writes aggregate types {} and stream.subject_prefix is set: one prefix \
+             cannot be shared by several types; leave it unset so each type keeps evt.<type>",
+            D::NAME,
+            types.join(", ")
+        ));
+    }
+    let names = types
+        .iter()
+        .map(|t| AggregateNames::new(t, config))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut streams: Vec<String> = names
+        .iter()
+        .map(|n| format!("{} in {}", n.aggregate, n.stream))
+        .collect();
+    if names.iter().any(|n| n.stream != names[0].stream) {
+        streams.sort();
+        return refuse(format!(
+            "decision {:?}: its aggregate types are in different streams ({}); an atomic batch \
+             is single-stream, so set the same stream.name for the decision and for the command \
+             functions of all its types",
+            D::NAME,
+            streams.join(", ")
+        ));
+    }
+    Ok(names)
+}
+
 impl<D: Decision> DecisionFunction<D> {
     /// Uses this configuration instead of loading `jetfn.toml` and the environment.
     pub fn with_config(mut self, config: Config) -> Self {
@@ -107,55 +224,71 @@ impl<D: Decision> DecisionFunction<D> {
         run_until_signal(self.start()).await
     }
 
-    /// Connects, checks that the aggregates' stream can take the atomic batches, opens the
-    /// ledger and starts serving.
+    /// Connects, checks that the aggregates' stream can take the atomic batches (all the
+    /// decision's types in one stream), opens the ledger and starts serving.
     pub async fn start(self) -> Result<RunningFunction, Error> {
         let config = Config::given_or_load(self.config)?;
-        let aggregate = <D::Aggregate as Aggregate>::NAME;
-        if D::NAME == aggregate {
-            return Err(Error::Service(format!(
-                "decision {:?} has the name of its aggregate type; the aggregate's command \
-                 function owns cmd.{aggregate}.>, so give the decision another name",
-                D::NAME
-            )));
-        }
-        // Where the aggregates' events are, and where the decision's own commands and ledger are.
-        let names = AggregateNames::new(aggregate, &config)?;
+        let types = check_types::<D>(&config)?;
+        // Where the decision's own commands and ledger are.
         let own = AggregateNames::new(D::NAME, &config)?;
         let connection = config.nats.name.clone().unwrap_or_else(|| own.connection());
-        let (client, store, ledger, snapshots) =
-            open::<D::Aggregate>(&config, &names, &connection, &own.ledger_bucket).await?;
-        store.check_single_stream().await?;
-        let (inner, writer) = Handler::<D::Aggregate>::new(
-            Arc::new(store),
-            Arc::new(ledger),
+        let client = config.nats.connect(&connection).await?;
+        // The first type's store is opened before the ledger, as a command function's is.
+        let first = open_store(&config, &types[0], &client).await?;
+        let (ledger, reads) = open_ledger(&config, &client, &own.ledger_bucket).await?;
+        first.check_single_stream().await?;
+        let snapshots =
+            open_snapshots::<First<D>>(&config, &types[0], &client, reads.clone()).await?;
+        let ledger = Arc::new(ledger);
+        let (inner, writer) = Handler::<First<D>>::new(
+            Arc::new(first),
+            ledger.clone(),
             snapshots,
-            <D::Aggregate as Aggregate>::upcasters(),
+            <First<D> as Aggregate>::upcasters(),
             own.commands.clone(),
             config.command.clone(),
             config.ledger.ttl,
         );
+        let inner = Arc::new(inner);
+        let setup = Setup {
+            config: &config,
+            client: &client,
+            reads,
+            ledger,
+            commands: own.commands.clone(),
+        };
+        let mut openers = Openers::default();
+        D::Aggregate::visit(&mut openers);
+        let mut parts: Vec<Arc<dyn Part>> = vec![Arc::new(PartOf(inner.clone()))];
+        for open in openers.0.into_iter().skip(1) {
+            parts.push(open(&setup).await?);
+        }
         let handler = Arc::new(DecisionHandler::<D> {
             inner,
+            parts,
             _decision: PhantomData,
         });
         let violations = crate::permissions::watch();
         let commands = variant_names::<D::Command>().join(",");
         let schemas = serde_json::to_string(&crate::schema::decision_command_schemas::<D>())
             .unwrap_or_default();
+        let aggregates: Vec<&str> = types.iter().map(|n| n.aggregate.as_str()).collect();
+        let aggregates = aggregates.join(",");
+        let events: Vec<String> = types
+            .iter()
+            .map(|n| format!("{}.<id>", n.event_prefix))
+            .collect();
+        let stream = types[0].stream.clone();
         let metadata = HashMap::from([
             (names::meta::SCHEMAS.to_owned(), schemas),
             (names::meta::KIND.to_owned(), names::KIND_COMMAND.to_owned()),
-            (names::meta::AGGREGATE.to_owned(), aggregate.to_owned()),
+            (names::meta::AGGREGATE.to_owned(), aggregates.clone()),
             (names::meta::COMMANDS.to_owned(), commands),
-            (names::meta::STREAM.to_owned(), names.stream.clone()),
-            (
-                names::meta::EVENTS.to_owned(),
-                format!("{}.<id>", names.event_prefix),
-            ),
+            (names::meta::STREAM.to_owned(), stream.clone()),
+            (names::meta::EVENTS.to_owned(), events.join(",")),
         ]);
         let description = format!(
-            "jetfn atomic decision {} over aggregates {aggregate}",
+            "jetfn atomic decision {} over aggregates {aggregates}",
             D::NAME
         );
         let spec = ServiceSpec {
@@ -172,9 +305,9 @@ impl<D: Decision> DecisionFunction<D> {
         let ready = move || {
             tracing::info!(
                 decision = D::NAME,
-                aggregate,
+                aggregate = %aggregates,
                 subjects = %subjects,
-                stream = %names.stream,
+                stream = %stream,
                 "decision function ready"
             )
         };
@@ -194,10 +327,12 @@ impl<D: Decision> DecisionFunction<D> {
     }
 }
 
-/// Decides the commands of decision `D`, with the single-aggregate handler's cache, ledger,
-/// log, counters and settings.
+/// Decides the commands of decision `D`: the first aggregate type's handler brings the ledger,
+/// log, counters and settings; each type's part its state cache and events.
 struct DecisionHandler<D: Decision> {
-    inner: Handler<D::Aggregate>,
+    inner: Arc<Handler<First<D>>>,
+    /// One per aggregate type, in the decision's order (the first is `inner`'s).
+    parts: Vec<Arc<dyn Part>>,
     _decision: PhantomData<fn() -> D>,
 }
 
@@ -249,7 +384,17 @@ impl<D: Decision> Serves for DecisionHandler<D> {
     }
 
     fn stats(&self) -> serde_json::Value {
-        self.inner.stats()
+        let mut stats = self.inner.stats();
+        if self.parts.len() > 1 {
+            // `cache` is the first type's; each type's own state cache by type name.
+            let caches: serde_json::Map<String, serde_json::Value> = self
+                .parts
+                .iter()
+                .map(|p| (p.aggregate().to_owned(), p.cache()))
+                .collect();
+            stats["caches"] = caches.into();
+        }
+        stats
     }
 }
 
@@ -257,110 +402,306 @@ fn owner<D: Decision>() -> String {
     format!("decision {}", D::NAME)
 }
 
-/// The aggregates of one decision, locked, in id order.
-struct Locked<A> {
-    ids: Vec<String>,
-    cached: Vec<Cached<A>>,
-    /// Whether each was read from the store during this command.
-    fresh: Vec<bool>,
-    /// Whether each cached state is still good (false after a fold error).
-    keep: Vec<bool>,
+/// One aggregate type's share of a decision function, its type erased.
+trait Part: Send + Sync {
+    /// The aggregate type.
+    fn aggregate(&self) -> &'static str;
+    /// Joins the queue for aggregate `id`'s slot; the future takes it.
+    fn queue(&self, id: &str) -> Result<BoxFuture<'static, Box<dyn Locked>>, QueueFull>;
+    /// The state cache's numbers for `$SRV.STATS`.
+    fn cache(&self) -> serde_json::Value;
+}
+
+struct PartOf<A: Aggregate>(Arc<Handler<A>>);
+
+impl<A: Aggregate> Part for PartOf<A> {
+    fn aggregate(&self) -> &'static str {
+        A::NAME
+    }
+
+    fn cache(&self) -> serde_json::Value {
+        self.0.cache.to_json()
+    }
+
+    fn queue(&self, id: &str) -> Result<BoxFuture<'static, Box<dyn Locked>>, QueueFull> {
+        let slot = self.0.cache.slot(id)?;
+        let handler = self.0.clone();
+        let id = id.to_owned();
+        Ok(Box::pin(async move {
+            let guard = slot.lock_owned().await;
+            Box::new(LockedOf { handler, id, guard }) as Box<dyn Locked>
+        }))
+    }
+}
+
+/// An aggregate's slot, taken, its state not yet loaded.
+trait Locked: Send {
+    /// The cached state, or a load on a miss.
+    fn load(self: Box<Self>) -> BoxFuture<'static, Result<Box<dyn Held>, Reply>>;
+}
+
+struct LockedOf<A: Aggregate> {
+    handler: Arc<Handler<A>>,
+    id: String,
+    guard: OwnedMutexGuard<Option<Cached<A>>>,
+}
+
+impl<A: Aggregate> Locked for LockedOf<A> {
+    fn load(self: Box<Self>) -> BoxFuture<'static, Result<Box<dyn Held>, Reply>> {
+        Box::pin(async move {
+            let LockedOf {
+                handler,
+                id,
+                mut guard,
+            } = *self;
+            handler.cache.count(guard.is_some());
+            let (cached, fresh) = match guard.take() {
+                Some(cached) => (cached, false),
+                // The aggregate that failed stays uncached.
+                None => (handler.load(&id).await?, true),
+            };
+            Ok(Box::new(HeldOf {
+                handler,
+                id,
+                guard,
+                cached,
+                fresh,
+                keep: true,
+            }) as Box<dyn Held>)
+        })
+    }
+}
+
+/// One locked, loaded aggregate of a decision, its type erased.
+trait Held: Send {
+    fn aggregate(&self) -> &'static str;
+    fn id(&self) -> &str;
+    fn state(&self) -> &(dyn Any + Send + Sync);
+    fn last_seq(&self) -> u64;
+    fn version(&self) -> u64;
+    /// The reply of a command whose events were folded in.
+    fn applied(&self, command_id: &str) -> Option<&Entry>;
+    /// The reply of a recent command that stored nothing.
+    fn recent(&self, command_id: &str) -> Option<&Entry>;
+    fn remember(&mut self, command_id: &str, entry: Entry);
+    fn log(&self) -> &dyn EventLog;
+    /// Catches up with the stored events; whether any were new.
+    fn catch_up(&mut self) -> BoxFuture<'_, Result<bool, Reply>>;
+    /// Makes sure a state not read during this command is current; whether it was not (and
+    /// has been caught up).
+    fn refresh(&mut self) -> BoxFuture<'_, Result<bool, Reply>>;
+    /// Encodes the events decided for it (a `Vec` of its type's events).
+    fn encode(&self, events: &(dyn Any + Send)) -> Result<Vec<NewEvent>, Reply>;
+    /// Folds in the appended events, the last stored at `last_seq`, and remembers the reply.
+    fn applied_now(
+        &mut self,
+        events: Box<dyn Any + Send>,
+        stored: u64,
+        last_seq: u64,
+        command_id: &str,
+        entry: &Entry,
+    );
+}
+
+struct HeldOf<A: Aggregate> {
+    handler: Arc<Handler<A>>,
+    id: String,
+    guard: OwnedMutexGuard<Option<Cached<A>>>,
+    cached: Cached<A>,
+    /// Whether it was read from the store during this command.
+    fresh: bool,
+    /// Whether the cached state is still good (false after a fold error).
+    keep: bool,
+}
+
+impl<A: Aggregate> Drop for HeldOf<A> {
+    fn drop(&mut self) {
+        if self.keep {
+            let empty = Cached::empty(0, std::time::Duration::ZERO);
+            *self.guard = Some(std::mem::replace(&mut self.cached, empty));
+        }
+    }
+}
+
+impl<A: Aggregate> Held for HeldOf<A> {
+    fn aggregate(&self) -> &'static str {
+        A::NAME
+    }
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn state(&self) -> &(dyn Any + Send + Sync) {
+        &self.cached.state
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.cached.last_seq
+    }
+
+    fn version(&self) -> u64 {
+        self.cached.version
+    }
+
+    fn applied(&self, command_id: &str) -> Option<&Entry> {
+        self.cached.applied.get(command_id)
+    }
+
+    fn recent(&self, command_id: &str) -> Option<&Entry> {
+        self.cached.recent.get(command_id)
+    }
+
+    fn remember(&mut self, command_id: &str, entry: Entry) {
+        self.cached.recent.remember(command_id, entry);
+    }
+
+    fn log(&self) -> &dyn EventLog {
+        &*self.handler.log
+    }
+
+    fn catch_up(&mut self) -> BoxFuture<'_, Result<bool, Reply>> {
+        Box::pin(async move {
+            let before = self.cached.last_seq;
+            if let Err((reply, keep)) = self
+                .handler
+                .catch_up(&mut self.cached, &self.id, None)
+                .await
+            {
+                self.keep = keep;
+                return Err(reply);
+            }
+            self.fresh = true;
+            Ok(self.cached.last_seq != before)
+        })
+    }
+
+    fn refresh(&mut self) -> BoxFuture<'_, Result<bool, Reply>> {
+        Box::pin(async move {
+            if self.fresh || self.handler.is_current(&self.cached, &self.id).await? {
+                self.fresh = true;
+                return Ok(false);
+            }
+            self.catch_up().await.map(|_| true)
+        })
+    }
+
+    fn encode(&self, events: &(dyn Any + Send)) -> Result<Vec<NewEvent>, Reply> {
+        match events.downcast_ref::<Vec<A::Event>>() {
+            Some(events) => encode::<A>(events),
+            None => Err(Reply::failed(
+                ErrorKind::Invalid,
+                format!(
+                    "the decision wrote events of another Rust type to aggregate type {}",
+                    A::NAME
+                ),
+            )),
+        }
+    }
+
+    fn applied_now(
+        &mut self,
+        events: Box<dyn Any + Send>,
+        stored: u64,
+        last_seq: u64,
+        command_id: &str,
+        entry: &Entry,
+    ) {
+        if let Ok(events) = events.downcast::<Vec<A::Event>>() {
+            for event in events.iter() {
+                self.cached.state = std::mem::take(&mut self.cached.state).evolve(event);
+            }
+        }
+        self.cached.last_seq = last_seq;
+        self.cached.version += stored;
+        let applied = &mut self.cached.applied;
+        // The ledger answers once its entry is written (in the background); only the last
+        // commands need answering from here, and the cache must not grow without end.
+        if applied.len() >= MAX_APPLIED {
+            applied.clear();
+        }
+        applied.insert(command_id.to_owned(), entry.clone());
+    }
 }
 
 impl<D: Decision> DecisionHandler<D> {
     /// Answers a checked command, returning the reply and the number of conflict retries.
     async fn execute(&self, request: &CommandRequest, command: D::Command) -> (Reply, u32) {
         let inner = &self.inner;
-        let mut ids = D::aggregates(&command);
-        ids.sort();
-        ids.dedup();
-        if ids.is_empty() {
+        let mut keys: Vec<(&'static str, String)> = D::aggregates(&command)
+            .into_iter()
+            .map(D::Aggregate::key)
+            .collect();
+        // In (type, id) order: every decision takes its aggregates in the same order.
+        keys.sort();
+        keys.dedup();
+        if keys.is_empty() {
             let message = format!("{} names no aggregate to decide on", request.command);
             return (Reply::failed(ErrorKind::Invalid, message), 0);
         }
-        if ids.len() > MAX_BATCH_EVENTS {
+        if keys.len() > MAX_BATCH_EVENTS {
             let message = format!(
                 "the decision names {} aggregates; one atomic batch holds at most \
                  {MAX_BATCH_EVENTS} events",
-                ids.len()
+                keys.len()
             );
             return (Reply::failed(ErrorKind::Invalid, message), 0);
         }
-        for id in &ids {
+        let mut queued = Vec::with_capacity(keys.len());
+        for (aggregate, id) in &keys {
             if let Err(message) = names::check_id(id) {
                 return (Reply::failed(ErrorKind::Invalid, message), 0);
             }
-        }
-        let mut slots: Vec<Slot<D::Aggregate>> = Vec::with_capacity(ids.len());
-        for id in &ids {
-            match inner.cache.slot(id) {
-                Ok(slot) => slots.push(slot),
+            let Some(part) = self.parts.iter().find(|p| p.aggregate() == *aggregate) else {
+                let declared: Vec<&str> = self.parts.iter().map(|p| p.aggregate()).collect();
+                let message = format!(
+                    "the decision names aggregate type {aggregate:?}, which decision {} does not \
+                     declare (its types: {})",
+                    D::NAME,
+                    declared.join(", ")
+                );
+                return (Reply::failed(ErrorKind::Invalid, message), 0);
+            };
+            match part.queue(id) {
+                Ok(lock) => queued.push(lock),
                 Err(QueueFull) => {
                     let message = format!(
-                        "{id} has {} commands waiting in this instance; retry with the same \
-                         command id",
+                        "{aggregate} {id} has {} commands waiting in this instance; retry with \
+                         the same command id",
                         inner.config.max_queued_per_aggregate
                     );
                     return (unavailable(message), 0);
                 }
             }
         }
-        // In id order: every decision takes its aggregates in the same order.
         let lock_all = async {
-            let mut guards = Vec::with_capacity(slots.len());
-            for slot in &slots {
-                guards.push(slot.clone().lock_owned().await);
+            let mut locked = Vec::with_capacity(queued.len());
+            for lock in queued {
+                locked.push(lock.await);
             }
-            guards
+            locked
         };
-        let (mut guards, ledger) =
+        let (locked, ledger) =
             tokio::join!(lock_all, inner.ledger.get(&request.id, &request.command_id));
         let Ok(_permit) = inner.permits.acquire().await else {
             return (unavailable("shutting down"), 0);
         };
-        let mut locked = Locked {
-            ids,
-            cached: Vec::with_capacity(guards.len()),
-            fresh: Vec::with_capacity(guards.len()),
-            keep: vec![true; guards.len()],
-        };
-        for (id, guard) in locked.ids.iter().zip(guards.iter_mut()) {
-            inner.cache.count(guard.is_some());
-            match guard.take() {
-                Some(cached) => {
-                    locked.cached.push(cached);
-                    locked.fresh.push(false);
-                }
-                None => match inner.load(id).await {
-                    Ok(cached) => {
-                        locked.cached.push(cached);
-                        locked.fresh.push(true);
-                    }
-                    Err(reply) => {
-                        // Put back what was taken; the aggregate that failed stays uncached.
-                        for (guard, cached) in guards.iter_mut().zip(locked.cached) {
-                            **guard = Some(cached);
-                        }
-                        return (reply, 0);
-                    }
-                },
+        let mut held = Vec::with_capacity(locked.len());
+        for locked in locked {
+            // On a failed load, those already loaded go back to their slots as they drop.
+            match locked.load().await {
+                Ok(aggregate) => held.push(aggregate),
+                Err(reply) => return (reply, 0),
             }
         }
-        let (reply, retries) = self
-            .decide_and_append(&mut locked, request, command, ledger)
-            .await;
-        for ((guard, cached), keep) in guards.iter_mut().zip(locked.cached).zip(locked.keep) {
-            if keep {
-                **guard = Some(cached);
-            }
-        }
-        (reply, retries)
+        self.decide_and_append(&mut held, request, command, ledger)
+            .await
     }
 
     /// Decide, append atomically; on a conflict, catch up and decide again.
     async fn decide_and_append(
         &self,
-        locked: &mut Locked<D::Aggregate>,
+        held: &mut [Box<dyn Held>],
         request: &CommandRequest,
         command: D::Command,
         ledger: Result<Option<Entry>, crate::store::StoreError>,
@@ -375,7 +716,7 @@ impl<D: Decision> DecisionHandler<D> {
         let mut command = Some(command);
         let mut retries = 0;
         loop {
-            if let Some(reply) = earlier(locked, request) {
+            if let Some(reply) = earlier(held, request) {
                 return (reply, retries);
             }
             let command = match command.take() {
@@ -385,12 +726,13 @@ impl<D: Decision> DecisionHandler<D> {
                     Err(m) => return (Reply::failed(ErrorKind::Invalid, m), retries),
                 },
             };
-            let states = States::new(
-                locked
-                    .ids
-                    .iter()
-                    .zip(&locked.cached)
-                    .map(|(id, cached)| (id.as_str(), &cached.state))
+            let states = States::erased(
+                held.iter()
+                    .map(|h| StateEntry {
+                        aggregate: h.aggregate(),
+                        id: h.id(),
+                        state: h.state(),
+                    })
                     .collect(),
             );
             let decided = match D::decide(&states, command) {
@@ -398,7 +740,7 @@ impl<D: Decision> DecisionHandler<D> {
                 outcome => {
                     // Nothing to append, so OCC cannot catch a stale state: make sure every
                     // state is current before this outcome becomes the command's answer.
-                    match self.refresh(locked).await {
+                    match refresh(held).await {
                         Ok(true) => continue,
                         Ok(false) => {}
                         Err(reply) => return (reply, retries),
@@ -415,8 +757,8 @@ impl<D: Decision> DecisionHandler<D> {
                             fingerprint: request.fingerprint.clone(),
                             reply: reply.clone(),
                         };
-                        for cached in &mut locked.cached {
-                            cached.recent.remember(&request.command_id, entry.clone());
+                        for aggregate in held.iter_mut() {
+                            aggregate.remember(&request.command_id, entry.clone());
                         }
                     }
                     return (reply, retries);
@@ -430,49 +772,61 @@ impl<D: Decision> DecisionHandler<D> {
                 );
                 return (Reply::failed(ErrorKind::Invalid, message), retries);
             }
-            let parts = decided.into_parts();
-            let mut encoded: Vec<(usize, Vec<NewEvent>)> = Vec::with_capacity(parts.len());
-            for (id, events) in &parts {
-                let Some(at) = locked.ids.iter().position(|named| named == id) else {
+            let lists = decided.into_lists();
+            let mut encoded: Vec<(usize, Vec<NewEvent>)> = Vec::with_capacity(lists.len());
+            for list in &lists {
+                let Some(at) = held
+                    .iter()
+                    .position(|h| h.aggregate() == list.aggregate && h.id() == list.id)
+                else {
                     let message = format!(
-                        "the decision wrote to aggregate {id:?}, which its command did not name"
+                        "the decision wrote to aggregate {} {:?}, which its command did not name",
+                        list.aggregate, list.id
                     );
                     return (Reply::failed(ErrorKind::Invalid, message), retries);
                 };
-                match encode::<D::Aggregate>(events) {
-                    Ok(list) => encoded.push((at, list)),
+                match held[at].encode(&*list.events) {
+                    Ok(events) => encoded.push((at, events)),
                     Err(reply) => return (reply, retries),
                 }
             }
-            let appends: Vec<Append<'_>> = encoded
+            let appends: Vec<(&dyn EventLog, Append<'_>)> = encoded
                 .iter()
-                .map(|(at, events)| Append {
-                    aggregate_id: &locked.ids[*at],
-                    expected_last_seq: locked.cached[*at].last_seq,
-                    expected_version: locked.cached[*at].version,
-                    command_id: &request.command_id,
-                    command: &request.command,
-                    events,
-                    fingerprint: Some(&request.fingerprint),
-                    trace: Some(&request.trace),
+                .map(|(at, events)| {
+                    let aggregate = &held[*at];
+                    let append = Append {
+                        aggregate_id: aggregate.id(),
+                        expected_last_seq: aggregate.last_seq(),
+                        expected_version: aggregate.version(),
+                        command_id: &request.command_id,
+                        command: &request.command,
+                        events,
+                        fingerprint: Some(&request.fingerprint),
+                        trace: Some(&request.trace),
+                    };
+                    (aggregate.log(), append)
                 })
                 .collect();
             let exhausted = retries >= inner.config.max_retries
                 || started.elapsed() >= inner.config.conflict_budget;
-            let appended = inner.log.append_all(&appends).await;
+            let appended = inner.log.append_across(&appends).await;
             drop(appends);
             match appended {
                 Ok(last) => {
-                    let reply = self.applied(locked, request, parts, &encoded, last);
+                    let reply = self.applied(held, request, lists, &encoded, last);
                     return (reply, retries);
                 }
                 Err(AppendError::Unavailable(message) | AppendError::TooManyBatches(message)) => {
                     return (unavailable(message), retries);
                 }
                 Err(AppendError::Conflict(message)) if exhausted => {
+                    let named: Vec<String> = held
+                        .iter()
+                        .map(|h| format!("{} {}", h.aggregate(), h.id()))
+                        .collect();
                     let message = format!(
                         "{} changed concurrently {} times in a row; last: {message}",
-                        locked.ids.join(", "),
+                        named.join(", "),
                         retries + 1
                     );
                     return (Reply::failed(ErrorKind::Conflict, message), retries);
@@ -483,7 +837,7 @@ impl<D: Decision> DecisionHandler<D> {
                 Err(err) => {
                     tracing::debug!(error = %err, retry = retries + 1, "catching up after conflict");
                     retries += 1;
-                    match self.catch_up_all(locked).await {
+                    match catch_up_all(held).await {
                         Ok(true) => {}
                         // Nothing new (a clustered in-flight conflict, an answer that never
                         // came): pause, the aggregates staying locked.
@@ -498,47 +852,43 @@ impl<D: Decision> DecisionHandler<D> {
     /// Folds the appended events in and builds the reply; its ledger entry is written later.
     fn applied(
         &self,
-        locked: &mut Locked<D::Aggregate>,
+        held: &mut [Box<dyn Held>],
         request: &CommandRequest,
-        parts: Vec<(String, Vec<<D::Aggregate as Aggregate>::Event>)>,
+        lists: Vec<EventList>,
         encoded: &[(usize, Vec<NewEvent>)],
         last: u64,
     ) -> Reply {
         let total: u64 = encoded.iter().map(|(_, e)| e.len() as u64).sum();
         // The batch is stored contiguously, in the order it was sent.
         let mut seq = last + 1 - total;
-        let mut written = Vec::with_capacity(parts.len());
+        let mut written = Vec::with_capacity(encoded.len());
         let mut all_types = Vec::new();
-        for ((_, events), (at, new)) in parts.into_iter().zip(encoded) {
-            let cached = &mut locked.cached[*at];
-            for event in &events {
-                cached.state = std::mem::take(&mut cached.state).evolve(event);
-            }
+        for (at, new) in encoded {
             seq += new.len() as u64;
-            cached.last_seq = seq - 1;
-            cached.version += new.len() as u64;
+            let aggregate = &held[*at];
             let types: Vec<String> = new.iter().map(|e| e.event_type.clone()).collect();
             all_types.extend(types.iter().cloned());
             written.push(Written {
-                id: locked.ids[*at].clone(),
-                version: cached.version,
-                seq: cached.last_seq,
+                aggregate: aggregate.aggregate().to_owned(),
+                id: aggregate.id().to_owned(),
+                version: aggregate.version() + new.len() as u64,
+                seq: seq - 1,
                 events: types,
             });
         }
-        let reply = decision_reply(request, last, all_types, written);
+        let reply = decision_reply(request, last, all_types, written.clone());
         let entry = Entry {
             fingerprint: request.fingerprint.clone(),
             reply: reply.clone(),
         };
-        for (at, _) in encoded {
-            let applied = &mut locked.cached[*at].applied;
-            // The ledger answers once its entry is written (in the background); only the last
-            // commands need answering from here, and the cache must not grow without end.
-            if applied.len() >= MAX_APPLIED {
-                applied.clear();
-            }
-            applied.insert(request.command_id.clone(), entry.clone());
+        for ((list, (at, new)), written) in lists.into_iter().zip(encoded).zip(&written) {
+            held[*at].applied_now(
+                list.events,
+                new.len() as u64,
+                written.seq,
+                &request.command_id,
+                &entry,
+            );
         }
         self.inner.writer.queue(Job::Ledger {
             id: request.id.clone(),
@@ -546,48 +896,6 @@ impl<D: Decision> DecisionHandler<D> {
             entry,
         });
         reply
-    }
-
-    /// Catches every aggregate up; whether any had changed.
-    async fn catch_up_all(&self, locked: &mut Locked<D::Aggregate>) -> Result<bool, Reply> {
-        let mut changed = false;
-        for at in 0..locked.ids.len() {
-            let before = locked.cached[at].last_seq;
-            let cached = &mut locked.cached[at];
-            if let Err((reply, keep)) = self.inner.catch_up(cached, &locked.ids[at], None).await {
-                locked.keep[at] = keep;
-                return Err(reply);
-            }
-            locked.fresh[at] = true;
-            changed |= locked.cached[at].last_seq != before;
-        }
-        Ok(changed)
-    }
-
-    /// Makes sure every aggregate not read during this command is current; whether any was not
-    /// (and has been caught up).
-    async fn refresh(&self, locked: &mut Locked<D::Aggregate>) -> Result<bool, Reply> {
-        let mut changed = false;
-        for at in 0..locked.ids.len() {
-            if locked.fresh[at] {
-                continue;
-            }
-            if !self
-                .inner
-                .is_current(&locked.cached[at], &locked.ids[at])
-                .await?
-            {
-                let cached = &mut locked.cached[at];
-                if let Err((reply, keep)) = self.inner.catch_up(cached, &locked.ids[at], None).await
-                {
-                    locked.keep[at] = keep;
-                    return Err(reply);
-                }
-                changed = true;
-            }
-            locked.fresh[at] = true;
-        }
-        Ok(changed)
     }
 
     /// Records a reply that left no event behind before it is sent: only the ledger knows it.
@@ -608,22 +916,37 @@ impl<D: Decision> DecisionHandler<D> {
     }
 }
 
+/// Catches every aggregate up; whether any had changed.
+async fn catch_up_all(held: &mut [Box<dyn Held>]) -> Result<bool, Reply> {
+    let mut changed = false;
+    for aggregate in held.iter_mut() {
+        changed |= aggregate.catch_up().await?;
+    }
+    Ok(changed)
+}
+
+/// Makes sure every aggregate not read during this command is current; whether any was not
+/// (and has been caught up).
+async fn refresh(held: &mut [Box<dyn Held>]) -> Result<bool, Reply> {
+    let mut changed = false;
+    for aggregate in held.iter_mut() {
+        changed |= aggregate.refresh().await?;
+    }
+    Ok(changed)
+}
+
 /// The first reply of `request`'s command id, when its events are on the locked aggregates:
 /// this instance's own record, or rebuilt from the events another instance (or an earlier
 /// attempt whose acknowledgement was lost) stored.
-fn earlier<A>(locked: &Locked<A>, request: &CommandRequest) -> Option<Reply> {
+fn earlier(held: &[Box<dyn Held>], request: &CommandRequest) -> Option<Reply> {
     // Rejections and empty decisions of this instance, not yet found in the ledger.
-    if let Some(entry) = locked
-        .cached
-        .iter()
-        .find_map(|cached| cached.recent.get(&request.command_id))
-    {
+    if let Some(entry) = held.iter().find_map(|h| h.recent(&request.command_id)) {
         return Some(answer(entry, request));
     }
     let mut written = Vec::new();
     let mut fingerprint = String::new();
-    for (id, cached) in locked.ids.iter().zip(&locked.cached) {
-        let Some(entry) = cached.applied.get(&request.command_id) else {
+    for aggregate in held {
+        let Some(entry) = aggregate.applied(&request.command_id) else {
             continue;
         };
         match &entry.reply {
@@ -633,7 +956,8 @@ fn earlier<A>(locked: &Locked<A>, request: &CommandRequest) -> Option<Reply> {
             Reply::Accepted(accepted) => {
                 fingerprint.clone_from(&entry.fingerprint);
                 written.push(Written {
-                    id: id.clone(),
+                    aggregate: aggregate.aggregate().to_owned(),
+                    id: aggregate.id().to_owned(),
                     version: accepted.version,
                     seq: accepted.seq,
                     events: accepted.events.clone(),
@@ -765,24 +1089,36 @@ mod tests {
             config,
             Duration::from_secs(3600),
         );
+        let inner = Arc::new(inner);
         DecisionHandler {
+            parts: vec![Arc::new(PartOf(inner.clone()))],
             inner,
             _decision: PhantomData,
         }
     }
 
-    async fn send(handler: &DecisionHandler<MoveAll>, command_id: &str) -> (Reply, u32) {
-        let body = serde_json::json!({"from": "a", "to": "b"});
+    /// Sends `command` with `body` to decision `d1` of `handler`.
+    async fn send_as<D: Decision>(
+        handler: &DecisionHandler<D>,
+        command: &str,
+        body: serde_json::Value,
+        command_id: &str,
+    ) -> (Reply, u32) {
         let request = CommandRequest {
-            id: "m1".into(),
-            command: "move".into(),
+            id: "d1".into(),
+            command: command.into(),
             command_id: command_id.into(),
-            fingerprint: request::fingerprint("move", &body),
+            fingerprint: request::fingerprint(command, &body),
             body,
             trace: TraceContext::new_root(),
         };
-        let command = request::decode_for::<MoveCommand>("decision mover", &request).unwrap();
-        handler.execute(&request, command).await
+        let decoded = request::decode_for::<D::Command>(&owner::<D>(), &request).unwrap();
+        handler.execute(&request, decoded).await
+    }
+
+    async fn send(handler: &DecisionHandler<MoveAll>, command_id: &str) -> (Reply, u32) {
+        let body = serde_json::json!({"from": "a", "to": "b"});
+        send_as(handler, "move", body, command_id).await
     }
 
     fn coins(log: &MemoryLog, id: &str) -> i64 {
@@ -847,5 +1183,144 @@ mod tests {
         // A repeat on a fresh instance finds the events too.
         let (again, _) = send(&rig(&log, 5), "c").await;
         assert_eq!(again, Reply::Accepted(accepted));
+    }
+
+    #[derive(Debug, Default)]
+    struct Jar {
+        coins: u64,
+    }
+
+    #[derive(Serialize, Deserialize, schemars::JsonSchema)]
+    enum JarEvent {
+        Filled { by: u64 },
+    }
+
+    impl Aggregate for Jar {
+        const NAME: &'static str = "jar";
+        type Command = PotCommand;
+        type Event = JarEvent;
+        fn decide(&self, command: PotCommand) -> Result<Vec<JarEvent>, Rejection> {
+            match command {}
+        }
+        fn evolve(self, JarEvent::Filled { by }: &JarEvent) -> Self {
+            Jar {
+                coins: self.coins + by,
+            }
+        }
+    }
+
+    #[derive(Deserialize, schemars::JsonSchema)]
+    #[serde(rename_all = "snake_case")]
+    enum BottleCommand {
+        Bottle { pot: String, jar: String },
+    }
+
+    /// Pours every coin of a pot into a jar: two aggregate types in one stream.
+    struct Bottle;
+
+    impl Decision for Bottle {
+        const NAME: &'static str = "bottler";
+        type Aggregate = (Pot, Jar);
+        type Command = BottleCommand;
+        fn aggregates(
+            BottleCommand::Bottle { pot, jar }: &BottleCommand,
+        ) -> Vec<(&'static str, String)> {
+            vec![(Pot::NAME, pot.clone()), (Jar::NAME, jar.clone())]
+        }
+        fn decide(
+            states: &States<'_, (Pot, Jar)>,
+            BottleCommand::Bottle { pot, jar }: BottleCommand,
+        ) -> Result<Events<(Pot, Jar)>, Rejection> {
+            let by = states.get::<Pot>(&pot).map_or(0, |p| p.coins);
+            if by == 0 {
+                return Err(Rejection::new(format!("{pot} is empty")));
+            }
+            Ok(Events::new()
+                .with(pot, [PotEvent::Taken { by }])
+                .with(jar, [JarEvent::Filled { by }]))
+        }
+    }
+
+    /// A bottler over views of `log` for pots and jars, with a ledger of its own.
+    fn bottler(log: &MemoryLog) -> DecisionHandler<Bottle> {
+        let config = CommandConfig {
+            retry_backoff: Duration::ZERO,
+            max_retry_backoff: Duration::ZERO,
+            ..CommandConfig::default()
+        };
+        let ledger = Arc::new(MemoryLedger::default());
+        let subjects = CommandSubjects::new(None, "bottler");
+        let ttl = Duration::from_secs(3600);
+        let (pots, _) = Handler::<Pot>::new(
+            Arc::new(log.of_type("pot")),
+            ledger.clone(),
+            None,
+            Default::default(),
+            subjects.clone(),
+            config.clone(),
+            ttl,
+        );
+        let (jars, _) = Handler::<Jar>::new(
+            Arc::new(log.of_type("jar")),
+            ledger,
+            None,
+            Default::default(),
+            subjects,
+            config,
+            ttl,
+        );
+        let pots = Arc::new(pots);
+        DecisionHandler {
+            parts: vec![
+                Arc::new(PartOf(pots.clone())),
+                Arc::new(PartOf(Arc::new(jars))),
+            ],
+            inner: pots,
+            _decision: PhantomData,
+        }
+    }
+
+    async fn bottle(handler: &DecisionHandler<Bottle>, command_id: &str) -> (Reply, u32) {
+        let body = serde_json::json!({"pot": "a", "jar": "a"});
+        send_as(handler, "bottle", body, command_id).await
+    }
+
+    #[tokio::test]
+    async fn a_conflict_across_types_catches_up_and_decides_again_on_the_new_states() {
+        let stream = MemoryLog::default();
+        let (pots, jars) = (stream.of_type("pot"), stream.of_type("jar"));
+        pots.append_foreign("a", "Added", r#"{"by":1}"#);
+        // Before the batch lands, a rival adds a coin to the pot (its first aggregate).
+        stream.inject(Fault::Rival("Added"));
+        let (reply, retries) = bottle(&bottler(&stream), "c").await;
+        assert_eq!(reply.error_kind(), None, "{reply:?}");
+        assert_eq!(retries, 1);
+        // Both coins moved, none lost or made; the pot and the jar with one id stay apart.
+        assert_eq!((coins(&pots, "a"), coins(&jars, "a")), (0, 2));
+        assert_eq!(jars.events("a").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_lost_ack_across_types_is_answered_from_both_types_events() {
+        let stream = MemoryLog::default();
+        stream
+            .of_type("pot")
+            .append_foreign("a", "Added", r#"{"by":2}"#);
+        stream.inject(Fault::LostAck);
+        let (reply, retries) = bottle(&bottler(&stream), "c").await;
+        let Reply::Accepted(accepted) = reply else {
+            panic!("expected success, got {reply:?}")
+        };
+        assert_eq!(retries, 1);
+        let written: Vec<(&str, &str, u64, u64)> = accepted
+            .aggregates
+            .iter()
+            .map(|w| (w.aggregate.as_str(), w.id.as_str(), w.version, w.seq))
+            .collect();
+        assert_eq!(written, [("pot", "a", 2, 2), ("jar", "a", 1, 3)]);
+        // A repeat on a fresh instance (its own empty ledger) finds both types' events.
+        let (again, _) = bottle(&bottler(&stream), "c").await;
+        assert_eq!(again, Reply::Accepted(accepted));
+        assert_eq!(stream.of_type("jar").events("a").len(), 1, "stored once");
     }
 }

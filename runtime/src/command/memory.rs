@@ -8,8 +8,8 @@ use crate::store::{Append, AppendError, EventLog, StoreError, StoredEvent};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// What happens to an append.
@@ -27,20 +27,98 @@ pub(crate) enum Fault {
 
 #[derive(Default)]
 struct Log {
-    /// (aggregate id, event) in stream order.
+    /// (subject key: `<type>.<id>`, or the id for the untyped log; event) in stream order.
     events: Vec<(String, StoredEvent)>,
     faults: VecDeque<Fault>,
 }
 
-/// An event stream in memory with literal-subject OCC, like JetStream's.
+/// An event stream in memory with literal-subject OCC, like JetStream's. [`MemoryLog::of_type`]
+/// gives views of the same stream for other aggregate types, as types sharing a stream have.
 #[derive(Default)]
 pub(crate) struct MemoryLog {
-    log: Mutex<Log>,
+    log: Arc<Mutex<Log>>,
+    /// The aggregate type of this view ("" for the untyped log).
+    kind: String,
     pub appends: AtomicU32,
     pub reads: AtomicU32,
 }
 
 impl MemoryLog {
+    /// A view of the same stream for aggregate type `kind`.
+    pub fn of_type(&self, kind: &str) -> MemoryLog {
+        MemoryLog {
+            log: self.log.clone(),
+            kind: kind.to_owned(),
+            ..MemoryLog::default()
+        }
+    }
+
+    /// Where aggregate `id` of this view's type is stored.
+    fn key(&self, id: &str) -> String {
+        if self.kind.is_empty() {
+            id.to_owned()
+        } else {
+            format!("{}.{id}", self.kind)
+        }
+    }
+
+    /// Appends several aggregates' events (each with its key), all or nothing, with
+    /// literal-subject OCC.
+    async fn append_keyed(&self, appends: &[(String, Append<'_>)]) -> Result<u64, AppendError> {
+        self.appends.fetch_add(1, Ordering::Relaxed);
+        let fault = self.lock().faults.pop_front();
+        match &fault {
+            Some(Fault::Slow(delay)) => tokio::time::sleep(*delay).await,
+            Some(Fault::Unavailable) => {
+                return Err(AppendError::Unavailable(
+                    "store unreachable (injected)".into(),
+                ));
+            }
+            Some(Fault::Rival(event_type)) => {
+                if let Some((key, _)) = appends.first() {
+                    push_foreign(&mut self.lock(), key, event_type, r#"{"by":1}"#);
+                }
+            }
+            _ => {}
+        }
+        let mut log = self.lock();
+        for (key, append) in appends {
+            let last = last_of(&log, key);
+            // JetStream's dedupe: the same command's events are not stored twice.
+            let own = log.events.iter().any(|(aggregate, e)| {
+                aggregate == key && e.command_id.as_deref() == Some(append.command_id)
+            });
+            if own {
+                return Err(AppendError::Conflict("duplicate (injected dedupe)".into()));
+            }
+            if last != append.expected_last_seq {
+                return Err(AppendError::Conflict(format!(
+                    "wrong last sequence: {last} (expected {})",
+                    append.expected_last_seq
+                )));
+            }
+        }
+        let mut seq = 0;
+        for (key, append) in appends {
+            for event in append.events {
+                seq = push(
+                    &mut log,
+                    key,
+                    &event.event_type,
+                    Some(append.command_id),
+                    append.fingerprint,
+                    Bytes::from(event.payload.clone()),
+                );
+            }
+        }
+        match fault {
+            Some(Fault::LostAck) => {
+                Err(AppendError::Unknown("no acknowledgement (injected)".into()))
+            }
+            _ => Ok(seq),
+        }
+    }
+
     /// Queues a fault for a coming append.
     pub fn inject(&self, fault: Fault) {
         self.lock().faults.push_back(fault);
@@ -48,23 +126,16 @@ impl MemoryLog {
 
     /// Stores an event as another writer would.
     pub fn append_foreign(&self, id: &str, event_type: &str, payload: &str) -> u64 {
-        let mut log = self.lock();
-        push(
-            &mut log,
-            id,
-            event_type,
-            None,
-            None,
-            Bytes::from(payload.to_owned()),
-        )
+        push_foreign(&mut self.lock(), &self.key(id), event_type, payload)
     }
 
     /// The events of one aggregate.
     pub fn events(&self, id: &str) -> Vec<StoredEvent> {
+        let key = self.key(id);
         self.lock()
             .events
             .iter()
-            .filter(|(aggregate, _)| aggregate == id)
+            .filter(|(aggregate, _)| *aggregate == key)
             .map(|(_, event)| event.clone())
             .collect()
     }
@@ -74,9 +145,20 @@ impl MemoryLog {
     }
 }
 
+fn push_foreign(log: &mut Log, key: &str, event_type: &str, payload: &str) -> u64 {
+    push(
+        log,
+        key,
+        event_type,
+        None,
+        None,
+        Bytes::from(payload.to_owned()),
+    )
+}
+
 fn push(
     log: &mut Log,
-    id: &str,
+    key: &str,
     event_type: &str,
     command_id: Option<&str>,
     fingerprint: Option<&str>,
@@ -84,7 +166,7 @@ fn push(
 ) -> u64 {
     let seq = log.events.len() as u64 + 1;
     log.events.push((
-        id.to_owned(),
+        key.to_owned(),
         StoredEvent {
             seq,
             event_type: event_type.to_owned(),
@@ -101,15 +183,39 @@ fn push(
     seq
 }
 
-fn last_of(log: &Log, id: &str) -> u64 {
+fn last_of(log: &Log, key: &str) -> u64 {
     log.events
         .iter()
         .rev()
-        .find(|(aggregate, _)| aggregate == id)
+        .find(|(aggregate, _)| aggregate == key)
         .map_or(0, |(_, e)| e.seq)
 }
 
 impl EventLog for MemoryLog {
+    fn append_across<'a>(
+        &'a self,
+        appends: &'a [(&'a dyn EventLog, Append<'a>)],
+    ) -> BoxFuture<'a, Result<u64, AppendError>> {
+        // Every append must be on a view of this one stream.
+        let keyed: Option<Vec<(String, Append<'a>)>> = appends
+            .iter()
+            .map(|(log, append)| {
+                let view = log.memory().filter(|m| Arc::ptr_eq(&m.log, &self.log))?;
+                Some((view.key(append.aggregate_id), *append))
+            })
+            .collect();
+        Box::pin(async move {
+            match keyed {
+                Some(keyed) => self.append_keyed(&keyed).await,
+                None => Err(AppendError::Unavailable("another memory stream".into())),
+            }
+        })
+    }
+
+    fn memory(&self) -> Option<&MemoryLog> {
+        Some(self)
+    }
+
     fn read_after<'a>(
         &'a self,
         id: &'a str,
@@ -125,72 +231,14 @@ impl EventLog for MemoryLog {
     }
 
     fn last_seq<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
-        let last = last_of(&self.lock(), id);
+        let last = last_of(&self.lock(), &self.key(id));
         Box::pin(async move { Ok(last) })
     }
 
     fn append<'a>(&'a self, append: Append<'a>) -> BoxFuture<'a, Result<u64, AppendError>> {
-        Box::pin(async move { self.append_all(std::slice::from_ref(&append)).await })
-    }
-
-    fn append_all<'a>(
-        &'a self,
-        appends: &'a [Append<'a>],
-    ) -> BoxFuture<'a, Result<u64, AppendError>> {
         Box::pin(async move {
-            self.appends.fetch_add(1, Ordering::Relaxed);
-            let fault = self.lock().faults.pop_front();
-            match &fault {
-                Some(Fault::Slow(delay)) => tokio::time::sleep(*delay).await,
-                Some(Fault::Unavailable) => {
-                    return Err(AppendError::Unavailable(
-                        "store unreachable (injected)".into(),
-                    ));
-                }
-                Some(Fault::Rival(event_type)) => {
-                    if let Some(first) = appends.first() {
-                        self.append_foreign(first.aggregate_id, event_type, r#"{"by":1}"#);
-                    }
-                }
-                _ => {}
-            }
-            let mut log = self.lock();
-            for append in appends {
-                let last = last_of(&log, append.aggregate_id);
-                // JetStream's dedupe: the same command's events are not stored twice.
-                let own = log.events.iter().any(|(aggregate, e)| {
-                    aggregate == append.aggregate_id
-                        && e.command_id.as_deref() == Some(append.command_id)
-                });
-                if own {
-                    return Err(AppendError::Conflict("duplicate (injected dedupe)".into()));
-                }
-                if last != append.expected_last_seq {
-                    return Err(AppendError::Conflict(format!(
-                        "wrong last sequence: {last} (expected {})",
-                        append.expected_last_seq
-                    )));
-                }
-            }
-            let mut seq = 0;
-            for append in appends {
-                for event in append.events {
-                    seq = push(
-                        &mut log,
-                        append.aggregate_id,
-                        &event.event_type,
-                        Some(append.command_id),
-                        append.fingerprint,
-                        Bytes::from(event.payload.clone()),
-                    );
-                }
-            }
-            match fault {
-                Some(Fault::LostAck) => {
-                    Err(AppendError::Unknown("no acknowledgement (injected)".into()))
-                }
-                _ => Ok(seq),
-            }
+            self.append_keyed(&[(self.key(append.aggregate_id), append)])
+                .await
         })
     }
 }

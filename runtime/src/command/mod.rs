@@ -22,7 +22,7 @@ pub mod decision;
 mod kv;
 mod ledger;
 #[cfg(test)]
-mod memory;
+pub(crate) mod memory;
 mod reply;
 pub(crate) mod request;
 mod snapshots;
@@ -182,10 +182,22 @@ async fn open<A: Aggregate>(
     ledger_bucket: &str,
 ) -> Result<(Client, EventStore, KvLedger, Option<SnapshotSetup<A>>), Error> {
     let client = config.nats.connect(connection).await?;
+    let store = open_store(config, names, &client).await?;
+    let (ledger, reads) = open_ledger(config, &client, ledger_bucket).await?;
+    let snapshots = open_snapshots::<A>(config, names, &client, reads).await?;
+    Ok((client, store, ledger, snapshots))
+}
+
+/// The event store of the aggregate type `names` describes, provisioned when configured.
+async fn open_store(
+    config: &Config,
+    names: &AggregateNames,
+    client: &Client,
+) -> Result<EventStore, Error> {
     let store = EventStore::new(
         client.clone(),
         StoreSettings {
-            aggregate: A::NAME.to_owned(),
+            aggregate: names.aggregate.clone(),
             stream: names.stream.clone(),
             subject_prefix: names.event_prefix.clone(),
             replicas: config.stream.replicas,
@@ -199,37 +211,51 @@ async fn open<A: Aggregate>(
     if config.stream.provision {
         store.provision().await?;
     }
+    Ok(store)
+}
+
+/// The ledger bucket `bucket`, and the direct gets its reads (and the snapshots') use.
+async fn open_ledger(
+    config: &Config,
+    client: &Client,
+    bucket: &str,
+) -> Result<(KvLedger, Arc<DirectGets>), Error> {
     let reads = Arc::new(DirectGets::start(client.clone(), config.nats.request_timeout).await?);
-    let js = config.nats.jetstream(client.clone());
-    let api_prefix = config.nats.jetstream_api();
     let ledger = KvLedger::open(
-        js.clone(),
-        &api_prefix,
+        config.nats.jetstream(client.clone()),
+        &config.nats.jetstream_api(),
         reads.clone(),
-        ledger_bucket,
+        bucket,
         config.ledger.ttl,
         config.ledger.replicas,
     )
     .await?;
-    let snapshots = match A::snapshots() {
-        Some(codec) => {
-            let store = KvSnapshots::open(
-                js,
-                &api_prefix,
-                reads,
-                &names.snapshot_bucket,
-                config.stream.replicas,
-            )
-            .await?;
-            Some(SnapshotSetup {
-                format: snapshots::format_of::<A>(codec.version(), &A::upcasters()),
-                store: Arc::new(store),
-                codec,
-            })
-        }
-        None => None,
+    Ok((ledger, reads))
+}
+
+/// `A`'s snapshot bucket, when `A` has snapshots.
+async fn open_snapshots<A: Aggregate>(
+    config: &Config,
+    names: &AggregateNames,
+    client: &Client,
+    reads: Arc<DirectGets>,
+) -> Result<Option<SnapshotSetup<A>>, Error> {
+    let Some(codec) = A::snapshots() else {
+        return Ok(None);
     };
-    Ok((client, store, ledger, snapshots))
+    let store = KvSnapshots::open(
+        config.nats.jetstream(client.clone()),
+        &config.nats.jetstream_api(),
+        reads,
+        &names.snapshot_bucket,
+        config.stream.replicas,
+    )
+    .await?;
+    Ok(Some(SnapshotSetup {
+        format: snapshots::format_of::<A>(codec.version(), &A::upcasters()),
+        store: Arc::new(store),
+        codec,
+    }))
 }
 
 /// Confirms the subscriptions were allowed, says so with `ready` (never before: a denied

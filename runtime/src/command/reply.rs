@@ -40,6 +40,8 @@ pub struct Accepted {
 /// One aggregate an atomic decision wrote.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Written {
+    /// The aggregate type.
+    pub aggregate: String,
     /// The aggregate id.
     pub id: String,
     /// The number of events in the aggregate after the decision.

@@ -123,6 +123,19 @@ pub fn msg_id(aggregate_id: &str, command_id: &str, index: usize) -> String {
     format!("{aggregate_id}:{command_id}:{index}")
 }
 
+/// The deduplication id (`Nats-Msg-Id`) of a command's `index`-th event in a stream other than
+/// its aggregate type's default one, which it may share with other types:
+/// `<aggregate>.<id>:<command id>:<index>`. An aggregate id never contains `.`, so these never
+/// equal another type's ids, qualified or not.
+pub fn shared_msg_id(
+    aggregate: &str,
+    aggregate_id: &str,
+    command_id: &str,
+    index: usize,
+) -> String {
+    format!("{aggregate}.{}", msg_id(aggregate_id, command_id, index))
+}
+
 /// The headers of a command's `index`-th event.
 pub fn headers(meta: &EventMeta<'_>, index: usize, event_type: &str, version: u32) -> HeaderMap {
     let msg_id = msg_id(meta.aggregate_id, meta.command_id, index);

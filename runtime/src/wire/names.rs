@@ -87,8 +87,9 @@ pub fn check_projection_name(name: &str) -> Result<(), NameError> {
 
 /// The default stream of an aggregate type: `<AGGREGATE>_EVENTS`, upper case, `-` as `_`.
 ///
-/// `a-b` and `a_b` share a default; the stream records its aggregate
-/// ([`STREAM_AGGREGATE_METADATA`]) and a second aggregate type is refused at start-up.
+/// `a-b` and `a_b` share a default; the stream records its aggregate types
+/// ([`STREAM_AGGREGATE_METADATA`]) and a second type whose *default* is the same stream is
+/// refused at start-up. Types share a stream only when configured to (`stream.name`).
 pub fn default_stream(aggregate: &str) -> String {
     format!(
         "{}_EVENTS",
@@ -96,8 +97,33 @@ pub fn default_stream(aggregate: &str) -> String {
     )
 }
 
-/// Stream metadata key naming the aggregate type whose events a stream holds.
+/// Stream metadata key listing the aggregate types whose events a stream holds: their names,
+/// comma-separated, sorted (`account`; `user,username` for a shared stream).
 pub const STREAM_AGGREGATE_METADATA: &str = "jetfn.aggregate";
+
+/// Stream metadata key recording the event subjects of aggregate type `aggregate` in a stream
+/// other than its default one (`jetfn.aggregate.user` = `evt.user.*`): a subject prefix belongs
+/// to one type.
+pub fn stream_subjects_metadata(aggregate: &str) -> String {
+    format!("{STREAM_AGGREGATE_METADATA}.{aggregate}")
+}
+
+/// The aggregate types a stream's [`STREAM_AGGREGATE_METADATA`] value lists.
+pub fn stream_owners(value: &str) -> Vec<&str> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .collect()
+}
+
+/// The [`STREAM_AGGREGATE_METADATA`] value of `owners`: sorted, without repeats.
+pub fn stream_owners_value<'a>(owners: impl IntoIterator<Item = &'a str>) -> String {
+    let mut owners: Vec<&str> = owners.into_iter().collect();
+    owners.sort_unstable();
+    owners.dedup();
+    owners.join(",")
+}
 
 /// Where one aggregate type's events, commands and ledger live.
 #[derive(Debug, Clone, PartialEq, Eq)]
