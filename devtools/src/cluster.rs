@@ -4,7 +4,13 @@
 use crate::process::free_port;
 use crate::server::{Builder, Nats, NatsServer};
 use crate::{Error, Result};
+use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
+
+/// How long a new cluster may take until its meta leader can place a stream on every node.
+const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The stream [`NatsCluster::start`] creates and deletes to see that placement works.
+const PLACEMENT_PROBE: &str = "JETFN_DEVTOOLS_PLACEMENT_PROBE";
 
 /// `text` with every `127.0.0.1:<from>` turned into `127.0.0.1:<to>`, for each `(from, to)`:
 /// a configuration written for fixed ports (`deploy/nats/`) run on free ones. Ports are matched
@@ -78,9 +84,44 @@ impl NatsCluster {
         if let Some(error) = first_error {
             return Err(error);
         }
-        Ok(NatsCluster {
+        let cluster = NatsCluster {
             nodes: nodes.into_iter().flatten().collect(),
-        })
+        };
+        cluster.wait_for_placement().await?;
+        Ok(cluster)
+    }
+
+    /// Waits until a stream replicated on every node can be created. A node answers JetStream
+    /// as soon as a meta leader is elected, but the leader learns of its peers a moment later,
+    /// and until then an R3 stream is refused with "no suitable peers for placement".
+    async fn wait_for_placement(&self) -> Result<()> {
+        use async_nats::jetstream::stream;
+        let js = async_nats::jetstream::new(self.connect().await?);
+        let probe = stream::Config {
+            name: PLACEMENT_PROBE.to_owned(),
+            subjects: vec!["jetfn.devtools.placement.probe".to_owned()],
+            num_replicas: self.nodes.len(),
+            storage: stream::StorageType::Memory,
+            ..Default::default()
+        };
+        let deadline = Instant::now() + PLACEMENT_TIMEOUT;
+        loop {
+            match js.create_stream(probe.clone()).await {
+                Ok(_) => {
+                    js.delete_stream(PLACEMENT_PROBE).await.map_err(|e| {
+                        Error::Start(format!("deleting the placement probe stream: {e}"))
+                    })?;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(Error::Start(format!(
+                        "the cluster could not place an R{} stream within {PLACEMENT_TIMEOUT:?}: {e}",
+                        self.nodes.len()
+                    )));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     /// Every node's URL, comma separated, as `nats.url` takes them.
