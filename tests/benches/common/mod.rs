@@ -604,7 +604,10 @@ pub async fn raw_request_reply(url: &str, n: usize) -> Result<Samples> {
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
         let started = Instant::now();
-        requester.request(subject, body.clone()).await?;
+        requester
+            .request(subject, body.clone())
+            .await
+            .context("a raw request-reply")?;
         samples.push(started.elapsed());
     }
     echo.abort();
@@ -643,8 +646,10 @@ async fn occ_append(js: &jetstream::Context, subject: &str, expected: u64) -> Re
                 .expected_last_subject_sequence(expected)
                 .payload(Bytes::from_static(br#"{"amount":1}"#)),
         )
-        .await?
-        .await?;
+        .await
+        .with_context(|| format!("a raw OCC append to {subject}"))?
+        .await
+        .with_context(|| format!("the ack of a raw OCC append to {subject}"))?;
     Ok(ack.sequence)
 }
 
