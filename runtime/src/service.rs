@@ -204,6 +204,12 @@ impl Service {
     /// come out of [`Endpoint::next`].
     pub async fn stop(self) {
         let _ = self.stop.send(true);
+    }
+}
+
+impl Drop for Service {
+    /// A service given up (a start that failed half-way, say) stops answering discovery.
+    fn drop(&mut self) {
         self.verbs.abort();
     }
 }
