@@ -30,6 +30,8 @@ pub fn deploy_nats_config(file: &str) -> Result<String> {
 pub mod passwords {
     /// The account command function's user, `account`.
     pub const ACCOUNT: &str = "account-pw-1";
+    /// The bank decision function's user, `bank`.
+    pub const BANK: &str = "bank-pw-6";
     /// The projection's user, `account-balances`.
     pub const PROJECTION: &str = "balances-pw-2";
     /// The client's user, `jetfn-client`.
@@ -44,11 +46,13 @@ pub fn deploy_permissions() -> Result<String> {
     let permissions = deploy_nats_config("permissions.conf")?;
     Ok(format!(
         "JETFN_ACCOUNT_PASSWORD: \"{}\"\n\
+         JETFN_BANK_PASSWORD: \"{}\"\n\
          JETFN_ACCOUNT_BALANCES_PASSWORD: \"{}\"\n\
          JETFN_CLIENT_PASSWORD: \"{}\"\n\
          JETFN_DEPLOY_PASSWORD: \"{}\"\n\
          {permissions}",
         passwords::ACCOUNT,
+        passwords::BANK,
         passwords::PROJECTION,
         passwords::CLIENT,
         passwords::DEPLOY,

@@ -15,6 +15,7 @@ use std::time::Duration;
 /// The password variables `deploy/nats/permissions.conf` reads from nats-server's environment.
 const PASSWORD_VARIABLES: &[&str] = &[
     "JETFN_ACCOUNT_PASSWORD",
+    "JETFN_BANK_PASSWORD",
     "JETFN_ACCOUNT_BALANCES_PASSWORD",
     "JETFN_CLIENT_PASSWORD",
     "JETFN_DEPLOY_PASSWORD",

@@ -9,15 +9,16 @@
 
 use futures::StreamExt;
 use jetfn::command::ErrorKind;
-use jetfn_tests::commands::{ACCOUNT_STREAM, send};
+use jetfn_tests::commands::{ACCOUNT_STREAM, send, transfer};
+use jetfn_tests::faults::assert_running;
 use jetfn_tests::workload::poll;
 use jetfn_tests::{FunctionProcess, NatsServer, RedisServer};
 use serde_json::{Value, json};
 use std::time::Duration;
 
 use jetfn_tests::topology::passwords::{
-    ACCOUNT as ACCOUNT_PASSWORD, CLIENT as CLIENT_PASSWORD, DEPLOY as DEPLOY_PASSWORD,
-    PROJECTION as PROJECTION_PASSWORD,
+    ACCOUNT as ACCOUNT_PASSWORD, BANK as BANK_PASSWORD, CLIENT as CLIENT_PASSWORD,
+    DEPLOY as DEPLOY_PASSWORD, PROJECTION as PROJECTION_PASSWORD,
 };
 
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -274,17 +275,20 @@ async fn the_functions_work_with_exactly_the_deploy_permissions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_function_that_may_not_publish_events_fails_in_bounded_time() {
     jetfn_tests::init_tracing();
+    // The account user's own line goes; others' (the bank decision's) stay.
     let full = deploy_permissions();
-    assert_eq!(
-        full.matches(EVENT_PUBLISH_LINE).count(),
-        1,
-        "permissions.conf should allow {EVENT_PUBLISH_LINE} on exactly one line"
+    let account_user = full
+        .find("user: \"account\"")
+        .expect("permissions.conf has the account user");
+    let line = account_user
+        + full[account_user..]
+            .find(EVENT_PUBLISH_LINE)
+            .expect("the account user may publish its events");
+    let crippled = format!(
+        "{}{}",
+        &full[..line],
+        &full[line + EVENT_PUBLISH_LINE.len()..]
     );
-    let crippled: String = full
-        .lines()
-        .filter(|line| line.trim() != EVENT_PUBLISH_LINE)
-        .map(|line| format!("{line}\n"))
-        .collect();
     let nats = start_nats(&crippled).await;
     let mut account = account_process(
         &nats,
@@ -381,4 +385,78 @@ async fn a_command_function_that_may_not_subscribe_to_its_commands_does_not_star
         "{log}"
     );
     assert!(!log.contains("command function ready"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bank_decision_works_with_exactly_the_deploy_permissions() {
+    jetfn_tests::init_tracing();
+    let nats = start_nats(&deploy_permissions()).await;
+    let mut account = account_process(&nats, &[]);
+    account
+        .wait_for_log("command function ready", PATIENCE)
+        .await
+        .unwrap();
+    let mut bank = FunctionProcess::spawn(
+        "bank",
+        &[
+            ("NATS_URL", nats.url()),
+            ("JETFN_NATS__USER", "bank".to_owned()),
+            ("JETFN_NATS__PASSWORD", BANK_PASSWORD.to_owned()),
+            ("JETFN_NATS__INBOX_PREFIX", "_INBOX.bank".to_owned()),
+        ],
+    )
+    .unwrap();
+    bank.wait_for_log("decision function ready", PATIENCE)
+        .await
+        .unwrap();
+
+    let client = login(&nats, "jetfn-client", CLIENT_PASSWORD).await;
+    for (id, body) in [
+        ("alice", json!({"owner": "Alice", "initial_deposit": 100})),
+        ("bob", json!({"owner": "Bob"})),
+    ] {
+        send(&client, id, "open", body, None)
+            .await
+            .unwrap()
+            .accepted();
+    }
+    let moved = transfer(&client, "t1", "alice", "bob", 30, Some("t1-a"))
+        .await
+        .unwrap();
+    assert_eq!(moved.accepted().aggregates.len(), 2, "{:?}", moved.body);
+    let repeated = transfer(&client, "t1", "alice", "bob", 30, Some("t1-a"))
+        .await
+        .unwrap();
+    assert_eq!(repeated.body, moved.body, "a repeat is answered alike");
+    // A rejection is written to the bank's own ledger before it is answered.
+    let refused = transfer(&client, "t2", "alice", "bob", 1000, None)
+        .await
+        .unwrap();
+    assert_eq!(refused.reply.error_kind(), Some(ErrorKind::Rejected));
+    let events = jetfn_tests::commands::stored_messages(
+        &client_as_deploy(&nats).await,
+        ACCOUNT_STREAM,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        jetfn_tests::commands::balance(
+            &events
+                .iter()
+                .filter(|e| e.subject == "evt.account.bob")
+                .cloned()
+                .collect::<Vec<_>>()
+        )
+        .unwrap(),
+        30
+    );
+    assert!(violations(&nats).is_empty(), "{:?}", violations(&nats));
+    assert_running(&mut account);
+    assert_running(&mut bank);
+}
+
+/// The operator user, which may read every stream.
+async fn client_as_deploy(nats: &NatsServer) -> async_nats::Client {
+    login(nats, "jetfn-deploy", DEPLOY_PASSWORD).await
 }
