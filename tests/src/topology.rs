@@ -32,6 +32,8 @@ pub mod passwords {
     pub const ACCOUNT: &str = "account-pw-1";
     /// The bank decision function's user, `bank`.
     pub const BANK: &str = "bank-pw-6";
+    /// The signup decision function's user, `signup`.
+    pub const SIGNUP: &str = "signup-pw-7";
     /// The projection's user, `account-balances`.
     pub const PROJECTION: &str = "balances-pw-2";
     /// The client's user, `jetfn-client`.
@@ -47,12 +49,14 @@ pub fn deploy_permissions() -> Result<String> {
     Ok(format!(
         "JETFN_ACCOUNT_PASSWORD: \"{}\"\n\
          JETFN_BANK_PASSWORD: \"{}\"\n\
+         JETFN_SIGNUP_PASSWORD: \"{}\"\n\
          JETFN_ACCOUNT_BALANCES_PASSWORD: \"{}\"\n\
          JETFN_CLIENT_PASSWORD: \"{}\"\n\
          JETFN_DEPLOY_PASSWORD: \"{}\"\n\
          {permissions}",
         passwords::ACCOUNT,
         passwords::BANK,
+        passwords::SIGNUP,
         passwords::PROJECTION,
         passwords::CLIENT,
         passwords::DEPLOY,

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use jetfn_tests::topology::passwords::{
     ACCOUNT as ACCOUNT_PASSWORD, BANK as BANK_PASSWORD, CLIENT as CLIENT_PASSWORD,
-    DEPLOY as DEPLOY_PASSWORD, PROJECTION as PROJECTION_PASSWORD,
+    DEPLOY as DEPLOY_PASSWORD, PROJECTION as PROJECTION_PASSWORD, SIGNUP as SIGNUP_PASSWORD,
 };
 
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -459,4 +459,36 @@ async fn the_bank_decision_works_with_exactly_the_deploy_permissions() {
 /// The operator user, which may read every stream.
 async fn client_as_deploy(nats: &NatsServer) -> async_nats::Client {
     login(nats, "jetfn-deploy", DEPLOY_PASSWORD).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_signup_decision_works_with_exactly_the_deploy_permissions() {
+    jetfn_tests::init_tracing();
+    let nats = start_nats(&deploy_permissions()).await;
+    let mut signup = FunctionProcess::spawn(
+        "signup",
+        &[
+            ("NATS_URL", nats.url()),
+            ("JETFN_NATS__USER", "signup".to_owned()),
+            ("JETFN_NATS__PASSWORD", SIGNUP_PASSWORD.to_owned()),
+            ("JETFN_NATS__INBOX_PREFIX", "_INBOX.signup".to_owned()),
+        ],
+    )
+    .unwrap();
+    signup
+        .wait_for_log("decision function ready", PATIENCE)
+        .await
+        .unwrap();
+    let client = login(&nats, "jetfn-client", CLIENT_PASSWORD).await;
+    let subject = jetfn::wire::CommandSubjects::new(None, "signup").subject("s1", "register");
+    let register = async |user: &str, command_id: &str| {
+        let body = json!({"user": user, "username": "alice"}).to_string();
+        jetfn_tests::commands::send_raw(&client, &subject, body, Some(command_id)).await
+    };
+    register("u1", "c1").await.unwrap().accepted();
+    // Taken: the rejection goes to the signup's ledger before it is answered.
+    let taken = register("u2", "c2").await.unwrap();
+    assert_eq!(taken.reply.error_kind(), Some(ErrorKind::Rejected));
+    assert!(violations(&nats).is_empty(), "{:?}", violations(&nats));
+    assert_running(&mut signup);
 }
