@@ -5,7 +5,7 @@ use super::{Context, Projection, Recorded, Stats, dead_letters};
 use crate::Error;
 use crate::aggregate::{Aggregate, Upcasters, decode_stored};
 use crate::readmodel::{
-    Applied, AppliedEvent, Batch, Mode, Op, ReadModel, ReadModelError, RedisWrites, Step,
+    Applied, AppliedEvent, Batch, Mode, Op, Order, ReadModel, ReadModelError, RedisWrites, Step,
 };
 use crate::telemetry::TraceContext;
 use crate::wire::{StoredEvent, header, names};
@@ -26,7 +26,28 @@ pub(crate) const PIN_GROUP: &str = "jetfn";
 pub(crate) struct Source {
     pub stream: String,
     pub subject_prefix: String,
+    /// The partitioned view partitions read instead of the stream (more than one partition).
+    pub view: Option<String>,
 }
+
+impl Source {
+    /// The stream the partition consumers read: the view if there is one.
+    pub fn read_stream(&self) -> &str {
+        self.view.as_deref().unwrap_or(&self.stream)
+    }
+
+    /// What partition `partition`'s consumer filters on.
+    pub fn filter(&self, partition: u32) -> String {
+        match self.view {
+            Some(_) => names::partition_view_filter(&self.subject_prefix, partition),
+            None => format!("{}.*", self.subject_prefix),
+        }
+    }
+}
+
+/// How long a worker that has received nothing since it bound waits between claims (it is
+/// probably a standby: the pinned instance claims for the partition).
+const STANDBY_CLAIM_EVERY: Duration = Duration::from_millis(100);
 
 /// The partition an aggregate belongs to: FNV-1a (32 bit) of its id, modulo the partitions (the
 /// hash NATS subject mapping's `partition()` uses too).
@@ -53,6 +74,13 @@ pub(crate) struct Worker<P> {
     ack_all: bool,
     /// The checkpoint the consumer was last recreated at because of a hole.
     rewound_at: Option<u64>,
+    /// The incarnation of the bound consumer (its creation time), when reading a partitioned
+    /// view: deliveries are numbered per incarnation.
+    tag: String,
+    /// Whether this worker received events since it bound its consumer.
+    active: bool,
+    /// When this worker last tried to advance an idle checkpoint.
+    last_claim: Option<Instant>,
 }
 
 enum Rebind {
@@ -87,6 +115,9 @@ impl<P: Projection> Worker<P> {
             commits: 0,
             ack_all: false,
             rewound_at: None,
+            tag: String::new(),
+            active: false,
+            last_claim: None,
         }
     }
 
@@ -157,12 +188,14 @@ impl<P: Projection> Worker<P> {
         {
             return Ok(Some(Rebind::Moved(active)));
         }
-        let (consumer, mut checkpoint) = match self.ensure_consumer(recreate).await {
+        let (mut consumer, mut checkpoint) = match self.ensure_consumer(recreate).await {
             Ok(bound) => {
                 if let Some(flag) = self.stats.bound.get(self.partition as usize) {
                     flag.store(true, Ordering::Relaxed);
                 }
                 self.ack_all = bound.0.cached_info().config.ack_policy == AckPolicy::All;
+                self.tag = incarnation(bound.0.cached_info());
+                self.active = false;
                 bound
             }
             Err(error) => {
@@ -187,16 +220,35 @@ impl<P: Projection> Worker<P> {
                 return Ok(Some(Rebind::Again));
             }
         };
+        let partitioned = self.context.source.view.is_some();
+        let mut progress = self.stats.progress.subscribe();
         loop {
             if self.stats.hand_over[self.partition as usize].swap(false, Ordering::Relaxed) {
                 return Ok(Some(Rebind::HandOver));
             }
             let first = tokio::select! {
                 _ = stop.changed() => return Ok(None),
-                // Wake up now and then to notice hand-over requests.
+                // Another partition committed further: this one may have nothing up to there.
+                Ok(()) = progress.changed(), if partitioned => {
+                    let top = *progress.borrow_and_update();
+                    if let Some(rebind) = self.claim(&mut consumer, &mut checkpoint, top).await? {
+                        return Ok(Some(rebind));
+                    }
+                    continue;
+                }
+                // Wake up now and then to notice hand-over requests (and claim what a
+                // throttled standby skipped).
                 next = tokio::time::timeout(Duration::from_secs(1), messages.next()) => match next {
                     Ok(next) => next,
-                    Err(_) => continue,
+                    Err(_) => {
+                        if partitioned {
+                            let top = *progress.borrow();
+                            if let Some(rebind) = self.claim(&mut consumer, &mut checkpoint, top).await? {
+                                return Ok(Some(rebind));
+                            }
+                        }
+                        continue;
+                    }
                 },
             };
             let first = match first {
@@ -214,12 +266,35 @@ impl<P: Projection> Worker<P> {
                     _ => break,
                 }
             }
+            self.active = true;
+            let mut floor = 0;
+            let mut order = Order::Contiguous;
+            if partitioned {
+                let Some(deliveries) = deliveries(&batch) else {
+                    // A delivery in between went elsewhere: start again from the checkpoint.
+                    return Ok(Some(Rebind::Rewind(checkpoint)));
+                };
+                let top = *progress.borrow();
+                let last_seq = batch.iter().map(stream_seq).max().unwrap_or(0);
+                match self.check_consumer(&mut consumer, last_seq).await {
+                    ConsumerState::Recreated => return Ok(Some(Rebind::Again)),
+                    ConsumerState::Drained => floor = top,
+                    ConsumerState::Busy => {}
+                }
+                order = Order::Deliveries {
+                    tag: self.tag.clone(),
+                    first: deliveries.0,
+                    last: deliveries.1,
+                };
+            }
             // Redeliveries can arrive out of order; the script needs ascending sequences.
             batch.sort_by_key(stream_seq);
             batch.dedup_by_key(|m| stream_seq(m));
-            let mut accept_hole = false;
             loop {
-                match self.apply_batch(&batch, checkpoint, accept_hole).await? {
+                match self
+                    .apply_batch(&batch, checkpoint, order.clone(), floor)
+                    .await?
+                {
                     Applied::Committed(committed) => {
                         checkpoint = committed;
                         self.rewound_at = None;
@@ -228,6 +303,7 @@ impl<P: Projection> Worker<P> {
                     }
                     Applied::Reset => return Ok(Some(Rebind::Reset)),
                     Applied::Moved(generation) => return Ok(Some(Rebind::Moved(generation))),
+                    Applied::Stale(at) => return Ok(Some(Rebind::Rewind(at))),
                     // Delivered again from the checkpoint and the hole is still there: the stream
                     // itself has it (limits or deleted messages).
                     Applied::Gap(at) if self.rewound_at == Some(at) => {
@@ -237,7 +313,7 @@ impl<P: Projection> Worker<P> {
                             checkpoint = at,
                             "the stream has no events right after the checkpoint; continuing after the hole"
                         );
-                        accept_hole = true;
+                        order = Order::HoleAccepted;
                     }
                     Applied::Gap(at) => {
                         self.rewound_at = Some(at);
@@ -246,6 +322,86 @@ impl<P: Projection> Worker<P> {
                 }
             }
         }
+    }
+
+    /// Advances an idle partition's checkpoint to `top`, a sequence some partition committed (so
+    /// the view holds it), when the consumer shows that nothing of this partition up to there is
+    /// undelivered or uncommitted. Without this, a partition without recent events would hold
+    /// every consistency token back.
+    async fn claim(
+        &mut self,
+        consumer: &mut consumer::Consumer<pull::Config>,
+        checkpoint: &mut u64,
+        top: u64,
+    ) -> Result<Option<Rebind>, Error> {
+        if top <= *checkpoint
+            || (!self.active
+                && self
+                    .last_claim
+                    .is_some_and(|at| at.elapsed() < STANDBY_CLAIM_EVERY))
+        {
+            return Ok(None);
+        }
+        self.last_claim = Some(Instant::now());
+        match self.check_consumer(consumer, *checkpoint).await {
+            ConsumerState::Drained => {}
+            ConsumerState::Recreated => return Ok(Some(Rebind::Again)),
+            ConsumerState::Busy => return Ok(None),
+        }
+        let order = Order::Deliveries {
+            tag: self.tag.clone(),
+            first: 0,
+            last: 0,
+        };
+        match self.apply_batch(&[], *checkpoint, order, top).await? {
+            Applied::Committed(committed) => {
+                *checkpoint = committed;
+                self.note_checkpoint(committed);
+                Ok(None)
+            }
+            Applied::Reset => Ok(Some(Rebind::Reset)),
+            Applied::Moved(generation) => Ok(Some(Rebind::Moved(generation))),
+            Applied::Gap(_) | Applied::Stale(_) => Ok(None),
+        }
+    }
+
+    /// Asks the server about the bound consumer. `Drained`: it has nothing undelivered and has
+    /// delivered nothing after stream sequence `delivered_up_to`. The incarnation check makes sure
+    /// the deliveries in hand came from the consumer this worker bound (a recreated one numbers
+    /// its deliveries from 1 again).
+    async fn check_consumer(
+        &self,
+        consumer: &mut consumer::Consumer<pull::Config>,
+        delivered_up_to: u64,
+    ) -> ConsumerState {
+        match consumer.info().await {
+            Ok(info) if incarnation(info) != self.tag => ConsumerState::Recreated,
+            Ok(info)
+                if info.num_pending == 0 && info.delivered.stream_sequence <= delivered_up_to =>
+            {
+                ConsumerState::Drained
+            }
+            Ok(_) => ConsumerState::Busy,
+            // Unknown: the deliveries in hand cannot be vouched for.
+            Err(error) => {
+                tracing::debug!(projection = P::NAME, partition = self.partition, %error, "consumer info failed");
+                ConsumerState::Recreated
+            }
+        }
+    }
+
+    /// Records a new checkpoint of this partition for stats and for the other partitions' claims.
+    fn note_checkpoint(&self, committed: u64) {
+        if let Some(slot) = self.stats.checkpoints.get(self.partition as usize) {
+            slot.store(committed, Ordering::Relaxed);
+        }
+        self.stats.progress.send_if_modified(|top| {
+            let higher = committed > *top;
+            if higher {
+                *top = committed;
+            }
+            higher
+        });
     }
 
     /// The consumer this worker reads through: the live one, whose name survives rebuilds, or
@@ -263,7 +419,7 @@ impl<P: Projection> Worker<P> {
         if let Ok(stream) = self
             .context
             .js
-            .get_stream(&self.context.source.stream)
+            .get_stream(self.context.source.read_stream())
             .await
         {
             let _ = stream
@@ -290,12 +446,13 @@ impl<P: Projection> Worker<P> {
         recreate: bool,
     ) -> Result<(consumer::Consumer<pull::Config>, u64), Error> {
         let name = self.consumer_name();
+        let read = self.context.source.read_stream();
         let stream = self
             .context
             .js
-            .get_stream(&self.context.source.stream)
+            .get_stream(read)
             .await
-            .map_err(|e| Error::Service(format!("stream {}: {e}", self.context.source.stream)))?;
+            .map_err(|e| Error::Service(format!("stream {read}: {e}")))?;
         let existing = match stream.get_consumer::<pull::Config>(&name).await {
             Ok(mut existing) => {
                 let ack_floor = existing
@@ -350,7 +507,7 @@ impl<P: Projection> Worker<P> {
                 ack_policy: AckPolicy::All,
                 ack_wait: self.context.config.projection.ack_wait,
                 max_deliver: -1,
-                filter_subject: format!("{}.*", self.context.source.subject_prefix),
+                filter_subject: self.context.source.filter(self.partition),
                 // The batch being committed, the next one already pulled, and one more.
                 max_ack_pending: batch * 3,
                 priority_policy: PriorityPolicy::PinnedClient,
@@ -370,7 +527,8 @@ impl<P: Projection> Worker<P> {
         &mut self,
         batch: &[Message],
         checkpoint: u64,
-        accept_hole: bool,
+        order: Order,
+        floor: u64,
     ) -> Result<Applied, Error> {
         let mut events = Vec::with_capacity(batch.len());
         for message in batch {
@@ -385,7 +543,8 @@ impl<P: Projection> Worker<P> {
             settings: Batch {
                 feed_len: self.context.config.projection.change_feed_len,
                 partitions: self.context.config.projection.partitions,
-                accept_hole,
+                order,
+                floor,
             },
         };
         let started = Instant::now();
@@ -416,9 +575,21 @@ impl<P: Projection> Worker<P> {
             error,
             "dead-lettering event"
         );
+        // A view's subject carries the partition; the dead letter names the event's own subject.
+        let aggregate_id = message
+            .subject
+            .as_str()
+            .rsplit('.')
+            .next()
+            .unwrap_or_default();
+        let subject = format!("{}.{aggregate_id}", self.context.source.subject_prefix);
+        let origin = dead_letters::Origin {
+            stream: &self.context.source.stream,
+            subject: &subject,
+        };
         dead_letters::send(
             &self.context.js,
-            &self.context.source.stream,
+            origin,
             P::NAME,
             self.generation,
             message,
@@ -455,8 +626,11 @@ impl<P: Projection> Worker<P> {
             write: false,
         };
         let partitions = self.context.config.projection.partitions;
-        // Already applied (a redelivery), or another partition's: the checkpoint passes it.
-        if seq <= checkpoint || partition_of(&aggregate_id, partitions) != self.partition {
+        // Already applied (a redelivery), or another partition's (only when reading the whole
+        // stream; a view delivers only this partition's): the checkpoint passes it.
+        let others = self.context.source.view.is_none()
+            && partition_of(&aggregate_id, partitions) != self.partition;
+        if seq <= checkpoint || others {
             return Ok(skipped());
         }
         let mut last_error = String::new();
@@ -540,9 +714,7 @@ impl<P: Projection> Worker<P> {
         for message in acks {
             let _ = message.ack().await;
         }
-        if let Some(slot) = self.stats.checkpoints.get(self.partition as usize) {
-            slot.store(committed, Ordering::Relaxed);
-        }
+        self.note_checkpoint(committed);
         if let Some(slot) = self.stats.last_batch_ms.get(self.partition as usize) {
             slot.store(super::balance::now_ms(), Ordering::Relaxed);
         }
@@ -638,6 +810,35 @@ impl<P: Projection> Around for WorkerAround<'_, P> {
         worker.stats.errors.fetch_add(1, Ordering::Relaxed);
         tracing::error!(projection = P::NAME, partition = worker.partition, %error, "cannot apply the batch; stopping");
     }
+}
+
+/// What the server says of a partition consumer (see `Worker::check_consumer`).
+enum ConsumerState {
+    /// Another incarnation (or no answer): bind again.
+    Recreated,
+    /// Nothing undelivered, nothing delivered beyond what the worker holds.
+    Drained,
+    /// Events are still on their way.
+    Busy,
+}
+
+/// A consumer's incarnation: its creation time, in nanoseconds since the epoch.
+fn incarnation(info: &consumer::Info) -> String {
+    info.created.unix_timestamp_nanos().to_string()
+}
+
+/// The first and last consumer sequence of a batch, if its deliveries follow each other without
+/// a gap or a repeat (else some went elsewhere, or the metadata is unreadable).
+fn deliveries(batch: &[Message]) -> Option<(u64, u64)> {
+    let mut sequences = batch
+        .iter()
+        .map(|m| m.info().map(|info| info.consumer_sequence).ok())
+        .collect::<Option<Vec<u64>>>()?;
+    sequences.sort_unstable();
+    let first = *sequences.first()?;
+    let last = *sequences.last()?;
+    let follow = sequences.windows(2).all(|w| w[1] == w[0] + 1);
+    follow.then_some((first, last))
 }
 
 /// A message's stream sequence (0 if its metadata is unreadable; `prepare` reports that).
