@@ -137,6 +137,7 @@ async fn main() -> Result<()> {
     let four = Setup::start().await?;
     let (rate_four, projections, raw_read_four, _) = catch_up(&four, 4, 2).await?;
     let amplification_four = amplification(&four.client, four.last_seq).await?;
+    let mirrored_four = mirrored(&four.client, &account_names()?.stream, 4, four.last_seq).await?;
     for process in projections {
         stop(process).await?;
     }
@@ -176,6 +177,11 @@ async fn main() -> Result<()> {
         "events delivered per event stored, 4 partitions",
         format!("{amplification_four:.2}"),
         "<= 1.20",
+    );
+    table.plain(
+        "  plus the server's read to fill the partitioned view (shared by projections with 4 partitions)",
+        format!("{mirrored_four:.2}"),
+        "-",
     );
     table.plain(
         &format!(
@@ -283,6 +289,21 @@ async fn catch_up(
          (raw pull read {raw_read:.0}/s, raw Redis {raw_redis:.0} writes/s)"
     );
     Ok((rate, processes, raw_read, raw_redis))
+}
+
+/// Events the partitioned view of `stream` for `partitions` holds, per event in the stream: each
+/// was read once more by the server to mirror it.
+async fn mirrored(
+    client: &async_nats::Client,
+    stream: &str,
+    partitions: u32,
+    stored: u64,
+) -> Result<f64> {
+    let js = jetstream::new(client.clone());
+    let view = jetfn::wire::names::partition_view(stream, partitions);
+    let mut view = js.get_stream(&view).await?;
+    let held = view.info().await?.state.messages;
+    Ok(held as f64 / stored.max(1) as f64)
 }
 
 /// Messages delivered to the projection's consumers (on any stream, counting redeliveries), per

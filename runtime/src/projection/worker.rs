@@ -11,7 +11,7 @@ use crate::telemetry::TraceContext;
 use crate::wire::{StoredEvent, header, names};
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PriorityPolicy, pull};
 use async_nats::jetstream::{AckKind, Message};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -205,7 +205,7 @@ impl<P: Projection> Worker<P> {
         };
         let pull_expiry = (self.context.config.projection.pin_timeout / 2)
             .clamp(Duration::from_millis(500), Duration::from_secs(5));
-        let mut messages = match consumer
+        let messages = match consumer
             .stream()
             .group(PIN_GROUP)
             .max_messages_per_batch(self.context.config.projection.batch)
@@ -222,6 +222,19 @@ impl<P: Projection> Worker<P> {
         };
         let partitioned = self.context.source.view.is_some();
         let mut progress = self.stats.progress.subscribe();
+        // The pull stream is polled by a task of its own, which also decodes and projects each
+        // event: the next batch is fetched and prepared while this one is being committed.
+        let size = self.context.config.projection.batch;
+        let (ahead, mut pulled) = tokio::sync::mpsc::channel(size.saturating_mul(2).max(1));
+        let _reader = AbortOnDrop(tokio::spawn(read_ahead(
+            messages,
+            ahead,
+            Preparer {
+                projection: self.projection.clone(),
+                upcasters: self.context.upcasters.clone(),
+                attempts: self.context.config.projection.max_attempts,
+            },
+        )));
         loop {
             if self.stats.hand_over[self.partition as usize].swap(false, Ordering::Relaxed) {
                 return Ok(Some(Rebind::HandOver));
@@ -238,7 +251,7 @@ impl<P: Projection> Worker<P> {
                 }
                 // Wake up now and then to notice hand-over requests (and claim what a
                 // throttled standby skipped).
-                next = tokio::time::timeout(Duration::from_secs(1), messages.next()) => match next {
+                next = tokio::time::timeout(Duration::from_secs(1), pulled.recv()) => match next {
                     Ok(next) => next,
                     Err(_) => {
                         if partitioned {
@@ -259,11 +272,18 @@ impl<P: Projection> Worker<P> {
                 }
                 None => return Ok(Some(Rebind::Again)),
             };
+            // As many as are here already, up to a batch: one event when live, whole batches
+            // when behind.
             let mut batch = vec![first];
-            while batch.len() < self.context.config.projection.batch {
-                match messages.next().now_or_never() {
-                    Some(Some(Ok(message))) => batch.push(message),
-                    _ => break,
+            let mut interrupted = false;
+            while batch.len() < size {
+                match pulled.try_recv() {
+                    Ok(Ok(message)) => batch.push(message),
+                    Ok(Err(_)) => {
+                        interrupted = true;
+                        break;
+                    }
+                    Err(_) => break,
                 }
             }
             self.active = true;
@@ -275,7 +295,7 @@ impl<P: Projection> Worker<P> {
                     return Ok(Some(Rebind::Rewind(checkpoint)));
                 };
                 let top = *progress.borrow();
-                let last_seq = batch.iter().map(stream_seq).max().unwrap_or(0);
+                let last_seq = batch.iter().map(|p| p.seq).max().unwrap_or(0);
                 match self.check_consumer(&mut consumer, last_seq).await {
                     ConsumerState::Recreated => return Ok(Some(Rebind::Again)),
                     ConsumerState::Drained => floor = top,
@@ -288,8 +308,8 @@ impl<P: Projection> Worker<P> {
                 };
             }
             // Redeliveries can arrive out of order; the script needs ascending sequences.
-            batch.sort_by_key(stream_seq);
-            batch.dedup_by_key(|m| stream_seq(m));
+            batch.sort_by_key(|p| p.seq);
+            batch.dedup_by_key(|p| p.seq);
             loop {
                 match self
                     .apply_batch(&batch, checkpoint, order.clone(), floor)
@@ -320,6 +340,9 @@ impl<P: Projection> Worker<P> {
                         return Ok(Some(Rebind::Rewind(at)));
                     }
                 }
+            }
+            if interrupted {
+                return Ok(Some(Rebind::Again));
             }
         }
     }
@@ -525,14 +548,14 @@ impl<P: Projection> Worker<P> {
     /// applied without it, and an error that waiting cannot cure stops the worker.
     async fn apply_batch(
         &mut self,
-        batch: &[Message],
+        batch: &[Pulled],
         checkpoint: u64,
         order: Order,
         floor: u64,
     ) -> Result<Applied, Error> {
         let mut events = Vec::with_capacity(batch.len());
-        for message in batch {
-            events.push(self.prepare(message, checkpoint).await?);
+        for pulled in batch {
+            events.push(self.prepare(pulled, checkpoint).await?);
         }
         let step = RedisStep {
             model: &self.context.model,
@@ -601,27 +624,14 @@ impl<P: Projection> Worker<P> {
         Ok(())
     }
 
-    /// Decodes one message and asks the projection for its writes. Events of other partitions
-    /// only advance the checkpoint; events that fail every attempt are dead-lettered first.
-    async fn prepare(&self, message: &Message, checkpoint: u64) -> Result<AppliedEvent, Error> {
-        let info = message
-            .info()
-            .map_err(|e| Error::Service(format!("unreadable JetStream metadata: {e}")))?;
-        let seq = info.stream_sequence;
-        let aggregate_id = message
-            .subject
-            .as_str()
-            .rsplit('.')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        let event_type = header::get(message.headers.as_ref(), header::CE_TYPE)
-            .unwrap_or_default()
-            .to_owned();
+    /// The event's place in the batch: its writes (prepared ahead, see [`read_ahead`]), or
+    /// skipped. Events of other partitions and redeliveries only advance the checkpoint; events
+    /// that failed every attempt are dead-lettered first.
+    async fn prepare(&self, pulled: &Pulled, checkpoint: u64) -> Result<AppliedEvent, Error> {
         let skipped = || AppliedEvent {
-            seq,
-            aggregate_id: aggregate_id.clone(),
-            event_type: event_type.clone(),
+            seq: pulled.seq,
+            aggregate_id: pulled.aggregate_id.clone(),
+            event_type: pulled.event_type.clone(),
             ops: Vec::new(),
             write: false,
         };
@@ -629,69 +639,25 @@ impl<P: Projection> Worker<P> {
         // Already applied (a redelivery), or another partition's (only when reading the whole
         // stream; a view delivers only this partition's): the checkpoint passes it.
         let others = self.context.source.view.is_none()
-            && partition_of(&aggregate_id, partitions) != self.partition;
-        if seq <= checkpoint || others {
+            && partition_of(&pulled.aggregate_id, partitions) != self.partition;
+        if pulled.seq <= checkpoint || others {
             return Ok(skipped());
         }
-        let mut last_error = String::new();
-        for _attempt in 0..self.context.config.projection.max_attempts {
-            match self.writes(message, seq, &aggregate_id, &event_type) {
-                Ok(ops) => {
-                    return Ok(AppliedEvent {
-                        seq,
-                        aggregate_id,
-                        event_type,
-                        ops,
-                        write: true,
-                    });
-                }
-                Err(error) => last_error = error,
+        match &pulled.writes {
+            Ok(ops) => Ok(AppliedEvent {
+                ops: ops.clone(),
+                write: true,
+                ..skipped()
+            }),
+            Err(error) => {
+                self.dead_letter(&pulled.message, pulled.seq, &pulled.event_type, error)
+                    .await?;
+                Ok(skipped())
             }
         }
-        self.dead_letter(message, seq, &event_type, &last_error)
-            .await?;
-        Ok(skipped())
     }
 
-    fn writes(
-        &self,
-        message: &Message,
-        seq: u64,
-        aggregate_id: &str,
-        event_type: &str,
-    ) -> Result<Vec<Op>, String> {
-        let recorded = decode_recorded::<P::Source>(
-            &self.context.upcasters,
-            seq,
-            aggregate_id,
-            message.headers.as_ref(),
-            message.payload.clone(),
-        )?;
-        let trace = TraceContext::from_headers(message.headers.as_ref());
-        let span = tracing::debug_span!(
-            "apply",
-            projection = P::NAME,
-            seq,
-            event_type,
-            id = aggregate_id,
-            trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
-        );
-        if let Some(trace) = &trace {
-            crate::telemetry::link(&span, trace);
-        }
-        let _entered = span.enter();
-        let mut writes = RedisWrites::default();
-        self.projection
-            .apply(&recorded, &mut writes)
-            .map_err(|refusal| format!("refused: {}", refusal.0))?;
-        let ops = writes
-            .into_ops()
-            .map_err(|refusal| format!("refused by the read model: {refusal}"))?;
-        tracing::debug!(writes = ops.len(), "event projected");
-        Ok(ops)
-    }
-
-    async fn after_commit(&mut self, batch: &[Message], committed: u64) {
+    async fn after_commit(&mut self, batch: &[Pulled], committed: u64) {
         self.commits += 1;
         #[cfg(feature = "fault-injection")]
         if self
@@ -711,8 +677,8 @@ impl<P: Projection> Worker<P> {
         } else {
             batch
         };
-        for message in acks {
-            let _ = message.ack().await;
+        for pulled in acks {
+            let _ = pulled.message.ack().await;
         }
         self.note_checkpoint(committed);
         if let Some(slot) = self.stats.last_batch_ms.get(self.partition as usize) {
@@ -761,7 +727,7 @@ impl ApplyStep for RedisStep<'_> {
 /// The worker's side of committing one batch: dead letters, progress acks, counters and logs.
 struct WorkerAround<'a, P> {
     worker: &'a Worker<P>,
-    batch: &'a [Message],
+    batch: &'a [Pulled],
 }
 
 impl<P: Projection> Around for WorkerAround<'_, P> {
@@ -771,7 +737,7 @@ impl<P: Projection> Around for WorkerAround<'_, P> {
         event: &AppliedEvent,
         reason: &str,
     ) -> impl Future<Output = Result<(), Error>> + Send {
-        let (worker, message) = (self.worker, self.batch.get(index));
+        let (worker, message) = (self.worker, self.batch.get(index).map(|p| &p.message));
         let (seq, event_type) = (event.seq, event.event_type.clone());
         let error = format!("the read model cannot hold this event: {reason}");
         async move {
@@ -789,8 +755,8 @@ impl<P: Projection> Around for WorkerAround<'_, P> {
     fn in_progress(&mut self) -> impl Future<Output = ()> + Send {
         let batch = self.batch;
         async move {
-            for message in batch {
-                let _ = message.ack_with(AckKind::Progress).await;
+            for pulled in batch {
+                let _ = pulled.message.ack_with(AckKind::Progress).await;
             }
         }
     }
@@ -829,11 +795,8 @@ fn incarnation(info: &consumer::Info) -> String {
 
 /// The first and last consumer sequence of a batch, if its deliveries follow each other without
 /// a gap or a repeat (else some went elsewhere, or the metadata is unreadable).
-fn deliveries(batch: &[Message]) -> Option<(u64, u64)> {
-    let mut sequences = batch
-        .iter()
-        .map(|m| m.info().map(|info| info.consumer_sequence).ok())
-        .collect::<Option<Vec<u64>>>()?;
+fn deliveries(batch: &[Pulled]) -> Option<(u64, u64)> {
+    let mut sequences: Vec<u64> = batch.iter().map(|p| p.delivery).collect();
     sequences.sort_unstable();
     let first = *sequences.first()?;
     let last = *sequences.last()?;
@@ -841,9 +804,125 @@ fn deliveries(batch: &[Message]) -> Option<(u64, u64)> {
     follow.then_some((first, last))
 }
 
-/// A message's stream sequence (0 if its metadata is unreadable; `prepare` reports that).
-fn stream_seq(message: &Message) -> u64 {
-    message.info().map(|info| info.stream_sequence).unwrap_or(0)
+/// A delivered event, read and prepared ahead of its batch.
+pub(crate) struct Pulled {
+    message: Message,
+    seq: u64,
+    /// Its consumer (delivery) sequence.
+    delivery: u64,
+    aggregate_id: String,
+    event_type: String,
+    /// Its writes, or why every attempt failed.
+    writes: Result<Vec<Op>, String>,
+}
+
+/// What [`read_ahead`] needs to turn events into writes.
+struct Preparer<P> {
+    projection: Arc<P>,
+    upcasters: Arc<Upcasters>,
+    attempts: u32,
+}
+
+/// Aborts the task when dropped (a worker rebinding drops its read-ahead).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Polls the pull stream, so that its next fetch goes out while a batch is being committed,
+/// and decodes and projects each event on the way, outside the commit's path. Stops when the
+/// stream ends or the worker drops the channel; an error is passed on and ends it.
+async fn read_ahead<P: Projection>(
+    mut messages: pull::Stream,
+    ahead: tokio::sync::mpsc::Sender<Result<Pulled, String>>,
+    preparer: Preparer<P>,
+) {
+    while let Some(next) = messages.next().await {
+        let item = match next {
+            Ok(message) => preparer.prepare(message),
+            Err(error) => Err(error.to_string()),
+        };
+        let failed = item.is_err();
+        if ahead.send(item).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+impl<P: Projection> Preparer<P> {
+    fn prepare(&self, message: Message) -> Result<Pulled, String> {
+        let info = message
+            .info()
+            .map_err(|e| format!("unreadable JetStream metadata: {e}"))?;
+        let (seq, delivery) = (info.stream_sequence, info.consumer_sequence);
+        // The id is the subject's last token, in the stream and in a view alike.
+        let aggregate_id = message
+            .subject
+            .as_str()
+            .rsplit('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let event_type = header::get(message.headers.as_ref(), header::CE_TYPE)
+            .unwrap_or_default()
+            .to_owned();
+        let mut writes = Err(String::new());
+        for _attempt in 0..self.attempts.max(1) {
+            writes = self.writes(&message, seq, &aggregate_id, &event_type);
+            if writes.is_ok() {
+                break;
+            }
+        }
+        Ok(Pulled {
+            message,
+            seq,
+            delivery,
+            aggregate_id,
+            event_type,
+            writes,
+        })
+    }
+
+    fn writes(
+        &self,
+        message: &Message,
+        seq: u64,
+        aggregate_id: &str,
+        event_type: &str,
+    ) -> Result<Vec<Op>, String> {
+        let recorded = decode_recorded::<P::Source>(
+            &self.upcasters,
+            seq,
+            aggregate_id,
+            message.headers.as_ref(),
+            message.payload.clone(),
+        )?;
+        let trace = TraceContext::from_headers(message.headers.as_ref());
+        let span = tracing::debug_span!(
+            "apply",
+            projection = P::NAME,
+            seq,
+            event_type,
+            id = aggregate_id,
+            trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
+        );
+        if let Some(trace) = &trace {
+            crate::telemetry::link(&span, trace);
+        }
+        let _entered = span.enter();
+        let mut writes = RedisWrites::default();
+        self.projection
+            .apply(&recorded, &mut writes)
+            .map_err(|refusal| format!("refused: {}", refusal.0))?;
+        let ops = writes
+            .into_ops()
+            .map_err(|refusal| format!("refused by the read model: {refusal}"))?;
+        tracing::debug!(writes = ops.len(), "event projected");
+        Ok(ops)
+    }
 }
 
 /// Decodes a stored event of aggregate `A` for a consumer (a projection, a process manager):
