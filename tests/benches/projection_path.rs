@@ -283,11 +283,34 @@ async fn catch_up(
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let rate = setup.last_seq as f64 / started.elapsed().as_secs_f64();
+    let took = started.elapsed();
+    let rate = setup.last_seq as f64 / took.as_secs_f64();
     eprintln!(
         "  {partitions} partition(s), {instances} instance(s): {rate:.0} events/s \
          (raw pull read {raw_read:.0}/s, raw Redis {raw_redis:.0} writes/s)"
     );
+    // Where the time went on Redis's side: the apply steps (EVALSHA) and how long they ran.
+    let mut redis = setup.redis.connect().await?;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut redis)
+        .await?;
+    if let Some(line) = stats.lines().find(|l| l.starts_with("cmdstat_evalsha:")) {
+        let field = |name: &str| {
+            line.split([':', ',']).find_map(|kv| {
+                kv.strip_prefix(name)
+                    .and_then(|v| v.strip_prefix('='))
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        };
+        if let (Some(calls), Some(usec)) = (field("calls"), field("usec")) {
+            eprintln!(
+                "  redis: {calls:.0} apply steps, {:.0} µs each, {:.0}% of the catch-up",
+                usec / calls.max(1.0),
+                usec / 1e4 / took.as_secs_f64()
+            );
+        }
+    }
     Ok((rate, processes, raw_read, raw_redis))
 }
 
