@@ -531,7 +531,8 @@ impl<P: Projection> Worker<P> {
                 ack_wait: self.context.config.projection.ack_wait,
                 max_deliver: -1,
                 filter_subject: self.context.source.filter(self.partition),
-                // The batch being committed, the next one already pulled, and one more.
+                // The batch being committed and two more read and prepared ahead: enough to keep
+                // Redis, the slowest step, busy, while bounding what a crash hands back.
                 max_ack_pending: batch * 3,
                 priority_policy: PriorityPolicy::PinnedClient,
                 priority_groups: vec![PIN_GROUP.to_owned()],
