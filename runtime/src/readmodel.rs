@@ -543,16 +543,21 @@ if mode ~= 'replay' and order == 'cursor' and ARGV[10] ~= '0' then
 end
 local i = 14
 local events = {}
+-- The writes, op j of the batch in ocmd[j], okey[j] and its arguments ARGV[ofirst[j]..olast[j]];
+-- event e has ops e.o1 .. e.o1 + e.on - 1. Flat arrays: a table per op costs more than the op.
+local ocmd, okey, ofirst, olast = {}, {}, {}, {}
+local j = 0
 for e = 1, tonumber(ARGV[6]) do
-  local event = {seq = tonumber(ARGV[i]), id = ARGV[i + 1], type = ARGV[i + 2], write = ARGV[i + 3], ops = {}}
   local n = tonumber(ARGV[i + 4])
+  local event = {seq = tonumber(ARGV[i]), id = ARGV[i + 1], type = ARGV[i + 2], write = ARGV[i + 3], o1 = j + 1, on = n}
   i = i + 5
   for o = 1, n do
     local nargs = tonumber(ARGV[i + 2])
-    table.insert(event.ops, {cmd = ARGV[i], key = KEYS[tonumber(ARGV[i + 1])], first = i + 3, last = i + 2 + nargs})
+    j = j + 1
+    ocmd[j], okey[j], ofirst[j], olast[j] = ARGV[i], KEYS[tonumber(ARGV[i + 1])], i + 3, i + 2 + nargs
     i = i + 3 + nargs
   end
-  table.insert(events, event)
+  events[e] = event
 end
 -- Events must continue the checkpoint without a hole: a hole means messages another worker
 -- held were never applied, and they must come first.
@@ -644,25 +649,26 @@ local function short(s)
 end
 -- Simulates one write on what the batch has done so far; returns why it would fail, or nil.
 local function check(op)
-  local want, key = WANT[op.cmd], op.key
-  if want == nil then return 'unknown command ' .. op.cmd end
+  local cmd, key, first = ocmd[op], okey[op], ofirst[op]
+  local want = WANT[cmd]
+  if want == nil then return 'unknown command ' .. cmd end
   if types[key] == nil then
     types[key] = redis.call('TYPE', key)['ok']
     values[key] = {}
   end
   local have = types[key]
   if want ~= 'any' and have ~= 'none' and have ~= want then
-    return 'WRONGTYPE ' .. key .. ' is a ' .. have .. ', ' .. op.cmd .. ' needs a ' .. want
+    return 'WRONGTYPE ' .. key .. ' is a ' .. have .. ', ' .. cmd .. ' needs a ' .. want
   end
-  local a, b = ARGV[op.first], ARGV[op.first + 1]
-  if op.cmd == 'DEL' or op.cmd == 'SET' then
-    types[key] = (op.cmd == 'SET') and 'string' or 'none'
+  local a, b = ARGV[first], ARGV[first + 1]
+  if cmd == 'DEL' or cmd == 'SET' then
+    types[key] = (cmd == 'SET') and 'string' or 'none'
     values[key], cleared[key] = {}, true
-  elseif op.cmd == 'HSET' then
+  elseif cmd == 'HSET' then
     values[key][a] = b
-  elseif op.cmd == 'HDEL' or op.cmd == 'ZREM' then
+  elseif cmd == 'HDEL' or cmd == 'ZREM' then
     values[key][a] = false
-  elseif op.cmd == 'HINCRBY' then
+  elseif cmd == 'HINCRBY' then
     local now = value(key, a, 'HGET')
     if now == false then now = '0' end
     if digits_of(now) == nil then
@@ -673,9 +679,9 @@ local function check(op)
       return 'HINCRBY ' .. key .. ' ' .. a .. ' ' .. b .. ' would overflow 64-bit integers (the field holds ' .. now .. ')'
     end
     values[key][a] = sum
-  elseif op.cmd == 'ZADD' then
+  elseif cmd == 'ZADD' then
     values[key][b] = tonumber(a)
-  elseif op.cmd == 'ZINCRBY' then
+  elseif cmd == 'ZINCRBY' then
     local now = value(key, b, 'ZSCORE')
     now = (now == false) and 0 or tonumber(now)
     local sum = now and (now + tonumber(a))
@@ -684,14 +690,14 @@ local function check(op)
     end
     values[key][b] = sum
   end
-  if want ~= 'any' and op.cmd ~= 'HDEL' and op.cmd ~= 'ZREM' and op.cmd ~= 'SREM' then
+  if want ~= 'any' and cmd ~= 'HDEL' and cmd ~= 'ZREM' and cmd ~= 'SREM' then
     types[key] = want
   end
   return nil
 end
 for _, event in ipairs(events) do
   if event.fresh and event.write == '1' then
-    for _, op in ipairs(event.ops) do
+    for op = event.o1, event.o1 + event.on - 1 do
       local why = check(op)
       if why then return {'refused', tostring(event.seq), why} end
     end
@@ -720,8 +726,8 @@ local ok, err = pcall(function()
       fresh_count = fresh_count + 1
       if mode == 'replay' then write('SADD', KEYS[2], event.seq) end
       if event.write == '1' then
-        for _, op in ipairs(event.ops) do
-          write(op.cmd, op.key, unpack(ARGV, op.first, op.last))
+        for op = event.o1, event.o1 + event.on - 1 do
+          write(ocmd[op], okey[op], unpack(ARGV, ofirst[op], olast[op]))
         end
         write('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'seq', event.seq, 'id', event.id, 'type', event.type)
       end
