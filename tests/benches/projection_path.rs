@@ -323,7 +323,7 @@ async fn mirrored(
     stored: u64,
 ) -> Result<f64> {
     let js = jetstream::new(client.clone());
-    let view = jetfn::wire::names::partition_view(stream, partitions);
+    let view = jetfn::wire::names::partition_view(stream, "account", partitions);
     let mut view = js.get_stream(&view).await?;
     let held = view.info().await?.state.messages;
     Ok(held as f64 / stored.max(1) as f64)

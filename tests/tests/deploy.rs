@@ -397,7 +397,7 @@ fn the_keda_trigger_names_a_projection_consumer() {
     // With 4 partitions the live consumers read the partitioned view.
     assert_eq!(
         trigger["metadata"]["stream"],
-        jetfn::wire::names::partition_view("ACCOUNT_EVENTS", 4)
+        jetfn::wire::names::partition_view("ACCOUNT_EVENTS", "account", 4)
     );
     // The live consumer of partition 0, whose name survives rebuilds.
     assert_eq!(

@@ -678,7 +678,7 @@ async fn four_partitions_each_read_only_their_own_events_and_idle_ones_pass_toke
 
     // The partitions read the view, each only its own events: about one delivery per event (a
     // few more only if a consumer had to deliver again from its checkpoint).
-    let view = jetfn::wire::names::partition_view(ACCOUNT_STREAM, 4);
+    let view = jetfn::wire::names::partition_view(ACCOUNT_STREAM, "account", 4);
     let on_view = deliveries(client, &view).await.unwrap();
     let names: BTreeSet<&str> = on_view.keys().map(String::as_str).collect();
     let expected: BTreeSet<String> = (0..4)

@@ -14,17 +14,22 @@
 //!
 //! The cost: the view stores every event a second time (with the event stream's limits), and the
 //! server reads each event once more to fill it. Projections of the same aggregate type and
-//! partition count share one view.
+//! partition count share one view. In a stream several aggregate types share, the view mirrors
+//! only this type's subjects (the mirror skips the others, keeping the sequences).
 
-use super::Context;
-use crate::Error;
+use super::{Context, Projection};
 use crate::wire::names;
+use crate::{Aggregate, Error};
 use async_nats::jetstream::stream;
 
 /// Creates the partitioned view of the projection's event stream if it does not exist, and
 /// checks that an existing one mirrors that stream with the expected transform. Returns its name.
-pub(crate) async fn provision<P>(context: &Context<P>, partitions: u32) -> Result<String, Error> {
-    let name = names::partition_view(&context.source.stream, partitions);
+pub(crate) async fn provision<P: Projection>(
+    context: &Context<P>,
+    partitions: u32,
+) -> Result<String, Error> {
+    let aggregate = <P::Source as Aggregate>::NAME;
+    let name = names::partition_view(&context.source.stream, aggregate, partitions);
     let (source, destination) =
         names::partition_view_transform(&context.source.subject_prefix, partitions);
     let expected = stream::Source {

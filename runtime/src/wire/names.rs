@@ -344,12 +344,19 @@ pub fn live_projection_consumer(projection: &str, partition: u32) -> String {
     format!("{projection}-p{partition}")
 }
 
-/// The partitioned view of event stream `stream` for projections with `partitions` partitions
-/// (more than one): `<STREAM>_P<n>`. It is a mirror, so its sequences are the event stream's and
-/// a checkpoint or consistency token means the same in both. Projections of one aggregate type
-/// with the same partition count share it.
-pub fn partition_view(stream: &str, partitions: u32) -> String {
-    format!("{stream}_P{partitions}")
+/// The partitioned view of aggregate type `aggregate`'s events in stream `stream` for
+/// projections with `partitions` partitions (more than one): `<STREAM>_P<n>` when the stream is
+/// the type's default one, else `<STREAM>_<AGGREGATE>_P<n>` (a configured stream may hold several
+/// types, each with a view of its own). It is a mirror, so its sequences are the event stream's
+/// and a checkpoint or consistency token means the same in both. Projections of one aggregate
+/// type with the same partition count share it.
+pub fn partition_view(stream: &str, aggregate: &str, partitions: u32) -> String {
+    if stream == default_stream(aggregate) {
+        format!("{stream}_P{partitions}")
+    } else {
+        let aggregate = aggregate.to_ascii_uppercase().replace('-', "_");
+        format!("{stream}_{aggregate}_P{partitions}")
+    }
 }
 
 /// The subject transform of a partitioned view: `<prefix>.*` becomes
@@ -442,7 +449,14 @@ mod tests {
 
     #[test]
     fn a_partitioned_view_keeps_the_prefix_and_puts_the_partition_before_the_id() {
-        assert_eq!(partition_view("ACCOUNT_EVENTS", 4), "ACCOUNT_EVENTS_P4");
+        assert_eq!(
+            partition_view("ACCOUNT_EVENTS", "account", 4),
+            "ACCOUNT_EVENTS_P4"
+        );
+        assert_eq!(
+            partition_view("PEOPLE", "user-name", 2),
+            "PEOPLE_USER_NAME_P2"
+        );
         assert_eq!(
             partition_view_transform("evt.account", 4),
             (
