@@ -242,9 +242,12 @@ impl<P: Projection> Worker<P> {
             let first = tokio::select! {
                 _ = stop.changed() => return Ok(None),
                 // Another partition committed further: this one may have nothing up to there.
+                // (With events of its own already waiting, their batch claims it instead.)
                 Ok(()) = progress.changed(), if partitioned => {
                     let top = *progress.borrow_and_update();
-                    if let Some(rebind) = self.claim(&mut consumer, &mut checkpoint, top).await? {
+                    if pulled.is_empty()
+                        && let Some(rebind) = self.claim(&mut consumer, &mut checkpoint, top).await?
+                    {
                         return Ok(Some(rebind));
                     }
                     continue;
