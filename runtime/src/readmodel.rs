@@ -12,7 +12,7 @@
 //! | `{P}:g<G>:checkpoint` | hash | `p0`..`p<n-1>`: last applied stream sequence per partition; `partitions`: n |
 //! | `{P}:g<G>:changes` | stream | change feed: one entry per applied event (`seq`, `id`, `type`) |
 //! | `{P}:g<G>:progress` | stream | one entry per commit that moved a checkpoint (`p`, `seq`) |
-//! | `{P}:g<G>:cursor` | hash | `p<k>`: `<consumer tag>:<delivery seq>` last committed, for partitions of a partitioned view |
+//! | `{P}:g<G>:cursor` | hash | for partitions of a partitioned view: `p<k>` `<consumer tag>:<delivery seq>` and `v<k>` the view's sequence of the last message committed |
 //! | `{P}:g<G>:replayed` | set | stream sequences applied by a dead-letter replay |
 //! | `{P}:g<G>:failed` | string | only if a write failed half-way through a batch: why (rebuild) |
 //!
@@ -448,6 +448,9 @@ pub(crate) enum Order {
         first: u64,
         /// The consumer sequence of its last delivery.
         last: u64,
+        /// The view's own sequence of the batch's last message: where a recreated consumer
+        /// starts again.
+        position: u64,
     },
 }
 
@@ -510,7 +513,8 @@ pub(crate) enum Step {
 /// stream. KEYS: active, checkpoint (or replayed set), changes, failure mark, progress, cursor,
 /// then the projection keys (each once). ARGV: partition field, generation, mode, expected
 /// checkpoint, feed length, event count, partition count, order (`seq`, `hole` or `cursor`),
-/// cursor tag, first delivery, the delivery before it, last delivery, floor, then per event: seq,
+/// cursor tag, first delivery, the delivery before it, last delivery, floor, view position (the
+/// cursor's `v<k>`), then per event: seq,
 /// id, type, write flag, op count, then per op: command, key index, arg count, args.
 const APPLY_SCRIPT: &str = r#"
 local mode = ARGV[3]
@@ -541,7 +545,7 @@ if mode ~= 'replay' and order == 'cursor' and ARGV[10] ~= '0' then
   local starts = ARGV[10] == '1' and (not cursor or string.sub(cursor, 1, #tag) ~= tag)
   if not continues and not starts then return {'stale', tostring(checkpoint)} end
 end
-local i = 14
+local i = 15
 local events = {}
 -- The writes, op j of the batch in ocmd[j], okey[j] and its arguments ARGV[ofirst[j]..olast[j]];
 -- event e has ops e.o1 .. e.o1 + e.on - 1. Flat arrays: a table per op costs more than the op.
@@ -736,7 +740,9 @@ local ok, err = pcall(function()
   if mode ~= 'replay' then
     if active == false and mode == 'live' then write('SET', KEYS[1], ARGV[2]) end
     write('HSET', KEYS[2], ARGV[1], last, 'partitions', ARGV[7])
-    if order == 'cursor' and ARGV[10] ~= '0' then write('HSET', KEYS[6], ARGV[1], ARGV[9] .. ':' .. ARGV[12]) end
+    if order == 'cursor' and ARGV[10] ~= '0' then
+      write('HSET', KEYS[6], ARGV[1], ARGV[9] .. ':' .. ARGV[12], 'v' .. string.sub(ARGV[1], 2), ARGV[14])
+    end
     if last ~= checkpoint then
       write('XADD', KEYS[5], 'MAXLEN', '~', '1000', '*', 'p', ARGV[1], 'seq', last)
     end
@@ -973,6 +979,20 @@ impl ReadModel {
         self.connection.clone()
     }
 
+    /// Where partition `partition` of version `generation` stands in its partitioned view: the
+    /// view's sequence of the last message it committed (0: none yet).
+    pub(crate) async fn view_position(
+        &self,
+        generation: u64,
+        partition: u32,
+    ) -> Result<u64, ReadModelError> {
+        let mut connection = self.connection.clone();
+        let position: Option<u64> = connection
+            .hget(self.keys.cursor(generation), format!("v{partition}"))
+            .await?;
+        Ok(position.unwrap_or(0))
+    }
+
     /// The live version, if any.
     pub async fn active_generation(&self) -> Result<Option<u64>, ReadModelError> {
         let mut connection = self.connection.clone();
@@ -1137,17 +1157,23 @@ impl ReadModel {
                     "hole"
                 };
                 invocation.arg(order).arg("").arg(0).arg(0).arg(0);
+                invocation.arg(batch.floor).arg(0);
             }
-            Order::Deliveries { tag, first, last } => {
+            Order::Deliveries {
+                tag,
+                first,
+                last,
+                position,
+            } => {
                 invocation
                     .arg("cursor")
                     .arg(tag)
                     .arg(*first)
                     .arg(first.saturating_sub(1))
                     .arg(*last);
+                invocation.arg(batch.floor).arg(*position);
             }
         }
-        invocation.arg(batch.floor);
         // Each key is passed once, however many writes touch it.
         let mut key_indexes: HashMap<&str, usize> = HashMap::new();
         for event in events {

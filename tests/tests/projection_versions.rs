@@ -694,6 +694,31 @@ async fn four_partitions_each_read_only_their_own_events_and_idle_ones_pass_toke
         delivered >= events && delivered * 10 <= events * 12,
         "{delivered} deliveries for {events} events: {on_view:?}"
     );
+    // The view never answers the stream's direct gets (a mirror of it would, wrongly: its
+    // subjects carry the partition), so cold loads of the command path keep working.
+    let mut view_stream = stream(client, &view).await.unwrap();
+    let view_config = view_stream.info().await.unwrap().config.clone();
+    assert!(
+        view_config.mirror.is_none() && !view_config.mirror_direct,
+        "{view_config:?}"
+    );
+    for _ in 0..20 {
+        let reply = client
+            .request(
+                format!("$JS.API.DIRECT.GET.{ACCOUNT_STREAM}"),
+                json!({"last_by_subj": "evt.account.q-03"})
+                    .to_string()
+                    .into(),
+            )
+            .await
+            .unwrap();
+        let headers = reply.headers.unwrap_or_default();
+        assert_eq!(
+            headers.get("Nats-Stream").map(|v| v.as_str()),
+            Some(ACCOUNT_STREAM),
+            "a direct get of the stream answered by {headers:?}"
+        );
+    }
     let on_stream = deliveries(client, ACCOUNT_STREAM).await.unwrap();
     assert!(
         !on_stream.keys().any(|name| name.starts_with(PROJECTION)),

@@ -2,15 +2,19 @@
 //!
 //! With one partition a projection reads the event stream itself. With n > 1, every partition
 //! would otherwise read the whole stream and skip the others' events (n deliveries per event).
-//! Instead the projection reads a **mirror** of the event stream whose subject transform puts
-//! the server's `partition(n, 1)` of the aggregate id into the subject
+//! Instead the projection reads a stream that **sources** the event stream with a subject
+//! transform putting the server's `partition(n, 1)` of the aggregate id into the subject
 //! (`<prefix>.<id>` -> `<prefix>.<k>.<id>`), and partition k's consumer filters on
 //! `<prefix>.<k>.*`: each event is delivered to one partition.
 //!
-//! A mirror keeps the origin's sequences (it stores each message at its origin sequence and
-//! skips over gaps), so checkpoints, consistency tokens and the change feed's `seq` keep meaning
-//! the event stream's sequence. It strips the origin's `Nats-Expected-*` and `Nats-Batch-*`
-//! headers and does not deduplicate, so every event arrives once, as stored.
+//! Not a mirror: a mirror of a stream with direct gets answers the origin's direct gets too
+//! (the server turns `mirror_direct` on by itself), and with transformed subjects it answers
+//! them wrongly, which breaks the command path's loads. A sourced stream numbers its messages
+//! itself, but each carries the origin's sequence in its `Nats-Stream-Source` header: events,
+//! checkpoints and consistency tokens keep the event stream's sequence, and only the consumer's
+//! position is the view's (kept beside the delivery cursor). Sourcing strips the origin's
+//! `Nats-Expected-*` and `Nats-Batch-*` headers; it deduplicates on `Nats-Msg-Id`, which jetfn
+//! makes unique per event.
 //!
 //! The cost: the view stores every event a second time (with the event stream's limits), and the
 //! server reads each event once more to fill it. Projections of the same aggregate type and
@@ -47,14 +51,14 @@ pub(crate) async fn provision<P: Projection>(
                 .info()
                 .await
                 .map_err(|e| Error::Service(format!("partitioned view {name}: {e}")))?;
-            let mirror = info.config.mirror.as_ref();
-            let same = mirror.is_some_and(|m| {
-                m.name == expected.name && m.subject_transforms == expected.subject_transforms
-            });
+            let same = info.config.mirror.is_none()
+                && matches!(info.config.sources.as_deref(), Some([only])
+                    if only.name == expected.name
+                        && only.subject_transforms == expected.subject_transforms);
             if !same {
                 return Err(Error::Service(format!(
-                    "stream {name} exists but is not the partitioned view jetfn needs (a mirror \
-                     of {} with subject transform {source} -> {destination}); delete it",
+                    "stream {name} exists but is not the partitioned view jetfn needs (sourcing \
+                     only {} with subject transform {source} -> {destination}); delete it",
                     expected.name
                 )));
             }
@@ -66,7 +70,7 @@ pub(crate) async fn provision<P: Projection>(
                     "jetfn partitioned view of {} for projections with {partitions} partitions",
                     context.source.stream
                 )),
-                mirror: Some(expected),
+                sources: Some(vec![expected]),
                 storage: stream::StorageType::File,
                 num_replicas: context.config.stream.replicas,
                 metadata: [(names::meta::PARTITIONS.to_owned(), partitions.to_string())].into(),

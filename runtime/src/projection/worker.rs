@@ -81,6 +81,9 @@ pub(crate) struct Worker<P> {
     active: bool,
     /// When this worker last tried to advance an idle checkpoint.
     last_claim: Option<Instant>,
+    /// In a partitioned view: the view's sequence of the last message committed (the view
+    /// numbers its messages itself).
+    position: u64,
 }
 
 enum Rebind {
@@ -118,6 +121,7 @@ impl<P: Projection> Worker<P> {
             tag: String::new(),
             active: false,
             last_claim: None,
+            position: 0,
         }
     }
 
@@ -233,6 +237,7 @@ impl<P: Projection> Worker<P> {
                 projection: self.projection.clone(),
                 upcasters: self.context.upcasters.clone(),
                 attempts: self.context.config.projection.max_attempts,
+                sourced: partitioned,
             },
         )));
         loop {
@@ -298,8 +303,8 @@ impl<P: Projection> Worker<P> {
                     return Ok(Some(Rebind::Rewind(checkpoint)));
                 };
                 let top = *progress.borrow();
-                let last_seq = batch.iter().map(|p| p.seq).max().unwrap_or(0);
-                match self.check_consumer(&mut consumer, last_seq).await {
+                let position = batch.iter().map(|p| p.position).max().unwrap_or(0);
+                match self.check_consumer(&mut consumer, position).await {
                     ConsumerState::Recreated => return Ok(Some(Rebind::Again)),
                     ConsumerState::Drained => floor = top,
                     ConsumerState::Busy => {}
@@ -308,6 +313,7 @@ impl<P: Projection> Worker<P> {
                     tag: self.tag.clone(),
                     first: deliveries.0,
                     last: deliveries.1,
+                    position: position.max(self.position),
                 };
             }
             // Redeliveries can arrive out of order; the script needs ascending sequences.
@@ -321,6 +327,9 @@ impl<P: Projection> Worker<P> {
                     Applied::Committed(committed) => {
                         checkpoint = committed;
                         self.rewound_at = None;
+                        if let Order::Deliveries { position, .. } = &order {
+                            self.position = *position;
+                        }
                         self.after_commit(&batch, committed).await;
                         break;
                     }
@@ -369,7 +378,7 @@ impl<P: Projection> Worker<P> {
             return Ok(None);
         }
         self.last_claim = Some(Instant::now());
-        match self.check_consumer(consumer, *checkpoint).await {
+        match self.check_consumer(consumer, self.position).await {
             ConsumerState::Drained => {}
             ConsumerState::Recreated => return Ok(Some(Rebind::Again)),
             ConsumerState::Busy => return Ok(None),
@@ -378,6 +387,7 @@ impl<P: Projection> Worker<P> {
             tag: self.tag.clone(),
             first: 0,
             last: 0,
+            position: self.position,
         };
         match self.apply_batch(&[], *checkpoint, order, top).await? {
             Applied::Committed(committed) => {
@@ -392,7 +402,7 @@ impl<P: Projection> Worker<P> {
     }
 
     /// Asks the server about the bound consumer. `Drained`: it has nothing undelivered and has
-    /// delivered nothing after stream sequence `delivered_up_to`. The incarnation check makes sure
+    /// delivered nothing after `delivered_up_to` (a sequence of the stream it reads). The incarnation check makes sure
     /// the deliveries in hand came from the consumer this worker bound (a recreated one numbers
     /// its deliveries from 1 again).
     async fn check_consumer(
@@ -468,7 +478,7 @@ impl<P: Projection> Worker<P> {
     /// checkpoint + 1, and returns it with that checkpoint. A consumer whose acknowledgements are
     /// ahead of the checkpoint (Redis lost data) is recreated.
     async fn ensure_consumer(
-        &self,
+        &mut self,
         recreate: bool,
     ) -> Result<(consumer::Consumer<pull::Config>, u64), Error> {
         let name = self.consumer_name();
@@ -493,11 +503,23 @@ impl<P: Projection> Worker<P> {
         // Read after the ack floor: the checkpoint only grows and is committed before the acks,
         // so a checkpoint read later is never behind the floor unless Redis lost data.
         let checkpoint = self.checkpoint().await?;
+        // A view numbers its messages itself: its consumers start from the view's sequence of
+        // the last message committed, kept beside the delivery cursor.
+        let position = match self.context.source.view {
+            Some(_) => {
+                self.context
+                    .model
+                    .view_position(self.generation, self.partition)
+                    .await?
+            }
+            None => checkpoint,
+        };
+        self.position = position;
         if let Some((existing, ack_floor)) = existing {
-            if ack_floor <= checkpoint && !recreate {
+            if ack_floor <= position && !recreate {
                 return Ok((existing, checkpoint));
             }
-            if ack_floor > checkpoint {
+            if ack_floor > position {
                 tracing::warn!(
                     projection = P::NAME,
                     partition = self.partition,
@@ -511,7 +533,7 @@ impl<P: Projection> Worker<P> {
                 .await
                 .map_err(|e| Error::Service(format!("deleting consumer {name}: {e}")))?;
         }
-        let deliver_policy = match checkpoint {
+        let deliver_policy = match position {
             0 => DeliverPolicy::All,
             seq => DeliverPolicy::ByStartSequence {
                 start_sequence: seq + 1,
@@ -811,7 +833,10 @@ fn deliveries(batch: &[Pulled]) -> Option<(u64, u64)> {
 /// A delivered event, read and prepared ahead of its batch.
 pub(crate) struct Pulled {
     message: Message,
+    /// Its sequence in the event stream.
     seq: u64,
+    /// Its sequence in the stream read (the view's own when reading a view).
+    position: u64,
     /// Its consumer (delivery) sequence.
     delivery: u64,
     aggregate_id: String,
@@ -825,6 +850,8 @@ struct Preparer<P> {
     projection: Arc<P>,
     upcasters: Arc<Upcasters>,
     attempts: u32,
+    /// Reading a partitioned view: the event stream's sequence is in `Nats-Stream-Source`.
+    sourced: bool,
 }
 
 /// Aborts the task when dropped (a worker rebinding drops its read-ahead).
@@ -861,7 +888,13 @@ impl<P: Projection> Preparer<P> {
         let info = message
             .info()
             .map_err(|e| format!("unreadable JetStream metadata: {e}"))?;
-        let (seq, delivery) = (info.stream_sequence, info.consumer_sequence);
+        let (position, delivery) = (info.stream_sequence, info.consumer_sequence);
+        let seq = if self.sourced {
+            header::source_sequence(message.headers.as_ref())
+                .ok_or_else(|| format!("a view message without {}", header::STREAM_SOURCE))?
+        } else {
+            position
+        };
         // The id is the subject's last token, in the stream and in a view alike.
         let aggregate_id = message
             .subject
@@ -883,6 +916,7 @@ impl<P: Projection> Preparer<P> {
         Ok(Pulled {
             message,
             seq,
+            position,
             delivery,
             aggregate_id,
             event_type,
