@@ -327,7 +327,7 @@ async fn catch_up(
 }
 
 /// Events the partitioned view of `stream` for `partitions` holds, per event in the stream: each
-/// was read once more by the server to mirror it.
+/// was read once more by the server to source it into the view.
 async fn mirrored(
     client: &async_nats::Client,
     stream: &str,

@@ -347,8 +347,8 @@ pub fn live_projection_consumer(projection: &str, partition: u32) -> String {
 /// The partitioned view of aggregate type `aggregate`'s events in stream `stream` for
 /// projections with `partitions` partitions (more than one): `<STREAM>_P<n>` when the stream is
 /// the type's default one, else `<STREAM>_<AGGREGATE>_P<n>` (a configured stream may hold several
-/// types, each with a view of its own). It is a mirror, so its sequences are the event stream's
-/// and a checkpoint or consistency token means the same in both. Projections of one aggregate
+/// types, each with a view of its own). It sources the stream; each message carries its
+/// event-stream sequence, which checkpoints and consistency tokens keep counting in. Projections of one aggregate
 /// type with the same partition count share it.
 pub fn partition_view(stream: &str, aggregate: &str, partitions: u32) -> String {
     if stream == default_stream(aggregate) {
