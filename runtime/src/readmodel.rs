@@ -12,10 +12,11 @@
 //! | `{P}:g<G>:checkpoint` | hash | `p0`..`p<n-1>`: last applied stream sequence per partition; `partitions`: n |
 //! | `{P}:g<G>:changes` | stream | change feed: one entry per applied event (`seq`, `id`, `type`) |
 //! | `{P}:g<G>:progress` | stream | one entry per commit that moved a checkpoint (`p`, `seq`) |
+//! | `{P}:g<G>:cursor` | hash | for partitions of a partitioned view: `p<k>` `<consumer tag>:<delivery seq>` and `v<k>` the view's sequence of the last message committed |
 //! | `{P}:g<G>:replayed` | set | stream sequences applied by a dead-letter replay |
 //! | `{P}:g<G>:failed` | string | only if a write failed half-way through a batch: why (rebuild) |
 //!
-//! `checkpoint`, `changes`, `progress`, `replayed` and `failed` belong to the runtime: [`RedisWrites`] refuses
+//! `checkpoint`, `changes`, `progress`, `cursor`, `replayed` and `failed` belong to the runtime: [`RedisWrites`] refuses
 //! them.
 //!
 //! Frontends read `{P}:active` first, then the keys of that version. A rebuild writes version
@@ -147,7 +148,14 @@ pub struct Keys {
 }
 
 /// Relative keys the runtime keeps inside each version; projections may not write them.
-const RESERVED_KEYS: [&str; 5] = ["checkpoint", "changes", "progress", "replayed", "failed"];
+const RESERVED_KEYS: [&str; 6] = [
+    "checkpoint",
+    "changes",
+    "progress",
+    "cursor",
+    "replayed",
+    "failed",
+];
 
 impl Keys {
     /// The keys of projection `name`.
@@ -186,6 +194,13 @@ impl Keys {
     /// partition's checkpoint (`p`: the partition field, `seq`: its new checkpoint).
     pub fn progress(&self, generation: u64) -> String {
         self.key(generation, "progress")
+    }
+
+    /// The delivery cursor of version `generation`: per partition field `p<k>`, the consumer
+    /// incarnation and delivery sequence of the last delivery it committed (`<tag>:<seq>`), for
+    /// partitions that read only their own events.
+    pub fn cursor(&self, generation: u64) -> String {
+        self.key(generation, "cursor")
     }
 
     /// The set of replayed dead letters of version `generation`.
@@ -401,14 +416,42 @@ pub(crate) struct AppliedEvent {
 }
 
 /// Settings of one apply step.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Batch {
     /// Change feed length.
     pub feed_len: u64,
     /// The projection's partition count, recorded beside the checkpoints.
     pub partitions: u32,
-    /// Accept a hole before the first event (the stream really has one).
-    pub accept_hole: bool,
+    /// How the step knows that the batch misses nothing after the checkpoint.
+    pub order: Order,
+    /// A stream sequence up to which the partition is known to have nothing else to apply (0:
+    /// none): the checkpoint advances to it after the batch (see `projection::worker`'s claims).
+    pub floor: u64,
+}
+
+/// How an apply step checks that a batch continues its partition without a hole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Order {
+    /// The partition reads the whole stream: the batch's sequences continue the checkpoint one
+    /// by one.
+    Contiguous,
+    /// As [`Order::Contiguous`], but the stream itself has a hole right after the checkpoint.
+    HoleAccepted,
+    /// The partition reads only its own events (a partitioned view), so sequences have gaps:
+    /// the batch must hold every delivery of the consumer after the last one committed. The
+    /// cursor `<tag>:<delivery>` records it; `tag` names the consumer's incarnation (its creation
+    /// time), since a recreated consumer numbers its deliveries from 1 again.
+    Deliveries {
+        /// The incarnation of the consumer that delivered the batch.
+        tag: String,
+        /// The consumer sequence of the batch's first delivery (0: the step has no deliveries).
+        first: u64,
+        /// The consumer sequence of its last delivery.
+        last: u64,
+        /// The view's own sequence of the batch's last message: where a recreated consumer
+        /// starts again.
+        position: u64,
+    },
 }
 
 /// Who is applying.
@@ -433,6 +476,10 @@ pub(crate) enum Applied {
     Reset,
     /// The live version is now this one; nothing was written.
     Moved(u64),
+    /// The batch does not continue the partition's deliveries (another instance or an earlier
+    /// worker holds some, or the consumer was recreated); nothing was written. The checkpoint is
+    /// this sequence.
+    Stale(u64),
 }
 
 /// What one run of the apply script did.
@@ -459,11 +506,16 @@ pub(crate) enum Step {
 /// failed (it holds part of a batch) and refuses every later step.
 ///
 /// Events must continue the checkpoint without a hole (unless the caller accepts one). In replay
-/// mode the gate is membership in the replayed set instead, and the checkpoint stays. A commit
-/// that moves the checkpoint appends the progress stream. KEYS: active, checkpoint (or replayed
-/// set), changes, failure mark, progress, then the projection keys (each once). ARGV: partition field, generation, mode, expected checkpoint, feed length, event count,
-/// partition count, hole accepted, then per event: seq, id, type, write flag, op count, then per
-/// op: command, key index, arg count, args.
+/// mode the gate is membership in the replayed set instead, and the checkpoint stays. A partition
+/// that reads only its own events proves the same with its consumer's delivery sequences instead
+/// (the cursor, see [`Order::Deliveries`]). A floor advances the checkpoint past events the
+/// partition is known not to have. A commit that moves the checkpoint appends the progress
+/// stream. KEYS: active, checkpoint (or replayed set), changes, failure mark, progress, cursor,
+/// then the projection keys (each once). ARGV: partition field, generation, mode, expected
+/// checkpoint, feed length, event count, partition count, order (`seq`, `hole` or `cursor`),
+/// cursor tag, first delivery, the delivery before it, last delivery, floor, view position (the
+/// cursor's `v<k>`), then per event: seq,
+/// id, type, write flag, op count, then per op: command, key index, arg count, args.
 const APPLY_SCRIPT: &str = r#"
 local mode = ARGV[3]
 local failed = redis.call('GET', KEYS[4])
@@ -482,22 +534,38 @@ if mode ~= 'replay' then
     checkpoint = tonumber(checkpoint)
   end
 end
-local i = 9
+local order = ARGV[8]
+-- A partition reading its own events: the batch must hold every delivery after the cursor, or be
+-- the first deliveries of a consumer (incarnation) the cursor does not know yet, which start at
+-- the checkpoint it was created at or before.
+if mode ~= 'replay' and order == 'cursor' and ARGV[10] ~= '0' then
+  local cursor = redis.call('HGET', KEYS[6], ARGV[1])
+  local tag = ARGV[9] .. ':'
+  local continues = cursor == tag .. ARGV[11]
+  local starts = ARGV[10] == '1' and (not cursor or string.sub(cursor, 1, #tag) ~= tag)
+  if not continues and not starts then return {'stale', tostring(checkpoint)} end
+end
+local i = 15
 local events = {}
+-- The writes, op j of the batch in ocmd[j], okey[j] and its arguments ARGV[ofirst[j]..olast[j]];
+-- event e has ops e.o1 .. e.o1 + e.on - 1. Flat arrays: a table per op costs more than the op.
+local ocmd, okey, ofirst, olast = {}, {}, {}, {}
+local j = 0
 for e = 1, tonumber(ARGV[6]) do
-  local event = {seq = tonumber(ARGV[i]), id = ARGV[i + 1], type = ARGV[i + 2], write = ARGV[i + 3], ops = {}}
   local n = tonumber(ARGV[i + 4])
+  local event = {seq = tonumber(ARGV[i]), id = ARGV[i + 1], type = ARGV[i + 2], write = ARGV[i + 3], o1 = j + 1, on = n}
   i = i + 5
   for o = 1, n do
     local nargs = tonumber(ARGV[i + 2])
-    table.insert(event.ops, {cmd = ARGV[i], key = KEYS[tonumber(ARGV[i + 1])], first = i + 3, last = i + 2 + nargs})
+    j = j + 1
+    ocmd[j], okey[j], ofirst[j], olast[j] = ARGV[i], KEYS[tonumber(ARGV[i + 1])], i + 3, i + 2 + nargs
     i = i + 3 + nargs
   end
-  table.insert(events, event)
+  events[e] = event
 end
 -- Events must continue the checkpoint without a hole: a hole means messages another worker
 -- held were never applied, and they must come first.
-if mode ~= 'replay' and ARGV[8] ~= '1' then
+if mode ~= 'replay' and order == 'seq' then
   local expect = checkpoint + 1
   for _, event in ipairs(events) do
     if event.seq >= expect then
@@ -515,6 +583,7 @@ for _, event in ipairs(events) do
     if event.fresh then last = event.seq end
   end
 end
+if mode ~= 'replay' and tonumber(ARGV[13]) > last then last = tonumber(ARGV[13]) end
 
 -- Signed decimal integers as Redis reads them (no '+', no leading zeros, 64 bit), exactly:
 -- Lua numbers are doubles.
@@ -568,10 +637,12 @@ local WANT = {HSET = 'hash', HINCRBY = 'hash', HDEL = 'hash', ZADD = 'zset', ZIN
   ZREM = 'zset', SADD = 'set', SREM = 'set', SET = 'string', DEL = 'any'}
 local SAFE = 9007199254740991
 local types, values, cleared = {}, {}, {}
-local function value(key, name, read)
+-- The value of one field or member as the batch has left it so far, read once (`cmd`: HGET or
+-- ZSCORE; no closure per call, which costs more than the read).
+local function value(key, name, cmd)
   local v = values[key][name]
   if v == nil then
-    if cleared[key] then v = false else v = read() or false end
+    if cleared[key] then v = false else v = redis.call(cmd, key, name) or false end
     values[key][name] = v
   end
   return v
@@ -582,26 +653,27 @@ local function short(s)
 end
 -- Simulates one write on what the batch has done so far; returns why it would fail, or nil.
 local function check(op)
-  local want, key = WANT[op.cmd], op.key
-  if want == nil then return 'unknown command ' .. op.cmd end
+  local cmd, key, first = ocmd[op], okey[op], ofirst[op]
+  local want = WANT[cmd]
+  if want == nil then return 'unknown command ' .. cmd end
   if types[key] == nil then
     types[key] = redis.call('TYPE', key)['ok']
     values[key] = {}
   end
   local have = types[key]
   if want ~= 'any' and have ~= 'none' and have ~= want then
-    return 'WRONGTYPE ' .. key .. ' is a ' .. have .. ', ' .. op.cmd .. ' needs a ' .. want
+    return 'WRONGTYPE ' .. key .. ' is a ' .. have .. ', ' .. cmd .. ' needs a ' .. want
   end
-  local a, b = ARGV[op.first], ARGV[op.first + 1]
-  if op.cmd == 'DEL' or op.cmd == 'SET' then
-    types[key] = (op.cmd == 'SET') and 'string' or 'none'
+  local a, b = ARGV[first], ARGV[first + 1]
+  if cmd == 'DEL' or cmd == 'SET' then
+    types[key] = (cmd == 'SET') and 'string' or 'none'
     values[key], cleared[key] = {}, true
-  elseif op.cmd == 'HSET' then
+  elseif cmd == 'HSET' then
     values[key][a] = b
-  elseif op.cmd == 'HDEL' or op.cmd == 'ZREM' then
+  elseif cmd == 'HDEL' or cmd == 'ZREM' then
     values[key][a] = false
-  elseif op.cmd == 'HINCRBY' then
-    local now = value(key, a, function() return redis.call('HGET', key, a) end)
+  elseif cmd == 'HINCRBY' then
+    local now = value(key, a, 'HGET')
     if now == false then now = '0' end
     if digits_of(now) == nil then
       return 'HINCRBY ' .. key .. ' ' .. a .. ': the field holds ' .. short(now) .. ', not a 64-bit integer'
@@ -611,10 +683,10 @@ local function check(op)
       return 'HINCRBY ' .. key .. ' ' .. a .. ' ' .. b .. ' would overflow 64-bit integers (the field holds ' .. now .. ')'
     end
     values[key][a] = sum
-  elseif op.cmd == 'ZADD' then
+  elseif cmd == 'ZADD' then
     values[key][b] = tonumber(a)
-  elseif op.cmd == 'ZINCRBY' then
-    local now = value(key, b, function() return redis.call('ZSCORE', key, b) end)
+  elseif cmd == 'ZINCRBY' then
+    local now = value(key, b, 'ZSCORE')
     now = (now == false) and 0 or tonumber(now)
     local sum = now and (now + tonumber(a))
     if sum == nil or sum ~= sum or math.abs(sum) > SAFE then
@@ -622,14 +694,14 @@ local function check(op)
     end
     values[key][b] = sum
   end
-  if want ~= 'any' and op.cmd ~= 'HDEL' and op.cmd ~= 'ZREM' and op.cmd ~= 'SREM' then
+  if want ~= 'any' and cmd ~= 'HDEL' and cmd ~= 'ZREM' and cmd ~= 'SREM' then
     types[key] = want
   end
   return nil
 end
 for _, event in ipairs(events) do
   if event.fresh and event.write == '1' then
-    for _, op in ipairs(event.ops) do
+    for op = event.o1, event.o1 + event.on - 1 do
       local why = check(op)
       if why then return {'refused', tostring(event.seq), why} end
     end
@@ -658,8 +730,8 @@ local ok, err = pcall(function()
       fresh_count = fresh_count + 1
       if mode == 'replay' then write('SADD', KEYS[2], event.seq) end
       if event.write == '1' then
-        for _, op in ipairs(event.ops) do
-          write(op.cmd, op.key, unpack(ARGV, op.first, op.last))
+        for op = event.o1, event.o1 + event.on - 1 do
+          write(ocmd[op], okey[op], unpack(ARGV, ofirst[op], olast[op]))
         end
         write('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'seq', event.seq, 'id', event.id, 'type', event.type)
       end
@@ -668,6 +740,9 @@ local ok, err = pcall(function()
   if mode ~= 'replay' then
     if active == false and mode == 'live' then write('SET', KEYS[1], ARGV[2]) end
     write('HSET', KEYS[2], ARGV[1], last, 'partitions', ARGV[7])
+    if order == 'cursor' and ARGV[10] ~= '0' then
+      write('HSET', KEYS[6], ARGV[1], ARGV[9] .. ':' .. ARGV[12], 'v' .. string.sub(ARGV[1], 2), ARGV[14])
+    end
     if last ~= checkpoint then
       write('XADD', KEYS[5], 'MAXLEN', '~', '1000', '*', 'p', ARGV[1], 'seq', last)
     end
@@ -750,6 +825,67 @@ impl Follower {
         {
             idle.push(self.0);
         }
+    }
+}
+
+/// The runtime's follower of one version's progress stream: the highest checkpoint any partition
+/// (of any instance) committed. Partitions that read only their own events learn from it how far
+/// the stream reaches, so an idle one can advance its checkpoint (see `projection::worker`).
+pub(crate) struct ProgressFeed {
+    connection: redis::aio::MultiplexedConnection,
+    generation: u64,
+    last_id: String,
+}
+
+impl ProgressFeed {
+    /// Opens a connection of its own for the blocking reads.
+    pub(crate) async fn open(model: &ReadModel) -> Result<ProgressFeed, ReadModelError> {
+        let Follower(connection) = Follower::take(model).await?;
+        Ok(ProgressFeed {
+            connection,
+            generation: 0,
+            last_id: "0-0".to_owned(),
+        })
+    }
+
+    /// Waits up to `block` for progress entries of version `generation` after the last one read
+    /// (from the first one kept after a version change), and returns the highest `seq` among
+    /// them, if any arrived.
+    pub(crate) async fn next(
+        &mut self,
+        model: &ReadModel,
+        generation: u64,
+        block: Duration,
+    ) -> Result<Option<u64>, ReadModelError> {
+        if generation != self.generation {
+            self.generation = generation;
+            self.last_id = "0-0".to_owned();
+        }
+        type Entries = Vec<(String, Vec<(String, Vec<String>)>)>;
+        let reply: Option<Entries> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(1000)
+            .arg("BLOCK")
+            .arg(block.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(model.keys.progress(generation))
+            .arg(&self.last_id)
+            .query_async(&mut self.connection)
+            .await?;
+        let mut highest = None;
+        for (_, entries) in reply.unwrap_or_default() {
+            for (id, fields) in entries {
+                let seq = fields
+                    .chunks(2)
+                    .find(|pair| pair.first().map(String::as_str) == Some("seq"))
+                    .and_then(|pair| pair.get(1)?.parse::<u64>().ok());
+                if let Some(seq) = seq {
+                    highest = highest.max(Some(seq));
+                }
+                self.last_id = id;
+            }
+        }
+        Ok(highest)
     }
 }
 
@@ -841,6 +977,20 @@ impl ReadModel {
     /// A connection for direct reads and writes.
     pub fn connection(&self) -> ConnectionManager {
         self.connection.clone()
+    }
+
+    /// Where partition `partition` of version `generation` stands in its partitioned view: the
+    /// view's sequence of the last message it committed (0: none yet).
+    pub(crate) async fn view_position(
+        &self,
+        generation: u64,
+        partition: u32,
+    ) -> Result<u64, ReadModelError> {
+        let mut connection = self.connection.clone();
+        let position: Option<u64> = connection
+            .hget(self.keys.cursor(generation), format!("v{partition}"))
+            .await?;
+        Ok(position.unwrap_or(0))
     }
 
     /// The live version, if any.
@@ -989,7 +1139,8 @@ impl ReadModel {
             .key(gate)
             .key(self.keys.changes(generation))
             .key(self.keys.failed(generation))
-            .key(self.keys.progress(generation));
+            .key(self.keys.progress(generation))
+            .key(self.keys.cursor(generation));
         invocation
             .arg(format!("p{partition}"))
             .arg(generation)
@@ -997,8 +1148,32 @@ impl ReadModel {
             .arg(expected_checkpoint)
             .arg(batch.feed_len)
             .arg(events.len())
-            .arg(batch.partitions)
-            .arg(if batch.accept_hole { "1" } else { "0" });
+            .arg(batch.partitions);
+        match &batch.order {
+            Order::Contiguous | Order::HoleAccepted => {
+                let order = if batch.order == Order::Contiguous {
+                    "seq"
+                } else {
+                    "hole"
+                };
+                invocation.arg(order).arg("").arg(0).arg(0).arg(0);
+                invocation.arg(batch.floor).arg(0);
+            }
+            Order::Deliveries {
+                tag,
+                first,
+                last,
+                position,
+            } => {
+                invocation
+                    .arg("cursor")
+                    .arg(tag)
+                    .arg(*first)
+                    .arg(first.saturating_sub(1))
+                    .arg(*last);
+                invocation.arg(batch.floor).arg(*position);
+            }
+        }
         // Each key is passed once, however many writes touch it.
         let mut key_indexes: HashMap<&str, usize> = HashMap::new();
         for event in events {
@@ -1009,7 +1184,7 @@ impl ReadModel {
                 .arg(if event.write { "1" } else { "0" })
                 .arg(event.ops.len());
             for op in &event.ops {
-                let next = key_indexes.len() + 6;
+                let next = key_indexes.len() + 7;
                 let index = *key_indexes.entry(op.key.as_str()).or_insert_with(|| {
                     invocation.key(self.keys.key(generation, &op.key));
                     next
@@ -1037,6 +1212,7 @@ impl ReadModel {
             [status, _] if status == "reset" => Ok(Step::Done(Applied::Reset)),
             [status, value] if status == "gap" => Ok(Step::Done(Applied::Gap(number(value)?))),
             [status, value] if status == "moved" => Ok(Step::Done(Applied::Moved(number(value)?))),
+            [status, value] if status == "stale" => Ok(Step::Done(Applied::Stale(number(value)?))),
             [status, seq, reason] if status == "refused" => Ok(Step::Refused {
                 seq: number(seq)?,
                 reason: reason.clone(),

@@ -2052,6 +2052,24 @@ async fn p60_p61_p65_the_token_with_two_partitions() {
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=last).collect::<Vec<_>>(), "P65: each event once");
 
+    // P61: one more command touches one partition only; the other, with no event of its own
+    // after it, still reaches its token.
+    let single = ok(
+        &cmd(&client, &ids[0], "deposit", json!({"amount": 1}), None).await,
+        &ids[0],
+    );
+    let generation = wait_for_token(&mut side.redis, single.seq).await;
+    let checkpoint: BTreeMap<String, u64> = side
+        .redis
+        .hgetall(format!("{TAG}:g{generation}:checkpoint"))
+        .await
+        .unwrap();
+    assert!(
+        checkpoint["p0"] >= single.seq && checkpoint["p1"] >= single.seq,
+        "P61: {checkpoint:?} and token {}",
+        single.seq
+    );
+
     // P40: the projection says how many partitions it has.
     let info = services(&client, "$SRV.INFO.account-balances").await;
     assert_eq!(info[0]["metadata"]["jetfn.partitions"], "2", "P40");

@@ -396,7 +396,11 @@ fn the_keda_trigger_names_a_projection_consumer() {
         .expect("a KEDA ScaledObject");
     let trigger = &scaled["spec"]["triggers"][0];
     assert_eq!(trigger["type"], "nats-jetstream");
-    assert_eq!(trigger["metadata"]["stream"], "ACCOUNT_EVENTS");
+    // With 4 partitions the live consumers read the partitioned view.
+    assert_eq!(
+        trigger["metadata"]["stream"],
+        jetfn::wire::names::partition_view("ACCOUNT_EVENTS", "account", 4)
+    );
     // The live consumer of partition 0, whose name survives rebuilds.
     assert_eq!(
         trigger["metadata"]["consumer"],

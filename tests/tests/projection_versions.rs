@@ -641,6 +641,125 @@ async fn four_partitions_on_two_instances_keep_each_accounts_order() {
     side.function.stop().await.unwrap();
 }
 
+/// Messages the consumers of `stream_name` have delivered, redeliveries included, by consumer.
+async fn deliveries(
+    client: &async_nats::Client,
+    stream_name: &str,
+) -> Result<BTreeMap<String, u64>> {
+    let stream = stream(client, stream_name).await?;
+    let mut consumers = stream.consumers();
+    let mut delivered = BTreeMap::new();
+    while let Some(info) = consumers.next().await {
+        let info = info?;
+        delivered.insert(info.name.clone(), info.delivered.consumer_sequence);
+    }
+    Ok(delivered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_partitions_each_read_only_their_own_events_and_idle_ones_pass_tokens() {
+    let side = ReadSide::start_with(|config| {
+        config.projection.partitions = 4;
+        config.projection.batch = 50;
+    })
+    .await
+    .unwrap();
+    let (client, redis) = (&side.client, &side.redis);
+    let ids: Vec<String> = (0..40).map(|n| format!("q-{n:02}")).collect();
+    open_accounts(client, &ids, 10).await.unwrap();
+    churn(client, &ids, 5).await.unwrap();
+    let events = stream_last_seq(client).await.unwrap();
+    wait_until_caught_up(client, redis, 4, Duration::from_secs(30))
+        .await
+        .unwrap();
+    check_read_side(client, redis, 1, 4, FeedOrder::PerAccount)
+        .await
+        .unwrap();
+
+    // The partitions read the view, each only its own events: about one delivery per event (a
+    // few more only if a consumer had to deliver again from its checkpoint).
+    let view = jetfn::wire::names::partition_view(ACCOUNT_STREAM, "account", 4);
+    let on_view = deliveries(client, &view).await.unwrap();
+    let names: BTreeSet<&str> = on_view.keys().map(String::as_str).collect();
+    let expected: BTreeSet<String> = (0..4)
+        .map(|k| jetfn::wire::names::live_projection_consumer(PROJECTION, k))
+        .collect();
+    assert_eq!(
+        names,
+        expected.iter().map(String::as_str).collect(),
+        "consumers on {view}"
+    );
+    let delivered: u64 = on_view.values().sum();
+    assert!(
+        delivered >= events && delivered * 10 <= events * 12,
+        "{delivered} deliveries for {events} events: {on_view:?}"
+    );
+    // The view never answers the stream's direct gets (a mirror of it would, wrongly: its
+    // subjects carry the partition), so cold loads of the command path keep working.
+    let mut view_stream = stream(client, &view).await.unwrap();
+    let view_config = view_stream.info().await.unwrap().config.clone();
+    assert!(
+        view_config.mirror.is_none() && !view_config.mirror_direct,
+        "{view_config:?}"
+    );
+    for _ in 0..20 {
+        let reply = client
+            .request(
+                format!("$JS.API.DIRECT.GET.{ACCOUNT_STREAM}"),
+                json!({"last_by_subj": "evt.account.q-03"})
+                    .to_string()
+                    .into(),
+            )
+            .await
+            .unwrap();
+        let headers = reply.headers.unwrap_or_default();
+        assert_eq!(
+            headers.get("Nats-Stream").map(|v| v.as_str()),
+            Some(ACCOUNT_STREAM),
+            "a direct get of the stream answered by {headers:?}"
+        );
+    }
+    let on_stream = deliveries(client, ACCOUNT_STREAM).await.unwrap();
+    assert!(
+        !on_stream.keys().any(|name| name.starts_with(PROJECTION)),
+        "no projection consumer reads the stream itself: {on_stream:?}"
+    );
+
+    // One command on one account: the three partitions that have no event after it still let
+    // its token pass, so wait_for returns, and every checkpoint reaches it.
+    let model = jetfn::readmodel::ReadModel::connect(&redis.url(), PROJECTION)
+        .await
+        .unwrap();
+    for id in ["q-03", "q-17"] {
+        let seq = accepted(client, id, "deposit", json!({"amount": 1}))
+            .await
+            .unwrap();
+        model.wait_for(seq, Duration::from_secs(10)).await.unwrap();
+        let checkpoints = model.checkpoints(1).await.unwrap();
+        assert_eq!(checkpoints.len(), 4, "{checkpoints:?}");
+        assert!(
+            checkpoints.iter().all(|(_, at)| *at >= seq),
+            "{checkpoints:?} < {seq}"
+        );
+    }
+    check_read_side(client, redis, 1, 4, FeedOrder::PerAccount)
+        .await
+        .unwrap();
+
+    // A rebuild reads the view through consumers of its own, and its partitions reach the
+    // stream's end too, the idle ones by the same rule.
+    assert_eq!(rebuild(&side).await, 2);
+    wait_until_caught_up(client, redis, 4, Duration::from_secs(30))
+        .await
+        .unwrap();
+    check_read_side(client, redis, 2, 4, FeedOrder::PerAccount)
+        .await
+        .unwrap();
+
+    side.projection.stop().await.unwrap();
+    side.function.stop().await.unwrap();
+}
+
 // --- 4. stats ------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -530,7 +530,11 @@ impl<P: ProcessManager> Core<P> {
         );
         // The dead-letter stream is retried until it answers; it cannot fail otherwise.
         let service = self.names.service();
-        let _ = dead_letters::send(&self.js, stream, &service, 0, message, seq, error).await;
+        let origin = dead_letters::Origin {
+            stream,
+            subject: message.subject.as_str(),
+        };
+        let _ = dead_letters::send(&self.js, origin, &service, 0, message, seq, error).await;
         self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -12,7 +12,7 @@ use super::worker::decode_recorded;
 use super::{Context, Projection};
 use crate::Error;
 use crate::config::Config;
-use crate::readmodel::{Applied, AppliedEvent, Batch, Mode, RedisWrites, Step};
+use crate::readmodel::{Applied, AppliedEvent, Batch, Mode, Order, RedisWrites, Step};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, Message, stream};
 use bytes::Bytes;
@@ -155,12 +155,19 @@ pub(crate) async fn provision(
     .map_err(|e| Error::Service(format!("dead-letter stream {name}: {e}")))
 }
 
+/// Where a dead letter's event was stored: its stream and its own subject (a partitioned view
+/// delivers it on another one).
+pub(crate) struct Origin<'a> {
+    pub stream: &'a str,
+    pub subject: &'a str,
+}
+
 /// Stores a dead letter; retries until JetStream has it, because the checkpoint will pass it.
 /// `projection` names the function that gave up on the event (a projection or a process
-/// manager), `source_stream` the stream it came from.
+/// manager), `origin` where the event was stored.
 pub(crate) async fn send(
     js: &jetstream::Context,
-    source_stream: &str,
+    origin: Origin<'_>,
     projection: &str,
     generation: u64,
     message: &Message,
@@ -174,8 +181,8 @@ pub(crate) async fn send(
         format!("{projection}:g{generation}:{seq}").as_str(),
     );
     headers.insert(PROJECTION, projection);
-    headers.insert(STREAM, source_stream);
-    headers.insert(SUBJECT, message.subject.as_str());
+    headers.insert(STREAM, origin.stream);
+    headers.insert(SUBJECT, origin.subject);
     headers.insert(SEQ, seq.to_string().as_str());
     headers.insert(ERROR, error.replace(['\r', '\n'], " ").as_str());
     headers.insert(DELIVERIES, deliveries.to_string().as_str());
@@ -271,7 +278,8 @@ pub(crate) async fn replay<P: Projection>(
                 &Batch {
                     feed_len: context.config.projection.change_feed_len,
                     partitions: context.config.projection.partitions,
-                    accept_hole: true,
+                    order: Order::HoleAccepted,
+                    floor: 0,
                 },
                 &[event],
             )
@@ -285,7 +293,9 @@ pub(crate) async fn replay<P: Projection>(
             Step::Refused { reason, .. } => {
                 tracing::warn!(projection = P::NAME, seq = letter.seq, error = %reason, "dead letter still fails");
             }
-            Step::Done(Applied::Gap(_) | Applied::Reset | Applied::Moved(_)) => {}
+            Step::Done(
+                Applied::Gap(_) | Applied::Reset | Applied::Moved(_) | Applied::Stale(_),
+            ) => {}
         }
     }
     Ok(replayed)

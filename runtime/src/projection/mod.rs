@@ -4,7 +4,9 @@
 //! owns delivery, batching, checkpoints, retries and acks:
 //!
 //! 1. Each partition reads a durable JetStream pull consumer (pinned to one instance at a time,
-//!    so the stream's order holds while other instances wait on standby).
+//!    so the stream's order holds while other instances wait on standby). With more than one
+//!    partition it reads a partitioned view of the stream, which delivers only its own events
+//!    (see [`view`]).
 //! 2. A batch of events becomes one Lua script: it checks the checkpoint, applies the writes of
 //!    every event above it, appends the change feed and advances the checkpoint, atomically.
 //! 3. Only then are the messages acknowledged. Events at or below the checkpoint are skipped, so
@@ -18,6 +20,7 @@ mod commit;
 mod control;
 pub(crate) mod dead_letters;
 mod rebuild;
+mod view;
 pub(crate) mod worker;
 
 pub use dead_letters::{DeadLetter, DeadLetters};
@@ -25,7 +28,7 @@ pub use rebuild::RebuildProgress;
 
 use crate::aggregate::Aggregate;
 use crate::config::Config;
-use crate::readmodel::{ReadModel, RedisWrites};
+use crate::readmodel::{ProgressFeed, ReadModel, RedisWrites};
 use crate::{Error, telemetry};
 use std::future::Future;
 use std::marker::PhantomData;
@@ -267,6 +270,13 @@ impl<P: Projection> ProjectionFunction<P> {
             stats.clone(),
             stop_rx.clone(),
         ));
+        if context.source.view.is_some() {
+            tasks.spawn(follow_progress(
+                context.model.clone(),
+                stats.clone(),
+                stop_rx.clone(),
+            ));
+        }
         if config.projection.partitions > 1 {
             tasks.spawn(balance::balance(
                 context.client.clone(),
@@ -381,6 +391,7 @@ impl<P: Projection> Context<P> {
         let source = Source {
             stream: names.stream,
             subject_prefix: names.event_prefix,
+            view: None,
         };
         dead_letters::provision(
             &js,
@@ -388,7 +399,7 @@ impl<P: Projection> Context<P> {
             config.stream.replicas,
         )
         .await?;
-        Ok(Context {
+        let mut context = Context {
             js,
             upcasters: Arc::new(<P::Source as Aggregate>::upcasters()),
             client,
@@ -396,7 +407,12 @@ impl<P: Projection> Context<P> {
             source,
             config: config.clone(),
             _projection: PhantomData,
-        })
+        };
+        let partitions = config.projection.partitions;
+        if partitions > 1 {
+            context.source.view = Some(view::provision(&context, partitions).await?);
+        }
+        Ok(context)
     }
 }
 
@@ -414,6 +430,9 @@ pub(crate) struct Stats {
     pub hand_over: Vec<std::sync::atomic::AtomicBool>,
     /// Whether each partition's worker has bound its consumer (readiness).
     pub bound: Vec<std::sync::atomic::AtomicBool>,
+    /// The highest checkpoint any partition of this version committed (from any instance): a
+    /// sequence the stream, and the view, are known to hold.
+    pub progress: watch::Sender<u64>,
 }
 
 impl Stats {
@@ -432,6 +451,7 @@ impl Stats {
             bound: (0..partitions)
                 .map(|_| std::sync::atomic::AtomicBool::new(false))
                 .collect(),
+            progress: watch::channel(0).0,
         }
     }
 
@@ -466,6 +486,53 @@ impl Stats {
             "dead_letters": self.dead_letters.load(Ordering::Relaxed),
             "errors": self.errors.load(Ordering::Relaxed),
         })
+    }
+}
+
+/// Follows the progress stream of the version `stats.generation` names, raising
+/// `stats.progress`, so that partitions reading a view learn of every other partition's commits
+/// (also other instances') without polling.
+pub(crate) async fn follow_progress(
+    model: ReadModel,
+    stats: Arc<Stats>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let mut feed: Option<ProgressFeed> = None;
+    loop {
+        let Some(follower) = feed.as_mut() else {
+            match ProgressFeed::open(&model).await {
+                Ok(opened) => feed = Some(opened),
+                Err(error) => {
+                    tracing::debug!(%error, "cannot follow the progress stream yet");
+                    tokio::select! {
+                        _ = stop.changed() => return Ok(()),
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+            }
+            continue;
+        };
+        let generation = stats.generation.load(Ordering::Relaxed);
+        let next = tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            next = follower.next(&model, generation, Duration::from_secs(1)) => next,
+        };
+        match next {
+            Ok(Some(seq)) => {
+                stats.progress.send_if_modified(|top| {
+                    let higher = seq > *top;
+                    if higher {
+                        *top = seq;
+                    }
+                    higher
+                });
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::debug!(%error, "progress stream unavailable; following again");
+                feed = None;
+            }
+        }
     }
 }
 

@@ -51,8 +51,19 @@ pub(crate) async fn rebuild<P: Projection>(
     );
 
     let stats = Arc::new(Stats::new(partitions));
+    // The build workers' claims follow the new version's progress stream.
+    stats
+        .generation
+        .store(new, std::sync::atomic::Ordering::Relaxed);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut workers = JoinSet::new();
+    if context.source.view.is_some() {
+        workers.spawn(super::follow_progress(
+            context.model.clone(),
+            stats.clone(),
+            stop_rx.clone(),
+        ));
+    }
     for partition in 0..partitions {
         let worker = Worker::new(
             projection.clone(),
@@ -147,7 +158,7 @@ async fn stream_last_seq<P>(context: &Context<P>) -> Result<u64, Error> {
 
 /// Deletes the consumers of every partition of a version (up to 1024, the partition limit).
 async fn delete_consumers<P>(context: &Context<P>, projection: &str, generation: u64) {
-    let Ok(stream) = context.js.get_stream(&context.source.stream).await else {
+    let Ok(stream) = context.js.get_stream(context.source.read_stream()).await else {
         return;
     };
     for partition in 0..1024 {

@@ -5,13 +5,13 @@ use super::{Context, Projection, Recorded, Stats, dead_letters};
 use crate::Error;
 use crate::aggregate::{Aggregate, Upcasters, decode_stored};
 use crate::readmodel::{
-    Applied, AppliedEvent, Batch, Mode, Op, ReadModel, ReadModelError, RedisWrites, Step,
+    Applied, AppliedEvent, Batch, Mode, Op, Order, ReadModel, ReadModelError, RedisWrites, Step,
 };
 use crate::telemetry::TraceContext;
 use crate::wire::{StoredEvent, header, names};
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PriorityPolicy, pull};
 use async_nats::jetstream::{AckKind, Message};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -26,7 +26,28 @@ pub(crate) const PIN_GROUP: &str = "jetfn";
 pub(crate) struct Source {
     pub stream: String,
     pub subject_prefix: String,
+    /// The partitioned view partitions read instead of the stream (more than one partition).
+    pub view: Option<String>,
 }
+
+impl Source {
+    /// The stream the partition consumers read: the view if there is one.
+    pub fn read_stream(&self) -> &str {
+        self.view.as_deref().unwrap_or(&self.stream)
+    }
+
+    /// What partition `partition`'s consumer filters on.
+    pub fn filter(&self, partition: u32) -> String {
+        match self.view {
+            Some(_) => names::partition_view_filter(&self.subject_prefix, partition),
+            None => format!("{}.*", self.subject_prefix),
+        }
+    }
+}
+
+/// How long a worker that has received nothing since it bound waits between claims (it is
+/// probably a standby: the pinned instance claims for the partition).
+const STANDBY_CLAIM_EVERY: Duration = Duration::from_millis(100);
 
 /// The partition an aggregate belongs to: FNV-1a (32 bit) of its id, modulo the partitions (the
 /// hash NATS subject mapping's `partition()` uses too).
@@ -53,6 +74,16 @@ pub(crate) struct Worker<P> {
     ack_all: bool,
     /// The checkpoint the consumer was last recreated at because of a hole.
     rewound_at: Option<u64>,
+    /// The incarnation of the bound consumer (its creation time), when reading a partitioned
+    /// view: deliveries are numbered per incarnation.
+    tag: String,
+    /// Whether this worker received events since it bound its consumer.
+    active: bool,
+    /// When this worker last tried to advance an idle checkpoint.
+    last_claim: Option<Instant>,
+    /// In a partitioned view: the view's sequence of the last message committed (the view
+    /// numbers its messages itself).
+    position: u64,
 }
 
 enum Rebind {
@@ -87,6 +118,10 @@ impl<P: Projection> Worker<P> {
             commits: 0,
             ack_all: false,
             rewound_at: None,
+            tag: String::new(),
+            active: false,
+            last_claim: None,
+            position: 0,
         }
     }
 
@@ -157,12 +192,14 @@ impl<P: Projection> Worker<P> {
         {
             return Ok(Some(Rebind::Moved(active)));
         }
-        let (consumer, mut checkpoint) = match self.ensure_consumer(recreate).await {
+        let (mut consumer, mut checkpoint) = match self.ensure_consumer(recreate).await {
             Ok(bound) => {
                 if let Some(flag) = self.stats.bound.get(self.partition as usize) {
                     flag.store(true, Ordering::Relaxed);
                 }
                 self.ack_all = bound.0.cached_info().config.ack_policy == AckPolicy::All;
+                self.tag = incarnation(bound.0.cached_info());
+                self.active = false;
                 bound
             }
             Err(error) => {
@@ -172,7 +209,7 @@ impl<P: Projection> Worker<P> {
         };
         let pull_expiry = (self.context.config.projection.pin_timeout / 2)
             .clamp(Duration::from_millis(500), Duration::from_secs(5));
-        let mut messages = match consumer
+        let messages = match consumer
             .stream()
             .group(PIN_GROUP)
             .max_messages_per_batch(self.context.config.projection.batch)
@@ -187,16 +224,52 @@ impl<P: Projection> Worker<P> {
                 return Ok(Some(Rebind::Again));
             }
         };
+        let partitioned = self.context.source.view.is_some();
+        let mut progress = self.stats.progress.subscribe();
+        // The pull stream is polled by a task of its own, which also decodes and projects each
+        // event: the next batch is fetched and prepared while this one is being committed.
+        let size = self.context.config.projection.batch;
+        let (ahead, mut pulled) = tokio::sync::mpsc::channel(size.saturating_mul(2).max(1));
+        let _reader = AbortOnDrop(tokio::spawn(read_ahead(
+            messages,
+            ahead,
+            Preparer {
+                projection: self.projection.clone(),
+                upcasters: self.context.upcasters.clone(),
+                attempts: self.context.config.projection.max_attempts,
+                sourced: partitioned,
+            },
+        )));
         loop {
             if self.stats.hand_over[self.partition as usize].swap(false, Ordering::Relaxed) {
                 return Ok(Some(Rebind::HandOver));
             }
             let first = tokio::select! {
                 _ = stop.changed() => return Ok(None),
-                // Wake up now and then to notice hand-over requests.
-                next = tokio::time::timeout(Duration::from_secs(1), messages.next()) => match next {
+                // Another partition committed further: this one may have nothing up to there.
+                // (With events of its own already waiting, their batch claims it instead.)
+                Ok(()) = progress.changed(), if partitioned => {
+                    let top = *progress.borrow_and_update();
+                    if pulled.is_empty()
+                        && let Some(rebind) = self.claim(&mut consumer, &mut checkpoint, top).await?
+                    {
+                        return Ok(Some(rebind));
+                    }
+                    continue;
+                }
+                // Wake up now and then to notice hand-over requests (and claim what a
+                // throttled standby skipped).
+                next = tokio::time::timeout(Duration::from_secs(1), pulled.recv()) => match next {
                     Ok(next) => next,
-                    Err(_) => continue,
+                    Err(_) => {
+                        if partitioned {
+                            let top = *progress.borrow();
+                            if let Some(rebind) = self.claim(&mut consumer, &mut checkpoint, top).await? {
+                                return Ok(Some(rebind));
+                            }
+                        }
+                        continue;
+                    }
                 },
             };
             let first = match first {
@@ -207,27 +280,62 @@ impl<P: Projection> Worker<P> {
                 }
                 None => return Ok(Some(Rebind::Again)),
             };
+            // As many as are here already, up to a batch: one event when live, whole batches
+            // when behind.
             let mut batch = vec![first];
-            while batch.len() < self.context.config.projection.batch {
-                match messages.next().now_or_never() {
-                    Some(Some(Ok(message))) => batch.push(message),
-                    _ => break,
+            let mut interrupted = false;
+            while batch.len() < size {
+                match pulled.try_recv() {
+                    Ok(Ok(message)) => batch.push(message),
+                    Ok(Err(_)) => {
+                        interrupted = true;
+                        break;
+                    }
+                    Err(_) => break,
                 }
             }
+            self.active = true;
+            let mut floor = 0;
+            let mut order = Order::Contiguous;
+            if partitioned {
+                let Some(deliveries) = deliveries(&batch) else {
+                    // A delivery in between went elsewhere: start again from the checkpoint.
+                    return Ok(Some(Rebind::Rewind(checkpoint)));
+                };
+                let top = *progress.borrow();
+                let position = batch.iter().map(|p| p.position).max().unwrap_or(0);
+                match self.check_consumer(&mut consumer, position).await {
+                    ConsumerState::Recreated => return Ok(Some(Rebind::Again)),
+                    ConsumerState::Drained => floor = top,
+                    ConsumerState::Busy => {}
+                }
+                order = Order::Deliveries {
+                    tag: self.tag.clone(),
+                    first: deliveries.0,
+                    last: deliveries.1,
+                    position: position.max(self.position),
+                };
+            }
             // Redeliveries can arrive out of order; the script needs ascending sequences.
-            batch.sort_by_key(stream_seq);
-            batch.dedup_by_key(|m| stream_seq(m));
-            let mut accept_hole = false;
+            batch.sort_by_key(|p| p.seq);
+            batch.dedup_by_key(|p| p.seq);
             loop {
-                match self.apply_batch(&batch, checkpoint, accept_hole).await? {
+                match self
+                    .apply_batch(&batch, checkpoint, order.clone(), floor)
+                    .await?
+                {
                     Applied::Committed(committed) => {
                         checkpoint = committed;
                         self.rewound_at = None;
+                        if let Order::Deliveries { position, .. } = &order {
+                            self.position = *position;
+                        }
                         self.after_commit(&batch, committed).await;
                         break;
                     }
                     Applied::Reset => return Ok(Some(Rebind::Reset)),
                     Applied::Moved(generation) => return Ok(Some(Rebind::Moved(generation))),
+                    Applied::Stale(at) => return Ok(Some(Rebind::Rewind(at))),
                     // Delivered again from the checkpoint and the hole is still there: the stream
                     // itself has it (limits or deleted messages).
                     Applied::Gap(at) if self.rewound_at == Some(at) => {
@@ -237,7 +345,7 @@ impl<P: Projection> Worker<P> {
                             checkpoint = at,
                             "the stream has no events right after the checkpoint; continuing after the hole"
                         );
-                        accept_hole = true;
+                        order = Order::HoleAccepted;
                     }
                     Applied::Gap(at) => {
                         self.rewound_at = Some(at);
@@ -245,7 +353,91 @@ impl<P: Projection> Worker<P> {
                     }
                 }
             }
+            if interrupted {
+                return Ok(Some(Rebind::Again));
+            }
         }
+    }
+
+    /// Advances an idle partition's checkpoint to `top`, a sequence some partition committed (so
+    /// the view holds it), when the consumer shows that nothing of this partition up to there is
+    /// undelivered or uncommitted. Without this, a partition without recent events would hold
+    /// every consistency token back.
+    async fn claim(
+        &mut self,
+        consumer: &mut consumer::Consumer<pull::Config>,
+        checkpoint: &mut u64,
+        top: u64,
+    ) -> Result<Option<Rebind>, Error> {
+        if top <= *checkpoint
+            || (!self.active
+                && self
+                    .last_claim
+                    .is_some_and(|at| at.elapsed() < STANDBY_CLAIM_EVERY))
+        {
+            return Ok(None);
+        }
+        self.last_claim = Some(Instant::now());
+        match self.check_consumer(consumer, self.position).await {
+            ConsumerState::Drained => {}
+            ConsumerState::Recreated => return Ok(Some(Rebind::Again)),
+            ConsumerState::Busy => return Ok(None),
+        }
+        let order = Order::Deliveries {
+            tag: self.tag.clone(),
+            first: 0,
+            last: 0,
+            position: self.position,
+        };
+        match self.apply_batch(&[], *checkpoint, order, top).await? {
+            Applied::Committed(committed) => {
+                *checkpoint = committed;
+                self.note_checkpoint(committed);
+                Ok(None)
+            }
+            Applied::Reset => Ok(Some(Rebind::Reset)),
+            Applied::Moved(generation) => Ok(Some(Rebind::Moved(generation))),
+            Applied::Gap(_) | Applied::Stale(_) => Ok(None),
+        }
+    }
+
+    /// Asks the server about the bound consumer. `Drained`: it has nothing undelivered and has
+    /// delivered nothing after `delivered_up_to` (a sequence of the stream it reads). The incarnation check makes sure
+    /// the deliveries in hand came from the consumer this worker bound (a recreated one numbers
+    /// its deliveries from 1 again).
+    async fn check_consumer(
+        &self,
+        consumer: &mut consumer::Consumer<pull::Config>,
+        delivered_up_to: u64,
+    ) -> ConsumerState {
+        match consumer.info().await {
+            Ok(info) if incarnation(info) != self.tag => ConsumerState::Recreated,
+            Ok(info)
+                if info.num_pending == 0 && info.delivered.stream_sequence <= delivered_up_to =>
+            {
+                ConsumerState::Drained
+            }
+            Ok(_) => ConsumerState::Busy,
+            // Unknown: the deliveries in hand cannot be vouched for.
+            Err(error) => {
+                tracing::debug!(projection = P::NAME, partition = self.partition, %error, "consumer info failed");
+                ConsumerState::Recreated
+            }
+        }
+    }
+
+    /// Records a new checkpoint of this partition for stats and for the other partitions' claims.
+    fn note_checkpoint(&self, committed: u64) {
+        if let Some(slot) = self.stats.checkpoints.get(self.partition as usize) {
+            slot.store(committed, Ordering::Relaxed);
+        }
+        self.stats.progress.send_if_modified(|top| {
+            let higher = committed > *top;
+            if higher {
+                *top = committed;
+            }
+            higher
+        });
     }
 
     /// The consumer this worker reads through: the live one, whose name survives rebuilds, or
@@ -263,7 +455,7 @@ impl<P: Projection> Worker<P> {
         if let Ok(stream) = self
             .context
             .js
-            .get_stream(&self.context.source.stream)
+            .get_stream(self.context.source.read_stream())
             .await
         {
             let _ = stream
@@ -286,16 +478,17 @@ impl<P: Projection> Worker<P> {
     /// checkpoint + 1, and returns it with that checkpoint. A consumer whose acknowledgements are
     /// ahead of the checkpoint (Redis lost data) is recreated.
     async fn ensure_consumer(
-        &self,
+        &mut self,
         recreate: bool,
     ) -> Result<(consumer::Consumer<pull::Config>, u64), Error> {
         let name = self.consumer_name();
+        let read = self.context.source.read_stream();
         let stream = self
             .context
             .js
-            .get_stream(&self.context.source.stream)
+            .get_stream(read)
             .await
-            .map_err(|e| Error::Service(format!("stream {}: {e}", self.context.source.stream)))?;
+            .map_err(|e| Error::Service(format!("stream {read}: {e}")))?;
         let existing = match stream.get_consumer::<pull::Config>(&name).await {
             Ok(mut existing) => {
                 let ack_floor = existing
@@ -310,11 +503,23 @@ impl<P: Projection> Worker<P> {
         // Read after the ack floor: the checkpoint only grows and is committed before the acks,
         // so a checkpoint read later is never behind the floor unless Redis lost data.
         let checkpoint = self.checkpoint().await?;
+        // A view numbers its messages itself: its consumers start from the view's sequence of
+        // the last message committed, kept beside the delivery cursor.
+        let position = match self.context.source.view {
+            Some(_) => {
+                self.context
+                    .model
+                    .view_position(self.generation, self.partition)
+                    .await?
+            }
+            None => checkpoint,
+        };
+        self.position = position;
         if let Some((existing, ack_floor)) = existing {
-            if ack_floor <= checkpoint && !recreate {
+            if ack_floor <= position && !recreate {
                 return Ok((existing, checkpoint));
             }
-            if ack_floor > checkpoint {
+            if ack_floor > position {
                 tracing::warn!(
                     projection = P::NAME,
                     partition = self.partition,
@@ -328,7 +533,7 @@ impl<P: Projection> Worker<P> {
                 .await
                 .map_err(|e| Error::Service(format!("deleting consumer {name}: {e}")))?;
         }
-        let deliver_policy = match checkpoint {
+        let deliver_policy = match position {
             0 => DeliverPolicy::All,
             seq => DeliverPolicy::ByStartSequence {
                 start_sequence: seq + 1,
@@ -350,8 +555,9 @@ impl<P: Projection> Worker<P> {
                 ack_policy: AckPolicy::All,
                 ack_wait: self.context.config.projection.ack_wait,
                 max_deliver: -1,
-                filter_subject: format!("{}.*", self.context.source.subject_prefix),
-                // The batch being committed, the next one already pulled, and one more.
+                filter_subject: self.context.source.filter(self.partition),
+                // The batch being committed and two more read and prepared ahead: enough to keep
+                // Redis, the slowest step, busy, while bounding what a crash hands back.
                 max_ack_pending: batch * 3,
                 priority_policy: PriorityPolicy::PinnedClient,
                 priority_groups: vec![PIN_GROUP.to_owned()],
@@ -368,13 +574,14 @@ impl<P: Projection> Worker<P> {
     /// applied without it, and an error that waiting cannot cure stops the worker.
     async fn apply_batch(
         &mut self,
-        batch: &[Message],
+        batch: &[Pulled],
         checkpoint: u64,
-        accept_hole: bool,
+        order: Order,
+        floor: u64,
     ) -> Result<Applied, Error> {
         let mut events = Vec::with_capacity(batch.len());
-        for message in batch {
-            events.push(self.prepare(message, checkpoint).await?);
+        for pulled in batch {
+            events.push(self.prepare(pulled, checkpoint).await?);
         }
         let step = RedisStep {
             model: &self.context.model,
@@ -385,7 +592,8 @@ impl<P: Projection> Worker<P> {
             settings: Batch {
                 feed_len: self.context.config.projection.change_feed_len,
                 partitions: self.context.config.projection.partitions,
-                accept_hole,
+                order,
+                floor,
             },
         };
         let started = Instant::now();
@@ -416,9 +624,21 @@ impl<P: Projection> Worker<P> {
             error,
             "dead-lettering event"
         );
+        // A view's subject carries the partition; the dead letter names the event's own subject.
+        let aggregate_id = message
+            .subject
+            .as_str()
+            .rsplit('.')
+            .next()
+            .unwrap_or_default();
+        let subject = format!("{}.{aggregate_id}", self.context.source.subject_prefix);
+        let origin = dead_letters::Origin {
+            stream: &self.context.source.stream,
+            subject: &subject,
+        };
         dead_letters::send(
             &self.context.js,
-            &self.context.source.stream,
+            origin,
             P::NAME,
             self.generation,
             message,
@@ -430,94 +650,40 @@ impl<P: Projection> Worker<P> {
         Ok(())
     }
 
-    /// Decodes one message and asks the projection for its writes. Events of other partitions
-    /// only advance the checkpoint; events that fail every attempt are dead-lettered first.
-    async fn prepare(&self, message: &Message, checkpoint: u64) -> Result<AppliedEvent, Error> {
-        let info = message
-            .info()
-            .map_err(|e| Error::Service(format!("unreadable JetStream metadata: {e}")))?;
-        let seq = info.stream_sequence;
-        let aggregate_id = message
-            .subject
-            .as_str()
-            .rsplit('.')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        let event_type = header::get(message.headers.as_ref(), header::CE_TYPE)
-            .unwrap_or_default()
-            .to_owned();
+    /// The event's place in the batch: its writes (prepared ahead, see [`read_ahead`]), or
+    /// skipped. Events of other partitions and redeliveries only advance the checkpoint; events
+    /// that failed every attempt are dead-lettered first.
+    async fn prepare(&self, pulled: &Pulled, checkpoint: u64) -> Result<AppliedEvent, Error> {
         let skipped = || AppliedEvent {
-            seq,
-            aggregate_id: aggregate_id.clone(),
-            event_type: event_type.clone(),
+            seq: pulled.seq,
+            aggregate_id: pulled.aggregate_id.clone(),
+            event_type: pulled.event_type.clone(),
             ops: Vec::new(),
             write: false,
         };
         let partitions = self.context.config.projection.partitions;
-        // Already applied (a redelivery), or another partition's: the checkpoint passes it.
-        if seq <= checkpoint || partition_of(&aggregate_id, partitions) != self.partition {
+        // Already applied (a redelivery), or another partition's (only when reading the whole
+        // stream; a view delivers only this partition's): the checkpoint passes it.
+        let others = self.context.source.view.is_none()
+            && partition_of(&pulled.aggregate_id, partitions) != self.partition;
+        if pulled.seq <= checkpoint || others {
             return Ok(skipped());
         }
-        let mut last_error = String::new();
-        for _attempt in 0..self.context.config.projection.max_attempts {
-            match self.writes(message, seq, &aggregate_id, &event_type) {
-                Ok(ops) => {
-                    return Ok(AppliedEvent {
-                        seq,
-                        aggregate_id,
-                        event_type,
-                        ops,
-                        write: true,
-                    });
-                }
-                Err(error) => last_error = error,
+        match &pulled.writes {
+            Ok(ops) => Ok(AppliedEvent {
+                ops: ops.clone(),
+                write: true,
+                ..skipped()
+            }),
+            Err(error) => {
+                self.dead_letter(&pulled.message, pulled.seq, &pulled.event_type, error)
+                    .await?;
+                Ok(skipped())
             }
         }
-        self.dead_letter(message, seq, &event_type, &last_error)
-            .await?;
-        Ok(skipped())
     }
 
-    fn writes(
-        &self,
-        message: &Message,
-        seq: u64,
-        aggregate_id: &str,
-        event_type: &str,
-    ) -> Result<Vec<Op>, String> {
-        let recorded = decode_recorded::<P::Source>(
-            &self.context.upcasters,
-            seq,
-            aggregate_id,
-            message.headers.as_ref(),
-            message.payload.clone(),
-        )?;
-        let trace = TraceContext::from_headers(message.headers.as_ref());
-        let span = tracing::debug_span!(
-            "apply",
-            projection = P::NAME,
-            seq,
-            event_type,
-            id = aggregate_id,
-            trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
-        );
-        if let Some(trace) = &trace {
-            crate::telemetry::link(&span, trace);
-        }
-        let _entered = span.enter();
-        let mut writes = RedisWrites::default();
-        self.projection
-            .apply(&recorded, &mut writes)
-            .map_err(|refusal| format!("refused: {}", refusal.0))?;
-        let ops = writes
-            .into_ops()
-            .map_err(|refusal| format!("refused by the read model: {refusal}"))?;
-        tracing::debug!(writes = ops.len(), "event projected");
-        Ok(ops)
-    }
-
-    async fn after_commit(&mut self, batch: &[Message], committed: u64) {
+    async fn after_commit(&mut self, batch: &[Pulled], committed: u64) {
         self.commits += 1;
         #[cfg(feature = "fault-injection")]
         if self
@@ -537,12 +703,10 @@ impl<P: Projection> Worker<P> {
         } else {
             batch
         };
-        for message in acks {
-            let _ = message.ack().await;
+        for pulled in acks {
+            let _ = pulled.message.ack().await;
         }
-        if let Some(slot) = self.stats.checkpoints.get(self.partition as usize) {
-            slot.store(committed, Ordering::Relaxed);
-        }
+        self.note_checkpoint(committed);
         if let Some(slot) = self.stats.last_batch_ms.get(self.partition as usize) {
             slot.store(super::balance::now_ms(), Ordering::Relaxed);
         }
@@ -589,7 +753,7 @@ impl ApplyStep for RedisStep<'_> {
 /// The worker's side of committing one batch: dead letters, progress acks, counters and logs.
 struct WorkerAround<'a, P> {
     worker: &'a Worker<P>,
-    batch: &'a [Message],
+    batch: &'a [Pulled],
 }
 
 impl<P: Projection> Around for WorkerAround<'_, P> {
@@ -599,7 +763,7 @@ impl<P: Projection> Around for WorkerAround<'_, P> {
         event: &AppliedEvent,
         reason: &str,
     ) -> impl Future<Output = Result<(), Error>> + Send {
-        let (worker, message) = (self.worker, self.batch.get(index));
+        let (worker, message) = (self.worker, self.batch.get(index).map(|p| &p.message));
         let (seq, event_type) = (event.seq, event.event_type.clone());
         let error = format!("the read model cannot hold this event: {reason}");
         async move {
@@ -617,8 +781,8 @@ impl<P: Projection> Around for WorkerAround<'_, P> {
     fn in_progress(&mut self) -> impl Future<Output = ()> + Send {
         let batch = self.batch;
         async move {
-            for message in batch {
-                let _ = message.ack_with(AckKind::Progress).await;
+            for pulled in batch {
+                let _ = pulled.message.ack_with(AckKind::Progress).await;
             }
         }
     }
@@ -640,9 +804,163 @@ impl<P: Projection> Around for WorkerAround<'_, P> {
     }
 }
 
-/// A message's stream sequence (0 if its metadata is unreadable; `prepare` reports that).
-fn stream_seq(message: &Message) -> u64 {
-    message.info().map(|info| info.stream_sequence).unwrap_or(0)
+/// What the server says of a partition consumer (see `Worker::check_consumer`).
+enum ConsumerState {
+    /// Another incarnation (or no answer): bind again.
+    Recreated,
+    /// Nothing undelivered, nothing delivered beyond what the worker holds.
+    Drained,
+    /// Events are still on their way.
+    Busy,
+}
+
+/// A consumer's incarnation: its creation time, in nanoseconds since the epoch.
+fn incarnation(info: &consumer::Info) -> String {
+    info.created.unix_timestamp_nanos().to_string()
+}
+
+/// The first and last consumer sequence of a batch, if its deliveries follow each other without
+/// a gap or a repeat (else some went elsewhere, or the metadata is unreadable).
+fn deliveries(batch: &[Pulled]) -> Option<(u64, u64)> {
+    let mut sequences: Vec<u64> = batch.iter().map(|p| p.delivery).collect();
+    sequences.sort_unstable();
+    let first = *sequences.first()?;
+    let last = *sequences.last()?;
+    let follow = sequences.windows(2).all(|w| w[1] == w[0] + 1);
+    follow.then_some((first, last))
+}
+
+/// A delivered event, read and prepared ahead of its batch.
+pub(crate) struct Pulled {
+    message: Message,
+    /// Its sequence in the event stream.
+    seq: u64,
+    /// Its sequence in the stream read (the view's own when reading a view).
+    position: u64,
+    /// Its consumer (delivery) sequence.
+    delivery: u64,
+    aggregate_id: String,
+    event_type: String,
+    /// Its writes, or why every attempt failed.
+    writes: Result<Vec<Op>, String>,
+}
+
+/// What [`read_ahead`] needs to turn events into writes.
+struct Preparer<P> {
+    projection: Arc<P>,
+    upcasters: Arc<Upcasters>,
+    attempts: u32,
+    /// Reading a partitioned view: the event stream's sequence is in `Nats-Stream-Source`.
+    sourced: bool,
+}
+
+/// Aborts the task when dropped (a worker rebinding drops its read-ahead).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Polls the pull stream, so that its next fetch goes out while a batch is being committed,
+/// and decodes and projects each event on the way, outside the commit's path. Stops when the
+/// stream ends or the worker drops the channel; an error is passed on and ends it.
+async fn read_ahead<P: Projection>(
+    mut messages: pull::Stream,
+    ahead: tokio::sync::mpsc::Sender<Result<Pulled, String>>,
+    preparer: Preparer<P>,
+) {
+    while let Some(next) = messages.next().await {
+        let item = match next {
+            Ok(message) => preparer.prepare(message),
+            Err(error) => Err(error.to_string()),
+        };
+        let failed = item.is_err();
+        if ahead.send(item).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+impl<P: Projection> Preparer<P> {
+    fn prepare(&self, message: Message) -> Result<Pulled, String> {
+        let info = message
+            .info()
+            .map_err(|e| format!("unreadable JetStream metadata: {e}"))?;
+        let (position, delivery) = (info.stream_sequence, info.consumer_sequence);
+        let seq = if self.sourced {
+            header::source_sequence(message.headers.as_ref())
+                .ok_or_else(|| format!("a view message without {}", header::STREAM_SOURCE))?
+        } else {
+            position
+        };
+        // The id is the subject's last token, in the stream and in a view alike.
+        let aggregate_id = message
+            .subject
+            .as_str()
+            .rsplit('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let event_type = header::get(message.headers.as_ref(), header::CE_TYPE)
+            .unwrap_or_default()
+            .to_owned();
+        let mut writes = Err(String::new());
+        for _attempt in 0..self.attempts.max(1) {
+            writes = self.writes(&message, seq, &aggregate_id, &event_type);
+            if writes.is_ok() {
+                break;
+            }
+        }
+        Ok(Pulled {
+            message,
+            seq,
+            position,
+            delivery,
+            aggregate_id,
+            event_type,
+            writes,
+        })
+    }
+
+    fn writes(
+        &self,
+        message: &Message,
+        seq: u64,
+        aggregate_id: &str,
+        event_type: &str,
+    ) -> Result<Vec<Op>, String> {
+        let recorded = decode_recorded::<P::Source>(
+            &self.upcasters,
+            seq,
+            aggregate_id,
+            message.headers.as_ref(),
+            message.payload.clone(),
+        )?;
+        let trace = TraceContext::from_headers(message.headers.as_ref());
+        let span = tracing::debug_span!(
+            "apply",
+            projection = P::NAME,
+            seq,
+            event_type,
+            id = aggregate_id,
+            trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
+        );
+        if let Some(trace) = &trace {
+            crate::telemetry::link(&span, trace);
+        }
+        let _entered = span.enter();
+        let mut writes = RedisWrites::default();
+        self.projection
+            .apply(&recorded, &mut writes)
+            .map_err(|refusal| format!("refused: {}", refusal.0))?;
+        let ops = writes
+            .into_ops()
+            .map_err(|refusal| format!("refused by the read model: {refusal}"))?;
+        tracing::debug!(writes = ops.len(), "event projected");
+        Ok(ops)
+    }
 }
 
 /// Decodes a stored event of aggregate `A` for a consumer (a projection, a process manager):

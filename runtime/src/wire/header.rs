@@ -25,6 +25,14 @@ pub const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str =
     "Nats-Expected-Last-Subject-Sequence-Subject";
 /// Messages still matching a direct get batch after its end (status 204 reply).
 pub const NUM_PENDING: &str = "Nats-Num-Pending";
+/// Set by JetStream on a message a stream sourced from another:
+/// `<origin stream> <origin sequence> <filter> <destination>...`.
+pub const STREAM_SOURCE: &str = "Nats-Stream-Source";
+
+/// The origin sequence of a sourced message (the second field of [`STREAM_SOURCE`]).
+pub fn source_sequence(headers: Option<&HeaderMap>) -> Option<u64> {
+    get(headers, STREAM_SOURCE)?.split(' ').nth(1)?.parse().ok()
+}
 
 /// CloudEvents spec version, always `1.0`.
 pub const CE_SPECVERSION: &str = "ce-specversion";

@@ -392,6 +392,41 @@ pub fn live_projection_consumer(projection: &str, partition: u32) -> String {
     format!("{projection}-p{partition}")
 }
 
+/// The partitioned view of aggregate type `aggregate`'s events in stream `stream` for
+/// projections with `partitions` partitions (more than one): `<STREAM>_P<n>` when the stream is
+/// the type's default one, else `<STREAM>_<AGGREGATE>_P<n>` (a configured stream may hold several
+/// types, each with a view of its own). It sources the stream; each message carries its
+/// event-stream sequence, which checkpoints and consistency tokens keep counting in. Projections of one aggregate
+/// type with the same partition count share it.
+pub fn partition_view(stream: &str, aggregate: &str, partitions: u32) -> String {
+    if stream == default_stream(aggregate) {
+        format!("{stream}_P{partitions}")
+    } else {
+        let aggregate = aggregate.to_ascii_uppercase().replace('-', "_");
+        format!("{stream}_{aggregate}_P{partitions}")
+    }
+}
+
+/// The subject transform of a partitioned view: `<prefix>.*` becomes
+/// `<prefix>.<k>.<id>`, with `k` the server's `partition(n, 1)` of the aggregate id (FNV-1a 32
+/// bit of the id, modulo n, as the projection runtime computes it too). Returns
+/// (source, destination).
+pub fn partition_view_transform(event_prefix: &str, partitions: u32) -> (String, String) {
+    (
+        format!("{event_prefix}.*"),
+        format!("{event_prefix}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}"),
+    )
+}
+
+/// The subjects of partition `partition` in a partitioned view: `<prefix>.<k>.*`.
+pub fn partition_view_filter(event_prefix: &str, partition: u32) -> String {
+    format!("{event_prefix}.{partition}.*")
+}
+
+/// Consumer metadata key holding the delivery cursor tag a partition consumer was created with
+/// (see `readmodel`'s cursor hash).
+pub const CONSUMER_CURSOR_METADATA: &str = "jetfn.cursor";
+
 /// Where an aggregate type's commands arrive: `[<prefix>.]cmd.<aggregate>.`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandSubjects {
@@ -459,6 +494,26 @@ pub fn check_id(id: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partitioned_view_keeps_the_prefix_and_puts_the_partition_before_the_id() {
+        assert_eq!(
+            partition_view("ACCOUNT_EVENTS", "account", 4),
+            "ACCOUNT_EVENTS_P4"
+        );
+        assert_eq!(
+            partition_view("PEOPLE", "user-name", 2),
+            "PEOPLE_USER_NAME_P2"
+        );
+        assert_eq!(
+            partition_view_transform("evt.account", 4),
+            (
+                "evt.account.*".to_owned(),
+                "evt.account.{{partition(4,1)}}.{{wildcard(1)}}".to_owned()
+            )
+        );
+        assert_eq!(partition_view_filter("evt.account", 3), "evt.account.3.*");
+    }
 
     #[test]
     fn kv_writes_to_another_domain_go_under_its_api_prefix() {
