@@ -13,82 +13,35 @@
 use crate::wire::header;
 use async_nats::HeaderMap;
 use rand::Rng;
-use std::future::Future;
-use std::sync::Mutex;
-use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
-
-/// The log writer thread's guard: dropping it writes out what is still queued.
-static LOG_WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
-
-/// Bytes of log lines gathered into one write to stdout.
-const LOG_BUFFER: usize = 64 * 1024;
-
-/// Runs `work` with logging installed ([`init`]) and flushes the logs when it ends, whichever
-/// way it ends.
-pub(crate) async fn with_logging<T>(work: impl Future<Output = T>) -> T {
-    init();
-    let outcome = work.await;
-    shutdown();
-    outcome
-}
-
-/// Log lines go to stdout from a thread of their own, gathered into one write per burst: a
-/// write per line cost a command function about a tenth of its throughput. Never lossy: when
-/// the queue is full, logging waits rather than drops a line.
-fn log_writer() -> (NonBlocking, WorkerGuard) {
-    NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("jetfn-log")
-        .finish(std::io::BufWriter::with_capacity(
-            LOG_BUFFER,
-            std::io::stdout(),
-        ))
-}
 
 /// Installs a subscriber filtered by `RUST_LOG` (default `info`), as text or, with
 /// `JETFN_LOG_FORMAT=json`, as JSON lines. With the `otlp` feature and
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, command and apply
-/// spans are also exported over OTLP/HTTP, whatever `RUST_LOG` says. Lines are written to stdout
-/// by a thread of their own; call [`shutdown`] before the process exits so none is left behind.
-/// Does nothing if a subscriber is already installed, so tests and embedding programs keep
-/// theirs.
+/// spans are also exported over OTLP/HTTP, whatever `RUST_LOG` says. Does nothing if a
+/// subscriber is already installed, so tests and embedding programs keep theirs.
 pub fn init() {
     use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("JETFN_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let (writer, guard) = log_writer();
     let (text_layer, json_layer) = if json {
         let layer = tracing_subscriber::fmt::layer()
             .json()
-            .with_current_span(true)
-            .with_writer(writer);
+            .with_current_span(true);
         (None, Some(layer))
     } else {
-        (
-            Some(tracing_subscriber::fmt::layer().with_writer(writer)),
-            None,
-        )
+        (Some(tracing_subscriber::fmt::layer()), None)
     };
     let logs = text_layer.map(|l| l.with_filter(filter.clone()));
     let json_logs = json_layer.map(|l| l.with_filter(filter));
     let registry = tracing_subscriber::registry().with(logs).with(json_logs);
     #[cfg(feature = "otlp")]
     let registry = registry.with(otlp::layer());
-    // Only the subscriber installed here writes through this guard's thread.
-    if registry.try_init().is_ok()
-        && let Ok(mut writer) = LOG_WRITER.lock()
-    {
-        *writer = Some(guard);
-    }
+    let _ = registry.try_init();
 }
 
-/// Writes out the queued log lines and flushes exported spans (with the `otlp` feature); call
-/// before the process exits. Lines logged afterwards are not written.
+/// Flushes exported spans (with the `otlp` feature); call before the process exits.
 pub fn shutdown() {
-    if let Ok(mut writer) = LOG_WRITER.lock() {
-        drop(writer.take());
-    }
     #[cfg(feature = "otlp")]
     otlp::shutdown();
 }

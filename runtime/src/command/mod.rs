@@ -359,11 +359,12 @@ impl<A: Aggregate> Serves for Handler<A> {
 async fn run_until_signal(
     start: impl Future<Output = Result<RunningFunction, Error>>,
 ) -> Result<(), Error> {
-    telemetry::with_logging(async {
-        let signal = telemetry::shutdown_signal();
-        start.await?.stop_on(signal).await
-    })
-    .await
+    telemetry::init();
+    let signal = telemetry::shutdown_signal();
+    let running = start.await?;
+    let stopped = running.stop_on(signal).await;
+    telemetry::shutdown();
+    stopped
 }
 
 /// A command function that is serving. Dropping it does not stop it; call

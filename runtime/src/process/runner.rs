@@ -86,11 +86,12 @@ impl<P: ProcessManager> ProcessManagerFunction<P> {
 
     /// Runs until SIGTERM or SIGINT, then finishes the inputs in flight and returns.
     pub async fn run(self) -> Result<(), Error> {
-        telemetry::with_logging(async {
-            let signal = telemetry::shutdown_signal();
-            self.start().await?.stop_on(signal).await
-        })
-        .await
+        telemetry::init();
+        let signal = telemetry::shutdown_signal();
+        let running = self.start().await?;
+        let stopped = running.stop_on(signal).await;
+        telemetry::shutdown();
+        stopped
     }
 
     /// Connects, provisions the instance and timer streams and the consumers, and starts.

@@ -217,30 +217,31 @@ impl<P: Projection> ProjectionFunction<P> {
         self,
         args: impl IntoIterator<Item = impl Into<String>>,
     ) -> Result<(), Error> {
+        telemetry::init();
         let args: Vec<String> = args.into_iter().map(Into::into).collect();
-        telemetry::with_logging(async {
-            match args
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>()
-                .as_slice()
-            {
-                [] => {
-                    let signal = telemetry::shutdown_signal();
-                    self.start().await?.stop_on(signal).await
-                }
-                ["--rebuild"] => {
-                    let generation = self.rebuild().await?;
-                    tracing::info!(projection = P::NAME, generation, "rebuild complete");
-                    Ok(())
-                }
-                _ => Err(Error::Usage(format!(
-                    "unexpected arguments {args:?}\nusage: {} [--rebuild]",
-                    P::NAME
-                ))),
+        match args
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            [] => {
+                let signal = telemetry::shutdown_signal();
+                let running = self.start().await?;
+                let stopped = running.stop_on(signal).await;
+                telemetry::shutdown();
+                stopped
             }
-        })
-        .await
+            ["--rebuild"] => {
+                let generation = self.rebuild().await?;
+                tracing::info!(projection = P::NAME, generation, "rebuild complete");
+                Ok(())
+            }
+            _ => Err(Error::Usage(format!(
+                "unexpected arguments {args:?}\nusage: {} [--rebuild]",
+                P::NAME
+            ))),
+        }
     }
 
     /// Connects and starts every partition; the handle stops them.
