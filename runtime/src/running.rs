@@ -60,3 +60,26 @@ impl Tasks {
         }
     }
 }
+
+/// A started function that can serve until a signal and then stop gracefully.
+pub(crate) trait StopOnSignal {
+    /// Serves until `signal` completes, then stops gracefully.
+    fn stop_on(
+        self,
+        signal: impl Future<Output = ()> + Send,
+    ) -> impl Future<Output = Result<(), Error>>;
+}
+
+/// Installs logging and the SIGTERM/SIGINT handlers (before start-up, so a signal during it is
+/// not lost), starts, serves until a signal, stops, and flushes exported spans: `run` of every
+/// kind of function.
+pub(crate) async fn run_until_signal<R: StopOnSignal>(
+    start: impl Future<Output = Result<R, Error>>,
+) -> Result<(), Error> {
+    crate::telemetry::init();
+    let signal = crate::telemetry::shutdown_signal();
+    let running = start.await?;
+    let stopped = running.stop_on(signal).await;
+    crate::telemetry::shutdown();
+    stopped
+}

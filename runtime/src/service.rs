@@ -88,7 +88,7 @@ pub(crate) struct Service {
 impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Service")
-            .field("name", &self.identity.name)
+            .field("name", &self.identity.spec.name)
             .field("id", &self.identity.id)
             .finish_non_exhaustive()
     }
@@ -96,15 +96,9 @@ impl std::fmt::Debug for Service {
 
 /// Who a service instance is, as every discovery response says.
 struct Identity {
-    name: String,
+    spec: ServiceSpec,
     id: String,
-    version: String,
-    description: String,
-    metadata: HashMap<String, String>,
-    queue_group: String,
     started: String,
-    replies: Replies,
-    stats: StatsData,
 }
 
 impl Service {
@@ -127,19 +121,14 @@ impl Service {
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
         let identity = Arc::new(Identity {
+            spec,
             id: uuid::Uuid::new_v4().simple().to_string(),
-            name: spec.name,
-            version: spec.version,
-            description: spec.description,
-            metadata: spec.metadata,
-            queue_group: spec.queue_group,
             started,
-            replies: spec.replies,
-            stats: spec.stats,
         });
         let mut subscriptions = Vec::with_capacity(9);
         for verb in Verb::ALL {
-            for subject in names::service_verb_subjects(verb.token(), &identity.name, &identity.id)
+            for subject in
+                names::service_verb_subjects(verb.token(), &identity.spec.name, &identity.id)
             {
                 let subscriber = client
                     .subscribe(subject.clone())
@@ -174,7 +163,7 @@ impl Service {
     ) -> Result<Endpoint, Error> {
         let requests = self
             .client
-            .queue_subscribe(subject.clone(), self.identity.queue_group.clone())
+            .queue_subscribe(subject.clone(), self.identity.spec.queue_group.clone())
             .await
             .map_err(|e| Error::Service(format!("cannot subscribe to {name} requests: {e}")))?;
         let state = Arc::new(EndpointState {
@@ -193,8 +182,8 @@ impl Service {
             requests,
             state,
             client: self.client.clone(),
-            replies: self.identity.replies.clone(),
-            service: self.identity.name.clone(),
+            replies: self.identity.spec.replies.clone(),
+            service: self.identity.spec.name.clone(),
             stopped: self.stop.subscribe(),
             unsubscribed: false,
         })
@@ -318,22 +307,22 @@ impl EndpointState {
         );
     }
 
-    fn info(&self, queue_group: &str) -> EndpointInfo<'_> {
+    fn info<'a>(&'a self, queue_group: &'a str) -> EndpointInfo<'a> {
         EndpointInfo {
             name: &self.name,
             subject: &self.subject,
-            queue_group: queue_group.to_owned(),
+            queue_group,
             metadata: &self.metadata,
         }
     }
 
-    fn stats(&self, queue_group: &str, data: serde_json::Value) -> EndpointStats<'_> {
+    fn stats<'a>(&'a self, queue_group: &'a str, data: serde_json::Value) -> EndpointStats<'a> {
         let requests = self.requests.load(Ordering::Relaxed);
         let processing_time = self.processing_ns.load(Ordering::Relaxed);
         EndpointStats {
             name: &self.name,
             subject: &self.subject,
-            queue_group: queue_group.to_owned(),
+            queue_group,
             num_requests: requests,
             num_errors: self.errors.load(Ordering::Relaxed),
             processing_time,
@@ -379,9 +368,9 @@ async fn answer_verbs(
         let Some(reply) = message.reply.clone() else {
             continue;
         };
-        if !identity.replies.answers(Some(&reply)) {
+        if !identity.spec.replies.answers(Some(&reply)) {
             tracing::warn!(
-                service = %identity.name,
+                service = %identity.spec.name,
                 subject = %message.subject,
                 reply = %reply,
                 "discovery request refused: its reply subject is not an inbox (nats.reply_prefixes)"
@@ -412,24 +401,24 @@ impl Identity {
     fn ping(&self) -> Ping<'_> {
         Ping {
             kind: names::SERVICE_PING_RESPONSE,
-            name: &self.name,
+            name: &self.spec.name,
             id: &self.id,
-            version: &self.version,
-            metadata: &self.metadata,
+            version: &self.spec.version,
+            metadata: &self.spec.metadata,
         }
     }
 
     fn info<'a>(&'a self, endpoints: &'a [Arc<EndpointState>]) -> Info<'a> {
         Info {
             kind: names::SERVICE_INFO_RESPONSE,
-            name: &self.name,
+            name: &self.spec.name,
             id: &self.id,
-            description: &self.description,
-            version: &self.version,
-            metadata: &self.metadata,
+            description: &self.spec.description,
+            version: &self.spec.version,
+            metadata: &self.spec.metadata,
             endpoints: endpoints
                 .iter()
-                .map(|e| e.info(&self.queue_group))
+                .map(|e| e.info(&self.spec.queue_group))
                 .collect(),
         }
     }
@@ -437,14 +426,14 @@ impl Identity {
     fn stats<'a>(&'a self, endpoints: &'a [Arc<EndpointState>]) -> Stats<'a> {
         Stats {
             kind: names::SERVICE_STATS_RESPONSE,
-            name: &self.name,
+            name: &self.spec.name,
             id: &self.id,
-            version: &self.version,
-            metadata: &self.metadata,
+            version: &self.spec.version,
+            metadata: &self.spec.metadata,
             started: &self.started,
             endpoints: endpoints
                 .iter()
-                .map(|e| e.stats(&self.queue_group, (self.stats)()))
+                .map(|e| e.stats(&self.spec.queue_group, (self.spec.stats)()))
                 .collect(),
         }
     }
@@ -476,7 +465,7 @@ struct Info<'a> {
 struct EndpointInfo<'a> {
     name: &'a str,
     subject: &'a str,
-    queue_group: String,
+    queue_group: &'a str,
     metadata: &'a HashMap<String, String>,
 }
 
@@ -497,7 +486,7 @@ struct Stats<'a> {
 struct EndpointStats<'a> {
     name: &'a str,
     subject: &'a str,
-    queue_group: String,
+    queue_group: &'a str,
     num_requests: u64,
     num_errors: u64,
     processing_time: u64,

@@ -38,6 +38,7 @@ use crate::aggregate::{Aggregate, Snapshots, Upcasters, decode_stored};
 use crate::codec::{encode_variant, variant_names};
 use crate::config::Config;
 use crate::direct::DirectGets;
+use crate::running::run_until_signal;
 use crate::service::{self, Endpoint, Replies, Request, Service, ServiceSpec};
 use crate::store::{Append, AppendError, EventLog, EventStore, NewEvent, StoreSettings};
 use crate::telemetry;
@@ -354,19 +355,6 @@ impl<A: Aggregate> Serves for Handler<A> {
     }
 }
 
-/// Starts a function, serves it until SIGTERM or SIGINT, then stops it gracefully; logging from
-/// `RUST_LOG` unless the caller already set it up.
-async fn run_until_signal(
-    start: impl Future<Output = Result<RunningFunction, Error>>,
-) -> Result<(), Error> {
-    telemetry::init();
-    let signal = telemetry::shutdown_signal();
-    let running = start.await?;
-    let stopped = running.stop_on(signal).await;
-    telemetry::shutdown();
-    stopped
-}
-
 /// A command function that is serving. Dropping it does not stop it; call
 /// [`RunningFunction::stop`].
 #[derive(Debug)]
@@ -397,6 +385,15 @@ impl RunningFunction {
                 ended.map_err(|e| Error::Service(format!("serving task failed: {e}")))?
             }
         }
+    }
+}
+
+impl crate::running::StopOnSignal for RunningFunction {
+    fn stop_on(
+        self,
+        signal: impl Future<Output = ()> + Send,
+    ) -> impl Future<Output = Result<(), Error>> {
+        RunningFunction::stop_on(self, signal)
     }
 }
 

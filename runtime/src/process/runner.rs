@@ -18,6 +18,7 @@ use super::instance::{self, Input, Instance};
 use super::stats::Stats;
 use super::timers::{Firing, Timers};
 use super::{Incoming, Outcome, ProcessManager, Sent, StepError};
+use crate::Error;
 use crate::aggregate::{Aggregate, Upcasters};
 use crate::client::{ClientError, CommandClient};
 use crate::command::{ErrorKind, Reply};
@@ -28,7 +29,6 @@ use crate::service::{Replies, Service, ServiceSpec};
 use crate::store::{Append, AppendError, EventStore, StoreSettings, StoredEvent};
 use crate::wire::AggregateNames;
 use crate::wire::names::{self, ProcessNames};
-use crate::{Error, telemetry};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::{self, AckKind, Message};
 use futures::StreamExt;
@@ -86,12 +86,7 @@ impl<P: ProcessManager> ProcessManagerFunction<P> {
 
     /// Runs until SIGTERM or SIGINT, then finishes the inputs in flight and returns.
     pub async fn run(self) -> Result<(), Error> {
-        telemetry::init();
-        let signal = telemetry::shutdown_signal();
-        let running = self.start().await?;
-        let stopped = running.stop_on(signal).await;
-        telemetry::shutdown();
-        stopped
+        crate::running::run_until_signal(self.start()).await
     }
 
     /// Connects, provisions the instance and timer streams and the consumers, and starts.
@@ -205,6 +200,15 @@ impl<P: ProcessManager> ProcessManagerFunction<P> {
 /// A running process manager function.
 pub struct RunningProcessManager {
     running: crate::running::Tasks,
+}
+
+impl crate::running::StopOnSignal for RunningProcessManager {
+    fn stop_on(
+        self,
+        signal: impl Future<Output = ()> + Send,
+    ) -> impl Future<Output = Result<(), Error>> {
+        RunningProcessManager::stop_on(self, signal)
+    }
 }
 
 impl RunningProcessManager {

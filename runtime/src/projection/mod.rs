@@ -225,13 +225,7 @@ impl<P: Projection> ProjectionFunction<P> {
             .collect::<Vec<_>>()
             .as_slice()
         {
-            [] => {
-                let signal = telemetry::shutdown_signal();
-                let running = self.start().await?;
-                let stopped = running.stop_on(signal).await;
-                telemetry::shutdown();
-                stopped
-            }
+            [] => crate::running::run_until_signal(self.start()).await,
             ["--rebuild"] => {
                 let generation = self.rebuild().await?;
                 tracing::info!(projection = P::NAME, generation, "rebuild complete");
@@ -332,6 +326,15 @@ impl<P: Projection> ProjectionFunction<P> {
 pub struct RunningProjection {
     running: crate::running::Tasks,
     stats: Arc<Stats>,
+}
+
+impl crate::running::StopOnSignal for RunningProjection {
+    fn stop_on(
+        self,
+        signal: impl Future<Output = ()> + Send,
+    ) -> impl Future<Output = Result<(), Error>> {
+        RunningProjection::stop_on(self, signal)
+    }
 }
 
 impl RunningProjection {
