@@ -31,6 +31,17 @@ async fn open(client: &async_nats::Client, id: &str, deposit: u64) {
         .accepted();
 }
 
+/// Accounts the random-transfer tests move money among.
+const ACCOUNTS: usize = 10;
+
+/// Two different accounts (indexes below [`ACCOUNTS`]) and an amount of 1 to 400.
+fn random_transfer() -> (usize, usize, u64) {
+    let mut rng = rand::rng();
+    let from = rng.random_range(0..ACCOUNTS);
+    let to = (from + rng.random_range(1..ACCOUNTS)) % ACCOUNTS;
+    (from, to, rng.random_range(1..=400u64))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_writes_both_accounts_in_one_atomic_append_and_answers_a_repeat_alike() {
     jetfn_tests::init_tracing();
@@ -216,7 +227,6 @@ fn fold_checking_every_batch(stored: &[StoredMessage], total: i128) -> BTreeMap<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_concurrent_transfers_on_two_instances_conserve_money_at_every_batch() {
     jetfn_tests::init_tracing();
-    const ACCOUNTS: usize = 10;
     const START: u64 = 1_000;
     let clients: usize = 64;
     // 64 x 200 transfers take minutes on a shared 2-core machine (about 30 transfers a second
@@ -244,12 +254,7 @@ async fn random_concurrent_transfers_on_two_instances_conserve_money_at_every_ba
         async move {
             let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
             for n in 0..per_client {
-                let (from, to, amount) = {
-                    let mut rng = rand::rng();
-                    let from = rng.random_range(0..ACCOUNTS);
-                    let to = (from + rng.random_range(1..ACCOUNTS)) % ACCOUNTS;
-                    (from, to, rng.random_range(1..=400u64))
-                };
+                let (from, to, amount) = random_transfer();
                 let id = format!("x-{c}-{n}");
                 let sent = transfer(&client, &id, &ids[from], &ids[to], amount, Some(&id))
                     .await
@@ -402,7 +407,6 @@ async fn stream_leader(client: &async_nats::Client, name: &str) -> Option<String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfers_on_an_r3_cluster_conserve_money_when_the_stream_leader_is_killed() {
     jetfn_tests::init_tracing();
-    const ACCOUNTS: usize = 10;
     const START: u64 = 1_000;
     const CLIENTS: usize = 16;
     const PER_CLIENT: usize = 10;
@@ -433,12 +437,7 @@ async fn transfers_on_an_r3_cluster_conserve_money_when_the_stream_leader_is_kil
                 async move {
                     let mut outcomes = Vec::new();
                     for n in 0..PER_CLIENT {
-                        let (from, to, amount) = {
-                            let mut rng = rand::rng();
-                            let from = rng.random_range(0..ACCOUNTS);
-                            let to = (from + rng.random_range(1..ACCOUNTS)) % ACCOUNTS;
-                            (from, to, rng.random_range(1..=400u64))
-                        };
+                        let (from, to, amount) = random_transfer();
                         let id = format!("x-{c}-{n}");
                         let subject = CommandSubjects::new(None, "bank").subject(&id, "transfer");
                         let body = json!({"from": ids[from], "to": ids[to], "amount": amount});
