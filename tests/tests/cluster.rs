@@ -51,13 +51,18 @@ async fn stream_cluster(
         .ok_or_else(|| anyhow::anyhow!("stream {name} reports no cluster"))
 }
 
-/// The replicas of stream `name`.
+/// The replicas of stream `name`, asked until it answers: after a node's restart, a stream
+/// whose leader was on it may still be electing one, and its info requests time out meanwhile.
 async fn stream_replicas(client: &async_nats::Client, name: &str) -> usize {
-    let mut stream = jetstream::new(client.clone())
-        .get_stream(name)
-        .await
-        .unwrap_or_else(|e| panic!("stream {name}: {e}"));
-    stream.info().await.unwrap().config.num_replicas
+    poll(&format!("the info of stream {name}"), PATIENCE, || {
+        let client = client.clone();
+        async move {
+            let mut stream = jetstream::new(client).get_stream(name).await?;
+            Ok(Some(stream.info().await?.config.num_replicas))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The runtime's event store of the race aggregate type, on the cluster at three replicas.
