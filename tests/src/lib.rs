@@ -33,6 +33,7 @@ mod binaries;
 pub mod commands;
 pub mod faults;
 mod process;
+pub mod raw;
 pub mod readmodels;
 pub mod schemas;
 pub mod topology;

@@ -10,7 +10,8 @@
 //! reader sees it, P59 (advice) and P66 (trimming the change feed at about 10,000 entries).
 //! P3 is checked for `account` only. P71 is checked in `functions/transfer/tests/rules.rs`, P72
 //! and P73 in `process_manager.rs`, P75-P78 in `atomic_decisions.rs`; P74 and P80-P83 here, with
-//! the signup decision (the race of P82 in `cross_type_decisions.rs`).
+//! the signup decision (the race of P82 in `cross_type_decisions.rs`). P84 needs bytes no NATS
+//! client sends, so `hostile.rs` checks it over a raw TCP connection.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -1,18 +1,24 @@
 //! Hostile clients against the functions: requests that try to aim replies (to commands,
 //! `$SRV` discovery and control requests) at event or control subjects, resend storms around a rejected command id, floods on one aggregate, oversized
-//! trace headers and bursts of atomic batches. Each test reproduces a defect found in an audit.
+//! trace headers, bursts of atomic batches and malformed protocol bytes. Each test reproduces a defect found in an audit.
 
+use futures::StreamExt;
 use futures::future::join_all;
 use jetfn::command::ErrorKind;
+use jetfn::projection::DeadLetters;
+use jetfn::readmodel::ReadModel;
 use jetfn::wire::header;
 use jetfn_tests::NatsServer;
 use jetfn_tests::commands::{
-    ACCOUNT_STREAM, account_config, message_count, send, send_raw, start_account, stored_messages,
+    ACCOUNT_STREAM, account_config, message_count, send, send_raw, send_raw_within, start_account,
+    stored_messages,
 };
+use jetfn_tests::raw::RawConnection;
 use jetfn_tests::readmodels::{PROJECTION, ReadSide, live_generation};
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_subject_outside_the_inboxes_is_never_answered_and_nothing_is_stored() {
@@ -268,4 +274,215 @@ async fn discovery_and_control_requests_never_answer_outside_the_inboxes() {
         "the refused status requests are counted"
     );
     assert_eq!(live_generation(&side.redis).await.unwrap(), 1);
+}
+
+/// Requests whose bytes no client library would send: (what the `invalid` reply says, subject,
+/// header block).
+fn malformed_requests() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
+    let subject = b"cmd.account.mal.deposit".to_vec();
+    let block = |line: &[u8]| [b"NATS/1.0\r\n".as_slice(), line, b"\r\n\r\n"].concat();
+    vec![
+        (
+            "a header line is not valid UTF-8",
+            subject.clone(),
+            block(b"Nats-Msg-Id: m-\xff"),
+        ),
+        (
+            "a bare CR or LF",
+            subject.clone(),
+            block(b"Nats-Msg-Id: m-\n1"),
+        ),
+        (
+            "a bare CR or LF",
+            subject.clone(),
+            block(b"Nats-Msg-Id: m-\r1"),
+        ),
+        (
+            "a header line has no colon",
+            subject.clone(),
+            block(b"no colon here"),
+        ),
+        (
+            "a header name holds",
+            subject.clone(),
+            block(b"Bad Name: x"),
+        ),
+        (
+            "does not begin with NATS/1.0",
+            subject.clone(),
+            b"Nats-Msg-Id: m-2\r\n\r\n".to_vec(),
+        ),
+        (
+            "subject is not valid UTF-8",
+            b"cmd.account.m\xff.deposit".to_vec(),
+            block(b"Nats-Msg-Id: m-3"),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_malformed_requests_is_answered_invalid_and_leaves_good_commands_served() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = start_account(account_config(&nats)).await.unwrap();
+    let client = nats.connect().await.unwrap();
+    send(&client, "good", "open", json!({"owner": "G"}), None)
+        .await
+        .unwrap()
+        .accepted();
+    let mut replies = client.subscribe("_INBOX.hostile.>").await.unwrap();
+    client.flush().await.unwrap();
+    let mut raw = RawConnection::connect(nats.port()).await.unwrap();
+    let kinds = malformed_requests();
+    const ROUNDS: usize = 40;
+    for round in 0..ROUNDS {
+        for (n, (_, subject, headers)) in kinds.iter().enumerate() {
+            let reply = format!("_INBOX.hostile.{n}.{round}");
+            raw.hpub(subject, reply.as_bytes(), headers, br#"{"amount":1}"#)
+                .await
+                .unwrap();
+        }
+        raw.ping().await.unwrap();
+        // Right behind them, with no retry: served as if nothing had happened.
+        send_raw_within(
+            &client,
+            "cmd.account.good.deposit",
+            json!({"amount": 1}).to_string(),
+            Some(&format!("good-{round}")),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("good deposit {round}: {e:#}"))
+        .accepted();
+    }
+    // Every malformed request got an `invalid` reply that says what was wrong with it.
+    let mut answered = vec![0; kinds.len()];
+    for _ in 0..ROUNDS * kinds.len() {
+        let reply = tokio::time::timeout(Duration::from_secs(5), replies.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {answered:?} of the malformed requests answered"))
+            .unwrap();
+        let kind: usize = reply.subject.split('.').nth(2).unwrap().parse().unwrap();
+        let (says, _, _) = &kinds[kind];
+        let code = header::get(reply.headers.as_ref(), header::SERVICE_ERROR_CODE);
+        let body = String::from_utf8_lossy(&reply.payload);
+        assert_eq!(code, Some("400"), "{says}: {body}");
+        assert!(
+            body.contains("\"invalid\"") && body.contains(says),
+            "{says}: {body}"
+        );
+        answered[kind] += 1;
+    }
+    assert!(answered.iter().all(|&n| n == ROUNDS), "{answered:?}");
+    // Discovery requests with such headers are answered too.
+    for round in 0..5 {
+        let reply = format!("_INBOX.hostile.ping.{round}");
+        raw.hpub(
+            b"$SRV.PING.account",
+            reply.as_bytes(),
+            b"NATS/1.0\r\nX: \xff\r\n\r\n",
+            b"",
+        )
+        .await
+        .unwrap();
+        let pong = tokio::time::timeout(Duration::from_secs(5), replies.next())
+            .await
+            .unwrap_or_else(|_| panic!("PING {round} with a malformed header not answered"))
+            .unwrap();
+        let pong: serde_json::Value = serde_json::from_slice(&pong.payload).unwrap();
+        assert_eq!(pong["name"], "account", "{pong}");
+    }
+    let good = stored_messages(&client, ACCOUNT_STREAM, Some("evt.account.good"))
+        .await
+        .unwrap();
+    assert_eq!(
+        good.len(),
+        1 + ROUNDS,
+        "the open and every good deposit, once"
+    );
+    let malformed = stored_messages(&client, ACCOUNT_STREAM, Some("evt.account.mal"))
+        .await
+        .unwrap();
+    assert!(malformed.is_empty(), "nothing malformed was stored");
+    function.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_event_with_a_malformed_header_is_named_by_commands_and_dead_lettered() {
+    let side = ReadSide::start().await.unwrap();
+    let client = &side.client;
+    send(client, "m1", "open", json!({"owner": "M"}), None)
+        .await
+        .unwrap()
+        .accepted();
+    // Someone with publish rights on the event subjects (never a client, see deploy/nats)
+    // stores an event whose version header is not UTF-8.
+    let mut raw = RawConnection::connect(side.nats.port()).await.unwrap();
+    raw.hpub(
+        b"evt.account.m1",
+        b"_INBOX.hostile.store",
+        b"NATS/1.0\r\nce-type: Deposited\r\njetfn-event-version: 1\xff\r\n\r\n",
+        br#"{"amount":5}"#,
+    )
+    .await
+    .unwrap();
+    raw.ping().await.unwrap();
+    jetfn_tests::workload::poll("the event stored", Duration::from_secs(10), || async {
+        Ok((message_count(client, ACCOUNT_STREAM).await? == 2).then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // Its aggregate answers at once, naming the event; the connection and other aggregates
+    // are unharmed.
+    let refused = send(client, "m1", "deposit", json!({"amount": 1}), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        refused.reply.error_kind(),
+        Some(ErrorKind::Unavailable),
+        "{:?}",
+        refused.body
+    );
+    let message = refused.body["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.contains("sequence 2") && message.contains("not valid UTF-8"),
+        "{message}"
+    );
+    send(client, "m2", "open", json!({"owner": "N"}), None)
+        .await
+        .unwrap()
+        .accepted();
+    let last = send(client, "m2", "deposit", json!({"amount": 3}), None)
+        .await
+        .unwrap()
+        .accepted()
+        .seq;
+
+    // The projection files it as a dead letter and goes on.
+    ReadModel::connect(&side.redis.url(), PROJECTION)
+        .await
+        .unwrap()
+        .wait_for(last, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let letters = DeadLetters::connect(&side.config)
+        .await
+        .unwrap()
+        .list(PROJECTION)
+        .await
+        .unwrap();
+    assert_eq!(
+        letters.iter().map(|l| l.seq).collect::<Vec<_>>(),
+        [2],
+        "{letters:?}"
+    );
+    assert!(
+        letters[0].error.contains("not valid UTF-8"),
+        "{}",
+        letters[0].error
+    );
+    side.projection.stop().await.unwrap();
+    side.function.stop().await.unwrap();
 }

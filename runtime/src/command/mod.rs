@@ -688,7 +688,13 @@ impl<A: Aggregate> Handler<A> {
             retries = tracing::field::Empty,
             duration_ms = tracing::field::Empty,
         );
-        let (reply, retries) = match check(message) {
+        // Bytes the client library could not read exactly (see vendor/async-nats) are refused
+        // before anything else looks at the request.
+        let checked = match message.malformed() {
+            Some(problem) => Err(format!("the request cannot be read: {problem}")),
+            None => check(message),
+        };
+        let (reply, retries) = match checked {
             Ok((checked, command)) => {
                 span.record("id", checked.id.as_str());
                 span.record("command", checked.command.as_str());

@@ -279,10 +279,8 @@ impl<P: ProcessManager> Core<P> {
         let seq = stream_seq(message)?;
         decode_recorded::<P::Source>(
             &self.upcasters,
-            seq,
+            StoredEvent::read(seq, message),
             last_token(&message.subject),
-            message.headers.as_ref(),
-            message.payload.clone(),
         )
     }
 
@@ -339,10 +337,9 @@ impl<P: ProcessManager> Core<P> {
     /// The outbox: sends a recorded command, publishes or purges a recorded timer.
     async fn on_record(&self, message: &Message) -> Done {
         let id = last_token(&message.subject).to_owned();
-        let stored = match stream_seq(message).and_then(|seq| {
-            StoredEvent::decode(seq, message.headers.as_ref(), message.payload.clone())
-                .map_err(|e| e.to_string())
-        }) {
+        let stored = match stream_seq(message)
+            .and_then(|seq| StoredEvent::read(seq, message).map_err(|e| e.to_string()))
+        {
             Ok(stored) => stored,
             Err(error) => return Done::Dead(error),
         };

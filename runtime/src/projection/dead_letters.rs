@@ -22,7 +22,7 @@ use crate::wire::header::{
     DLQ_DELIVERIES as DELIVERIES, DLQ_ERROR as ERROR, DLQ_ORIGINAL_PREFIX as ORIGINAL,
     DLQ_PROJECTION as PROJECTION, DLQ_SEQ as SEQ, DLQ_STREAM as STREAM, DLQ_SUBJECT as SUBJECT,
 };
-use crate::wire::names;
+use crate::wire::{StoredEvent, names};
 
 /// One dead letter.
 #[derive(Debug, Clone)]
@@ -240,20 +240,15 @@ pub(crate) async fn replay<P: Projection>(
     let mut replayed = 0;
     for letter in letters.list(P::NAME).await? {
         let aggregate_id = letter.subject.rsplit('.').next().unwrap_or_default();
-        let writes = decode_recorded::<P::Source>(
-            &context.upcasters,
-            letter.seq,
-            aggregate_id,
-            Some(&letter.headers),
-            letter.payload.clone(),
-        )
-        .and_then(|recorded| {
-            let mut writes = RedisWrites::default();
-            projection
-                .apply(&recorded, &mut writes)
-                .map_err(|refusal| format!("refused: {}", refusal.0))?;
-            writes.into_ops().map_err(|refusal| refusal.to_string())
-        });
+        let stored = StoredEvent::decode(letter.seq, Some(&letter.headers), letter.payload.clone());
+        let writes = decode_recorded::<P::Source>(&context.upcasters, stored, aggregate_id)
+            .and_then(|recorded| {
+                let mut writes = RedisWrites::default();
+                projection
+                    .apply(&recorded, &mut writes)
+                    .map_err(|refusal| format!("refused: {}", refusal.0))?;
+                writes.into_ops().map_err(|refusal| refusal.to_string())
+            });
         let ops = match writes {
             Ok(ops) => ops,
             Err(error) => {

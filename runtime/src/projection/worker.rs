@@ -8,7 +8,7 @@ use crate::readmodel::{
     Applied, AppliedEvent, Batch, Mode, Op, Order, ReadModel, ReadModelError, RedisWrites, Step,
 };
 use crate::telemetry::TraceContext;
-use crate::wire::{StoredEvent, header, names};
+use crate::wire::{MalformedEvent, StoredEvent, header, names};
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PriorityPolicy, pull};
 use async_nats::jetstream::{AckKind, Message};
 use futures::StreamExt;
@@ -933,10 +933,8 @@ impl<P: Projection> Preparer<P> {
     ) -> Result<Vec<Op>, String> {
         let recorded = decode_recorded::<P::Source>(
             &self.upcasters,
-            seq,
+            StoredEvent::read(seq, message),
             aggregate_id,
-            message.headers.as_ref(),
-            message.payload.clone(),
         )?;
         let trace = TraceContext::from_headers(message.headers.as_ref());
         let span = tracing::debug_span!(
@@ -964,16 +962,15 @@ impl<P: Projection> Preparer<P> {
 }
 
 /// Decodes a stored event of aggregate `A` for a consumer (a projection, a process manager):
-/// the wire's decoding of the stored message, then the version check, upcasting and the event
-/// type's own decoding.
+/// the wire's decoding of the stored message (`stored`), then the version check, upcasting and
+/// the event type's own decoding.
 pub(crate) fn decode_recorded<A: Aggregate>(
     upcasters: &Upcasters,
-    seq: u64,
+    stored: Result<StoredEvent, MalformedEvent>,
     aggregate_id: &str,
-    headers: Option<&async_nats::HeaderMap>,
-    payload: bytes::Bytes,
 ) -> Result<Recorded<A::Event>, String> {
-    let stored = StoredEvent::decode(seq, headers, payload).map_err(|e| e.reason)?;
+    let stored = stored.map_err(|e| e.reason)?;
+    let seq = stored.seq;
     let event = decode_stored::<A>(
         upcasters,
         &stored.event_type,

@@ -47,6 +47,19 @@ pub struct MalformedEvent {
 }
 
 impl StoredEvent {
+    /// Reads the event stored at `seq` from its message: [`decode`](Self::decode), after
+    /// refusing a message whose bytes the NATS client could not read exactly (a header line
+    /// that is not UTF-8, say; see vendor/async-nats/JETFN-PATCH.md).
+    pub fn read(seq: u64, message: &async_nats::Message) -> Result<StoredEvent, MalformedEvent> {
+        if let Some(problem) = message.malformed() {
+            return Err(MalformedEvent {
+                seq,
+                reason: format!("the stored message cannot be read: {problem}"),
+            });
+        }
+        Self::decode(seq, message.headers.as_ref(), message.payload.clone())
+    }
+
     /// Reads an event from the headers and payload of the message stored at `seq`.
     pub fn decode(
         seq: u64,

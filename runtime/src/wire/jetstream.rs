@@ -142,7 +142,7 @@ pub fn direct_reply(message: &Message) -> DirectReply {
                     reason: "direct get reply without Nats-Sequence".into(),
                 });
             };
-            match StoredEvent::decode(seq, headers, message.payload.clone()) {
+            match StoredEvent::read(seq, message) {
                 Ok(event) => DirectReply::Event(event),
                 Err(malformed) => DirectReply::Malformed(malformed),
             }

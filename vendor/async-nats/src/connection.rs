@@ -177,8 +177,15 @@ impl Connection {
         }
 
         if self.read_buf.starts_with(b"MSG ") {
-            let line = str::from_utf8(&self.read_buf[4..len])
-                .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+            // jetfn patch (JETFN-PATCH.md): subjects that are not UTF-8 mark the message.
+            let lossy;
+            let (line, malformed) = match str::from_utf8(&self.read_buf[4..len]) {
+                Ok(line) => (line, None),
+                Err(_) => {
+                    lossy = String::from_utf8_lossy(&self.read_buf[4..len]).into_owned();
+                    (lossy.as_str(), Some(NON_UTF8_SUBJECT))
+                }
+            };
             let mut args = line.split(' ').filter(|s| !s.is_empty());
 
             // Parse the operation syntax: MSG <subject> <sid> [reply-to] <#bytes>
@@ -245,14 +252,21 @@ impl Connection {
                 subject,
                 payload,
                 status: None,
-                description: None,
+                description: malformed.map(crate::message::malformed_description),
             }));
         }
 
         if self.read_buf.starts_with(b"HMSG ") {
             // Extract whitespace-delimited arguments that come after "HMSG".
-            let line = std::str::from_utf8(&self.read_buf[5..len])
-                .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+            // jetfn patch (JETFN-PATCH.md): subjects that are not UTF-8 mark the message.
+            let lossy;
+            let (line, subject_malformed) = match str::from_utf8(&self.read_buf[5..len]) {
+                Ok(line) => (line, None),
+                Err(_) => {
+                    lossy = String::from_utf8_lossy(&self.read_buf[5..len]).into_owned();
+                    (lossy.as_str(), Some(NON_UTF8_SUBJECT))
+                }
+            };
             let mut args = line.split_whitespace().filter(|s| !s.is_empty());
 
             // <subject> <sid> [reply-to] <# header bytes><# total bytes>
@@ -331,68 +345,15 @@ impl Connection {
             let payload = self.read_buf.split_to(total_len - header_len).freeze();
             self.read_buf.advance(2);
 
-            let mut lines = std::str::from_utf8(&header)
-                .map_err(|_| {
-                    io::Error::new(io::ErrorKind::InvalidInput, "header isn't valid utf-8")
-                })?
-                .lines()
-                .peekable();
-            let version_line = lines.next().ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidInput, "no header version line found")
-            })?;
-
-            let version_line_suffix = version_line
-                .strip_prefix("NATS/1.0")
-                .map(str::trim)
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "header version line does not begin with `NATS/1.0`",
-                    )
-                })?;
-
-            let (status, description) = version_line_suffix
-                .split_once(' ')
-                .map(|(status, description)| (status.trim(), description.trim()))
-                .unwrap_or((version_line_suffix, ""));
-            let status = if !status.is_empty() {
-                Some(
-                    status
-                        .parse::<StatusCode>()
-                        .map_err(|_| std::io::Error::other("could not parse status parameter"))?,
-                )
-            } else {
-                None
+            // jetfn patch (JETFN-PATCH.md): a header block that cannot be read exactly no
+            // longer fails the connection (or panics on a bare CR): the lines that can be read
+            // are kept, the others left out, and the message is marked with the first problem.
+            let block = read_header_block(&header);
+            let (status, description) = match subject_malformed.or(block.malformed) {
+                Some(problem) => (None, Some(crate::message::malformed_description(problem))),
+                None => (block.status, block.description),
             };
-            let description = if !description.is_empty() {
-                Some(description.to_owned())
-            } else {
-                None
-            };
-
-            let mut headers = HeaderMap::new();
-            while let Some(line) = lines.next() {
-                if line.is_empty() {
-                    continue;
-                }
-
-                let (name, value) = line.split_once(':').ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidInput, "no header version line found")
-                })?;
-
-                let name = HeaderName::from_str(name)
-                    .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
-
-                // Read the header value, which might have been split into multiple lines
-                // `trim_start` and `trim_end` do the same job as doing `value.trim().to_owned()` at the end, but without a reallocation
-                let mut value = value.trim_start().to_owned();
-                while let Some(v) = lines.next_if(|s| s.starts_with(char::is_whitespace)) {
-                    value.push_str(v);
-                }
-                value.truncate(value.trim_end().len());
-
-                headers.append(name, value.into_header_value());
-            }
+            let headers = block.headers;
 
             trace!(
                 subject = %subject,
@@ -860,6 +821,117 @@ where
             .poll_close_unpin(cx)
             .map_err(std::io::Error::other)
     }
+}
+
+// jetfn patch (JETFN-PATCH.md): the problems that mark a message as malformed.
+const NON_UTF8_SUBJECT: &str = "its subject or reply subject is not valid UTF-8";
+const NO_VERSION_LINE: &str = "its header block does not begin with NATS/1.0";
+const BAD_STATUS: &str = "its header version line holds an unreadable status";
+const NON_UTF8_HEADER: &str = "a header line is not valid UTF-8";
+const BARE_CR_OR_LF: &str = "a header line holds a bare CR or LF";
+const NO_COLON: &str = "a header line has no colon";
+const BAD_HEADER_NAME: &str =
+    "a header name holds a character that is not printable ASCII, or a colon";
+
+/// A header block as read by [`read_header_block`].
+struct HeaderBlock {
+    status: Option<StatusCode>,
+    description: Option<String>,
+    headers: HeaderMap,
+    /// The first problem met, if the block could not be read exactly.
+    malformed: Option<&'static str>,
+}
+
+impl HeaderBlock {
+    fn mark(&mut self, problem: &'static str) {
+        self.malformed.get_or_insert(problem);
+    }
+
+    fn append(&mut self, (name, value): (HeaderName, String)) {
+        self.headers
+            .append(name, value.trim_end().to_owned().into_header_value());
+    }
+}
+
+/// The lines of a header block: what lies between CRLFs, as the server sees them.
+fn crlf_lines(block: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = block;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = memchr::memmem::find(rest, b"\r\n").unwrap_or(rest.len());
+        let line = &rest[..end];
+        rest = rest.get(end + 2..).unwrap_or_default();
+        Some(line)
+    })
+}
+
+/// Reads a header block (`NATS/1.0[ status[ description]]`, then `name: value` lines) without
+/// ever failing: a line that cannot be read exactly is left out and recorded as the block's
+/// problem, and the lines that can be read are kept.
+fn read_header_block(block: &[u8]) -> HeaderBlock {
+    let mut read = HeaderBlock {
+        status: None,
+        description: None,
+        headers: HeaderMap::new(),
+        malformed: None,
+    };
+    let mut lines = crlf_lines(block).map(|line| match str::from_utf8(line) {
+        Ok(line) if line.contains(['\r', '\n']) => Err(BARE_CR_OR_LF),
+        Ok(line) => Ok(line),
+        Err(_) => Err(NON_UTF8_HEADER),
+    });
+    let version = lines.next().and_then(Result::ok);
+    match version.and_then(|line| line.strip_prefix("NATS/1.0")).map(str::trim) {
+        Some(suffix) => {
+            let (status, description) = suffix
+                .split_once(' ')
+                .map(|(status, description)| (status.trim(), description.trim()))
+                .unwrap_or((suffix, ""));
+            if !status.is_empty() {
+                match status.parse::<StatusCode>() {
+                    Ok(status) => read.status = Some(status),
+                    Err(_) => read.mark(BAD_STATUS),
+                }
+            }
+            if !description.is_empty() {
+                read.description = Some(description.to_owned());
+            }
+        }
+        None => read.mark(NO_VERSION_LINE),
+    }
+    let mut last: Option<(HeaderName, String)> = None;
+    for line in lines {
+        let line = match line {
+            Ok(line) if line.is_empty() => continue,
+            Ok(line) => line,
+            Err(problem) => {
+                read.mark(problem);
+                continue;
+            }
+        };
+        // A line that starts with whitespace continues the value before it.
+        if let (true, Some((_, value))) = (line.starts_with(char::is_whitespace), last.as_mut()) {
+            value.push_str(line);
+            continue;
+        }
+        if let Some(header) = last.take() {
+            read.append(header);
+        }
+        let Some((name, value)) = line.split_once(':') else {
+            read.mark(NO_COLON);
+            continue;
+        };
+        match HeaderName::from_str(name) {
+            Ok(name) => last = Some((name, value.trim_start().to_owned())),
+            Err(_) => read.mark(BAD_HEADER_NAME),
+        }
+    }
+    if let Some(header) = last {
+        read.append(header);
+    }
+    read
 }
 
 #[cfg(test)]

@@ -39,6 +39,27 @@ pub struct Message {
     pub length: usize,
 }
 
+/// jetfn patch (JETFN-PATCH.md): how the description of a message marked malformed begins.
+/// The server never sends a description without a status, so the mark cannot be forged.
+const MALFORMED: &str = "malformed: ";
+
+/// jetfn patch: the description that marks a message as malformed by `problem`.
+pub(crate) fn malformed_description(problem: &str) -> String {
+    format!("{MALFORMED}{problem}")
+}
+
+impl Message {
+    /// jetfn patch (JETFN-PATCH.md): why this message could not be read exactly, if so: a
+    /// subject that is not valid UTF-8 (read lossily), or header lines that are not (left
+    /// out). Unpatched async-nats drops the connection on such a message instead.
+    pub fn malformed(&self) -> Option<&str> {
+        match self.status {
+            None => self.description.as_deref()?.strip_prefix(MALFORMED),
+            Some(_) => None,
+        }
+    }
+}
+
 /// An outbound message to be published.
 /// Does not contain status or description which are valid only for inbound messages.
 #[derive(Clone, Debug)]
