@@ -201,9 +201,14 @@ async fn serial_deposits(bench: &mut Bench, raw: &Raw) -> Result<()> {
 }
 
 /// `n` deposits to random accounts among `accounts`.
-fn random_deposits(rng: &mut Rng, accounts: usize, n: usize) -> Vec<(String, bytes::Bytes)> {
+fn random_deposits(
+    rng: &mut Rng,
+    subject: &impl Fn(&str) -> (String, bytes::Bytes),
+    accounts: usize,
+    n: usize,
+) -> Vec<(String, bytes::Bytes)> {
     (0..n)
-        .map(|_| deposit(&format!("t{}", rng.below(accounts)), 1))
+        .map(|_| subject(&format!("t{}", rng.below(accounts))))
         .collect()
 }
 
@@ -215,22 +220,43 @@ async fn deposit_rate(
     accounts: usize,
     label: &str,
 ) -> Result<f64> {
-    let mut rng = Rng::new(0xbe5c);
-    let warm: Vec<_> = (0..accounts)
-        .map(|k| deposit(&format!("t{k}"), 1))
-        .collect();
-    concurrent(&bench.client, 256, warm).await;
+    let command = |id: &str| deposit(id, 1);
+    touch_all(bench, &command, accounts).await;
     let cpu = |functions: &[&FunctionProcess]| -> Result<Duration> {
         functions.iter().map(|f| cpu_time(f.pid())).sum()
     };
     let cpu_before = cpu(functions)?;
-    let mut commands = 0;
+    let (rate, commands) = timed_rate(bench, &command, accounts, label).await;
+    let per_command = (cpu(functions)? - cpu_before).as_secs_f64() * 1e6 / commands as f64;
+    eprintln!("  {label}: function CPU {per_command:.0} µs per command");
+    Ok(rate)
+}
+
+/// Sends `command(id)` once for every account, 256 in flight.
+async fn touch_all(
+    bench: &Bench,
+    command: &impl Fn(&str) -> (String, bytes::Bytes),
+    accounts: usize,
+) {
+    let all: Vec<_> = (0..accounts).map(|k| command(&format!("t{k}"))).collect();
+    concurrent(&bench.client, 256, all).await;
+}
+
+/// Median accepted commands/s over 3 timed runs of `command(id)` on random accounts, 256 in
+/// flight; and how many commands they sent.
+async fn timed_rate(
+    bench: &Bench,
+    command: &impl Fn(&str) -> (String, bytes::Bytes),
+    accounts: usize,
+    label: &str,
+) -> (f64, usize) {
+    let mut rng = Rng::new(0xbe5c);
     let mut rates = Vec::new();
     for _ in 0..3 {
         let run = concurrent(
             &bench.client,
             256,
-            random_deposits(&mut rng, accounts, scaled(10_000)),
+            random_deposits(&mut rng, command, accounts, scaled(10_000)),
         )
         .await;
         eprintln!(
@@ -239,11 +265,8 @@ async fn deposit_rate(
             run.failures()
         );
         rates.push(run.accepted_rate());
-        commands += scaled(10_000);
     }
-    let per_command = (cpu(functions)? - cpu_before).as_secs_f64() * 1e6 / commands as f64;
-    eprintln!("  {label}: function CPU {per_command:.0} µs per command");
-    Ok(median(rates))
+    (median(rates), 3 * scaled(10_000))
 }
 
 /// Item 2 and the logging cost: 256 in flight over 10,000 accounts.
@@ -276,7 +299,30 @@ async fn throughput(bench: &mut Bench, raw: &Raw) -> Result<()> {
     stop(first).await?;
     stop(second).await?;
 
+    // The bound: the least a command function can do, under the same load.
+    let responder =
+        RawCommands::start(&bench.nats.url(), "RAW_OCC", "rawcmd", "raw.occ.c-").await?;
+    let raw_command = |id: &str| {
+        let body = bytes::Bytes::from_static(br#"{"amount":1}"#);
+        (format!("rawcmd.{id}"), body)
+    };
+    touch_all(bench, &raw_command, accounts).await;
+    let (least, _) = timed_rate(bench, &raw_command, accounts, "the least a command can do").await;
+    responder.stop();
+
     let raw_rate = rate(raw.concurrent_appends, "appends");
+    bench.table.ratio(
+        "the least a command can do (request, OCC append, reply), 256 in flight over 10,000 accounts (raw: OCC appends)",
+        rate(least, "commands"),
+        number(raw_rate.value, raw_rate.text.clone()),
+        "-",
+    );
+    bench.table.ratio(
+        "  jetfn, 1 instance, against that least",
+        rate(info_one, "commands"),
+        rate(least, "commands"),
+        "-",
+    );
     for (what, value) in [
         (
             "256 in flight over 10,000 accounts, 1 instance (raw: OCC appends over 512 subjects)",

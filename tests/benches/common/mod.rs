@@ -727,6 +727,109 @@ pub async fn raw_concurrent_appends(
     Ok((per_worker * in_flight) as f64 / started.elapsed().as_secs_f64())
 }
 
+/// The least a command function can do, as a bound for jetfn's throughput: a responder in this
+/// process (on its own connection, one task per request, like the function) takes each request
+/// on `<commands>.<id>`, appends its body to `<events><id>` with the aggregate's last sequence
+/// as its expectation (kept per id; after a refused append it reads the subject's last message
+/// and tries again), and replies as a command function does. No decision, no state, no
+/// idempotency, no logging. Stop it with [`RawCommands::stop`].
+pub struct RawCommands {
+    responder: tokio::task::JoinHandle<()>,
+}
+
+impl RawCommands {
+    /// Starts the responder on `url`, appending to stream `stream`.
+    pub async fn start(url: &str, stream: &str, commands: &str, events: &str) -> Result<Self> {
+        let connection = async_nats::connect(url).await?;
+        let js = jetstream::new(connection.clone());
+        let stream = js.get_stream(stream).await?;
+        let mut requests = connection
+            .queue_subscribe(format!("{commands}.*"), "q".to_owned())
+            .await?;
+        connection.flush().await?;
+        let last = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+            String,
+            u64,
+        >::new()));
+        let events = events.to_owned();
+        let responder = tokio::spawn(async move {
+            while let Some(request) = requests.next().await {
+                let (connection, js, stream, last) =
+                    (connection.clone(), js.clone(), stream.clone(), last.clone());
+                let subject = format!(
+                    "{events}.{}",
+                    request.subject.rsplit('.').next().unwrap_or_default()
+                );
+                tokio::spawn(async move {
+                    let Some(reply) = request.reply else { return };
+                    let Ok(seq) = raw_command(&js, &stream, &last, &subject, request.payload).await
+                    else {
+                        return;
+                    };
+                    let accepted = Reply::Accepted(jetfn::command::Accepted {
+                        id: subject.clone(),
+                        version: 0,
+                        seq,
+                        events: vec!["MoneyDeposited".to_owned()],
+                        aggregates: Vec::new(),
+                    });
+                    if let Ok(body) = serde_json::to_vec(&accepted) {
+                        let _ = connection.publish(reply, body.into()).await;
+                    }
+                });
+            }
+        });
+        Ok(Self { responder })
+    }
+
+    /// Stops the responder.
+    pub fn stop(self) {
+        self.responder.abort();
+    }
+}
+
+/// One raw command: the OCC append of `body` to `subject`, retried after a refusal.
+async fn raw_command(
+    js: &jetstream::Context,
+    stream: &jetstream::stream::Stream,
+    last: &std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    subject: &str,
+    body: Bytes,
+) -> Result<u64> {
+    let known = |last: &std::sync::Mutex<std::collections::HashMap<String, u64>>| {
+        last.lock().ok().and_then(|l| l.get(subject).copied())
+    };
+    let mut expected = known(last);
+    for _ in 0..10 {
+        let expect = match expected {
+            Some(seq) => seq,
+            None => match stream.direct_get_last_for_subject(subject).await {
+                Ok(message) => message.sequence,
+                Err(_) => 0,
+            },
+        };
+        let ack = js
+            .send_publish(
+                subject.to_owned(),
+                PublishMessage::build()
+                    .expected_last_subject_sequence(expect)
+                    .payload(body.clone()),
+            )
+            .await?
+            .await;
+        match ack {
+            Ok(ack) => {
+                if let Ok(mut last) = last.lock() {
+                    last.insert(subject.to_owned(), ack.sequence);
+                }
+                return Ok(ack.sequence);
+            }
+            Err(_) => expected = None,
+        }
+    }
+    bail!("{subject}: 10 refused appends in a row")
+}
+
 /// Reads the whole stream `stream` (`messages` of them) through a pull consumer without acks,
 /// batches of 500. Returns events per second.
 pub async fn raw_pull_read(
