@@ -23,7 +23,8 @@ cd "$root"
 # shellcheck source=scripts/tools.sh
 source "$root/scripts/tools.sh"
 
-export RUST_LOG="${RUST_LOG:-info,jetfn=info}"
+# Every command's line too (accepted ones log at debug): a dev run is for watching them.
+export RUST_LOG="${RUST_LOG:-info,jetfn::command=debug}"
 [[ -n ${NATS_URL:-} ]] || ensure_nats_server
 [[ -n ${REDIS_URL:-} ]] || ensure_redis_server
 

@@ -23,6 +23,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
+/// The functions' `RUST_LOG` unless one is set: every command's line, accepted ones (debug lines)
+/// included, since a dev run is for watching them.
+const DEV_LOG: &str = "info,jetfn::command=debug";
+
 const EXAMPLES: &str = "\
 Examples:
   jetfn dev                                   # private nats-server + redis-server, every example function
@@ -45,7 +49,8 @@ in .jetfn/ of the current directory: .jetfn/nats/ (the JetStream store, kept bet
 jetfn commands find the server there).
 
 The functions are the binaries of that name next to the jetfn executable (build them with
-`cargo build --workspace`); they get NATS_URL, REDIS_URL and RUST_LOG (default info).
+`cargo build --workspace`); they get NATS_URL, REDIS_URL and RUST_LOG (default
+`info,jetfn::command=debug`: every command's line, accepted ones included).
 Ctrl-C or SIGTERM stops the functions (SIGTERM, then SIGKILL after 15 s), then the private
 servers, and exits 0. When a function exits by itself everything is stopped and jetfn dev
 fails, naming it.";
@@ -201,7 +206,7 @@ impl Dev {
         let rust_log = std::env::var("RUST_LOG")
             .ok()
             .filter(|v| !v.trim().is_empty())
-            .unwrap_or_else(|| "info".to_owned());
+            .unwrap_or_else(|| DEV_LOG.to_owned());
         let names: Vec<&str> = functions.iter().map(|(name, _)| name.as_str()).collect();
         banner(&Banner {
             nats_url: &nats_url,

@@ -105,6 +105,8 @@ async fn json_logs_are_one_object_per_line_with_the_command_span() {
         &[
             ("NATS_URL", nats.url()),
             ("JETFN_LOG_FORMAT", "json".into()),
+            // Accepted commands' lines are debug lines.
+            ("RUST_LOG", "info,jetfn::command=debug".into()),
         ],
     )
     .unwrap();
