@@ -23,7 +23,8 @@ async fn a_trace_id_follows_a_command_into_its_events_and_the_projection() {
             ("RUST_LOG", log.to_owned()),
         ]
     };
-    let mut function = FunctionProcess::spawn("account", &env("info")).unwrap();
+    let mut function =
+        FunctionProcess::spawn("account", &env("info,jetfn::command=debug")).unwrap();
     function
         .wait_for_log("command function ready", PATIENCE)
         .await
