@@ -756,10 +756,8 @@ impl RawCommands {
             while let Some(request) = requests.next().await {
                 let (connection, js, stream, last) =
                     (connection.clone(), js.clone(), stream.clone(), last.clone());
-                let subject = format!(
-                    "{events}.{}",
-                    request.subject.rsplit('.').next().unwrap_or_default()
-                );
+                let id = request.subject.rsplit('.').next().unwrap_or_default();
+                let subject = format!("{events}{id}");
                 tokio::spawn(async move {
                     let Some(reply) = request.reply else { return };
                     let Ok(seq) = raw_command(&js, &stream, &last, &subject, request.payload).await
