@@ -547,9 +547,9 @@ if mode ~= 'replay' and order == 'cursor' and ARGV[10] ~= '0' then
 end
 local i = 15
 local events = {}
--- The writes, op j of the batch in ocmd[j], okey[j] and its arguments from ARGV[ofirst[j]];
+-- The writes, op j of the batch in ocmd[j], okey[j] and its arguments ARGV[ofirst[j]..olast[j]];
 -- event e has ops e.o1 .. e.o1 + e.on - 1. Flat arrays: a table per op costs more than the op.
-local ocmd, okey, ofirst = {}, {}, {}
+local ocmd, okey, ofirst, olast = {}, {}, {}, {}
 local j = 0
 for e = 1, tonumber(ARGV[6]) do
   local n = tonumber(ARGV[i + 4])
@@ -558,7 +558,7 @@ for e = 1, tonumber(ARGV[6]) do
   for o = 1, n do
     local nargs = tonumber(ARGV[i + 2])
     j = j + 1
-    ocmd[j], okey[j], ofirst[j] = ARGV[i], KEYS[tonumber(ARGV[i + 1])], i + 3
+    ocmd[j], okey[j], ofirst[j], olast[j] = ARGV[i], KEYS[tonumber(ARGV[i + 1])], i + 3, i + 2 + nargs
     i = i + 3 + nargs
   end
   events[e] = event
@@ -635,66 +635,8 @@ end
 
 local WANT = {HSET = 'hash', HINCRBY = 'hash', HDEL = 'hash', ZADD = 'zset', ZINCRBY = 'zset',
   ZREM = 'zset', SADD = 'set', SREM = 'set', SET = 'string', DEL = 'any'}
--- A key read by a prefetch without an error is of that type, or does not exist.
-local OR_NONE = {['hash?'] = 'hash', ['zset?'] = 'zset'}
 local SAFE = 9007199254740991
 local types, values, cleared = {}, {}, {}
--- What the batch leaves, written once per key after the checks: writes[key] = {clear (DEL or
--- SET first), kind (hash, zset, set; none or string after DEL or SET), names (fields or members
--- in the order first written, their end state in values[key])}; strings[key] a SET's value.
-local writes, keys_written, strings = {}, {}, {}
-local function wrote(key, kind, name, deleted)
-  local w = writes[key]
-  if w == nil then
-    w = {clear = false, names = {}, seen = {}}
-    writes[key] = w
-    keys_written[#keys_written + 1] = key
-  end
-  if name == nil then
-    w.clear, w.kind, w.names, w.seen = true, kind, {}, {}
-    return
-  end
-  -- A delete does not make a key of its kind (one of another kind may follow, on a key that
-  -- did not exist); a write does.
-  if not deleted or w.kind == nil then w.kind = kind end
-  if not w.seen[name] then
-    w.seen[name] = true
-    w.names[#w.names + 1] = name
-  end
-end
--- The fields and members the batch's increments will read, fetched with one command per key
--- (HMGET, ZMSCORE) instead of one per field.
-local function prefetch()
-  local fields, members = {}, {}
-  for _, event in ipairs(events) do
-    if event.fresh and event.write == '1' then
-      for op = event.o1, event.o1 + event.on - 1 do
-        local cmd, key = ocmd[op], okey[op]
-        local into, name
-        if cmd == 'HINCRBY' then into, name = fields, ARGV[ofirst[op]]
-        elseif cmd == 'ZINCRBY' then into, name = members, ARGV[ofirst[op] + 1] end
-        if into then
-          local wanted = into[key]
-          if wanted == nil then wanted = {seen = {}}; into[key] = wanted end
-          if not wanted.seen[name] then wanted.seen[name] = true; wanted[#wanted + 1] = name end
-        end
-      end
-    end
-  end
-  for kind, wanted in pairs({hash = fields, zset = members}) do
-    local cmd = kind == 'hash' and 'HMGET' or 'ZMSCORE'
-    for key, names in pairs(wanted) do
-      local have, ok = {}, true
-      for from = 1, #names, 1000 do
-        local reply = redis.pcall(cmd, key, unpack(names, from, math.min(from + 999, #names)))
-        -- A key of another type (or a Redis without ZMSCORE) is read one field at a time.
-        if type(reply) == 'table' and reply.err then ok = false break end
-        for k = 1, #reply do have[names[from + k - 1]] = reply[k] or false end
-      end
-      if ok then types[key], values[key] = kind .. '?', have end
-    end
-  end
-end
 -- The value of one field or member as the batch has left it so far, read once (`cmd`: HGET or
 -- ZSCORE; no closure per call, which costs more than the read).
 local function value(key, name, cmd)
@@ -714,14 +656,11 @@ local function check(op)
   local cmd, key, first = ocmd[op], okey[op], ofirst[op]
   local want = WANT[cmd]
   if want == nil then return 'unknown command ' .. cmd end
-  local have = types[key]
-  if OR_NONE[have] then
-    if want == OR_NONE[have] or want == 'any' then have = OR_NONE[have]
-    else have = redis.call('TYPE', key)['ok']; types[key] = have end
-  elseif have == nil then
-    have = redis.call('TYPE', key)['ok']
-    types[key], values[key] = have, {}
+  if types[key] == nil then
+    types[key] = redis.call('TYPE', key)['ok']
+    values[key] = {}
   end
+  local have = types[key]
   if want ~= 'any' and have ~= 'none' and have ~= want then
     return 'WRONGTYPE ' .. key .. ' is a ' .. have .. ', ' .. cmd .. ' needs a ' .. want
   end
@@ -729,17 +668,10 @@ local function check(op)
   if cmd == 'DEL' or cmd == 'SET' then
     types[key] = (cmd == 'SET') and 'string' or 'none'
     values[key], cleared[key] = {}, true
-    strings[key] = (cmd == 'SET') and a or nil
-    wrote(key, types[key])
   elseif cmd == 'HSET' then
     values[key][a] = b
-    wrote(key, 'hash', a)
-  elseif cmd == 'HDEL' or cmd == 'ZREM' or cmd == 'SREM' then
+  elseif cmd == 'HDEL' or cmd == 'ZREM' then
     values[key][a] = false
-    wrote(key, want, a, true)
-  elseif cmd == 'SADD' then
-    values[key][a] = true
-    wrote(key, 'set', a)
   elseif cmd == 'HINCRBY' then
     local now = value(key, a, 'HGET')
     if now == false then now = '0' end
@@ -751,10 +683,8 @@ local function check(op)
       return 'HINCRBY ' .. key .. ' ' .. a .. ' ' .. b .. ' would overflow 64-bit integers (the field holds ' .. now .. ')'
     end
     values[key][a] = sum
-    wrote(key, 'hash', a)
   elseif cmd == 'ZADD' then
     values[key][b] = tonumber(a)
-    wrote(key, 'zset', b)
   elseif cmd == 'ZINCRBY' then
     local now = value(key, b, 'ZSCORE')
     now = (now == false) and 0 or tonumber(now)
@@ -763,14 +693,12 @@ local function check(op)
       return 'ZINCRBY ' .. key .. ' ' .. a .. ' ' .. b .. ' would leave a score beyond 2^53 - 1, which a sorted set cannot hold exactly'
     end
     values[key][b] = sum
-    wrote(key, 'zset', b)
   end
   if want ~= 'any' and cmd ~= 'HDEL' and cmd ~= 'ZREM' and cmd ~= 'SREM' then
     types[key] = want
   end
   return nil
 end
-prefetch()
 for _, event in ipairs(events) do
   if event.fresh and event.write == '1' then
     for op = event.o1, event.o1 + event.on - 1 do
@@ -795,44 +723,6 @@ local function write(...)
   written = true
   return reply
 end
--- `cmd key` with `args`, at most 1000 at a time (unpack has a limit).
-local function write_all(cmd, key, args)
-  for from = 1, #args, 1000 do
-    write(cmd, key, unpack(args, from, math.min(from + 999, #args)))
-  end
-end
-local SETS = {hash = 'HSET', zset = 'ZADD', set = 'SADD'}
-local DELETES = {hash = 'HDEL', zset = 'ZREM', set = 'SREM'}
--- The state the checks simulated, one command per key and kind of change: the same end state
--- as the writes one by one. (A name deleted while the key did not exist, before writes of
--- another kind made it, is deleted with that kind's command: absent either way.)
-local function write_batch()
-  for _, key in ipairs(keys_written) do
-    local w = writes[key]
-    if w.clear then
-      if strings[key] ~= nil then write('SET', key, strings[key]) else write('DEL', key) end
-    end
-    local kind, sets, deletes = w.kind, {}, {}
-    for _, name in ipairs(w.names) do
-      local v = values[key][name]
-      if v == false then
-        deletes[#deletes + 1] = name
-      elseif kind == 'hash' then
-        sets[#sets + 1] = name
-        sets[#sets + 1] = v
-      elseif kind == 'zset' then
-        sets[#sets + 1] = string.format('%.17g', v)
-        sets[#sets + 1] = name
-      else
-        sets[#sets + 1] = name
-      end
-    end
-    if SETS[kind] then
-      write_all(SETS[kind], key, sets)
-      write_all(DELETES[kind], key, deletes)
-    end
-  end
-end
 local fresh_count = 0
 local ok, err = pcall(function()
   for _, event in ipairs(events) do
@@ -840,11 +730,13 @@ local ok, err = pcall(function()
       fresh_count = fresh_count + 1
       if mode == 'replay' then write('SADD', KEYS[2], event.seq) end
       if event.write == '1' then
+        for op = event.o1, event.o1 + event.on - 1 do
+          write(ocmd[op], okey[op], unpack(ARGV, ofirst[op], olast[op]))
+        end
         write('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'seq', event.seq, 'id', event.id, 'type', event.type)
       end
     end
   end
-  write_batch()
   if mode ~= 'replay' then
     if active == false and mode == 'live' then write('SET', KEYS[1], ARGV[2]) end
     write('HSET', KEYS[2], ARGV[1], last, 'partitions', ARGV[7])

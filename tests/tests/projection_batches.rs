@@ -1,10 +1,11 @@
-//! The apply step writes a batch's end state once per key (one `HSET` of every field an
-//! account's events changed, one `ZADD` of every member), not each write in turn. These tests
-//! check that this leaves exactly what the writes one at a time would, against real
-//! nats-server and redis-server: events of a small aggregate whose projection mixes every write
-//! the runtime offers on a few shared keys (so one batch sets, increments, deletes and clears the
-//! same fields and keys many times), caught up in large batches, then compared key by key with
-//! the same writes sent one at a time as plain Redis commands.
+//! A projection's batch is one atomic Lua step that simulates every write before the first one
+//! (to refuse what Redis would refuse) and then writes. These tests check that a batch leaves
+//! exactly what its writes one at a time would, against real nats-server and redis-server:
+//! events of a small aggregate whose projection mixes every write the runtime offers on a few
+//! shared keys (so one batch sets, increments, deletes and clears the same fields and keys many
+//! times), caught up in large batches, then compared key by key with the same writes sent one at
+//! a time as plain Redis commands. Any change to how the step batches its writes (coalescing
+//! them per key was tried) must keep it passing.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
