@@ -564,25 +564,33 @@ impl Summary {
 
     /// Logs the counters' growth since the last call, unless nothing was served.
     fn log(&mut self, name: &str, stats: serde_json::Value) {
-        let [accepted, invalid, rejected, conflict, unavailable, retries] =
-            Self::COUNTERS.map(|counter| {
-                let count = |stats: &serde_json::Value| stats[counter].as_u64().unwrap_or(0);
-                count(&stats).saturating_sub(count(&self.last))
-            });
+        let Some([accepted, invalid, rejected, conflict, unavailable, retries]) = self.since(stats)
+        else {
+            return;
+        };
+        tracing::info!(
+            function = name,
+            accepted,
+            invalid,
+            rejected,
+            conflict,
+            unavailable,
+            retries,
+            "commands served in the last {} s",
+            SUMMARY_EVERY.as_secs()
+        );
+    }
+
+    /// The growth of [`Self::COUNTERS`] since the last call, or `None` when no command was
+    /// served in between.
+    fn since(&mut self, stats: serde_json::Value) -> Option<[u64; 6]> {
+        let grown = Self::COUNTERS.map(|counter| {
+            let count = |stats: &serde_json::Value| stats[counter].as_u64().unwrap_or(0);
+            count(&stats).saturating_sub(count(&self.last))
+        });
         self.last = stats;
-        if accepted + invalid + rejected + conflict + unavailable > 0 {
-            tracing::info!(
-                function = name,
-                accepted,
-                invalid,
-                rejected,
-                conflict,
-                unavailable,
-                retries,
-                "commands served in the last {} s",
-                SUMMARY_EVERY.as_secs()
-            );
-        }
+        // Retries alone are no command served.
+        (grown[..5].iter().sum::<u64>() > 0).then_some(grown)
     }
 }
 

@@ -457,3 +457,36 @@ async fn a_command_found_on_folded_events_gets_exactly_its_first_reply() {
     let (again, _) = cold.send("add_twice", add(1), "first").await;
     assert_eq!(again, first);
 }
+
+#[test]
+fn the_periodic_summary_counts_what_was_served_since_the_last_one_and_skips_idle_periods() {
+    let counters = Counters::default();
+    let mut summary = Summary::new(counters.to_json());
+    assert_eq!(
+        summary.since(counters.to_json()),
+        None,
+        "nothing served yet"
+    );
+    let accepted = Reply::Accepted(crate::command::Accepted {
+        id: "a".into(),
+        version: 1,
+        seq: 1,
+        events: vec!["Added".into()],
+        aggregates: Vec::new(),
+    });
+    counters.count(&accepted, 2);
+    counters.count(&accepted, 0);
+    counters.count(&Reply::failed(ErrorKind::Rejected, "no"), 0);
+    assert_eq!(
+        summary.since(counters.to_json()),
+        Some([2, 0, 1, 0, 0, 2]),
+        "accepted, invalid, rejected, conflict, unavailable, retries"
+    );
+    assert_eq!(
+        summary.since(counters.to_json()),
+        None,
+        "an idle period logs nothing"
+    );
+    counters.count(&Reply::failed(ErrorKind::Unavailable, "down"), 1);
+    assert_eq!(summary.since(counters.to_json()), Some([0, 0, 0, 0, 1, 1]));
+}
