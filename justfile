@@ -45,6 +45,11 @@ bench:
     cargo bench -p jetfn-tests --bench command_path
     cargo bench -p jetfn-tests --bench projection_path
 
+# The command path's RSS bound with 1,000,000 distinct aggregates touched (a few minutes).
+bench-rss:
+    cargo build --release -p account
+    JETFN_BENCH_ONLY=rss JETFN_BENCH_RSS_AGGREGATES=1000000 cargo bench -p jetfn-tests --bench command_path
+
 # Regenerate the JSON Schemas in schemas/ from the Rust types (a test fails when they drift).
 schemas:
     cargo run -q -p jetfn-tests --bin jetfn-schemas
