@@ -235,9 +235,22 @@ async fn discovery_and_control_requests_never_answer_outside_the_inboxes() {
         .await
         .unwrap();
     assert_eq!(answered.len(), 1);
-    let projection = jetfn_tests::commands::service_stats(client, PROJECTION, 1)
-        .await
-        .unwrap();
+    // An endpoint counts a refusal when it takes the request, which the discovery verbs (another
+    // subscription) do not wait for: ask until the status endpoint's count shows them all.
+    let projection = jetfn_tests::workload::poll(
+        "the refused status requests counted",
+        Duration::from_secs(10),
+        || async {
+            let stats = jetfn_tests::commands::service_stats(client, PROJECTION, 1).await?;
+            let refused = stats[0]["endpoints"]
+                .as_array()
+                .and_then(|e| e.iter().find(|e| e["name"] == "status"))
+                .and_then(|e| e["num_errors"].as_u64());
+            Ok((refused >= Some(targets.len() as u64)).then_some(stats))
+        },
+    )
+    .await
+    .unwrap();
     send(client, "victim", "deposit", json!({"amount": 5}), None)
         .await
         .unwrap()
