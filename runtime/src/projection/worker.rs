@@ -10,6 +10,7 @@ use crate::readmodel::{
 use crate::telemetry::TraceContext;
 use crate::wire::{MalformedEvent, StoredEvent, header, names};
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PriorityPolicy, pull};
+use async_nats::jetstream::context::{ConsumerInfoError, ConsumerInfoErrorKind};
 use async_nats::jetstream::{AckKind, Message};
 use futures::StreamExt;
 use std::future::Future;
@@ -498,7 +499,13 @@ impl<P: Projection> Worker<P> {
                     .unwrap_or(0);
                 Some((existing, ack_floor))
             }
-            Err(_) => None,
+            // Only a consumer the server says is not there is created anew: after any other
+            // failure (a timeout while a replicated consumer elects its leader, say) creating it
+            // would be refused for a different start position, so bind again later instead.
+            Err(err) => match err.downcast_ref::<ConsumerInfoError>().map(|e| e.kind()) {
+                Some(ConsumerInfoErrorKind::NotFound) => None,
+                _ => return Err(Error::Service(format!("consumer {name}: {err}"))),
+            },
         };
         // Read after the ack floor: the checkpoint only grows and is committed before the acks,
         // so a checkpoint read later is never behind the floor unless Redis lost data.
