@@ -398,9 +398,10 @@ async fn answer_verbs(
 }
 
 impl Identity {
-    fn ping(&self) -> Ping<'_> {
-        Ping {
-            kind: names::SERVICE_PING_RESPONSE,
+    /// What every verb's response starts with: its type and the service's identity.
+    fn head(&self, kind: &'static str) -> Head<'_> {
+        Head {
+            kind,
             name: &self.spec.name,
             id: &self.id,
             version: &self.spec.version,
@@ -408,14 +409,14 @@ impl Identity {
         }
     }
 
+    fn ping(&self) -> Head<'_> {
+        self.head(names::SERVICE_PING_RESPONSE)
+    }
+
     fn info<'a>(&'a self, endpoints: &'a [Arc<EndpointState>]) -> Info<'a> {
         Info {
-            kind: names::SERVICE_INFO_RESPONSE,
-            name: &self.spec.name,
-            id: &self.id,
+            head: self.head(names::SERVICE_INFO_RESPONSE),
             description: &self.spec.description,
-            version: &self.spec.version,
-            metadata: &self.spec.metadata,
             endpoints: endpoints
                 .iter()
                 .map(|e| e.info(&self.spec.queue_group))
@@ -425,11 +426,7 @@ impl Identity {
 
     fn stats<'a>(&'a self, endpoints: &'a [Arc<EndpointState>]) -> Stats<'a> {
         Stats {
-            kind: names::SERVICE_STATS_RESPONSE,
-            name: &self.spec.name,
-            id: &self.id,
-            version: &self.spec.version,
-            metadata: &self.spec.metadata,
+            head: self.head(names::SERVICE_STATS_RESPONSE),
             started: &self.started,
             endpoints: endpoints
                 .iter()
@@ -439,8 +436,9 @@ impl Identity {
     }
 }
 
+/// A PING response, and the start of INFO and STATS responses.
 #[derive(Serialize)]
-struct Ping<'a> {
+struct Head<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     name: &'a str,
@@ -451,13 +449,9 @@ struct Ping<'a> {
 
 #[derive(Serialize)]
 struct Info<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    name: &'a str,
-    id: &'a str,
+    #[serde(flatten)]
+    head: Head<'a>,
     description: &'a str,
-    version: &'a str,
-    metadata: &'a HashMap<String, String>,
     endpoints: Vec<EndpointInfo<'a>>,
 }
 
@@ -471,12 +465,8 @@ struct EndpointInfo<'a> {
 
 #[derive(Serialize)]
 struct Stats<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    name: &'a str,
-    id: &'a str,
-    version: &'a str,
-    metadata: &'a HashMap<String, String>,
+    #[serde(flatten)]
+    head: Head<'a>,
     started: &'a str,
     endpoints: Vec<EndpointStats<'a>>,
 }

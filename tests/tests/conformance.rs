@@ -1537,15 +1537,16 @@ async fn p35_to_p41_p43_discovery() {
     client.flush().await.unwrap();
     // The endpoint counts the refusal when it takes the request, which the discovery verbs
     // (another subscription) do not wait for: ask until it shows, for at most 10 s.
-    let asked = Instant::now();
-    let counted = loop {
-        let stats = services(client, "$SRV.STATS.account-balances").await;
-        let counted = status_errors(&stats);
-        if counted > refused_before || asked.elapsed() > Duration::from_secs(10) {
-            break counted;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let counted = jetfn_tests::workload::poll(
+        "P79: the refusal counted",
+        Duration::from_secs(10),
+        || async {
+            let counted = status_errors(&services(client, "$SRV.STATS.account-balances").await);
+            Ok((counted > refused_before).then_some(counted))
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(counted, refused_before + 1, "P79: counted");
     ok(
         &cmd(client, "p79b", "open", json!({"owner": "P"}), None).await,

@@ -729,7 +729,7 @@ pub async fn raw_concurrent_appends(
 
 /// The least a command function can do, as a bound for jetfn's throughput: a responder in this
 /// process (on its own connection, one task per request, like the function) takes each request
-/// on `<commands>.<id>`, appends its body to `<events><id>` with the aggregate's last sequence
+/// on `<commands>.<id>`, appends a deposit to `<events><id>` with the aggregate's last sequence
 /// as its expectation (kept per id; after a refused append it reads the subject's last message
 /// and tries again), and replies as a command function does. No decision, no state, no
 /// idempotency, no logging. Stop it with [`RawCommands::stop`].
@@ -747,10 +747,7 @@ impl RawCommands {
             .queue_subscribe(format!("{commands}.*"), "q".to_owned())
             .await?;
         connection.flush().await?;
-        let last = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
-            String,
-            u64,
-        >::new()));
+        let last = std::sync::Arc::new(LastSeqs::default());
         let events = events.to_owned();
         let responder = tokio::spawn(async move {
             while let Some(request) = requests.next().await {
@@ -760,8 +757,7 @@ impl RawCommands {
                 let subject = format!("{events}{id}");
                 tokio::spawn(async move {
                     let Some(reply) = request.reply else { return };
-                    let Ok(seq) = raw_command(&js, &stream, &last, &subject, request.payload).await
-                    else {
+                    let Ok(seq) = raw_command(&js, &stream, &last, &subject).await else {
                         return;
                     };
                     let accepted = Reply::Accepted(jetfn::command::Accepted {
@@ -786,18 +782,18 @@ impl RawCommands {
     }
 }
 
-/// One raw command: the OCC append of `body` to `subject`, retried after a refusal.
+/// The last sequence of each subject the raw command responder appended to.
+type LastSeqs = std::sync::Mutex<std::collections::HashMap<String, u64>>;
+
+/// One raw command: an OCC append to `subject` (see [`occ_append`]), retried after a refusal
+/// with the subject's last sequence read from the stream.
 async fn raw_command(
     js: &jetstream::Context,
     stream: &jetstream::stream::Stream,
-    last: &std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    last: &LastSeqs,
     subject: &str,
-    body: Bytes,
 ) -> Result<u64> {
-    let known = |last: &std::sync::Mutex<std::collections::HashMap<String, u64>>| {
-        last.lock().ok().and_then(|l| l.get(subject).copied())
-    };
-    let mut expected = known(last);
+    let mut expected = last.lock().ok().and_then(|l| l.get(subject).copied());
     for _ in 0..10 {
         let expect = match expected {
             Some(seq) => seq,
@@ -806,21 +802,12 @@ async fn raw_command(
                 Err(_) => 0,
             },
         };
-        let ack = js
-            .send_publish(
-                subject.to_owned(),
-                PublishMessage::build()
-                    .expected_last_subject_sequence(expect)
-                    .payload(body.clone()),
-            )
-            .await?
-            .await;
-        match ack {
-            Ok(ack) => {
+        match occ_append(js, subject, expect).await {
+            Ok(seq) => {
                 if let Ok(mut last) = last.lock() {
-                    last.insert(subject.to_owned(), ack.sequence);
+                    last.insert(subject.to_owned(), seq);
                 }
-                return Ok(ack.sequence);
+                return Ok(seq);
             }
             Err(_) => expected = None,
         }
