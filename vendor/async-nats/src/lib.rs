@@ -469,7 +469,9 @@ pub(crate) struct ConnectionHandler {
     should_reconnect: bool,
     flush_observers: Vec<oneshot::Sender<()>>,
     is_draining: bool,
-    drain_pings: VecDeque<u64>,
+    /// jetfn patch (JETFN-PATCH.md): every PING this handler wrote and the server has not
+    /// answered yet, oldest first, each with the draining subscriptions its PONG completes.
+    drain_pings: VecDeque<Vec<u64>>,
 }
 
 impl ConnectionHandler {
@@ -527,6 +529,7 @@ impl ConnectionHandler {
                     Poll::Ready(ExitReason::Disconnected(None))
                 } else {
                     self.handler.connection.enqueue_write_op(&ClientOp::Ping);
+                    self.handler.drain_pings.push_back(Vec::new());
 
                     Poll::Pending
                 }
@@ -574,13 +577,9 @@ impl ConnectionHandler {
                     }
                 }
 
-                // Before handling any commands, drop any subscriptions which are draining
-                // Note: safe to assume subscription drain has completed at this point, as we would have flushed
-                // all outgoing UNSUB messages in the previous call to this fn, and we would have processed and
-                // delivered any remaining messages to the subscription in the loop above.
-                while let Some(sid) = self.handler.drain_pings.pop_front() {
-                    self.handler.subscriptions.remove(&sid);
-                }
+                // jetfn patch: a draining subscription is dropped when the PONG to the PING
+                // written after its UNSUB arrives (see `ServerOp::Pong`), not here: messages the
+                // server sent before it took the UNSUB may still be on their way.
 
                 if self.handler.is_draining {
                     // The entire connection is draining. This means we flushed outgoing messages in the previous
@@ -716,6 +715,11 @@ impl ConnectionHandler {
             ServerOp::Pong => {
                 debug!("received PONG");
                 self.pending_pings = self.pending_pings.saturating_sub(1);
+                // jetfn patch: the server sent everything before this PONG, so the
+                // subscriptions drained before its PING have had all their messages.
+                for sid in self.drain_pings.pop_front().unwrap_or_default() {
+                    self.subscriptions.remove(&sid);
+                }
             }
             ServerOp::Error(error) => {
                 debug!("received ERROR: {:?}", error);
@@ -844,8 +848,9 @@ impl ConnectionHandler {
                 self.flush_observers.push(observer);
             }
             Command::Drain { sid } => {
+                let mut draining = Vec::new();
                 let mut drain_sub = |sid: u64| {
-                    self.drain_pings.push_back(sid);
+                    draining.push(sid);
                     self.connection
                         .enqueue_write_op(&ClientOp::Unsubscribe { sid, max: None });
                 };
@@ -863,6 +868,7 @@ impl ConnectionHandler {
                     }
                 }
                 self.connection.enqueue_write_op(&ClientOp::Ping);
+                self.drain_pings.push_back(draining);
             }
             Command::Subscribe {
                 sid,
@@ -980,6 +986,12 @@ impl ConnectionHandler {
 
     async fn handle_disconnect(&mut self) -> Result<(), ConnectError> {
         self.pending_pings = 0;
+        // jetfn patch: the PINGs in flight will never be answered; the subscriptions they were
+        // draining are over (the server dropped them with the connection), so they are not
+        // subscribed again.
+        for sid in self.drain_pings.drain(..).flatten() {
+            self.subscriptions.remove(&sid);
+        }
         self.connector.events_tx.try_send(Event::Disconnected).ok();
         self.connector.state_tx.send(State::Disconnected).ok();
 
