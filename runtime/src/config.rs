@@ -302,6 +302,11 @@ pub struct CommandConfig {
     pub max_queued_per_aggregate: usize,
     /// For aggregates that opt in to snapshots: write one every this many events.
     pub snapshot_every: u64,
+    /// Aggregate affinity: the instances of the function tell each other apart, and each
+    /// aggregate's commands are served by one of them (handed on when they arrive at another).
+    /// Only the speed depends on it; turn it off when NATS may not carry
+    /// `jetfn.affinity.<aggregate>.>` between the instances.
+    pub affinity: bool,
 }
 
 impl Default for CommandConfig {
@@ -320,6 +325,7 @@ impl Default for CommandConfig {
             recent_commands: 16,
             max_queued_per_aggregate: 1024,
             snapshot_every: 100,
+            affinity: true,
         }
     }
 }

@@ -39,6 +39,7 @@
 //! * [`telemetry`]: logging and signals;
 //! * [`testing`]: given/when/then for domain rules, without servers.
 
+mod affinity;
 pub mod aggregate;
 pub mod client;
 mod codec;

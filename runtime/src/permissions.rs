@@ -34,10 +34,21 @@ pub(crate) fn watch() -> broadcast::Receiver<String> {
 
 /// Completes with the report once one names `subject` (quoted, as the server writes it).
 pub(crate) async fn denied(watch: &mut broadcast::Receiver<String>, subject: &str) -> String {
-    let quoted = format!("\"{subject}\"");
+    denied_any(watch, &[subject]).await
+}
+
+/// Completes with the report once one names any of `subjects`.
+pub(crate) async fn denied_any(
+    watch: &mut broadcast::Receiver<String>,
+    subjects: &[impl AsRef<str>],
+) -> String {
+    let quoted: Vec<String> = subjects
+        .iter()
+        .map(|s| format!("\"{}\"", s.as_ref()))
+        .collect();
     loop {
         match watch.recv().await {
-            Ok(message) if message.contains(&quoted) => return message,
+            Ok(message) if quoted.iter().any(|q| message.contains(q)) => return message,
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
             Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
         }

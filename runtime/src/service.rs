@@ -17,6 +17,7 @@
 //! read them): `io.nats.micro.v1.{ping,info,stats}_response`.
 
 use crate::Error;
+use crate::affinity::Affinity;
 use crate::wire::names;
 use async_nats::{Client, HeaderMap, Message, Subscriber};
 use bytes::Bytes;
@@ -186,7 +187,14 @@ impl Service {
             service: self.identity.spec.name.clone(),
             stopped: self.stop.subscribe(),
             unsubscribed: false,
+            drained: false,
+            affinity: None,
         })
+    }
+
+    /// This instance's id, as discovery reports it.
+    pub fn id(&self) -> &str {
+        &self.identity.id
     }
 
     /// Leaves discovery and unsubscribes the endpoints; requests they already received still
@@ -212,9 +220,35 @@ pub(crate) struct Endpoint {
     service: String,
     stopped: watch::Receiver<bool>,
     unsubscribed: bool,
+    /// Stopped, and every request of the subscription taken.
+    drained: bool,
+    /// With aggregate affinity: where requests for other instances' aggregates go, and the
+    /// requests other instances hand to this one.
+    affinity: Option<Handing>,
+}
+
+/// An endpoint's side of aggregate affinity.
+struct Handing {
+    affinity: Arc<Affinity>,
+    handed: Subscriber,
+    /// Once the endpoint stops: when it stops taking handed-on requests too.
+    closes: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    closed: bool,
 }
 
 impl Endpoint {
+    /// Serves the requests for aggregates `affinity` gives to other instances there, and takes
+    /// the requests they hand to this one from `handed`.
+    pub fn with_affinity(mut self, affinity: Arc<Affinity>, handed: Subscriber) -> Self {
+        self.affinity = Some(Handing {
+            affinity,
+            handed,
+            closes: None,
+            closed: false,
+        });
+        self
+    }
+
     /// The next request whose reply subject may be answered; `None` once the endpoint was
     /// stopped and its buffered requests are taken.
     pub async fn next(&mut self) -> Option<Request> {
@@ -222,13 +256,35 @@ impl Endpoint {
             let message = tokio::select! {
                 changed = self.stopped.changed(), if !self.unsubscribed => {
                     if changed.is_err() || *self.stopped.borrow() {
-                        self.unsubscribed = true;
-                        // What the server already sent is still delivered below.
-                        let _ = self.requests.unsubscribe().await;
+                        self.unsubscribe().await;
                     }
                     continue;
                 }
-                message = self.requests.next() => message?,
+                message = self.requests.next(), if !self.drained => {
+                    let Some(message) = message else {
+                        // Stopped: the handed-on requests of the grace period may still come.
+                        if self.unsubscribed && self.affinity.as_ref().is_some_and(|h| !h.closed) {
+                            self.drained = true;
+                            continue;
+                        }
+                        return None;
+                    };
+                    if !self.replies.answers(message.reply.as_deref()) {
+                        self.state.refused(&self.service, &message);
+                        continue;
+                    }
+                    match self.hand_on(message).await {
+                        Some(message) => message,
+                        None => continue,
+                    }
+                }
+                message = handed_next(&mut self.affinity) => match message {
+                    Some(message) => message,
+                    None if self.drained && self.affinity.as_ref().is_none_or(|h| h.closed) => {
+                        return None;
+                    }
+                    None => continue,
+                },
             };
             if self.replies.answers(message.reply.as_deref()) {
                 self.state.requests.fetch_add(1, Ordering::Relaxed);
@@ -241,6 +297,64 @@ impl Endpoint {
             }
             self.state.refused(&self.service, &message);
         }
+    }
+
+    /// Stops taking requests. With affinity, the others learn that this instance leaves, and
+    /// the requests they hand on in the meantime are taken for a grace period
+    /// ([`crate::affinity::LEAVE_GRACE`]).
+    async fn unsubscribe(&mut self) {
+        self.unsubscribed = true;
+        // Drained, not just unsubscribed: what the server sent before it took the UNSUB (a
+        // queue group's requests in flight) is still delivered, up to the PONG that follows.
+        let _ = self.requests.drain().await;
+        if let Some(handing) = &mut self.affinity {
+            let grace = handing.affinity.leave().await;
+            handing.closes = Some(Box::pin(tokio::time::sleep(grace)));
+        }
+    }
+
+    /// `message` if this instance serves it; else hands it to its aggregate's instance.
+    async fn hand_on(&self, message: Message) -> Option<Message> {
+        let Some(handing) = &self.affinity else {
+            return Some(message);
+        };
+        let Some(to) = handing.affinity.hand_on(&message) else {
+            return Some(message);
+        };
+        if handing.affinity.send(to, &message).await {
+            None
+        } else {
+            Some(message)
+        }
+    }
+}
+
+/// The next request another instance handed on, if this endpoint takes them; pending forever
+/// when it does not (or no longer does), so that `select!` waits on its other branches.
+async fn handed_next(handing: &mut Option<Handing>) -> Option<Message> {
+    let Some(handing) = handing.as_mut().filter(|h| !h.closed) else {
+        return std::future::pending().await;
+    };
+    let closes = async {
+        match handing.closes.as_mut() {
+            Some(closes) => closes.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = closes => {
+            // What was handed on before the server took the UNSUB still comes, then the end.
+            handing.closes = None;
+            let _ = handing.handed.drain().await;
+            None
+        }
+        message = handing.handed.next() => match message {
+            Some(message) => handing.affinity.taken_over(message),
+            None => {
+                handing.closed = true;
+                None
+            }
+        },
     }
 }
 

@@ -299,6 +299,18 @@ async fn throughput(bench: &mut Bench, raw: &Raw) -> Result<()> {
     stop(first).await?;
     stop(second).await?;
 
+    let off = [("JETFN_COMMAND__AFFINITY", "false")];
+    let (first, second) = (bench.start(&off).await?, bench.start(&off).await?);
+    let random_two = deposit_rate(
+        bench,
+        &[&first, &second],
+        accounts,
+        "2 instances, affinity off",
+    )
+    .await?;
+    stop(first).await?;
+    stop(second).await?;
+
     // The bound: the least a command function can do, under the same load.
     let responder =
         RawCommands::start(&bench.nats.url(), "RAW_OCC", "rawcmd", "raw.occ.c-").await?;
@@ -329,6 +341,10 @@ async fn throughput(bench: &mut Bench, raw: &Raw) -> Result<()> {
             info_one,
         ),
         ("  same, 2 instances", info_two),
+        (
+            "  same, 2 instances, command.affinity = false (the queue group's random routing)",
+            random_two,
+        ),
     ] {
         bench.table.ratio(
             what,

@@ -325,9 +325,12 @@ async fn invalid_input_replies_400_naming_the_problem_and_appends_nothing() {
 async fn thirty_two_concurrent_deposits_from_separate_connections_all_land_exactly_once() {
     jetfn_tests::init_tracing();
     let nats = NatsServer::start().await.unwrap();
-    // Two instances, so deposits race across processes' worth of state and must retry.
-    let first = start_account(account_config(&nats)).await.unwrap();
-    let second = start_account(account_config(&nats)).await.unwrap();
+    // Two instances without affinity (as while instances come and go), so deposits race
+    // across two instances' states and must retry.
+    let mut config = account_config(&nats);
+    config.command.affinity = false;
+    let first = start_account(config.clone()).await.unwrap();
+    let second = start_account(config).await.unwrap();
     let client = nats.connect().await.unwrap();
     send(&client, "hot", "open", json!({"owner": "Ann"}), None)
         .await

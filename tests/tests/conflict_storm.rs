@@ -32,6 +32,9 @@ async fn account_process(nats: &NatsServer) -> FunctionProcess {
     let env = [
         ("NATS_URL", nats.url()),
         ("JETFN_COMMAND__MAX_RETRIES", MAX_RETRIES.to_owned()),
+        // The storm is three instances deciding the same accounts (as while instances come
+        // and go); affinity would route each account to one of them.
+        ("JETFN_COMMAND__AFFINITY", "false".to_owned()),
     ];
     let mut process = FunctionProcess::spawn("account", &env).unwrap();
     process

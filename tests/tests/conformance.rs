@@ -1094,10 +1094,15 @@ async fn p33_replies_are_remembered_for_the_ledger_ttl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p25_p29_conflict_is_409_and_can_be_resent() {
-    // Two instances that never retry: concurrent commands on one account conflict.
-    let side = function_only(|config| config.command.max_retries = 0).await;
+    // Two instances that never retry, each deciding the account for itself (no affinity, as
+    // while instances come and go): concurrent commands on one account conflict.
+    let without_affinity = |config: &mut jetfn::Config| {
+        config.command.max_retries = 0;
+        config.command.affinity = false;
+    };
+    let side = function_only(without_affinity).await;
     let mut config = account_config(&side.nats);
-    config.command.max_retries = 0;
+    without_affinity(&mut config);
     let second = start_account(config).await.unwrap();
     let client = &side.client;
     ok(
@@ -1398,7 +1403,8 @@ async fn p35_to_p41_p43_discovery() {
             "conflict",
             "unavailable",
             "retries",
-            "cache"
+            "cache",
+            "affinity"
         ]),
         "P39"
     );
@@ -1407,6 +1413,12 @@ async fn p35_to_p41_p43_discovery() {
         cache,
         BTreeSet::from(["hits", "misses", "evictions", "entries", "capacity"]),
         "P39: {data}"
+    );
+    // One instance alone: it counts itself, and hands nothing on.
+    assert_eq!(
+        data["affinity"],
+        json!({"instances": 1, "handed_on": 0, "taken_over": 0}),
+        "P39"
     );
     let count = |key: &str| data[key].as_u64().unwrap();
     let outcomes = ["accepted", "invalid", "rejected", "conflict", "unavailable"];

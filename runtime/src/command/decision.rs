@@ -320,6 +320,7 @@ impl<D: Decision> DecisionFunction<D> {
                 endpoint,
                 writer,
                 violations,
+                affinity: None,
             },
             ready,
         )

@@ -34,6 +34,7 @@ pub use crate::wire::names::MAX_ID_LEN;
 pub use reply::{Accepted, ErrorKind, Failure, Reply, Written};
 pub use request::MAX_COMMAND_ID_LEN;
 
+use crate::affinity::Affinity;
 use crate::aggregate::{Aggregate, Snapshots, Upcasters, decode_stored};
 use crate::codec::{encode_variant, variant_names};
 use crate::config::Config;
@@ -142,7 +143,7 @@ impl<A: Aggregate> CommandFunction<A> {
         );
         let handler = Arc::new(handler);
         let violations = crate::permissions::watch();
-        let (service, endpoint) =
+        let (service, endpoint, affinity) =
             register_service(&client, &handler, &names, &config, &self.version).await?;
         let (subjects, queue_group) = (
             handler.subjects.wildcard(),
@@ -166,6 +167,7 @@ impl<A: Aggregate> CommandFunction<A> {
                 endpoint,
                 writer,
                 violations,
+                affinity,
             },
             ready,
         )
@@ -276,14 +278,19 @@ async fn go_live<H: Serves>(
             "NATS did not confirm the subscriptions".into(),
         ));
     }
-    let wildcard = serving.handler.wildcard();
+    let subscriptions = serving.subscriptions();
     let refused = tokio::time::timeout(
         REFUSAL_GRACE,
-        crate::permissions::denied(&mut serving.violations, &wildcard),
+        crate::permissions::denied_any(&mut serving.violations, &subscriptions),
     )
     .await;
     if let Ok(denied) = refused {
-        return Err(Error::Service(format!("permission denied: {denied}")));
+        let hint = if denied.contains("\"jetfn.affinity.") {
+            " (aggregate affinity needs it; or set command.affinity = false)"
+        } else {
+            ""
+        };
+        return Err(Error::Service(format!("permission denied: {denied}{hint}")));
     }
     ready();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -397,13 +404,15 @@ impl crate::running::StopOnSignal for RunningFunction {
     }
 }
 
+/// Registers the service of a command function and its endpoint, with aggregate affinity
+/// unless `command.affinity` is off.
 async fn register_service<A: Aggregate>(
     client: &Client,
     handler: &Arc<Handler<A>>,
     names: &AggregateNames,
     config: &Config,
     version: &str,
-) -> Result<(Service, Endpoint), Error> {
+) -> Result<(Service, Endpoint, Option<Arc<Affinity>>), Error> {
     let commands = variant_names::<A::Command>().join(",");
     let schemas = serde_json::to_string(&crate::schema::command_schemas::<A>()).unwrap_or_default();
     let metadata = HashMap::from([
@@ -417,7 +426,19 @@ async fn register_service<A: Aggregate>(
             format!("{}.<id>", names.event_prefix),
         ),
     ]);
-    register(
+    // The affinity's counters join the stats once it exists, which needs the instance id.
+    let affinity_stats = Arc::new(std::sync::OnceLock::<Arc<Affinity>>::new());
+    let stats = {
+        let (handler, affinity) = (handler.clone(), affinity_stats.clone());
+        Arc::new(move || {
+            let mut stats = handler.stats();
+            if let Some(affinity) = affinity.get() {
+                stats["affinity"] = affinity.to_json();
+            }
+            stats
+        })
+    };
+    let (service, endpoint) = register(
         client,
         handler,
         service::ServiceSpec {
@@ -427,10 +448,24 @@ async fn register_service<A: Aggregate>(
             metadata,
             queue_group: handler.queue_group().to_owned(),
             replies: Replies::new(&config.nats.reply_prefixes),
-            stats: stats_of(handler),
+            stats,
         },
     )
-    .await
+    .await?;
+    if !config.command.affinity {
+        return Ok((service, endpoint, None));
+    }
+    let (affinity, handed) = Affinity::start(
+        client,
+        A::NAME,
+        service.id(),
+        handler.subjects.clone(),
+        handler.queue_group(),
+    )
+    .await?;
+    let _ = affinity_stats.set(affinity.clone());
+    let endpoint = endpoint.with_affinity(affinity.clone(), handed);
+    Ok((service, endpoint, Some(affinity)))
 }
 
 /// The `$SRV.STATS` data of a handler.
@@ -464,6 +499,19 @@ struct Serving<H> {
     endpoint: Endpoint,
     writer: tokio::task::JoinHandle<()>,
     violations: tokio::sync::broadcast::Receiver<String>,
+    /// Aggregate affinity among the instances (command functions, unless turned off).
+    affinity: Option<Arc<Affinity>>,
+}
+
+impl<H: Serves> Serving<H> {
+    /// Every subject the function subscribes to serve: a refusal of any stops it.
+    fn subscriptions(&self) -> Vec<String> {
+        let mut subscriptions = vec![self.handler.wildcard()];
+        if let Some(affinity) = &self.affinity {
+            subscriptions.extend(affinity.subscriptions());
+        }
+        subscriptions
+    }
 }
 
 /// Takes requests until told to stop, then drains: the endpoint unsubscribes, already received
@@ -472,6 +520,7 @@ async fn serve<H: Serves>(
     serving: Serving<H>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Error> {
+    let subscriptions = serving.subscriptions();
     let Serving {
         client,
         handler,
@@ -479,11 +528,15 @@ async fn serve<H: Serves>(
         mut endpoint,
         writer,
         mut violations,
+        affinity,
     } = serving;
+    // Serving now: from here on the other instances may hand this one its aggregates.
+    if let Some(affinity) = &affinity {
+        affinity.join().await?;
+    }
     // Requests waiting for their aggregate hold no processing permit (that is taken after the
     // aggregate's lock), so this only bounds memory.
     let pending = Arc::new(Semaphore::new(handler.max_pending()));
-    let wildcard = handler.wildcard();
     let mut in_flight = JoinSet::new();
     let mut service = Some(service);
     let mut result = Ok(());
@@ -501,7 +554,7 @@ async fn serve<H: Serves>(
                     service.stop().await;
                 }
             }
-            denied = crate::permissions::denied(&mut violations, &wildcard) => {
+            denied = crate::permissions::denied_any(&mut violations, &subscriptions) => {
                 result = Err(Error::Service(format!("permission denied: {denied}")));
                 break;
             }

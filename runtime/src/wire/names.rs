@@ -252,6 +252,19 @@ pub fn service_verb_subjects(verb: &str, name: &str, id: &str) -> [String; 3] {
     ]
 }
 
+/// Where the instances of command function `aggregate` announce themselves to each other, for
+/// aggregate affinity: `jetfn.affinity.<aggregate>.members`.
+pub fn affinity_members(aggregate: &str) -> String {
+    format!("jetfn.affinity.{aggregate}.members")
+}
+
+/// Where instance `instance` of command function `aggregate` takes the commands other
+/// instances hand it (aggregate affinity): `jetfn.affinity.<aggregate>.to.<instance>`, followed
+/// by the command's own subject.
+pub fn affinity_inbox(aggregate: &str, instance: &str) -> String {
+    format!("jetfn.affinity.{aggregate}.to.{instance}")
+}
+
 /// The queue group of control endpoints (projections, process managers), and the default of
 /// `command.queue_group`: the NATS services protocol's default, so one instance answers each
 /// request.
