@@ -387,6 +387,40 @@ async fn a_command_function_that_may_not_subscribe_to_its_commands_does_not_star
     assert!(!log.contains("command function ready"), "{log}");
 }
 
+/// A command function refused the aggregate-affinity subjects refuses to start, naming the
+/// subject and the setting that does without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_function_refused_the_affinity_subjects_does_not_start() {
+    jetfn_tests::init_tracing();
+    let crippled: String = deploy_permissions()
+        .lines()
+        .filter(|line| line.trim() != "\"jetfn.affinity.account.>\"")
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let nats = start_nats(&crippled).await;
+    let mut account = account_process(&nats, &[]);
+    let status = account.wait(PATIENCE).await.unwrap();
+    assert!(!status.success());
+    let log = account.log();
+    assert!(
+        log.contains(
+            "permission denied: Permissions Violation for Subscription to \"jetfn.affinity.account."
+        ),
+        "{log}"
+    );
+    assert!(log.contains("or set command.affinity = false"), "{log}");
+    assert!(!log.contains("command function ready"), "{log}");
+
+    // Without affinity it needs none of them.
+    let mut account = account_process(&nats, &[("JETFN_COMMAND__AFFINITY", "false".to_owned())]);
+    account
+        .wait_for_log("command function ready", PATIENCE)
+        .await
+        .unwrap();
+    account.terminate().unwrap();
+    assert!(account.wait(PATIENCE).await.unwrap().success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bank_decision_works_with_exactly_the_deploy_permissions() {
     jetfn_tests::init_tracing();
