@@ -30,6 +30,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 
 /// How often an instance announces itself.
 pub(crate) const ANNOUNCE_EVERY: Duration = Duration::from_millis(200);
@@ -40,6 +41,8 @@ pub(crate) const MEMBER_TTL: Duration = Duration::from_secs(1);
 pub(crate) const LEAVE_GRACE: Duration = Duration::from_millis(500);
 /// The most instances one function counts (announcements beyond are ignored).
 const MAX_MEMBERS: usize = 256;
+/// Requests waiting to be handed on; beyond, an instance serves them itself.
+const OUTBOX: usize = 4096;
 
 /// One instance's announcement.
 #[derive(Debug, Serialize, Deserialize)]
@@ -58,6 +61,8 @@ struct Announcement {
 /// This instance's view of which instance serves which aggregate.
 pub(crate) struct Affinity {
     client: Client,
+    /// Requests to hand on, published in order by [`hand_over`].
+    outbox: mpsc::Sender<(Subject, Message)>,
     aggregate: String,
     me: String,
     subjects: CommandSubjects,
@@ -95,8 +100,11 @@ impl Affinity {
             .subscribe(inbox.clone())
             .await
             .map_err(|e| crate::Error::Service(format!("cannot subscribe to {inbox}: {e}")))?;
+        let (outbox, queued) = mpsc::channel(OUTBOX);
+        tokio::spawn(hand_over(client.clone(), queued));
         let affinity = Arc::new(Affinity {
             client: client.clone(),
+            outbox,
             aggregate: aggregate.to_owned(),
             me: me.to_owned(),
             subjects,
@@ -166,25 +174,23 @@ impl Affinity {
         })
     }
 
-    /// Hands `message` on to `to`; `false` if it could not be sent (then serve it here).
-    pub(crate) async fn send(&self, to: Subject, message: &Message) -> bool {
-        let Some(reply) = message.reply.clone() else {
-            return false;
-        };
-        let payload = message.payload.clone();
-        let sent = match message.headers.clone() {
-            Some(headers) => {
-                self.client
-                    .publish_with_reply_and_headers(to, reply, headers, payload)
-                    .await
-            }
-            None => self.client.publish_with_reply(to, reply, payload).await,
-        };
-        if sent.is_ok() {
-            self.handed_on.fetch_add(1, Ordering::Relaxed);
-            tracing::trace!(subject = %message.subject, "handed on");
+    /// Hands `message` on to `to`, without waiting: the publishes go out in order from a task of
+    /// their own. Gives the message back when that cannot be done at once (the queue is full or
+    /// the connection closed, or it names no reply subject): then serve it here.
+    pub(crate) fn send(&self, to: Subject, message: Message) -> Option<Message> {
+        if message.reply.is_none() {
+            return Some(message);
         }
-        sent.is_ok()
+        match self.outbox.try_send((to, message)) {
+            Ok(()) => {
+                self.handed_on.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Err(
+                mpsc::error::TrySendError::Full((_, message))
+                | mpsc::error::TrySendError::Closed((_, message)),
+            ) => Some(message),
+        }
     }
 
     /// A command handed to this instance, with its own subject again; `None` if the subject is
@@ -261,6 +267,28 @@ impl Affinity {
                 "command function instances changed"
             );
             *current = members;
+        }
+    }
+}
+
+/// Publishes the requests handed on, in the order they came, until the affinity is dropped.
+async fn hand_over(client: Client, mut queued: mpsc::Receiver<(Subject, Message)>) {
+    while let Some((to, message)) = queued.recv().await {
+        let Some(reply) = message.reply else { continue };
+        let sent = match message.headers {
+            Some(headers) => {
+                client
+                    .publish_with_reply_and_headers(to, reply, headers, message.payload)
+                    .await
+            }
+            None => client.publish_with_reply(to, reply, message.payload).await,
+        };
+        match sent {
+            Ok(()) => tracing::trace!(subject = %message.subject, "handed on"),
+            // Only a closed client fails here; nothing could answer the request then.
+            Err(err) => {
+                tracing::debug!(error = %err, subject = %message.subject, "could not hand on")
+            }
         }
     }
 }

@@ -186,6 +186,7 @@ impl Service {
             replies: self.identity.spec.replies.clone(),
             service: self.identity.spec.name.clone(),
             stopped: self.stop.subscribe(),
+            stopping: false,
             unsubscribed: false,
             drained: false,
             affinity: None,
@@ -212,6 +213,10 @@ impl Drop for Service {
 }
 
 /// One endpoint's subscription: yields the requests it may answer.
+///
+/// [`Endpoint::next`] is cancel-safe (the serving loop polls it in a `select!`): a request taken
+/// from a subscription is returned, or handed on without waiting, before any other await; the
+/// steps of stopping are retried until each one has completed.
 pub(crate) struct Endpoint {
     requests: Subscriber,
     state: Arc<EndpointState>,
@@ -219,6 +224,9 @@ pub(crate) struct Endpoint {
     replies: Replies,
     service: String,
     stopped: watch::Receiver<bool>,
+    /// Told to stop.
+    stopping: bool,
+    /// Stopped taking requests from the subscription (drained), and with affinity, left.
     unsubscribed: bool,
     /// Stopped, and every request of the subscription taken.
     drained: bool,
@@ -233,6 +241,10 @@ struct Handing {
     handed: Subscriber,
     /// Once the endpoint stops: when it stops taking handed-on requests too.
     closes: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// The grace period is over: drain the handed-on requests' subscription.
+    close_now: bool,
+    /// ... and that drain was sent.
+    closing: bool,
     closed: bool,
 }
 
@@ -244,6 +256,8 @@ impl Endpoint {
             affinity,
             handed,
             closes: None,
+            close_now: false,
+            closing: false,
             closed: false,
         });
         self
@@ -253,11 +267,10 @@ impl Endpoint {
     /// stopped and its buffered requests are taken.
     pub async fn next(&mut self) -> Option<Request> {
         loop {
+            self.stop_steps().await;
             let message = tokio::select! {
-                changed = self.stopped.changed(), if !self.unsubscribed => {
-                    if changed.is_err() || *self.stopped.borrow() {
-                        self.unsubscribe().await;
-                    }
+                changed = self.stopped.changed(), if !self.stopping => {
+                    self.stopping = changed.is_err() || *self.stopped.borrow();
                     continue;
                 }
                 message = self.requests.next(), if !self.drained => {
@@ -273,7 +286,7 @@ impl Endpoint {
                         self.state.refused(&self.service, &message);
                         continue;
                     }
-                    match self.hand_on(message).await {
+                    match self.hand_on(message) {
                         Some(message) => message,
                         None => continue,
                     }
@@ -299,38 +312,46 @@ impl Endpoint {
         }
     }
 
-    /// Stops taking requests. With affinity, the others learn that this instance leaves, and
-    /// the requests they hand on in the meantime are taken for a grace period
+    /// The steps of stopping that are due, each marked done only once it completed (a cancelled
+    /// [`Endpoint::next`] takes them again). The subscription is drained, not just unsubscribed:
+    /// what the server sent before it took the `UNSUB` (a queue group's requests in flight) is
+    /// still delivered. With affinity, the others learn that this instance leaves, and the
+    /// requests they hand on meanwhile are taken for a grace period
     /// ([`crate::affinity::LEAVE_GRACE`]).
-    async fn unsubscribe(&mut self) {
-        self.unsubscribed = true;
-        // Drained, not just unsubscribed: what the server sent before it took the UNSUB (a
-        // queue group's requests in flight) is still delivered, up to the PONG that follows.
-        let _ = self.requests.drain().await;
-        if let Some(handing) = &mut self.affinity {
-            let grace = handing.affinity.leave().await;
-            handing.closes = Some(Box::pin(tokio::time::sleep(grace)));
+    async fn stop_steps(&mut self) {
+        if self.stopping && !self.unsubscribed {
+            let _ = self.requests.drain().await;
+            if let Some(handing) = &mut self.affinity {
+                let grace = handing.affinity.leave().await;
+                handing.closes = Some(Box::pin(tokio::time::sleep(grace)));
+            }
+            self.unsubscribed = true;
+        }
+        if let Some(handing) = &mut self.affinity
+            && handing.close_now
+            && !handing.closing
+        {
+            let _ = handing.handed.drain().await;
+            handing.closing = true;
         }
     }
 
-    /// `message` if this instance serves it; else hands it to its aggregate's instance.
-    async fn hand_on(&self, message: Message) -> Option<Message> {
+    /// `message` if this instance serves it; else it is handed to its aggregate's instance
+    /// (without waiting: `None`), unless that cannot be done at once.
+    fn hand_on(&self, message: Message) -> Option<Message> {
         let Some(handing) = &self.affinity else {
             return Some(message);
         };
-        let Some(to) = handing.affinity.hand_on(&message) else {
-            return Some(message);
-        };
-        if handing.affinity.send(to, &message).await {
-            None
-        } else {
-            Some(message)
+        match handing.affinity.hand_on(&message) {
+            Some(to) => handing.affinity.send(to, message),
+            None => Some(message),
         }
     }
 }
 
 /// The next request another instance handed on, if this endpoint takes them; pending forever
 /// when it does not (or no longer does), so that `select!` waits on its other branches.
+/// Cancel-safe: nothing is awaited but the subscription and the grace period's end.
 async fn handed_next(handing: &mut Option<Handing>) -> Option<Message> {
     let Some(handing) = handing.as_mut().filter(|h| !h.closed) else {
         return std::future::pending().await;
@@ -343,9 +364,10 @@ async fn handed_next(handing: &mut Option<Handing>) -> Option<Message> {
     };
     tokio::select! {
         () = closes => {
-            // What was handed on before the server took the UNSUB still comes, then the end.
+            // Drained by the next stop step: what was handed on before the server took the
+            // UNSUB still comes, then the end.
             handing.closes = None;
-            let _ = handing.handed.drain().await;
+            handing.close_now = true;
             None
         }
         message = handing.handed.next() => match message {
