@@ -591,8 +591,6 @@ pub async fn raw_request_reply(url: &str, n: usize) -> Result<Samples> {
     let requester = async_nats::connect(url).await?;
     let subject = "bench.raw.echo";
     let mut subscription = responder.subscribe(subject).await?;
-    // The server has the subscription once the responder's own flush returns.
-    responder.flush().await?;
     let echo = tokio::spawn(async move {
         while let Some(message) = subscription.next().await {
             if let Some(reply) = message.reply {
@@ -601,6 +599,16 @@ pub async fn raw_request_reply(url: &str, n: usize) -> Result<Samples> {
         }
     });
     let body = Bytes::from_static(br#"{"amount":1}"#);
+    // async-nats's flush only writes the SUB out; until the server has taken it, a request from
+    // the other connection finds no responders. Ask until one answers.
+    let ready = Instant::now();
+    while requester.request(subject, body.clone()).await.is_err() {
+        anyhow::ensure!(
+            ready.elapsed() < Duration::from_secs(5),
+            "the raw responder never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
         let started = Instant::now();
@@ -742,11 +750,12 @@ impl RawCommands {
     pub async fn start(url: &str, stream: &str, commands: &str, events: &str) -> Result<Self> {
         let connection = async_nats::connect(url).await?;
         let js = jetstream::new(connection.clone());
-        let stream = js.get_stream(stream).await?;
         let mut requests = connection
             .queue_subscribe(format!("{commands}.*"), "q".to_owned())
             .await?;
-        connection.flush().await?;
+        // A round trip on the same connection: once it is answered, the server has the SUB
+        // (async-nats's flush only writes it out).
+        let stream = js.get_stream(stream).await?;
         let last = std::sync::Arc::new(LastSeqs::default());
         let events = events.to_owned();
         let responder = tokio::spawn(async move {
