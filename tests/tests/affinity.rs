@@ -252,3 +252,43 @@ async fn with_affinity_off_the_instances_share_requests_at_random_and_report_no_
     first.stop().await.unwrap();
     second.stop().await.unwrap();
 }
+
+/// What affinity usually spares the instances, and what keeps answers right while instances come
+/// and go: a withdraw that reaches the instance whose cached balance is older than the deposit
+/// just accepted by the other one is not rejected on that old balance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_affinity_a_withdraw_is_never_rejected_on_a_balance_the_other_instance_moved() {
+    jetfn_tests::init_tracing();
+    let nats = NatsServer::start().await.unwrap();
+    let mut config = account_config(&nats);
+    config.command.affinity = false;
+    let first = start_account(config.clone()).await.unwrap();
+    let second = start_account(config).await.unwrap();
+    let client = nats.connect().await.unwrap();
+    for n in 0..4 {
+        send(&client, &id(n), "open", json!({"owner": "Ann"}), None)
+            .await
+            .unwrap()
+            .accepted();
+    }
+    // Each round leaves every balance at 0: the withdraw is only possible after the deposit.
+    for round in 0..30 {
+        for n in 0..4 {
+            let amount = 10 + round;
+            send(&client, &id(n), "deposit", json!({"amount": amount}), None)
+                .await
+                .unwrap()
+                .accepted();
+            send(&client, &id(n), "withdraw", json!({"amount": amount}), None)
+                .await
+                .unwrap()
+                .accepted();
+        }
+    }
+    let stats = service_stats(&client, "account", 2).await.unwrap();
+    let accepted = counter(&stats, &["accepted"]);
+    assert!(accepted.iter().all(|&n| n > 0), "both served: {accepted:?}");
+    assert_eq!(counter(&stats, &["rejected"]), [0, 0], "{stats:?}");
+    first.stop().await.unwrap();
+    second.stop().await.unwrap();
+}
