@@ -95,7 +95,7 @@ impl Affinity {
         subjects: CommandSubjects,
         queue_group: &str,
     ) -> Result<(Arc<Affinity>, Subscriber), crate::Error> {
-        let inbox = format!("{}.>", names::affinity_inbox(aggregate, me));
+        let inbox = inbox_wildcard(aggregate, me);
         let handed = client
             .subscribe(inbox.clone())
             .await
@@ -121,7 +121,7 @@ impl Affinity {
     /// The subjects this instance subscribes for affinity: its inbox, and the announcements.
     pub(crate) fn subscriptions(&self) -> [String; 2] {
         [
-            format!("{}.>", names::affinity_inbox(&self.aggregate, &self.me)),
+            inbox_wildcard(&self.aggregate, &self.me),
             names::affinity_members(&self.aggregate),
         ]
     }
@@ -162,11 +162,14 @@ impl Affinity {
         if message.malformed().is_some() {
             return None;
         }
+        let members = self.members();
+        if members.len() < 2 {
+            return None;
+        }
         let (id, command) = self.subjects.parse(&message.subject).ok()?;
         if !is_name(command) {
             return None;
         }
-        let members = self.members();
         let owner = owner(&members, id)?;
         (owner != self.me).then(|| {
             let inbox = names::affinity_inbox(&self.aggregate, owner);
@@ -338,6 +341,11 @@ async fn follow(affinity: Weak<Affinity>, mut announcements: Subscriber) {
             }
         }
     }
+}
+
+/// The subscription of instance `me`'s inbox for handed-on commands.
+fn inbox_wildcard(aggregate: &str, me: &str) -> String {
+    format!("{}.>", names::affinity_inbox(aggregate, me))
 }
 
 /// The owner of aggregate `id` among `members`: the highest rendezvous weight, so that when an

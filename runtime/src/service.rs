@@ -239,13 +239,27 @@ pub(crate) struct Endpoint {
 struct Handing {
     affinity: Arc<Affinity>,
     handed: Subscriber,
-    /// Once the endpoint stops: when it stops taking handed-on requests too.
-    closes: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    /// The grace period is over: drain the handed-on requests' subscription.
-    close_now: bool,
-    /// ... and that drain was sent.
-    closing: bool,
-    closed: bool,
+    taking: Taking,
+}
+
+/// How far the endpoint is in giving up the requests other instances hand it.
+enum Taking {
+    /// Serving.
+    Open,
+    /// Stopping: still taking them until the grace period ends.
+    Grace(std::pin::Pin<Box<tokio::time::Sleep>>),
+    /// The grace period ended: the subscription is to be drained.
+    DrainDue,
+    /// Drained: the last of them are coming.
+    Draining,
+    /// Every one taken.
+    Closed,
+}
+
+impl Handing {
+    fn closed(&self) -> bool {
+        matches!(self.taking, Taking::Closed)
+    }
 }
 
 impl Endpoint {
@@ -255,10 +269,7 @@ impl Endpoint {
         self.affinity = Some(Handing {
             affinity,
             handed,
-            closes: None,
-            close_now: false,
-            closing: false,
-            closed: false,
+            taking: Taking::Open,
         });
         self
     }
@@ -276,7 +287,7 @@ impl Endpoint {
                 message = self.requests.next(), if !self.drained => {
                     let Some(message) = message else {
                         // Stopped: the handed-on requests of the grace period may still come.
-                        if self.unsubscribed && self.affinity.as_ref().is_some_and(|h| !h.closed) {
+                        if self.unsubscribed && self.affinity.as_ref().is_some_and(|h| !h.closed()) {
                             self.drained = true;
                             continue;
                         }
@@ -293,7 +304,7 @@ impl Endpoint {
                 }
                 message = handed_next(&mut self.affinity) => match message {
                     Some(message) => message,
-                    None if self.drained && self.affinity.as_ref().is_none_or(|h| h.closed) => {
+                    None if self.drained && self.affinity.as_ref().is_none_or(Handing::closed) => {
                         return None;
                     }
                     None => continue,
@@ -323,16 +334,15 @@ impl Endpoint {
             let _ = self.requests.drain().await;
             if let Some(handing) = &mut self.affinity {
                 let grace = handing.affinity.leave().await;
-                handing.closes = Some(Box::pin(tokio::time::sleep(grace)));
+                handing.taking = Taking::Grace(Box::pin(tokio::time::sleep(grace)));
             }
             self.unsubscribed = true;
         }
         if let Some(handing) = &mut self.affinity
-            && handing.close_now
-            && !handing.closing
+            && matches!(handing.taking, Taking::DrainDue)
         {
             let _ = handing.handed.drain().await;
-            handing.closing = true;
+            handing.taking = Taking::Draining;
         }
     }
 
@@ -353,27 +363,26 @@ impl Endpoint {
 /// when it does not (or no longer does), so that `select!` waits on its other branches.
 /// Cancel-safe: nothing is awaited but the subscription and the grace period's end.
 async fn handed_next(handing: &mut Option<Handing>) -> Option<Message> {
-    let Some(handing) = handing.as_mut().filter(|h| !h.closed) else {
+    let Some(handing) = handing.as_mut().filter(|h| !h.closed()) else {
         return std::future::pending().await;
     };
-    let closes = async {
-        match handing.closes.as_mut() {
-            Some(closes) => closes.await,
-            None => std::future::pending().await,
+    let grace_ends = async {
+        match &mut handing.taking {
+            Taking::Grace(grace) => grace.await,
+            _ => std::future::pending().await,
         }
     };
     tokio::select! {
-        () = closes => {
+        () = grace_ends => {
             // Drained by the next stop step: what was handed on before the server took the
             // UNSUB still comes, then the end.
-            handing.closes = None;
-            handing.close_now = true;
+            handing.taking = Taking::DrainDue;
             None
         }
         message = handing.handed.next() => match message {
             Some(message) => handing.affinity.taken_over(message),
             None => {
-                handing.closed = true;
+                handing.taking = Taking::Closed;
                 None
             }
         },

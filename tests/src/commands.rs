@@ -23,6 +23,14 @@ pub fn account_config(nats: &NatsServer) -> jetfn::Config {
     config
 }
 
+/// [`account_config`] without aggregate affinity: every instance decides whichever accounts the
+/// queue group sends it, as while instances come and go. For tests that make instances race.
+pub fn account_config_without_affinity(nats: &NatsServer) -> jetfn::Config {
+    let mut config = account_config(nats);
+    config.command.affinity = false;
+    config
+}
+
 /// Starts the account command function in this process.
 pub async fn start_account(config: jetfn::Config) -> Result<RunningFunction> {
     jetfn::command_function::<account::Account>()
@@ -30,6 +38,15 @@ pub async fn start_account(config: jetfn::Config) -> Result<RunningFunction> {
         .start()
         .await
         .context("starting the account function")
+}
+
+/// Two instances of the account command function in this process, both with `config`.
+pub async fn start_two_accounts(
+    config: jetfn::Config,
+) -> Result<(RunningFunction, RunningFunction)> {
+    let first = start_account(config.clone()).await?;
+    let second = start_account(config).await?;
+    Ok((first, second))
 }
 
 /// A reply as a client sees it: the decoded body and the service error headers.

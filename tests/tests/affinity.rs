@@ -7,7 +7,8 @@
 
 use futures::future::join_all;
 use jetfn_tests::commands::{
-    ACCOUNT_STREAM, account_config, balance, send, service_stats, start_account, stored_messages,
+    ACCOUNT_STREAM, account_config, account_config_without_affinity, balance, send, service_stats,
+    start_two_accounts, stored_messages,
 };
 use jetfn_tests::faults::{FUNCTION_READY, send_until_answered};
 use jetfn_tests::workload::poll;
@@ -55,6 +56,16 @@ fn id(n: usize) -> String {
     format!("aff-{n}")
 }
 
+/// Opens the first `accounts` accounts.
+async fn open_accounts(client: &async_nats::Client, accounts: usize) {
+    for n in 0..accounts {
+        send(client, &id(n), "open", json!({"owner": "Ann"}), None)
+            .await
+            .unwrap()
+            .accepted();
+    }
+}
+
 /// Deposits `1..=DEPOSITS` into every account, all accounts at once, one deposit per account at
 /// a time, counting the accepted ones in `done`; panics on any reply other than accepted.
 async fn deposit_into_all(client: &async_nats::Client, done: &AtomicUsize) {
@@ -88,17 +99,11 @@ async fn assert_balances(client: &async_nats::Client, each: u64) {
 async fn with_two_instances_each_account_is_decided_by_one_of_them_and_never_retried() {
     jetfn_tests::init_tracing();
     let nats = NatsServer::start().await.unwrap();
-    let first = start_account(account_config(&nats)).await.unwrap();
-    let second = start_account(account_config(&nats)).await.unwrap();
+    let (first, second) = start_two_accounts(account_config(&nats)).await.unwrap();
     let client = nats.connect().await.unwrap();
     wait_until_they_know_each_other(&client, 2).await;
 
-    for n in 0..ACCOUNTS {
-        send(&client, &id(n), "open", json!({"owner": "Ann"}), None)
-            .await
-            .unwrap()
-            .accepted();
-    }
+    open_accounts(&client, ACCOUNTS).await;
     deposit_into_all(&client, &AtomicUsize::new(0)).await;
 
     assert_balances(&client, (1..=DEPOSITS as u64).sum()).await;
@@ -130,16 +135,10 @@ async fn with_two_instances_each_account_is_decided_by_one_of_them_and_never_ret
 async fn an_instance_stopping_under_load_hands_its_accounts_over_without_losing_a_reply() {
     jetfn_tests::init_tracing();
     let nats = NatsServer::start().await.unwrap();
-    let staying = start_account(account_config(&nats)).await.unwrap();
-    let leaving = start_account(account_config(&nats)).await.unwrap();
+    let (staying, leaving) = start_two_accounts(account_config(&nats)).await.unwrap();
     let client = nats.connect().await.unwrap();
     wait_until_they_know_each_other(&client, 2).await;
-    for n in 0..ACCOUNTS {
-        send(&client, &id(n), "open", json!({"owner": "Ann"}), None)
-            .await
-            .unwrap()
-            .accepted();
-    }
+    open_accounts(&client, ACCOUNTS).await;
 
     // Every deposit is sent once and must be answered: none may fall between the two.
     let done = Arc::new(AtomicUsize::new(0));
@@ -225,17 +224,11 @@ async fn when_an_instance_is_killed_its_accounts_are_served_by_the_others_exactl
 async fn with_affinity_off_the_instances_share_requests_at_random_and_report_no_affinity() {
     jetfn_tests::init_tracing();
     let nats = NatsServer::start().await.unwrap();
-    let mut config = account_config(&nats);
-    config.command.affinity = false;
-    let first = start_account(config.clone()).await.unwrap();
-    let second = start_account(config).await.unwrap();
+    let (first, second) = start_two_accounts(account_config_without_affinity(&nats))
+        .await
+        .unwrap();
     let client = nats.connect().await.unwrap();
-    for n in 0..ACCOUNTS {
-        send(&client, &id(n), "open", json!({"owner": "Ann"}), None)
-            .await
-            .unwrap()
-            .accepted();
-    }
+    open_accounts(&client, ACCOUNTS).await;
     deposit_into_all(&client, &AtomicUsize::new(0)).await;
 
     assert_balances(&client, (1..=DEPOSITS as u64).sum()).await;
@@ -260,17 +253,11 @@ async fn with_affinity_off_the_instances_share_requests_at_random_and_report_no_
 async fn without_affinity_a_withdraw_is_never_rejected_on_a_balance_the_other_instance_moved() {
     jetfn_tests::init_tracing();
     let nats = NatsServer::start().await.unwrap();
-    let mut config = account_config(&nats);
-    config.command.affinity = false;
-    let first = start_account(config.clone()).await.unwrap();
-    let second = start_account(config).await.unwrap();
+    let (first, second) = start_two_accounts(account_config_without_affinity(&nats))
+        .await
+        .unwrap();
     let client = nats.connect().await.unwrap();
-    for n in 0..4 {
-        send(&client, &id(n), "open", json!({"owner": "Ann"}), None)
-            .await
-            .unwrap()
-            .accepted();
-    }
+    open_accounts(&client, 4).await;
     // Each round leaves every balance at 0: the withdraw is only possible after the deposit.
     for round in 0..30 {
         for n in 0..4 {

@@ -8,8 +8,8 @@ use futures::future::join_all;
 use jetfn::command::ErrorKind;
 use jetfn_tests::NatsServer;
 use jetfn_tests::commands::{
-    ACCOUNT_STREAM, account_config, balance, message_count, send, send_raw, service_stats,
-    start_account, stored_messages, stream,
+    ACCOUNT_STREAM, account_config, account_config_without_affinity, balance, message_count, send,
+    send_raw, service_stats, start_account, start_two_accounts, stored_messages, stream,
 };
 use serde_json::json;
 use std::collections::{BTreeSet, HashMap};
@@ -327,10 +327,9 @@ async fn thirty_two_concurrent_deposits_from_separate_connections_all_land_exact
     let nats = NatsServer::start().await.unwrap();
     // Two instances without affinity (as while instances come and go), so deposits race
     // across two instances' states and must retry.
-    let mut config = account_config(&nats);
-    config.command.affinity = false;
-    let first = start_account(config.clone()).await.unwrap();
-    let second = start_account(config).await.unwrap();
+    let (first, second) = start_two_accounts(account_config_without_affinity(&nats))
+        .await
+        .unwrap();
     let client = nats.connect().await.unwrap();
     send(&client, "hot", "open", json!({"owner": "Ann"}), None)
         .await

@@ -10,8 +10,8 @@ use jetfn::readmodel::ReadModel;
 use jetfn::wire::header;
 use jetfn_tests::NatsServer;
 use jetfn_tests::commands::{
-    ACCOUNT_STREAM, account_config, message_count, send, send_raw, send_raw_within, start_account,
-    stored_messages,
+    ACCOUNT_STREAM, account_config, account_config_without_affinity, message_count, send, send_raw,
+    send_raw_within, start_account, start_two_accounts, stored_messages,
 };
 use jetfn_tests::raw::RawConnection;
 use jetfn_tests::readmodels::{PROJECTION, ReadSide, live_generation};
@@ -65,10 +65,9 @@ async fn a_reply_subject_outside_the_inboxes_is_never_answered_and_nothing_is_st
 async fn a_rejected_command_id_stays_rejected_under_twenty_concurrent_resends_on_two_instances() {
     let nats = NatsServer::start().await.unwrap();
     // Without affinity (as while instances come and go) both instances take the resends.
-    let mut config = account_config(&nats);
-    config.command.affinity = false;
-    let first = start_account(config.clone()).await.unwrap();
-    let second = start_account(config).await.unwrap();
+    let (first, second) = start_two_accounts(account_config_without_affinity(&nats))
+        .await
+        .unwrap();
     let client = nats.connect().await.unwrap();
     for round in 0..5 {
         let id = format!("r{round}");

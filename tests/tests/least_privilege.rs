@@ -29,6 +29,15 @@ fn deploy_permissions() -> String {
     jetfn_tests::topology::deploy_permissions().unwrap()
 }
 
+/// [`deploy_permissions`] without every line that is exactly `line` (trimmed).
+fn deploy_permissions_without(line: &str) -> String {
+    deploy_permissions()
+        .lines()
+        .filter(|l| l.trim() != line)
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 async fn start_nats(config: &str) -> NatsServer {
     NatsServer::start_with_config(config, Some(("jetfn-deploy", DEPLOY_PASSWORD)))
         .await
@@ -368,11 +377,7 @@ async fn a_command_function_that_may_not_publish_events_fails_in_bounded_time() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_function_that_may_not_subscribe_to_its_commands_does_not_start() {
     jetfn_tests::init_tracing();
-    let crippled: String = deploy_permissions()
-        .lines()
-        .filter(|line| line.trim() != "\"cmd.account.> q\"")
-        .map(|line| format!("{line}\n"))
-        .collect();
+    let crippled = deploy_permissions_without("\"cmd.account.> q\"");
     let nats = start_nats(&crippled).await;
     let mut account = account_process(&nats, &[]);
     let status = account.wait(PATIENCE).await.unwrap();
@@ -392,11 +397,7 @@ async fn a_command_function_that_may_not_subscribe_to_its_commands_does_not_star
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_function_refused_the_affinity_subjects_does_not_start() {
     jetfn_tests::init_tracing();
-    let crippled: String = deploy_permissions()
-        .lines()
-        .filter(|line| line.trim() != "\"jetfn.affinity.account.>\"")
-        .map(|line| format!("{line}\n"))
-        .collect();
+    let crippled = deploy_permissions_without("\"jetfn.affinity.account.>\"");
     let nats = start_nats(&crippled).await;
     let mut account = account_process(&nats, &[]);
     let status = account.wait(PATIENCE).await.unwrap();
