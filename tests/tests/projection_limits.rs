@@ -20,6 +20,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::time::Duration;
 
 /// A tally per id: the test's command side.
@@ -116,21 +117,34 @@ struct Side {
 
 impl Side {
     async fn start() -> Side {
+        Side::start_after(0, |_| async {}).await
+    }
+
+    /// Starts the servers and the tally function, lets `backlog` send what it likes, then
+    /// starts the projection with batches of `batch` events (0: the default).
+    async fn start_after<F: Future<Output = ()>>(
+        batch: usize,
+        backlog: impl FnOnce(async_nats::Client) -> F,
+    ) -> Side {
         jetfn_tests::init_tracing();
         let nats = NatsServer::start().await.unwrap();
         let redis = RedisServer::start().await.unwrap();
-        let config = projection_config(&nats, &redis);
+        let mut config = projection_config(&nats, &redis);
+        if batch > 0 {
+            config.projection.batch = batch;
+        }
         let function = jetfn::command_function::<Tally>()
             .with_config(config.clone())
             .start()
             .await
             .unwrap();
+        let client = nats.connect().await.unwrap();
+        backlog(client.clone()).await;
         let projection = jetfn::projection_function(Totals)
             .with_config(config.clone())
             .start()
             .await
             .unwrap();
-        let client = nats.connect().await.unwrap();
         Side {
             _nats: nats,
             redis,
@@ -448,4 +462,43 @@ async fn the_account_example_refuses_amounts_its_read_model_could_not_hold() {
     assert_eq!(balance, 1000);
     projection.stop().await.unwrap();
     function.stop().await.unwrap();
+}
+
+/// Catching up, a batch goes to Redis while the one before it is still being applied. When that
+/// one is refused an event, the batch behind it must not commit past it: every refused event is
+/// dead-lettered once, and every other event applies exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_events_in_a_backlog_of_small_batches_leave_every_other_event_applied_once() {
+    const EVENTS: u64 = 240;
+    let poisoned = |i: u64| i % 17 == 5;
+    let side = Side::start_after(8, |client| async move {
+        for i in 0..EVENTS {
+            let id = format!("r{}", i % 7);
+            let by = if poisoned(i) { 0 } else { 1 };
+            let subject = format!("cmd.tally.{id}.rank");
+            let body = json!({ "by": by }).to_string();
+            send_raw(&client, &subject, body, None).await.unwrap();
+        }
+    })
+    .await;
+    side.wait_for(EVENTS).await;
+
+    // Event i is at sequence i + 1; a poisoned one writes `ranks` as a hash: refused.
+    let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+    for i in (0..EVENTS).filter(|i| !poisoned(*i)) {
+        *expected.entry(format!("r{}", i % 7)).or_default() += 1;
+    }
+    let mut connection = side.redis.connect().await.unwrap();
+    let ranks: Vec<(String, u64)> = connection
+        .zrange_withscores(Keys::new(TOTALS_PROJECTION).key(1, "ranks"), 0, -1)
+        .await
+        .unwrap();
+    let ranks: BTreeMap<String, u64> = ranks.into_iter().collect();
+    assert_eq!(ranks, expected);
+    let refused: Vec<(u64, &[&str])> = (0..EVENTS)
+        .filter(|i| poisoned(*i))
+        .map(|i| (i + 1, &["WRONGTYPE"][..]))
+        .collect();
+    side.expect_dead_letters(&refused).await;
+    side.stop().await;
 }

@@ -16,6 +16,7 @@ use futures::StreamExt;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -241,7 +242,48 @@ impl<P: Projection> Worker<P> {
                 sourced: partitioned,
             },
         )));
+        // The next batch, sent to Redis while the one before it is applied (see `Sent`).
+        let mut ahead: Option<Sent> = None;
         loop {
+            if let Some(sent) = ahead.take() {
+                // The next batch goes out before this one is answered, after the checkpoint
+                // this one will leave; not once the worker is to stop or hand over.
+                let stopping = stop.has_changed().unwrap_or(true)
+                    || self.stats.hand_over[self.partition as usize].load(Ordering::Relaxed);
+                if !stopping && !sent.interrupted {
+                    let after = sent
+                        .batch
+                        .last()
+                        .map_or(checkpoint, |p| p.seq.max(checkpoint));
+                    if let Some((next, interrupted)) = self.receive_now(&mut pulled) {
+                        ahead = Some(self.send(next, after, interrupted).await);
+                    }
+                }
+                let (batch, interrupted) = (sent.batch, sent.interrupted);
+                let committed = match sent.reply.finish().await {
+                    Some(Ok(Step::Done(Applied::Committed(committed)))) => Some(committed),
+                    _ => None,
+                };
+                let done = match committed {
+                    Some(committed) => {
+                        checkpoint = committed;
+                        self.rewound_at = None;
+                        self.after_commit(&batch, committed).await;
+                        None
+                    }
+                    None => {
+                        self.commit_batch(&batch, &mut checkpoint, Order::Contiguous, 0)
+                            .await?
+                    }
+                };
+                if let Some(rebind) = done {
+                    return Ok(Some(rebind));
+                }
+                if interrupted {
+                    return Ok(Some(Rebind::Again));
+                }
+                continue;
+            }
             if self.stats.hand_over[self.partition as usize].swap(false, Ordering::Relaxed) {
                 return Ok(Some(Rebind::HandOver));
             }
@@ -284,18 +326,15 @@ impl<P: Projection> Worker<P> {
             // As many as are here already, up to a batch: one event when live, whole batches
             // when behind.
             let mut batch = vec![first];
-            let mut interrupted = false;
-            while batch.len() < size {
-                match pulled.try_recv() {
-                    Ok(Ok(message)) => batch.push(message),
-                    Ok(Err(_)) => {
-                        interrupted = true;
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
+            let interrupted = ready(&mut pulled, &mut batch, size);
             self.active = true;
+            if !partitioned {
+                let mut batch = batch;
+                batch.sort_by_key(|p| p.seq);
+                batch.dedup_by_key(|p| p.seq);
+                ahead = Some(self.send(batch, checkpoint, interrupted).await);
+                continue;
+            }
             let mut floor = 0;
             let mut order = Order::Contiguous;
             if partitioned {
@@ -320,43 +359,120 @@ impl<P: Projection> Worker<P> {
             // Redeliveries can arrive out of order; the script needs ascending sequences.
             batch.sort_by_key(|p| p.seq);
             batch.dedup_by_key(|p| p.seq);
-            loop {
-                match self
-                    .apply_batch(&batch, checkpoint, order.clone(), floor)
-                    .await?
-                {
-                    Applied::Committed(committed) => {
-                        checkpoint = committed;
-                        self.rewound_at = None;
-                        if let Order::Deliveries { position, .. } = &order {
-                            self.position = *position;
-                        }
-                        self.after_commit(&batch, committed).await;
-                        break;
-                    }
-                    Applied::Reset => return Ok(Some(Rebind::Reset)),
-                    Applied::Moved(generation) => return Ok(Some(Rebind::Moved(generation))),
-                    Applied::Stale(at) => return Ok(Some(Rebind::Rewind(at))),
-                    // Delivered again from the checkpoint and the hole is still there: the stream
-                    // itself has it (limits or deleted messages).
-                    Applied::Gap(at) if self.rewound_at == Some(at) => {
-                        tracing::warn!(
-                            projection = P::NAME,
-                            partition = self.partition,
-                            checkpoint = at,
-                            "the stream has no events right after the checkpoint; continuing after the hole"
-                        );
-                        order = Order::HoleAccepted;
-                    }
-                    Applied::Gap(at) => {
-                        self.rewound_at = Some(at);
-                        return Ok(Some(Rebind::Rewind(at)));
-                    }
-                }
+            if let Some(rebind) = self
+                .commit_batch(&batch, &mut checkpoint, order, floor)
+                .await?
+            {
+                return Ok(Some(rebind));
             }
             if interrupted {
                 return Ok(Some(Rebind::Again));
             }
+        }
+    }
+
+    /// Commits `batch` the ordinary way, after `checkpoint` (which it advances): until the step
+    /// reaches an outcome, dead-lettering what the read model refuses. `Some` when the worker
+    /// must bind again instead.
+    async fn commit_batch(
+        &mut self,
+        batch: &[Pulled],
+        checkpoint: &mut u64,
+        mut order: Order,
+        floor: u64,
+    ) -> Result<Option<Rebind>, Error> {
+        loop {
+            match self
+                .apply_batch(batch, *checkpoint, order.clone(), floor)
+                .await?
+            {
+                Applied::Committed(committed) => {
+                    *checkpoint = committed;
+                    self.rewound_at = None;
+                    if let Order::Deliveries { position, .. } = &order {
+                        self.position = *position;
+                    }
+                    self.after_commit(batch, committed).await;
+                    return Ok(None);
+                }
+                Applied::Reset => return Ok(Some(Rebind::Reset)),
+                Applied::Moved(generation) => return Ok(Some(Rebind::Moved(generation))),
+                Applied::Stale(at) => return Ok(Some(Rebind::Rewind(at))),
+                // Delivered again from the checkpoint and the hole is still there: the stream
+                // itself has it (limits or deleted messages).
+                Applied::Gap(at) if self.rewound_at == Some(at) => {
+                    tracing::warn!(
+                        projection = P::NAME,
+                        partition = self.partition,
+                        checkpoint = at,
+                        "the stream has no events right after the checkpoint; continuing after the hole"
+                    );
+                    order = Order::HoleAccepted;
+                }
+                Applied::Gap(at) => {
+                    self.rewound_at = Some(at);
+                    return Ok(Some(Rebind::Rewind(at)));
+                }
+            }
+        }
+    }
+
+    /// A batch of what the read-ahead has ready now, sorted, if it has anything; and whether
+    /// the pull ended after it. (A pull that ended before it closes the channel, and the
+    /// worker's next wait for it binds again.)
+    fn receive_now(
+        &self,
+        pulled: &mut tokio::sync::mpsc::Receiver<Result<Pulled, String>>,
+    ) -> Option<(Vec<Pulled>, bool)> {
+        let mut batch = vec![pulled.try_recv().ok()?.ok()?];
+        let interrupted = ready(pulled, &mut batch, self.context.config.projection.batch);
+        batch.sort_by_key(|p| p.seq);
+        batch.dedup_by_key(|p| p.seq);
+        Some((batch, interrupted))
+    }
+
+    /// Sends `batch`'s first attempt at the apply step without waiting for its answer: while
+    /// Redis applies one batch, the next is already on its way, and Redis goes from one to the
+    /// next without waiting for the worker. The attempt is made only when nothing in the batch
+    /// needs the worker first (a dead letter) and every event lies after `checkpoint`, the one
+    /// the batch before will have committed; otherwise the batch goes the ordinary way.
+    async fn send(&self, batch: Vec<Pulled>, checkpoint: u64, interrupted: bool) -> Sent {
+        let events: Option<Vec<AppliedEvent>> = batch
+            .iter()
+            .map(|pulled| match self.planned(pulled, checkpoint) {
+                Planned::Writes(event) if pulled.seq > checkpoint => Some(event),
+                _ => None,
+            })
+            .collect();
+        let reply = match events {
+            Some(events) => {
+                let model = self.context.model.clone();
+                let (partition, generation) = (self.partition, self.generation);
+                let mode = if self.live { Mode::Live } else { Mode::Build };
+                let settings = Batch {
+                    feed_len: self.context.config.projection.change_feed_len,
+                    partitions: self.context.config.projection.partitions,
+                    order: Order::Contiguous,
+                    floor: 0,
+                };
+                let mut reply: Attempt = Box::pin(async move {
+                    model
+                        .apply(partition, generation, mode, checkpoint, &settings, &events)
+                        .await
+                });
+                // Polled once here, the step's request is queued on the connection now, before
+                // the next batch's: Redis runs them in that order.
+                match futures::poll!(reply.as_mut()) {
+                    Poll::Ready(step) => Sending::Answered(step),
+                    Poll::Pending => Sending::Sent(reply),
+                }
+            }
+            None => Sending::Not,
+        };
+        Sent {
+            batch,
+            interrupted,
+            reply,
         }
     }
 
@@ -661,6 +777,18 @@ impl<P: Projection> Worker<P> {
     /// skipped. Events of other partitions and redeliveries only advance the checkpoint; events
     /// that failed every attempt are dead-lettered first.
     async fn prepare(&self, pulled: &Pulled, checkpoint: u64) -> Result<AppliedEvent, Error> {
+        match self.planned(pulled, checkpoint) {
+            Planned::Writes(event) | Planned::Skipped(event) => Ok(event),
+            Planned::DeadLetter(error, skipped) => {
+                self.dead_letter(&pulled.message, pulled.seq, &pulled.event_type, error)
+                    .await?;
+                Ok(skipped)
+            }
+        }
+    }
+
+    /// What [`Worker::prepare`] makes of `pulled`, before any side effect.
+    fn planned<'p>(&self, pulled: &'p Pulled, checkpoint: u64) -> Planned<'p> {
         let skipped = || AppliedEvent {
             seq: pulled.seq,
             aggregate_id: pulled.aggregate_id.clone(),
@@ -674,19 +802,15 @@ impl<P: Projection> Worker<P> {
         let others = self.context.source.view.is_none()
             && partition_of(&pulled.aggregate_id, partitions) != self.partition;
         if pulled.seq <= checkpoint || others {
-            return Ok(skipped());
+            return Planned::Skipped(skipped());
         }
         match &pulled.writes {
-            Ok(ops) => Ok(AppliedEvent {
+            Ok(ops) => Planned::Writes(AppliedEvent {
                 ops: ops.clone(),
                 write: true,
                 ..skipped()
             }),
-            Err(error) => {
-                self.dead_letter(&pulled.message, pulled.seq, &pulled.event_type, error)
-                    .await?;
-                Ok(skipped())
-            }
+            Err(error) => Planned::DeadLetter(error, skipped()),
         }
     }
 
@@ -868,6 +992,69 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// An event's place in a batch, before any side effect.
+enum Planned<'p> {
+    /// Its writes.
+    Writes(AppliedEvent),
+    /// It only advances the checkpoint.
+    Skipped(AppliedEvent),
+    /// Every attempt to project it failed (why): dead-letter it, then it only advances the
+    /// checkpoint.
+    DeadLetter(&'p str, AppliedEvent),
+}
+
+/// A batch whose first attempt at the apply step went out before the batch ahead of it was
+/// answered. Only a commit is taken from that attempt: any other answer (the batch ahead may
+/// not have committed yet, or at all) and the batch goes again the ordinary way. That is safe
+/// because the step writes nothing unless the batch continues the checkpoint it finds.
+struct Sent {
+    batch: Vec<Pulled>,
+    /// The pull ended (with an error) after this batch: bind again once it is committed.
+    interrupted: bool,
+    reply: Sending,
+}
+
+/// A first attempt at the apply step, on its way.
+type Attempt = std::pin::Pin<Box<dyn Future<Output = Result<Step, ReadModelError>> + Send>>;
+
+/// Where a batch's first attempt stands.
+enum Sending {
+    /// Not made: the batch goes the ordinary way.
+    Not,
+    /// Sent, not answered yet.
+    Sent(Attempt),
+    /// Answered at once (an error before anything was sent).
+    Answered(Result<Step, ReadModelError>),
+}
+
+impl Sending {
+    /// The step's answer, or `None` when no attempt was made.
+    async fn finish(self) -> Option<Result<Step, ReadModelError>> {
+        match self {
+            Sending::Not => None,
+            Sending::Sent(reply) => Some(reply.await),
+            Sending::Answered(step) => Some(step),
+        }
+    }
+}
+
+/// Takes what the read-ahead has ready into `batch`, up to `size`; true when the pull ended
+/// with an error (the worker binds again after this batch).
+fn ready(
+    pulled: &mut tokio::sync::mpsc::Receiver<Result<Pulled, String>>,
+    batch: &mut Vec<Pulled>,
+    size: usize,
+) -> bool {
+    while batch.len() < size {
+        match pulled.try_recv() {
+            Ok(Ok(message)) => batch.push(message),
+            Ok(Err(_)) => return true,
+            Err(_) => return false,
+        }
+    }
+    false
 }
 
 /// Polls the pull stream, so that its next fetch goes out while a batch is being committed,
