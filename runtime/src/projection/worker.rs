@@ -256,24 +256,44 @@ impl<P: Projection> Worker<P> {
                         .last()
                         .map_or(checkpoint, |p| p.seq.max(checkpoint));
                     if let Some((next, interrupted)) = self.receive_now(&mut pulled) {
-                        ahead = Some(self.send(next, after, interrupted).await);
+                        let order = following(&sent.order, &next);
+                        ahead = Some(self.send(next, after, order, interrupted).await);
                     }
                 }
-                let (batch, interrupted) = (sent.batch, sent.interrupted);
-                let committed = match sent.reply.finish().await {
+                let Sent {
+                    batch,
+                    interrupted,
+                    order,
+                    reply,
+                } = sent;
+                let committed = match reply.finish().await {
                     Some(Ok(Step::Done(Applied::Committed(committed)))) => Some(committed),
                     _ => None,
                 };
-                let done = match committed {
-                    Some(committed) => {
+                let done = match (committed, order) {
+                    (Some(committed), order) => {
                         checkpoint = committed;
                         self.rewound_at = None;
+                        if let Some((Order::Deliveries { position, .. }, _)) = &order {
+                            self.position = *position;
+                        }
                         self.after_commit(&batch, committed).await;
                         None
                     }
-                    None => {
-                        self.commit_batch(&batch, &mut checkpoint, Order::Contiguous, 0)
+                    // The ordinary way, with the checks a batch sent ahead skipped.
+                    (None, Some((order, floor))) if !partitioned => {
+                        self.commit_batch(&batch, &mut checkpoint, order, floor)
                             .await?
+                    }
+                    (None, _) => {
+                        let top = *progress.borrow();
+                        match self.order(&mut consumer, &batch, checkpoint, top).await {
+                            Ok((order, floor)) => {
+                                self.commit_batch(&batch, &mut checkpoint, order, floor)
+                                    .await?
+                            }
+                            Err(rebind) => Some(rebind),
+                        }
                     }
                 };
                 if let Some(rebind) = done {
@@ -328,47 +348,48 @@ impl<P: Projection> Worker<P> {
             let mut batch = vec![first];
             let interrupted = ready(&mut pulled, &mut batch, size);
             self.active = true;
-            if !partitioned {
-                let mut batch = batch;
-                batch.sort_by_key(|p| p.seq);
-                batch.dedup_by_key(|p| p.seq);
-                ahead = Some(self.send(batch, checkpoint, interrupted).await);
-                continue;
-            }
-            let mut floor = 0;
-            let mut order = Order::Contiguous;
-            if partitioned {
-                let Some(deliveries) = deliveries(&batch) else {
-                    // A delivery in between went elsewhere: start again from the checkpoint.
-                    return Ok(Some(Rebind::Rewind(checkpoint)));
-                };
-                let top = *progress.borrow();
-                let position = batch.iter().map(|p| p.position).max().unwrap_or(0);
-                match self.check_consumer(&mut consumer, position).await {
-                    ConsumerState::Recreated => return Ok(Some(Rebind::Again)),
-                    ConsumerState::Drained => floor = top,
-                    ConsumerState::Busy => {}
-                }
-                order = Order::Deliveries {
-                    tag: self.tag.clone(),
-                    first: deliveries.0,
-                    last: deliveries.1,
-                    position: position.max(self.position),
-                };
-            }
+            let top = *progress.borrow();
+            let order = match self.order(&mut consumer, &batch, checkpoint, top).await {
+                Ok(order) => order,
+                Err(rebind) => return Ok(Some(rebind)),
+            };
             // Redeliveries can arrive out of order; the script needs ascending sequences.
             batch.sort_by_key(|p| p.seq);
             batch.dedup_by_key(|p| p.seq);
-            if let Some(rebind) = self
-                .commit_batch(&batch, &mut checkpoint, order, floor)
-                .await?
-            {
-                return Ok(Some(rebind));
-            }
-            if interrupted {
-                return Ok(Some(Rebind::Again));
-            }
+            ahead = Some(self.send(batch, checkpoint, Some(order), interrupted).await);
         }
+    }
+
+    /// How the step is to know that `batch` misses nothing after `checkpoint`, and the floor it
+    /// may advance the checkpoint to; for a partitioned view this asks the consumer how it
+    /// stands (`top`: the furthest any partition committed).
+    async fn order(
+        &self,
+        consumer: &mut consumer::Consumer<pull::Config>,
+        batch: &[Pulled],
+        checkpoint: u64,
+        top: u64,
+    ) -> Result<(Order, u64), Rebind> {
+        if self.context.source.view.is_none() {
+            return Ok((Order::Contiguous, 0));
+        }
+        let Some((first, last)) = deliveries(batch) else {
+            // A delivery in between went elsewhere: start again from the checkpoint.
+            return Err(Rebind::Rewind(checkpoint));
+        };
+        let position = batch.iter().map(|p| p.position).max().unwrap_or(0);
+        let floor = match self.check_consumer(consumer, position).await {
+            ConsumerState::Recreated => return Err(Rebind::Again),
+            ConsumerState::Drained => top,
+            ConsumerState::Busy => 0,
+        };
+        let order = Order::Deliveries {
+            tag: self.tag.clone(),
+            first,
+            last,
+            position: position.max(self.position),
+        };
+        Ok((order, floor))
     }
 
     /// Commits `batch` the ordinary way, after `checkpoint` (which it advances): until the step
@@ -431,12 +452,19 @@ impl<P: Projection> Worker<P> {
         Some((batch, interrupted))
     }
 
-    /// Sends `batch`'s first attempt at the apply step without waiting for its answer: while
-    /// Redis applies one batch, the next is already on its way, and Redis goes from one to the
-    /// next without waiting for the worker. The attempt is made only when nothing in the batch
-    /// needs the worker first (a dead letter) and every event lies after `checkpoint`, the one
-    /// the batch before will have committed; otherwise the batch goes the ordinary way.
-    async fn send(&self, batch: Vec<Pulled>, checkpoint: u64, interrupted: bool) -> Sent {
+    /// Sends `batch`'s first attempt at the apply step, in `order` with its floor, without
+    /// waiting for its answer: while Redis applies one batch, the next is already on its way,
+    /// and Redis goes from one to the next without waiting for the worker. The attempt is made
+    /// only with an order, when nothing in the batch needs the worker first (a dead letter) and
+    /// every event lies after `checkpoint`, the one the batch before will have committed;
+    /// otherwise the batch goes the ordinary way.
+    async fn send(
+        &self,
+        batch: Vec<Pulled>,
+        checkpoint: u64,
+        order: Option<(Order, u64)>,
+        interrupted: bool,
+    ) -> Sent {
         let events: Option<Vec<AppliedEvent>> = batch
             .iter()
             .map(|pulled| match self.planned(pulled, checkpoint) {
@@ -444,16 +472,16 @@ impl<P: Projection> Worker<P> {
                 _ => None,
             })
             .collect();
-        let reply = match events {
-            Some(events) => {
+        let reply = match (events, &order) {
+            (Some(events), Some((order, floor))) => {
                 let model = self.context.model.clone();
                 let (partition, generation) = (self.partition, self.generation);
                 let mode = if self.live { Mode::Live } else { Mode::Build };
                 let settings = Batch {
                     feed_len: self.context.config.projection.change_feed_len,
                     partitions: self.context.config.projection.partitions,
-                    order: Order::Contiguous,
-                    floor: 0,
+                    order: order.clone(),
+                    floor: *floor,
                 };
                 let mut reply: Attempt = Box::pin(async move {
                     model
@@ -467,11 +495,12 @@ impl<P: Projection> Worker<P> {
                     Poll::Pending => Sending::Sent(reply),
                 }
             }
-            None => Sending::Not,
+            _ => Sending::Not,
         };
         Sent {
             batch,
             interrupted,
+            order,
             reply,
         }
     }
@@ -1013,6 +1042,9 @@ struct Sent {
     batch: Vec<Pulled>,
     /// The pull ended (with an error) after this batch: bind again once it is committed.
     interrupted: bool,
+    /// The order and floor it was sent with; `None` when they are still to be found (a batch
+    /// sent ahead whose deliveries do not follow the batch before it's).
+    order: Option<(Order, u64)>,
     reply: Sending,
 }
 
@@ -1037,6 +1069,35 @@ impl Sending {
             Sending::Sent(reply) => Some(reply.await),
             Sending::Answered(step) => Some(step),
         }
+    }
+}
+
+/// The order of `next`, sent ahead right behind a batch in `before` (before its answer): for a
+/// partitioned view only if its deliveries follow that batch's, and without a floor (claims wait
+/// for the ordinary way). `None`: the ordinary way finds it.
+fn following(before: &Option<(Order, u64)>, next: &[Pulled]) -> Option<(Order, u64)> {
+    match before {
+        Some((
+            Order::Deliveries {
+                tag,
+                last,
+                position,
+                ..
+            },
+            _,
+        )) => {
+            let (first, through) = deliveries(next).filter(|(first, _)| *first == last + 1)?;
+            let top = next.iter().map(|p| p.position).max().unwrap_or(0);
+            let order = Order::Deliveries {
+                tag: tag.clone(),
+                first,
+                last: through,
+                position: top.max(*position),
+            };
+            Some((order, 0))
+        }
+        Some(_) => Some((Order::Contiguous, 0)),
+        None => None,
     }
 }
 
