@@ -1128,19 +1128,34 @@ impl ReadModel {
         batch: &Batch,
         events: &[AppliedEvent],
     ) -> Result<Step, ReadModelError> {
-        let mut invocation = self.apply.prepare_invoke();
         let (gate, mode) = match mode {
             Mode::Live => (self.keys.checkpoint(generation), "live"),
             Mode::Build => (self.keys.checkpoint(generation), "build"),
             Mode::Replay => (self.keys.replayed(generation), "replay"),
         };
-        invocation
-            .key(self.keys.active())
-            .key(gate)
-            .key(self.keys.changes(generation))
-            .key(self.keys.failed(generation))
-            .key(self.keys.progress(generation))
-            .key(self.keys.cursor(generation));
+        // One EVALSHA built in place: a script invocation would hold each of a batch's
+        // thousands of arguments in an allocation of its own, then copy them all.
+        let mut keys = vec![
+            self.keys.active(),
+            gate,
+            self.keys.changes(generation),
+            self.keys.failed(generation),
+            self.keys.progress(generation),
+            self.keys.cursor(generation),
+        ];
+        // Each key is passed once, however many writes touch it.
+        let mut key_indexes: HashMap<&str, usize> = HashMap::new();
+        for op in events.iter().flat_map(|event| &event.ops) {
+            key_indexes.entry(op.key.as_str()).or_insert_with(|| {
+                keys.push(self.keys.key(generation, &op.key));
+                keys.len()
+            });
+        }
+        let mut invocation = redis::cmd("EVALSHA");
+        invocation.arg(self.apply.get_hash()).arg(keys.len());
+        for key in &keys {
+            invocation.arg(key);
+        }
         invocation
             .arg(format!("p{partition}"))
             .arg(generation)
@@ -1174,8 +1189,6 @@ impl ReadModel {
                 invocation.arg(batch.floor).arg(*position);
             }
         }
-        // Each key is passed once, however many writes touch it.
-        let mut key_indexes: HashMap<&str, usize> = HashMap::new();
         for event in events {
             invocation
                 .arg(event.seq)
@@ -1184,11 +1197,7 @@ impl ReadModel {
                 .arg(if event.write { "1" } else { "0" })
                 .arg(event.ops.len());
             for op in &event.ops {
-                let next = key_indexes.len() + 7;
-                let index = *key_indexes.entry(op.key.as_str()).or_insert_with(|| {
-                    invocation.key(self.keys.key(generation, &op.key));
-                    next
-                });
+                let index = key_indexes.get(op.key.as_str()).copied().unwrap_or(0);
                 invocation.arg(op.command).arg(index).arg(op.args.len());
                 for arg in &op.args {
                     invocation.arg(arg);
@@ -1196,7 +1205,20 @@ impl ReadModel {
             }
         }
         let mut connection = self.connection.clone();
-        let reply: Vec<String> = invocation.invoke_async(&mut connection).await?;
+        let reply: Vec<String> = match invocation.query_async(&mut connection).await {
+            // Redis lost its scripts (a restart): load it, and run the same invocation again.
+            Err(error)
+                if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                let _: String = self
+                    .apply
+                    .prepare_invoke()
+                    .load_async(&mut connection)
+                    .await?;
+                invocation.query_async(&mut connection).await?
+            }
+            answer => answer?,
+        };
         self.parse_reply(generation, reply)
     }
 
