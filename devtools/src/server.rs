@@ -19,8 +19,10 @@ use crate::process::{
 };
 use crate::{Error, Result};
 
-/// How long a server may take to become ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a server may take to become ready. A cluster node is ready once its JetStream has a
+/// meta leader, and on a loaded 2-core machine (the full test suite in parallel) that election
+/// was seen to take 8 s after the routes were up: 10 s failed a start that was only slow.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one readiness probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How many times a start is tried before giving up (on a fresh port each time for a first
@@ -112,7 +114,7 @@ impl<F: Flavor> Builder<F> {
         self
     }
 
-    /// Starts the server on a free port and waits (at most 10 s) until it serves. If it exits
+    /// Starts the server on a free port and waits (at most 30 s) until it serves. If it exits
     /// during start-up (e.g. the port was taken meanwhile) it is tried again on a new port, up
     /// to 3 attempts. Errors include the tail of the server log.
     pub async fn start(self) -> Result<Server<F>> {
@@ -309,7 +311,7 @@ impl<F: Flavor> Server<F> {
         Ok(())
     }
 
-    /// Polls the probe every 20 ms until it succeeds, the child exits, or 10 s pass.
+    /// Polls the probe every 20 ms until it succeeds, the child exits, or 30 s pass.
     async fn wait_ready(&self, owned: &mut Owned, log: &Path) -> Result<(), Failed> {
         let url = self.url();
         let deadline = Instant::now() + READY_TIMEOUT;
