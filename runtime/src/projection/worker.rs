@@ -271,21 +271,13 @@ impl<P: Projection> Worker<P> {
                     _ => None,
                 };
                 let done = match (committed, order) {
-                    (Some(committed), order) => {
-                        checkpoint = committed;
-                        self.rewound_at = None;
-                        if let Some((Order::Deliveries { position, .. }, _)) = &order {
-                            self.position = *position;
-                        }
-                        self.after_commit(&batch, committed).await;
+                    (Some(committed), Some((order, _))) => {
+                        self.committed(&batch, &mut checkpoint, &order, committed)
+                            .await;
                         None
                     }
                     // The ordinary way, with the checks a batch sent ahead skipped.
-                    (None, Some((order, floor))) if !partitioned => {
-                        self.commit_batch(&batch, &mut checkpoint, order, floor)
-                            .await?
-                    }
-                    (None, _) => {
+                    _ => {
                         let top = *progress.borrow();
                         match self.order(&mut consumer, &batch, checkpoint, top).await {
                             Ok((order, floor)) => {
@@ -360,6 +352,37 @@ impl<P: Projection> Worker<P> {
         }
     }
 
+    /// Takes note that `batch`, applied in `order`, committed the checkpoint to `committed`.
+    async fn committed(
+        &mut self,
+        batch: &[Pulled],
+        checkpoint: &mut u64,
+        order: &Order,
+        committed: u64,
+    ) {
+        *checkpoint = committed;
+        self.rewound_at = None;
+        if let Order::Deliveries { position, .. } = order {
+            self.position = *position;
+        }
+        self.after_commit(batch, committed).await;
+    }
+
+    /// The settings of one apply step in `order` with `floor`.
+    fn settings(&self, order: Order, floor: u64) -> Batch {
+        Batch {
+            feed_len: self.context.config.projection.change_feed_len,
+            partitions: self.context.config.projection.partitions,
+            order,
+            floor,
+        }
+    }
+
+    /// Whether this worker applies the live version or builds one.
+    fn mode(&self) -> Mode {
+        if self.live { Mode::Live } else { Mode::Build }
+    }
+
     /// How the step is to know that `batch` misses nothing after `checkpoint`, and the floor it
     /// may advance the checkpoint to; for a partitioned view this asks the consumer how it
     /// stands (`top`: the furthest any partition committed).
@@ -408,12 +431,7 @@ impl<P: Projection> Worker<P> {
                 .await?
             {
                 Applied::Committed(committed) => {
-                    *checkpoint = committed;
-                    self.rewound_at = None;
-                    if let Order::Deliveries { position, .. } = &order {
-                        self.position = *position;
-                    }
-                    self.after_commit(batch, committed).await;
+                    self.committed(batch, checkpoint, &order, committed).await;
                     return Ok(None);
                 }
                 Applied::Reset => return Ok(Some(Rebind::Reset)),
@@ -476,13 +494,8 @@ impl<P: Projection> Worker<P> {
             (Some(events), Some((order, floor))) => {
                 let model = self.context.model.clone();
                 let (partition, generation) = (self.partition, self.generation);
-                let mode = if self.live { Mode::Live } else { Mode::Build };
-                let settings = Batch {
-                    feed_len: self.context.config.projection.change_feed_len,
-                    partitions: self.context.config.projection.partitions,
-                    order: order.clone(),
-                    floor: *floor,
-                };
+                let mode = self.mode();
+                let settings = self.settings(order.clone(), *floor);
                 let mut reply: Attempt = Box::pin(async move {
                     model
                         .apply(partition, generation, mode, checkpoint, &settings, &events)
@@ -739,14 +752,9 @@ impl<P: Projection> Worker<P> {
             model: &self.context.model,
             partition: self.partition,
             generation: self.generation,
-            mode: if self.live { Mode::Live } else { Mode::Build },
+            mode: self.mode(),
             checkpoint,
-            settings: Batch {
-                feed_len: self.context.config.projection.change_feed_len,
-                partitions: self.context.config.projection.partitions,
-                order,
-                floor,
-            },
+            settings: self.settings(order, floor),
         };
         let started = Instant::now();
         let mut around = WorkerAround {
