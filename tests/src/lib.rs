@@ -8,6 +8,8 @@
 //!   [`RedisServer::builder`]`.persistent()` keeps an AOF across restarts.
 //! - [`FunctionProcess`]: a built workspace binary (e.g. `account`) as a child
 //!   process, with SIGTERM / SIGKILL / bounded waits and its log.
+//! - [`latency::SlowLink`]: a relay that delays what a server sends, as a distant
+//!   server would.
 //!
 //! The servers come from [`jetfn_devtools`], the launcher `jetfn dev` uses too.
 //! Everything is cleaned up on drop, also when a test panics; the log tail of
@@ -32,6 +34,7 @@
 mod binaries;
 pub mod commands;
 pub mod faults;
+pub mod latency;
 mod process;
 pub mod raw;
 pub mod readmodels;

@@ -11,6 +11,7 @@ use futures::StreamExt;
 use jetfn::command::ErrorKind;
 use jetfn_tests::commands::{ACCOUNT_STREAM, send, transfer};
 use jetfn_tests::faults::assert_running;
+use jetfn_tests::latency::SlowLink;
 use jetfn_tests::workload::poll;
 use jetfn_tests::{FunctionProcess, NatsServer, RedisServer};
 use serde_json::{Value, json};
@@ -380,6 +381,29 @@ async fn a_command_function_that_may_not_subscribe_to_its_commands_does_not_star
     let crippled = deploy_permissions_without("\"cmd.account.> q\"");
     let nats = start_nats(&crippled).await;
     let mut account = account_process(&nats, &[]);
+    let status = account.wait(PATIENCE).await.unwrap();
+    assert!(!status.success());
+    let log = account.log();
+    assert!(
+        log.contains(
+            "permission denied: Permissions Violation for Subscription to \"cmd.account.>\""
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("command function ready"), "{log}");
+}
+
+/// Also across a slow link: the refusal of its subscription comes back after the start-up
+/// would otherwise have said it was ready, and the function still waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_function_far_from_its_server_that_may_not_subscribe_does_not_start() {
+    jetfn_tests::init_tracing();
+    let crippled = deploy_permissions_without("\"cmd.account.> q\"");
+    let nats = start_nats(&crippled).await;
+    let far = SlowLink::start(nats.port(), Duration::from_millis(100))
+        .await
+        .unwrap();
+    let mut account = account_process(&nats, &[("NATS_URL", far.url())]);
     let status = account.wait(PATIENCE).await.unwrap();
     assert!(!status.success());
     let log = account.log();

@@ -268,15 +268,25 @@ async fn go_live<H: Serves>(
     mut serving: Serving<H>,
     ready: impl FnOnce(),
 ) -> Result<RunningFunction, Error> {
-    // A denied subscription is reported asynchronously. The server sends its refusal before
-    // the flush's PONG, so once the flush returns the refusal is already queued for the
-    // connection's event task; a moment's grace lets that task hand it over. Anything later
+    // A denied subscription is reported asynchronously, and a client's flush only writes out
+    // what it buffered: it does not wait for the server. So make one round trip instead. The
+    // server handles a connection's operations in order and writes a refusal of a SUB as it
+    // handles it, so by the time the answer to a later request arrives any refusal has arrived
+    // before it; a moment's grace lets the connection's event task hand it over. Anything later
     // stops the serving loop.
-    let flushed = tokio::time::timeout(config.nats.request_timeout, serving.client.flush()).await;
-    if flushed.is_err() {
-        return Err(Error::Service(
-            "NATS did not confirm the subscriptions".into(),
-        ));
+    let confirm = config.nats.jetstream(serving.client.clone());
+    match tokio::time::timeout(config.nats.request_timeout, confirm.query_account()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => {
+            return Err(Error::Service(format!(
+                "NATS did not confirm the subscriptions: {err}"
+            )));
+        }
+        Err(_) => {
+            return Err(Error::Service(
+                "NATS did not confirm the subscriptions in time".into(),
+            ));
+        }
     }
     let subscriptions = serving.subscriptions();
     let refused = tokio::time::timeout(
