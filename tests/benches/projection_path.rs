@@ -115,12 +115,15 @@ async fn main() -> Result<()> {
         one.last_seq,
         one.accounts
     );
-    let (rate_one, projection, raw_read_one, raw_redis) = catch_up(&one, 1, 1).await?;
+    let one_run = catch_up(&one, 1, 1).await?;
+    let (rate_one, raw_read_one, raw_redis) = (one_run.rate, one_run.raw_read, one_run.raw_redis);
     let amplification_one = amplification(&one.client, one.last_seq).await?;
 
     eprintln!("9. live freshness at 1,000 commands/s ...");
     let freshness_one = freshness(&one).await?;
-    for process in projection {
+    let ceiling_one = one_run.ceiling();
+    let (cpu_one, busy_one, raw_cpu_one) = (one_run.cpu, one_run.busy, one_run.raw_cpu);
+    for process in one_run.processes {
         stop(process).await?;
     }
     let backlog = one.last_seq;
@@ -135,13 +138,14 @@ async fn main() -> Result<()> {
 
     eprintln!("7. catch-up, 4 partitions on 2 instances ...");
     let four = Setup::start().await?;
-    let (rate_four, projections, raw_read_four, _) = catch_up(&four, 4, 2).await?;
+    let four_run = catch_up(&four, 4, 2).await?;
+    let (rate_four, raw_read_four) = (four_run.rate, four_run.raw_read);
     let amplification_four = amplification(&four.client, four.last_seq).await?;
     let mirrored_four = mirrored(&four.client, &account_names()?.stream, 4, four.last_seq).await?;
     // A token passes only when all four partitions reach it, three of them by claiming it.
     eprintln!("9. live freshness at 1,000 commands/s, 4 partitions on 2 instances ...");
     let freshness_four = freshness(&four).await?;
-    for process in projections {
+    for process in four_run.processes {
         stop(process).await?;
     }
     let Setup { function, .. } = four;
@@ -152,6 +156,25 @@ async fn main() -> Result<()> {
         rate(rate_one, "events"),
         rate(raw_read_one, "events"),
         ">= 0.50",
+    );
+    table.plain(
+        "CPU per event in that catch-up: Redis / projection / nats-server",
+        format!(
+            "{:.1} / {:.1} / {:.1} µs ({busy_one:.2} cores busy)",
+            cpu_one[0], cpu_one[1], cpu_one[2]
+        ),
+        "-",
+    );
+    table.plain(
+        "  the same in the raw pull read: nats-server / reader",
+        format!("{:.1} / {:.1} µs", raw_cpu_one[0], raw_cpu_one[1]),
+        "-",
+    );
+    table.ratio(
+        "  the most the cores give at the catch-up's CPU per event (raw: pull read)",
+        rate(ceiling_one, "events"),
+        rate(raw_read_one, "events"),
+        "-",
     );
     table.ratio(
         "catch-up, 4 partitions on 2 instances (raw: pull read of that run's backlog)",
@@ -247,20 +270,51 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// What one catch-up measured.
+struct CatchUp {
+    /// Events per second, from spawn until every checkpoint reached the end.
+    rate: f64,
+    /// The projection processes, still running.
+    processes: Vec<FunctionProcess>,
+    /// The raw pull read of the same backlog, events/s.
+    raw_read: f64,
+    /// Raw pipelined Redis writes/s.
+    raw_redis: f64,
+    /// CPU per event in the catch-up, µs: Redis, the projection process(es), nats-server.
+    cpu: [f64; 3],
+    /// The machine's busy cores during the catch-up, on average.
+    busy: f64,
+    /// CPU per event in the raw pull read, µs: nats-server, the reader.
+    raw_cpu: [f64; 2],
+}
+
+impl CatchUp {
+    /// The most events/s the machine's cores could give at the catch-up's CPU per event, were
+    /// they all busy with nothing else.
+    fn ceiling(&self) -> f64 {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        cores * 1e6 / self.cpu.iter().sum::<f64>().max(f64::MIN_POSITIVE)
+    }
+}
+
 /// Raw limits on the setup's backlog, then `instances` projection processes with `partitions`
-/// partitions, timed from spawn until every checkpoint reaches the stream's last sequence.
-/// Returns (events/s, the projection processes, raw pull-read events/s, raw Redis writes/s).
-async fn catch_up(
-    setup: &Setup,
-    partitions: u32,
-    instances: usize,
-) -> Result<(f64, Vec<FunctionProcess>, f64, f64)> {
+/// partitions, timed from spawn until every checkpoint reaches the stream's last sequence, with
+/// the CPU each part used.
+async fn catch_up(setup: &Setup, partitions: u32, instances: usize) -> Result<CatchUp> {
     let names = account_names()?;
+    let (nats_pid, redis_pid) = (
+        setup.nats.pid().context("nats-server has no pid")?,
+        setup.redis.pid().context("redis-server has no pid")?,
+    );
+    let reading = CpuUse::start(&[nats_pid, std::process::id()])?;
     let raw_read = raw_pull_read(&setup.client, &names.stream, setup.last_seq).await?;
+    let (used, _) = reading.since_start()?;
+    let raw_cpu = [0, 1].map(|i| micros_each(used[i], setup.last_seq));
     // Also empties Redis again.
     let raw_redis = raw_redis_hset(&setup.redis.url(), 1000).await?;
 
     let model = ReadModel::connect(&setup.redis.url(), PROJECTION).await?;
+    let catching_up = CpuUse::start(&[redis_pid, nats_pid])?;
     let started = Instant::now();
     let mut processes = Vec::new();
     for _ in 0..instances {
@@ -297,6 +351,17 @@ async fn catch_up(
     }
     let took = started.elapsed();
     let rate = setup.last_seq as f64 / took.as_secs_f64();
+    let (used, busy) = catching_up.since_start()?;
+    let projecting: Duration = processes
+        .iter()
+        .map(|p| cpu_time(p.pid()))
+        .sum::<Result<_>>()?;
+    let per_event = |cpu| micros_each(cpu, setup.last_seq);
+    let cpu = [
+        per_event(used[0]),
+        per_event(projecting),
+        per_event(used[1]),
+    ];
     eprintln!(
         "  {partitions} partition(s), {instances} instance(s): {rate:.0} events/s \
          (raw pull read {raw_read:.0}/s, raw Redis {raw_redis:.0} writes/s)"
@@ -323,7 +388,20 @@ async fn catch_up(
             );
         }
     }
-    Ok((rate, processes, raw_read, raw_redis))
+    eprintln!(
+        "  CPU per event: Redis {:.1} µs, projection {:.1} µs, nats-server {:.1} µs; {busy:.2} \
+         cores busy (raw pull read: nats-server {:.1} µs, reader {:.1} µs)",
+        cpu[0], cpu[1], cpu[2], raw_cpu[0], raw_cpu[1]
+    );
+    Ok(CatchUp {
+        rate,
+        processes,
+        raw_read,
+        raw_redis,
+        cpu,
+        busy,
+        raw_cpu,
+    })
 }
 
 /// Events the partitioned view of `stream` for `partitions` holds, per event in the stream: each

@@ -293,6 +293,66 @@ pub fn cpu_time(pid: u32) -> Result<Duration> {
     Ok(Duration::from_millis(total * 10))
 }
 
+/// CPU time (user + system, with interrupts and steal) the whole machine has been busy so far,
+/// summed over its cores.
+pub fn machine_busy() -> Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("cpu "))
+        .context("no cpu line in /proc/stat")?
+        .split_whitespace()
+        .map(|v| v.parse().context("a /proc/stat cpu field"))
+        .collect::<Result<_>>()?;
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let busy: u64 = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    Ok(Duration::from_millis(busy * 10))
+}
+
+/// Where a run's CPU went: each process's share and the machine's, read before and after it.
+pub struct CpuUse {
+    pids: Vec<u32>,
+    processes: Vec<Duration>,
+    machine: Duration,
+    at: Instant,
+}
+
+impl CpuUse {
+    /// Starts counting for processes `pids` (a process started later counts from 0).
+    pub fn start(pids: &[u32]) -> Result<CpuUse> {
+        Ok(CpuUse {
+            pids: pids.to_vec(),
+            processes: pids.iter().map(|p| cpu_time(*p)).collect::<Result<_>>()?,
+            machine: machine_busy()?,
+            at: Instant::now(),
+        })
+    }
+
+    /// The CPU each process used since the start, then the machine's busy cores on average.
+    pub fn since_start(&self) -> Result<(Vec<Duration>, f64)> {
+        let used = self
+            .pids
+            .iter()
+            .zip(&self.processes)
+            .map(|(pid, before)| Ok(cpu_time(*pid)?.saturating_sub(*before)))
+            .collect::<Result<_>>()?;
+        let busy = machine_busy()?.saturating_sub(self.machine);
+        Ok((used, busy.as_secs_f64() / self.at.elapsed().as_secs_f64()))
+    }
+}
+
+/// CPU time per item, in µs.
+pub fn micros_each(cpu: Duration, items: u64) -> f64 {
+    cpu.as_secs_f64() * 1e6 / items.max(1) as f64
+}
+
 /// Bytes as MB with one decimal.
 pub fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
