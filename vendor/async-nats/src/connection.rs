@@ -847,20 +847,26 @@ impl HeaderBlock {
         self.malformed.get_or_insert(problem);
     }
 
-    fn append(&mut self, (name, value): (HeaderName, String)) {
-        self.headers
-            .append(name, value.trim_end().to_owned().into_header_value());
+    fn append(&mut self, (name, mut value): (HeaderName, String)) {
+        // Trimmed in place: every header of every message passes here.
+        value.truncate(value.trim_end().len());
+        self.headers.append(name, value.into_header_value());
     }
 }
+
+/// Finds CRLF; built once, as building a finder costs more than a search of a header line.
+static CRLF: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n"));
 
 /// The lines of a header block: what lies between CRLFs, as the server sees them.
 fn crlf_lines(block: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = block;
+    let crlf = &*CRLF;
     std::iter::from_fn(move || {
         if rest.is_empty() {
             return None;
         }
-        let end = memchr::memmem::find(rest, b"\r\n").unwrap_or(rest.len());
+        let end = crlf.find(rest).unwrap_or(rest.len());
         let line = &rest[..end];
         rest = rest.get(end + 2..).unwrap_or_default();
         Some(line)

@@ -196,16 +196,11 @@ impl HeaderMap {
     /// headers.append("Key", "Value");
     /// headers.append("Key", "Another");
     pub fn append<K: IntoHeaderName, V: IntoHeaderValue>(&mut self, name: K, value: V) {
-        let key = name.into_header_name();
-        let v = self.inner.get_mut(&key);
-        match v {
-            Some(v) => {
-                v.push(value.into_header_value());
-            }
-            None => {
-                self.insert(key, value.into_header_value());
-            }
-        }
+        // jetfn patch (JETFN-PATCH.md): one hash lookup, not a lookup and then an insert.
+        self.inner
+            .entry(name.into_header_name())
+            .or_default()
+            .push(value.into_header_value());
     }
 
     /// Gets a value for a given key. If key is not found, [Option::None] is returned.
