@@ -373,6 +373,16 @@ async fn a_command_function_that_may_not_publish_events_fails_in_bounded_time() 
     assert!(account.wait(PATIENCE).await.unwrap().success());
 }
 
+/// The function exited unsuccessfully, its log names `refusal`, and it never said it was ready.
+async fn assert_refused_to_start(function: &mut FunctionProcess, refusal: &str) -> String {
+    let status = function.wait(PATIENCE).await.unwrap();
+    assert!(!status.success());
+    let log = function.log();
+    assert!(log.contains(refusal), "{log}");
+    assert!(!log.contains("command function ready"), "{log}");
+    log
+}
+
 /// A command function that may not subscribe to its commands refuses to start, naming the
 /// subject, instead of reporting ready while nobody answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,16 +391,11 @@ async fn a_command_function_that_may_not_subscribe_to_its_commands_does_not_star
     let crippled = deploy_permissions_without("\"cmd.account.> q\"");
     let nats = start_nats(&crippled).await;
     let mut account = account_process(&nats, &[]);
-    let status = account.wait(PATIENCE).await.unwrap();
-    assert!(!status.success());
-    let log = account.log();
-    assert!(
-        log.contains(
-            "permission denied: Permissions Violation for Subscription to \"cmd.account.>\""
-        ),
-        "{log}"
-    );
-    assert!(!log.contains("command function ready"), "{log}");
+    assert_refused_to_start(
+        &mut account,
+        "permission denied: Permissions Violation for Subscription to \"cmd.account.>\"",
+    )
+    .await;
 }
 
 /// Also across a slow link: the refusal of its subscription comes back after the start-up
@@ -404,16 +409,11 @@ async fn a_command_function_far_from_its_server_that_may_not_subscribe_does_not_
         .await
         .unwrap();
     let mut account = account_process(&nats, &[("NATS_URL", far.url())]);
-    let status = account.wait(PATIENCE).await.unwrap();
-    assert!(!status.success());
-    let log = account.log();
-    assert!(
-        log.contains(
-            "permission denied: Permissions Violation for Subscription to \"cmd.account.>\""
-        ),
-        "{log}"
-    );
-    assert!(!log.contains("command function ready"), "{log}");
+    assert_refused_to_start(
+        &mut account,
+        "permission denied: Permissions Violation for Subscription to \"cmd.account.>\"",
+    )
+    .await;
 }
 
 /// A command function refused the aggregate-affinity subjects refuses to start, naming the
@@ -424,17 +424,12 @@ async fn a_command_function_refused_the_affinity_subjects_does_not_start() {
     let crippled = deploy_permissions_without("\"jetfn.affinity.account.>\"");
     let nats = start_nats(&crippled).await;
     let mut account = account_process(&nats, &[]);
-    let status = account.wait(PATIENCE).await.unwrap();
-    assert!(!status.success());
-    let log = account.log();
-    assert!(
-        log.contains(
-            "permission denied: Permissions Violation for Subscription to \"jetfn.affinity.account."
-        ),
-        "{log}"
-    );
+    let log = assert_refused_to_start(
+        &mut account,
+        "permission denied: Permissions Violation for Subscription to \"jetfn.affinity.account.",
+    )
+    .await;
     assert!(log.contains("or set command.affinity = false"), "{log}");
-    assert!(!log.contains("command function ready"), "{log}");
 
     // Without affinity it needs none of them.
     let mut account = account_process(&nats, &[("JETFN_COMMAND__AFFINITY", "false".to_owned())]);
