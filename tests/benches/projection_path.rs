@@ -123,7 +123,9 @@ async fn main() -> Result<()> {
     let freshness_one = freshness(&one).await?;
     let ceiling_one = one_run.ceiling();
     let (cpu_one, busy_one, raw_cpu_one) = (one_run.cpu, one_run.busy, one_run.raw_cpu);
-    for process in one_run.processes {
+    eprintln!("7. catch-up after a restart, 1 partition ...");
+    let (restart_one, running) = restart_catch_up(&one, one_run.processes, 1).await?;
+    for process in running {
         stop(process).await?;
     }
     let backlog = one.last_seq;
@@ -145,7 +147,9 @@ async fn main() -> Result<()> {
     // A token passes only when all four partitions reach it, three of them by claiming it.
     eprintln!("9. live freshness at 1,000 commands/s, 4 partitions on 2 instances ...");
     let freshness_four = freshness(&four).await?;
-    for process in four_run.processes {
+    eprintln!("7. catch-up after a restart, 4 partitions on 2 instances ...");
+    let (restart_four, running) = restart_catch_up(&four, four_run.processes, 4).await?;
+    for process in running {
         stop(process).await?;
     }
     let Setup { function, .. } = four;
@@ -187,6 +191,12 @@ async fn main() -> Result<()> {
         rate(rate_four, "events"),
         rate(rate_one, "events"),
         ">= 1.00",
+    );
+    table.ratio(
+        "catch-up after a restart (a second backlog, the view already filled), 4 partitions on 2 instances vs 1 partition",
+        rate(restart_four, "events"),
+        rate(restart_one, "events"),
+        "-",
     );
     table.ratio(
         "catch-up, 1 partition (raw: pipelined Redis HSET, MULTI of 100)",
@@ -316,39 +326,8 @@ async fn catch_up(setup: &Setup, partitions: u32, instances: usize) -> Result<Ca
     let model = ReadModel::connect(&setup.redis.url(), PROJECTION).await?;
     let catching_up = CpuUse::start(&[redis_pid, nats_pid])?;
     let started = Instant::now();
-    let mut processes = Vec::new();
-    for _ in 0..instances {
-        processes.push(FunctionProcess::spawn(
-            PROJECTION_BINARY,
-            &setup.projection_envs(partitions),
-        )?);
-    }
-    let deadline = Duration::from_secs(120);
-    loop {
-        if let Some(generation) = model.active_generation().await? {
-            let checkpoints = model.checkpoints(generation).await?;
-            if checkpoints.len() == partitions as usize
-                && checkpoints.iter().all(|(_, seq)| *seq >= setup.last_seq)
-            {
-                break;
-            }
-        }
-        if started.elapsed() > deadline {
-            bail!(
-                "the projection did not catch up within {deadline:?}; log: {}",
-                processes
-                    .first()
-                    .map(FunctionProcess::log)
-                    .unwrap_or_default()
-            );
-        }
-        for process in &mut processes {
-            if let Some(status) = process.try_status()? {
-                bail!("the projection exited ({status}): {}", process.log());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let processes =
+        spawn_until_caught_up(setup, &model, partitions, instances, setup.last_seq).await?;
     let took = started.elapsed();
     let rate = setup.last_seq as f64 / took.as_secs_f64();
     let (used, busy) = catching_up.since_start()?;
@@ -402,6 +381,115 @@ async fn catch_up(setup: &Setup, partitions: u32, instances: usize) -> Result<Ca
         busy,
         raw_cpu,
     })
+}
+
+/// Spawns `instances` projection processes with `partitions` partitions and waits until every
+/// checkpoint reaches `last_seq`. Returns the processes, still running.
+async fn spawn_until_caught_up(
+    setup: &Setup,
+    model: &ReadModel,
+    partitions: u32,
+    instances: usize,
+    last_seq: u64,
+) -> Result<Vec<FunctionProcess>> {
+    let started = Instant::now();
+    let mut processes = Vec::new();
+    for _ in 0..instances {
+        processes.push(FunctionProcess::spawn(
+            PROJECTION_BINARY,
+            &setup.projection_envs(partitions),
+        )?);
+    }
+    let deadline = Duration::from_secs(120);
+    loop {
+        if let Some(generation) = model.active_generation().await? {
+            let checkpoints = model.checkpoints(generation).await?;
+            if checkpoints.len() == partitions as usize
+                && checkpoints.iter().all(|(_, seq)| *seq >= last_seq)
+            {
+                return Ok(processes);
+            }
+        }
+        if started.elapsed() > deadline {
+            bail!(
+                "the projection did not catch up within {deadline:?}; log: {}",
+                processes
+                    .first()
+                    .map(FunctionProcess::log)
+                    .unwrap_or_default()
+            );
+        }
+        for process in &mut processes {
+            if let Some(status) = process.try_status()? {
+                bail!("the projection exited ({status}): {}", process.log());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A restart's catch-up: stops `running`, lets a second backlog (9 deposits per account) build
+/// up while no projection runs, with the partitioned view, if any, filled by the server as it
+/// would be in a deployment, then respawns the processes and times them from spawn until every
+/// checkpoint reaches the new end. Returns events/s and the processes, still running.
+async fn restart_catch_up(
+    setup: &Setup,
+    running: Vec<FunctionProcess>,
+    partitions: u32,
+) -> Result<(f64, Vec<FunctionProcess>)> {
+    let instances = running.len();
+    for process in running {
+        stop(process).await?;
+    }
+    let accounts = setup.accounts;
+    let deposits = (0..9).flat_map(move |_| {
+        (0..accounts).map(|k| {
+            (
+                format!("p{k}"),
+                account::Event::MoneyDeposited { amount: 1 },
+            )
+        })
+    });
+    let before = jetstream::new(setup.client.clone())
+        .get_stream(&account_names()?.stream)
+        .await?
+        .info()
+        .await?
+        .state
+        .last_sequence;
+    let last_seq = seed(&setup.client, "restart", deposits).await?;
+    if partitions > 1 {
+        view_filled(&setup.client, partitions).await?;
+    }
+    let model = ReadModel::connect(&setup.redis.url(), PROJECTION).await?;
+    let started = Instant::now();
+    let processes = spawn_until_caught_up(setup, &model, partitions, instances, last_seq).await?;
+    let rate = (last_seq - before) as f64 / started.elapsed().as_secs_f64();
+    eprintln!(
+        "  restart after {} more events, {partitions} partition(s), {instances} instance(s): \
+         {rate:.0} events/s",
+        last_seq - before
+    );
+    Ok((rate, processes))
+}
+
+/// Waits until the partitioned view holds every message of the event stream.
+async fn view_filled(client: &async_nats::Client, partitions: u32) -> Result<()> {
+    let js = jetstream::new(client.clone());
+    let stream = account_names()?.stream;
+    let view = jetfn::wire::names::partition_view(&stream, "account", partitions);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stored = js.get_stream(&stream).await?.info().await?.state.messages;
+        let held = js.get_stream(&view).await?.info().await?.state.messages;
+        if held >= stored {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the partitioned view {view} holds {held} of {stored} events after 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Events the partitioned view of `stream` for `partitions` holds, per event in the stream: each
