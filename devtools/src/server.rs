@@ -30,6 +30,10 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const START_ATTEMPTS: u32 = 3;
 /// How long a polite stop (SIGTERM) may take before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long one command on a [`RedisServer::connect`] connection may take. Tests read whole
+/// change feeds with it while the full suite runs in parallel: a read that takes a second there
+/// is slow, not wrong, and a test that gave up on it would fail for no fault of the code.
+const CHECK_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The label of log notes unless [`Builder::label`] sets one.
 const DEFAULT_LABEL: &str = "jetfn-devtools";
 
@@ -752,10 +756,14 @@ impl Server<Redis> {
             .map_err(|e| Error::Connect(format!("redis client for {}: {e}", self.url())))
     }
 
-    /// Opens a new multiplexed async connection to this server.
+    /// Opens a new multiplexed async connection to this server. A command may take up to
+    /// 30 s: a check's long read on a loaded machine is slow, not wrong
+    /// (the crate's default gives up after 500 ms).
     pub async fn connect(&self) -> Result<redis::aio::MultiplexedConnection> {
+        let config =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(CHECK_RESPONSE_TIMEOUT));
         self.client()?
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|e| {
                 Error::Connect(format!("connecting to redis-server at {}: {e}", self.url()))
