@@ -641,6 +641,62 @@ async fn four_partitions_on_two_instances_keep_each_accounts_order() {
     side.function.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_instance_hands_its_partition_to_a_standby_at_once() {
+    // No pin expires within the test: the standby gets the partition only if the stopping
+    // instance hands it over.
+    let side = ReadSide::start_with(|config| {
+        config.projection.pin_timeout = Duration::from_secs(600);
+    })
+    .await
+    .unwrap();
+    let (client, redis) = (&side.client, &side.redis);
+    let other = start_projection(side.config.clone()).await.unwrap();
+
+    let ids: Vec<String> = (0..8).map(|n| format!("h-{n}")).collect();
+    open_accounts(client, &ids, 10).await.unwrap();
+    wait_until_caught_up(client, redis, 1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let opened = stream_last_seq(client).await.unwrap();
+    let first = side.projection;
+    poll(
+        "one instance reports the partition",
+        Duration::from_secs(10),
+        || async {
+            Ok((first.checkpoint() >= opened || other.checkpoint() >= opened).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    let (serving, standby) = if first.checkpoint() >= opened {
+        (first, other)
+    } else {
+        (other, first)
+    };
+
+    serving.stop().await.unwrap();
+    churn(client, &ids, 2).await.unwrap();
+    let last = stream_last_seq(client).await.unwrap();
+    // Far below the pin timeout: only a hand-over gets here.
+    wait_until_caught_up(client, redis, 1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    check_read_side(client, redis, 1, 1, FeedOrder::Stream)
+        .await
+        .unwrap();
+    poll(
+        "the standby reports the stream's end",
+        Duration::from_secs(10),
+        || async { Ok((standby.checkpoint() >= last).then_some(())) },
+    )
+    .await
+    .unwrap();
+
+    standby.stop().await.unwrap();
+    side.function.stop().await.unwrap();
+}
+
 /// Messages the consumers of `stream_name` have delivered, redeliveries included, by consumer.
 async fn deliveries(
     client: &async_nats::Client,

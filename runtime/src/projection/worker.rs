@@ -128,12 +128,25 @@ impl<P: Projection> Worker<P> {
     }
 
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), Error> {
+        self.serve_until_stopped(&mut stop).await?;
+        // A graceful stop (a rolling deploy) hands the partition over now, after its last
+        // commit: otherwise a standby waits out the pin timeout before JetStream delivers to it.
+        // What this worker read ahead and did not commit comes back to the next one as a hole
+        // after the checkpoint, which it redelivers from the checkpoint as after any hand-over.
+        if self.active {
+            self.release_pin().await;
+        }
+        Ok(())
+    }
+
+    /// Serves the partition, binding again whenever it must, until told to stop.
+    async fn serve_until_stopped(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), Error> {
         let mut recreate = false;
         loop {
             if *stop.borrow() {
                 return Ok(());
             }
-            let rebind = self.serve(recreate, &mut stop).await?;
+            let rebind = self.serve(recreate, stop).await?;
             recreate = false;
             match rebind {
                 None => return Ok(()),
