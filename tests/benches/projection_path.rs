@@ -36,6 +36,8 @@ fn scaled(n: usize) -> usize {
 const PROJECTION_BINARY: &str = "account-projection";
 /// Every how many live commands the freshness run also times `ReadModel::wait_for`.
 const WAIT_FOR_EVERY: usize = 20;
+/// How long the projection's pull requests wait at the server: half the default pin timeout.
+const PULL_EXPIRY: Duration = Duration::from_millis(2500);
 /// Accounts in the backlog; each has `EVENTS_PER_ACCOUNT` events.
 const ACCOUNTS: usize = 5_000;
 
@@ -313,10 +315,7 @@ impl CatchUp {
 /// the CPU each part used.
 async fn catch_up(setup: &Setup, partitions: u32, instances: usize) -> Result<CatchUp> {
     let names = account_names()?;
-    let (nats_pid, redis_pid) = (
-        setup.nats.pid().context("nats-server has no pid")?,
-        setup.redis.pid().context("redis-server has no pid")?,
-    );
+    let nats_pid = setup.nats.pid().context("nats-server has no pid")?;
     let reading = CpuUse::start(&[nats_pid, std::process::id()])?;
     let raw_read = raw_pull_read(&setup.client, &names.stream, setup.last_seq).await?;
     let (used, _) = reading.since_start()?;
@@ -325,23 +324,9 @@ async fn catch_up(setup: &Setup, partitions: u32, instances: usize) -> Result<Ca
     let raw_redis = raw_redis_hset(&setup.redis.url(), 1000).await?;
 
     let model = ReadModel::connect(&setup.redis.url(), PROJECTION).await?;
-    let catching_up = CpuUse::start(&[redis_pid, nats_pid])?;
-    let started = Instant::now();
-    let processes =
-        spawn_until_caught_up(setup, &model, partitions, instances, setup.last_seq).await?;
-    let took = started.elapsed();
-    let rate = setup.last_seq as f64 / took.as_secs_f64();
-    let (used, busy) = catching_up.since_start()?;
-    let projecting: Duration = processes
-        .iter()
-        .map(|p| cpu_time(p.pid()))
-        .sum::<Result<_>>()?;
-    let per_event = |cpu| micros_each(cpu, setup.last_seq);
-    let cpu = [
-        per_event(used[0]),
-        per_event(projecting),
-        per_event(used[1]),
-    ];
+    let timed = timed_catch_up(setup, &model, partitions, instances, 0, setup.last_seq).await?;
+    let (rate, took, cpu, busy) = (timed.rate, timed.took, timed.cpu, timed.busy);
+    let processes = timed.processes;
     eprintln!(
         "  {partitions} partition(s), {instances} instance(s): {rate:.0} events/s \
          (raw pull read {raw_read:.0}/s, raw Redis {raw_redis:.0} writes/s)"
@@ -381,6 +366,55 @@ async fn catch_up(setup: &Setup, partitions: u32, instances: usize) -> Result<Ca
         cpu,
         busy,
         raw_cpu,
+    })
+}
+
+/// A catch-up timed from spawn, with the CPU each part used.
+struct Timed {
+    /// Events/s.
+    rate: f64,
+    took: Duration,
+    /// CPU per event, µs: Redis, the projection process(es), nats-server.
+    cpu: [f64; 3],
+    /// Cores busy on average.
+    busy: f64,
+    processes: Vec<FunctionProcess>,
+}
+
+/// Spawns the processes with [`spawn_until_caught_up`] and times the events after `from` up to
+/// `last_seq`, reading the CPU time of Redis, nats-server and the processes meanwhile.
+async fn timed_catch_up(
+    setup: &Setup,
+    model: &ReadModel,
+    partitions: u32,
+    instances: usize,
+    from: u64,
+    last_seq: u64,
+) -> Result<Timed> {
+    let catching_up = CpuUse::start(&[
+        setup.redis.pid().context("redis-server has no pid")?,
+        setup.nats.pid().context("nats-server has no pid")?,
+    ])?;
+    let started = Instant::now();
+    let processes = spawn_until_caught_up(setup, model, partitions, instances, last_seq).await?;
+    let took = started.elapsed();
+    let (used, busy) = catching_up.since_start()?;
+    let projecting: Duration = processes
+        .iter()
+        .map(|p| cpu_time(p.pid()))
+        .sum::<Result<_>>()?;
+    let events = last_seq - from;
+    let per_event = |cpu| micros_each(cpu, events);
+    Ok(Timed {
+        rate: events as f64 / took.as_secs_f64(),
+        took,
+        cpu: [
+            per_event(used[0]),
+            per_event(projecting),
+            per_event(used[1]),
+        ],
+        busy,
+        processes,
     })
 }
 
@@ -442,6 +476,11 @@ async fn restart_catch_up(
     for process in running {
         stop(process).await?;
     }
+    // The stopped processes' last pull requests wait at the server until they expire (2.5 s
+    // with the default pin timeout). An event that arrives before then makes nats-server pin a
+    // dead one, and the new processes wait out the pin timeout: a stall at restart, reported in
+    // the README, that this row of catch-up throughput leaves out.
+    tokio::time::sleep(PULL_EXPIRY + Duration::from_millis(500)).await;
     let accounts = setup.accounts;
     let deposits = (0..9).flat_map(move |_| {
         (0..accounts).map(|k| {
@@ -456,15 +495,20 @@ async fn restart_catch_up(
         view_filled(&setup.client, partitions).await?;
     }
     let model = ReadModel::connect(&setup.redis.url(), PROJECTION).await?;
-    let started = Instant::now();
-    let processes = spawn_until_caught_up(setup, &model, partitions, instances, last_seq).await?;
-    let seeded = 9 * accounts;
-    let rate = seeded as f64 / started.elapsed().as_secs_f64();
+    let from = last_seq - 9 * accounts as u64;
+    let timed = timed_catch_up(setup, &model, partitions, instances, from, last_seq).await?;
     eprintln!(
-        "  restart after {seeded} more events, {partitions} partition(s), {instances} \
-         instance(s): {rate:.0} events/s"
+        "  restart after {} more events, {partitions} partition(s), {instances} instance(s): \
+         {:.0} events/s; CPU per event: Redis {:.1} µs, projection {:.1} µs, nats-server {:.1} \
+         µs; {:.2} cores busy",
+        last_seq - from,
+        timed.rate,
+        timed.cpu[0],
+        timed.cpu[1],
+        timed.cpu[2],
+        timed.busy
     );
-    Ok((rate, processes))
+    Ok((timed.rate, timed.processes))
 }
 
 /// Waits until the partitioned view holds every message of the event stream.
