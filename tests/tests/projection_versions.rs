@@ -697,6 +697,42 @@ async fn a_stopped_instance_hands_its_partition_to_a_standby_at_once() {
     side.function.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_sent_right_after_a_stop_reach_the_next_instance_before_the_pin_timeout() {
+    // No pin expires within the test.
+    let side = ReadSide::start_with(|config| {
+        config.projection.pin_timeout = Duration::from_secs(600);
+        config.projection.partitions = 4;
+    })
+    .await
+    .unwrap();
+    let (client, redis) = (&side.client, &side.redis);
+    let other = start_projection(side.config.clone()).await.unwrap();
+    let ids: Vec<String> = (0..40).map(|n| format!("d-{n}")).collect();
+    open_accounts(client, &ids, 10).await.unwrap();
+    wait_until_caught_up(client, redis, 4, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    // Each instance stands by for the partitions the other serves. The standbys' last pull
+    // requests (they carry no pin) still wait at the server when the next events arrive (they
+    // expire after half the pin timeout, at most 5 s): nats-server pins one of them, though its
+    // client is gone, and keeps the pin.
+    side.projection.stop().await.unwrap();
+    other.stop().await.unwrap();
+    churn(client, &ids, 1).await.unwrap();
+    let next = start_projection(side.config.clone()).await.unwrap();
+    wait_until_caught_up(client, redis, 4, Duration::from_secs(60))
+        .await
+        .unwrap();
+    check_read_side(client, redis, 1, 4, FeedOrder::PerAccount)
+        .await
+        .unwrap();
+
+    next.stop().await.unwrap();
+    side.function.stop().await.unwrap();
+}
+
 /// Messages the consumers of `stream_name` have delivered, redeliveries included, by consumer.
 async fn deliveries(
     client: &async_nats::Client,

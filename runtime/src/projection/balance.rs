@@ -6,8 +6,16 @@
 //! (`$SRV.PING.<name>`) and, when it is busy on more than its fair share of partitions, hands the
 //! surplus over: the worker stops pulling, the pin is released, and another instance's standby
 //! pull takes it.
+//!
+//! A pin can also go to nobody. nats-server gives the pin to the first waiting pull request when
+//! it has a message to deliver, and only then checks that the request's client still listens;
+//! when it does not, the request is dropped but the pin stays. So an event that arrives while
+//! the pull requests of instances that just stopped still wait at the server (until they expire,
+//! half the pin timeout) pins a client that is gone, and every live instance waits out the pin
+//! timeout. [`dead_pin`] recognizes such a pin, and standbys release it.
 
 use super::Stats;
+use async_nats::jetstream::consumer;
 use futures::StreamExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -64,6 +72,26 @@ pub(crate) async fn balance(
     }
 }
 
+/// The pin of priority group `group` when nats-server gave it to a client that was gone: events
+/// wait, yet nothing was delivered since the pin was given. A live client gets its first message
+/// with the pin (the server gives the pin in order to deliver it), so a pin older than the last
+/// delivery went nowhere.
+pub(crate) fn dead_pin<'a>(info: &'a consumer::Info, group: &str) -> Option<&'a str> {
+    if info.num_pending == 0 {
+        return None;
+    }
+    let state = info
+        .priority_groups
+        .iter()
+        .find(|state| state.group == group)?;
+    let (pin, pinned_at) = (state.pinned_client_id.as_deref()?, state.pinned_ts?);
+    let delivered_since = info
+        .delivered
+        .last_active
+        .is_some_and(|delivered| delivered >= pinned_at);
+    (!delivered_since).then_some(pin)
+}
+
 /// How many instances of the projection answer `$SRV.PING` (at least 1: this one).
 async fn count_instances(client: &async_nats::Client, name: &str) -> usize {
     let inbox = client.new_inbox();
@@ -95,6 +123,71 @@ async fn count_instances(client: &async_nats::Client, name: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Consumer info as nats-server 2.15 sends it, with `pending` events waiting, the pin given at
+    /// `pinned` and the last delivery at `delivered` (RFC 3339, or null).
+    fn consumer_info(
+        pending: u64,
+        pinned: Option<&str>,
+        delivered: Option<&str>,
+    ) -> consumer::Info {
+        let group = match pinned {
+            Some(at) => {
+                serde_json::json!({"group": "jetfn", "pinned_client_id": "PIN", "pinned_ts": at})
+            }
+            None => serde_json::json!({"group": "jetfn", "pinned_ts": "0001-01-01T00:00:00Z"}),
+        };
+        serde_json::from_value(serde_json::json!({
+            "stream_name": "S", "name": "C", "created": "2026-12-03T07:00:00Z",
+            "config": consumer::Config::default(),
+            "delivered": {"consumer_seq": 10, "stream_seq": 10, "last_active": delivered},
+            "ack_floor": {"consumer_seq": 10, "stream_seq": 10},
+            "num_ack_pending": 0, "num_redelivered": 0, "num_waiting": 1, "num_pending": pending,
+            "priority_groups": [group],
+            "ts": "2026-12-03T07:00:09Z"
+        }))
+        .unwrap_or_else(|e| panic!("consumer info: {e}"))
+    }
+
+    #[test]
+    fn a_pin_given_after_the_last_delivery_with_events_waiting_is_dead() {
+        let info = consumer_info(
+            5,
+            Some("2026-12-03T07:00:08Z"),
+            Some("2026-12-03T07:00:07Z"),
+        );
+        assert_eq!(dead_pin(&info, "jetfn"), Some("PIN"));
+        let never_delivered = consumer_info(5, Some("2026-12-03T07:00:08Z"), None);
+        assert_eq!(dead_pin(&never_delivered, "jetfn"), Some("PIN"));
+    }
+
+    #[test]
+    fn a_pin_that_delivered_since_it_was_given_is_alive() {
+        let info = consumer_info(
+            5,
+            Some("2026-12-03T07:00:08Z"),
+            Some("2026-12-03T07:00:08.5Z"),
+        );
+        assert_eq!(dead_pin(&info, "jetfn"), None);
+    }
+
+    #[test]
+    fn no_pin_no_waiting_events_or_another_group_is_not_a_dead_pin() {
+        let unpinned = consumer_info(5, None, Some("2026-12-03T07:00:07Z"));
+        assert_eq!(dead_pin(&unpinned, "jetfn"), None);
+        let drained = consumer_info(
+            0,
+            Some("2026-12-03T07:00:08Z"),
+            Some("2026-12-03T07:00:07Z"),
+        );
+        assert_eq!(dead_pin(&drained, "jetfn"), None);
+        let pinned = consumer_info(
+            5,
+            Some("2026-12-03T07:00:08Z"),
+            Some("2026-12-03T07:00:07Z"),
+        );
+        assert_eq!(dead_pin(&pinned, "other"), None);
+    }
 
     #[test]
     fn the_fair_share_rounds_up() {

@@ -1,7 +1,7 @@
 //! One partition of one read-model version: consume, apply atomically, then acknowledge.
 
 use super::commit::{ApplyStep, Around, commit};
-use super::{Context, Projection, Recorded, Stats, dead_letters};
+use super::{Context, Projection, Recorded, Stats, balance, dead_letters};
 use crate::Error;
 use crate::aggregate::{Aggregate, Upcasters, decode_stored};
 use crate::readmodel::{
@@ -19,6 +19,9 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+
+/// How long after a first sighting a dead pin is looked at again before it is released.
+const DEAD_PIN_RECHECK: Duration = Duration::from_millis(250);
 
 /// The priority group every partition consumer pins one instance in.
 pub(crate) const PIN_GROUP: &str = "jetfn";
@@ -330,6 +333,9 @@ impl<P: Projection> Worker<P> {
                 next = tokio::time::timeout(Duration::from_secs(1), pulled.recv()) => match next {
                     Ok(next) => next,
                     Err(_) => {
+                        if !self.active {
+                            self.release_dead_pin(&mut consumer).await;
+                        }
                         if partitioned {
                             let top = *progress.borrow();
                             if let Some(rebind) = self.claim(&mut consumer, &mut checkpoint, top).await? {
@@ -633,6 +639,30 @@ impl<P: Projection> Worker<P> {
             let _ = stream
                 .unpin_consumer(&self.consumer_name(), PIN_GROUP)
                 .await;
+        }
+    }
+
+    /// Releases a pin nats-server gave to a client that was gone ([`balance::dead_pin`]), seen
+    /// twice a moment apart with the same id, so that events flow again now rather than after
+    /// the pin timeout.
+    async fn release_dead_pin(&self, consumer: &mut consumer::Consumer<pull::Config>) {
+        let Ok(info) = consumer.info().await else {
+            return;
+        };
+        let Some(pin) = balance::dead_pin(info, PIN_GROUP).map(str::to_owned) else {
+            return;
+        };
+        tokio::time::sleep(DEAD_PIN_RECHECK).await;
+        let Ok(info) = consumer.info().await else {
+            return;
+        };
+        if balance::dead_pin(info, PIN_GROUP) == Some(pin.as_str()) {
+            tracing::info!(
+                projection = P::NAME,
+                partition = self.partition,
+                "releasing a pin nats-server gave to a client that was gone"
+            );
+            self.release_pin().await;
         }
     }
 
