@@ -467,6 +467,14 @@ impl Stats {
             .unwrap_or(0)
     }
 
+    /// Whether `partition`'s checkpoint (as this instance last saw it, from Redis or its own
+    /// commits) is behind the stream's last sequence.
+    pub fn behind(&self, partition: u32) -> bool {
+        self.checkpoints.get(partition as usize).is_some_and(|c| {
+            c.load(Ordering::Relaxed) < self.stream_last_seq.load(Ordering::Relaxed)
+        })
+    }
+
     pub fn lag(&self) -> u64 {
         self.stream_last_seq
             .load(Ordering::Relaxed)

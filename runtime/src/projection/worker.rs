@@ -333,7 +333,8 @@ impl<P: Projection> Worker<P> {
                 next = tokio::time::timeout(Duration::from_secs(1), pulled.recv()) => match next {
                     Ok(next) => next,
                     Err(_) => {
-                        if !self.active {
+                        // Not receiving while the partition is behind: is its pin dead?
+                        if !self.active && self.stats.behind(self.partition) {
                             self.release_dead_pin(&mut consumer).await;
                         }
                         if partitioned {
