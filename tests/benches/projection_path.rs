@@ -476,10 +476,11 @@ async fn restart_catch_up(
     for process in running {
         stop(process).await?;
     }
-    // The stopped processes' last pull requests wait at the server until they expire (2.5 s
+    // The stopped standbys' last pull requests wait at the server until they expire (2.5 s
     // with the default pin timeout). An event that arrives before then makes nats-server pin a
-    // dead one, and the new processes wait out the pin timeout: a stall at restart, reported in
-    // the README, that this row of catch-up throughput leaves out.
+    // dead one, and the new processes stall until a standby sees that and releases the pin
+    // (about a second; the pin timeout before 2026-12-03). This row measures catch-up
+    // throughput, so its backlog starts once those requests are gone.
     tokio::time::sleep(PULL_EXPIRY + Duration::from_millis(500)).await;
     let accounts = setup.accounts;
     let deposits = (0..9).flat_map(move |_| {
