@@ -8,6 +8,7 @@
 use super::header;
 use crate::telemetry::TraceContext;
 use async_nats::HeaderMap;
+use async_nats::header::HeaderName;
 use bytes::Bytes;
 
 /// One stored event, not yet decoded into the aggregate's event type.
@@ -149,36 +150,51 @@ pub fn shared_msg_id(
     format!("{aggregate}.{}", msg_id(aggregate_id, command_id, index))
 }
 
-/// The headers of a command's `index`-th event.
+/// The headers of a command's `index`-th event. Names are static (no copy, no check per
+/// event: these are the runtime's own).
 pub fn headers(meta: &EventMeta<'_>, index: usize, event_type: &str, version: u32) -> HeaderMap {
     let msg_id = msg_id(meta.aggregate_id, meta.command_id, index);
     let mut headers = HeaderMap::new();
     headers.insert(header::MSG_ID, msg_id.as_str());
-    headers.insert(header::CE_SPECVERSION, "1.0");
-    headers.insert(header::CE_ID, msg_id.as_str());
-    headers.insert(header::CE_TYPE, event_type);
-    headers.insert(header::CE_SOURCE, meta.source);
-    headers.insert(header::CE_SUBJECT, meta.aggregate_id);
-    headers.insert(header::CE_TIME, meta.time);
-    headers.insert(header::CE_DATACONTENTTYPE, "application/json");
-    headers.insert(header::EVENT_VERSION, version.to_string().as_str());
-    headers.insert(header::COMMAND_ID, meta.command_id);
-    headers.insert(header::COMMAND, meta.command);
+    headers.insert(static_name(header::CE_SPECVERSION), "1.0");
+    headers.insert(static_name(header::CE_ID), msg_id.as_str());
+    headers.insert(static_name(header::CE_TYPE), event_type);
+    headers.insert(static_name(header::CE_SOURCE), meta.source);
+    headers.insert(static_name(header::CE_SUBJECT), meta.aggregate_id);
+    headers.insert(static_name(header::CE_TIME), meta.time);
+    headers.insert(static_name(header::CE_DATACONTENTTYPE), "application/json");
+    headers.insert(
+        static_name(header::EVENT_VERSION),
+        version.to_string().as_str(),
+    );
+    headers.insert(static_name(header::COMMAND_ID), meta.command_id);
+    headers.insert(static_name(header::COMMAND), meta.command);
     if let Some(fingerprint) = meta.fingerprint {
-        headers.insert(header::COMMAND_FINGERPRINT, fingerprint);
+        headers.insert(static_name(header::COMMAND_FINGERPRINT), fingerprint);
     }
     if let Some(previous) = meta.previous {
-        headers.insert(header::PREVIOUS_SEQ, previous.seq.to_string().as_str());
+        headers.insert(
+            static_name(header::PREVIOUS_SEQ),
+            previous.seq.to_string().as_str(),
+        );
         let version = previous.version + index as u64 + 1;
-        headers.insert(header::AGGREGATE_VERSION, version.to_string().as_str());
+        headers.insert(
+            static_name(header::AGGREGATE_VERSION),
+            version.to_string().as_str(),
+        );
         if index > 0 {
-            headers.insert(header::EVENT_INDEX, index.to_string().as_str());
+            headers.insert(static_name(header::EVENT_INDEX), index.to_string().as_str());
         }
     }
     if let Some(trace) = meta.trace {
         trace.write(&mut headers);
     }
     headers
+}
+
+/// A header name the runtime defines.
+fn static_name(name: &'static str) -> HeaderName {
+    HeaderName::from_static(name)
 }
 
 /// Now, as CloudEvents time.
