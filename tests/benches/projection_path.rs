@@ -36,8 +36,6 @@ fn scaled(n: usize) -> usize {
 const PROJECTION_BINARY: &str = "account-projection";
 /// Every how many live commands the freshness run also times `ReadModel::wait_for`.
 const WAIT_FOR_EVERY: usize = 20;
-/// How long the projection's pull requests wait at the server: half the default pin timeout.
-const PULL_EXPIRY: Duration = Duration::from_millis(2500);
 /// Accounts in the backlog; each has `EVENTS_PER_ACCOUNT` events.
 const ACCOUNTS: usize = 5_000;
 
@@ -481,7 +479,9 @@ async fn restart_catch_up(
     // dead one, and the new processes stall until a standby sees that and releases the pin
     // (about a second; the pin timeout before 2026-12-03). This row measures catch-up
     // throughput, so its backlog starts once those requests are gone.
-    tokio::time::sleep(PULL_EXPIRY + Duration::from_millis(500)).await;
+    // The projection's pulls expire after half the pin timeout.
+    let pull_expiry = jetfn::Config::default().projection.pin_timeout / 2;
+    tokio::time::sleep(pull_expiry + Duration::from_millis(500)).await;
     let accounts = setup.accounts;
     let deposits = (0..9).flat_map(move |_| {
         (0..accounts).map(|k| {

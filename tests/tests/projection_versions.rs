@@ -9,8 +9,10 @@
 use anyhow::{Result, ensure};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use jetfn::projection::RunningProjection;
 use jetfn::readmodel::Keys;
 use jetfn::{Aggregate, Projection, Recorded, RedisWrites, Refusal, Rejection};
+use jetfn_tests::RedisServer;
 use jetfn_tests::commands::{ACCOUNT_STREAM, send, stored_messages, stream};
 use jetfn_tests::readmodels::{
     FeedOrder, PROJECTION, ReadSide, check_read_model, check_read_side, start_projection,
@@ -585,6 +587,28 @@ async fn churn(client: &async_nats::Client, ids: &[String], rounds: usize) -> Re
     Ok(())
 }
 
+/// After another instance stopped: waits until all `partitions` reach the stream's end within
+/// `timeout`, checks the read model and its change feed, and that `remaining` reports the end
+/// itself, so it is the one that applied the latest events.
+async fn taken_over_by(
+    remaining: &RunningProjection,
+    client: &async_nats::Client,
+    redis: &RedisServer,
+    partitions: u32,
+    order: FeedOrder,
+    timeout: Duration,
+) -> Result<()> {
+    let last = stream_last_seq(client).await?;
+    wait_until_caught_up(client, redis, partitions, timeout).await?;
+    check_read_side(client, redis, 1, partitions, order).await?;
+    poll(
+        "the remaining instance reports the stream's end",
+        Duration::from_secs(10),
+        || async { Ok((remaining.checkpoint() >= last).then_some(())) },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_partitions_on_two_instances_keep_each_accounts_order() {
     let side = ReadSide::start_with(|config| {
@@ -620,19 +644,15 @@ async fn four_partitions_on_two_instances_keep_each_accounts_order() {
     side.projection.stop().await.unwrap();
     more.await.unwrap().unwrap();
     churn(client, &ids, 1).await.unwrap();
-    let last = stream_last_seq(client).await.unwrap();
-    wait_until_caught_up(client, redis, 4, Duration::from_secs(30))
-        .await
-        .unwrap();
-    check_read_side(client, redis, 1, 4, FeedOrder::PerAccount)
-        .await
-        .unwrap();
     // Only the second instance is left to have applied the latest events of all four partitions,
     // and it reports so.
-    poll(
-        "the second instance reports every partition at the stream's end",
-        Duration::from_secs(10),
-        || async { Ok((second.checkpoint() >= last).then_some(())) },
+    taken_over_by(
+        &second,
+        client,
+        redis,
+        4,
+        FeedOrder::PerAccount,
+        Duration::from_secs(30),
     )
     .await
     .unwrap();
@@ -677,18 +697,14 @@ async fn a_stopped_instance_hands_its_partition_to_a_standby_at_once() {
 
     serving.stop().await.unwrap();
     churn(client, &ids, 2).await.unwrap();
-    let last = stream_last_seq(client).await.unwrap();
     // Far below the pin timeout: only a hand-over gets here.
-    wait_until_caught_up(client, redis, 1, Duration::from_secs(60))
-        .await
-        .unwrap();
-    check_read_side(client, redis, 1, 1, FeedOrder::Stream)
-        .await
-        .unwrap();
-    poll(
-        "the standby reports the stream's end",
-        Duration::from_secs(10),
-        || async { Ok((standby.checkpoint() >= last).then_some(())) },
+    taken_over_by(
+        &standby,
+        client,
+        redis,
+        1,
+        FeedOrder::Stream,
+        Duration::from_secs(60),
     )
     .await
     .unwrap();

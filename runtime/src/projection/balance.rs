@@ -149,43 +149,32 @@ mod tests {
         .unwrap_or_else(|e| panic!("consumer info: {e}"))
     }
 
+    /// When the pin was given, and deliveries before and after it.
+    const PINNED: &str = "2026-12-03T07:00:08Z";
+    const DELIVERED_BEFORE: &str = "2026-12-03T07:00:07Z";
+    const DELIVERED_AFTER: &str = "2026-12-03T07:00:08.5Z";
+
     #[test]
     fn a_pin_given_after_the_last_delivery_with_events_waiting_is_dead() {
-        let info = consumer_info(
-            5,
-            Some("2026-12-03T07:00:08Z"),
-            Some("2026-12-03T07:00:07Z"),
-        );
+        let info = consumer_info(5, Some(PINNED), Some(DELIVERED_BEFORE));
         assert_eq!(dead_pin(&info, "jetfn"), Some("PIN"));
-        let never_delivered = consumer_info(5, Some("2026-12-03T07:00:08Z"), None);
+        let never_delivered = consumer_info(5, Some(PINNED), None);
         assert_eq!(dead_pin(&never_delivered, "jetfn"), Some("PIN"));
     }
 
     #[test]
     fn a_pin_that_delivered_since_it_was_given_is_alive() {
-        let info = consumer_info(
-            5,
-            Some("2026-12-03T07:00:08Z"),
-            Some("2026-12-03T07:00:08.5Z"),
-        );
+        let info = consumer_info(5, Some(PINNED), Some(DELIVERED_AFTER));
         assert_eq!(dead_pin(&info, "jetfn"), None);
     }
 
     #[test]
     fn no_pin_no_waiting_events_or_another_group_is_not_a_dead_pin() {
-        let unpinned = consumer_info(5, None, Some("2026-12-03T07:00:07Z"));
+        let unpinned = consumer_info(5, None, Some(DELIVERED_BEFORE));
         assert_eq!(dead_pin(&unpinned, "jetfn"), None);
-        let drained = consumer_info(
-            0,
-            Some("2026-12-03T07:00:08Z"),
-            Some("2026-12-03T07:00:07Z"),
-        );
+        let drained = consumer_info(0, Some(PINNED), Some(DELIVERED_BEFORE));
         assert_eq!(dead_pin(&drained, "jetfn"), None);
-        let pinned = consumer_info(
-            5,
-            Some("2026-12-03T07:00:08Z"),
-            Some("2026-12-03T07:00:07Z"),
-        );
+        let pinned = consumer_info(5, Some(PINNED), Some(DELIVERED_BEFORE));
         assert_eq!(dead_pin(&pinned, "other"), None);
     }
 
