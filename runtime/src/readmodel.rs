@@ -377,16 +377,20 @@ impl RedisWrites {
         self.push("DEL", key, vec![])
     }
 
-    /// The writes so far, for tests of projections.
+    /// The writes so far, for tests of projections: each one command line, its arguments
+    /// joined by spaces (`HINCRBY account:alice balance 5`).
     pub fn commands(&self) -> Vec<String> {
-        self.ops
-            .iter()
-            .map(|op| {
-                let mut parts = vec![op.command.to_owned(), op.key.clone()];
-                parts.extend(op.args.iter().cloned());
-                parts.join(" ")
-            })
-            .collect()
+        self.argv().map(|argv| argv.join(" ")).collect()
+    }
+
+    /// The writes so far, each as its command's arguments (`["HINCRBY", "account:alice",
+    /// "balance", "5"]`). Keys are relative to the read model's version prefix.
+    pub fn argv(&self) -> impl Iterator<Item = Vec<&str>> {
+        self.ops.iter().map(|op| {
+            let mut argv = vec![op.command, op.key.as_str()];
+            argv.extend(op.args.iter().map(String::as_str));
+            argv
+        })
     }
 
     /// The first write refused, if any: the event will be dead-lettered with it.
@@ -1323,6 +1327,22 @@ mod tests {
                 "HSET account:a owner Ann",
                 "HINCRBY totals open 1",
                 "ZREM open a"
+            ]
+        );
+    }
+
+    #[test]
+    fn writes_keep_each_argument_whole() {
+        let mut writes = RedisWrites::default();
+        writes
+            .hset("account:a", "owner", "Ann Lee")
+            .zincr("open", "a", -3);
+        let argv: Vec<Vec<&str>> = writes.argv().collect();
+        assert_eq!(
+            argv,
+            [
+                vec!["HSET", "account:a", "owner", "Ann Lee"],
+                vec!["ZINCRBY", "open", "-3", "a"]
             ]
         );
     }

@@ -118,6 +118,7 @@ async fn main() -> Result<()> {
     );
     let one_run = catch_up(&one, 1, 1).await?;
     let (rate_one, raw_read_one, raw_redis) = (one_run.rate, one_run.raw_read, one_run.raw_redis);
+    let least_one = one_run.least;
     let amplification_one = amplification(&one.client, one.last_seq).await?;
 
     eprintln!("9. live freshness at 1,000 commands/s ...");
@@ -161,6 +162,19 @@ async fn main() -> Result<()> {
         rate(rate_one, "events"),
         rate(raw_read_one, "events"),
         ">= 0.50",
+    );
+    table.ratio(
+        "  the least a projection can do: the pull read, each event's writes and change-feed \
+         entry pipelined to Redis, no checkpoint, checks or order (raw: pull read)",
+        rate(least_one, "events"),
+        rate(raw_read_one, "events"),
+        "-",
+    );
+    table.ratio(
+        "  catch-up, 1 partition (raw: that least)",
+        rate(rate_one, "events"),
+        rate(least_one, "events"),
+        "-",
     );
     table.plain(
         "CPU per event in that catch-up: Redis / projection / nats-server",
@@ -291,6 +305,8 @@ struct CatchUp {
     raw_read: f64,
     /// Raw pipelined Redis writes/s.
     raw_redis: f64,
+    /// The least a projection can do with the backlog, events/s (see `raw_least_projection`).
+    least: f64,
     /// CPU per event in the catch-up, µs: Redis, the projection process(es), nats-server.
     cpu: [f64; 3],
     /// The machine's busy cores during the catch-up, on average.
@@ -320,6 +336,8 @@ async fn catch_up(setup: &Setup, partitions: u32, instances: usize) -> Result<Ca
     let raw_cpu = [0, 1].map(|i| micros_each(used[i], setup.last_seq));
     // Also empties Redis again.
     let raw_redis = raw_redis_hset(&setup.redis.url(), 1000).await?;
+    let least =
+        raw_least_projection(&setup.client, &setup.redis.url(), &names, setup.last_seq).await?;
 
     let model = ReadModel::connect(&setup.redis.url(), PROJECTION).await?;
     let timed = timed_catch_up(setup, &model, partitions, instances, 0, setup.last_seq).await?;
@@ -327,7 +345,8 @@ async fn catch_up(setup: &Setup, partitions: u32, instances: usize) -> Result<Ca
     let processes = timed.processes;
     eprintln!(
         "  {partitions} partition(s), {instances} instance(s): {rate:.0} events/s \
-         (raw pull read {raw_read:.0}/s, raw Redis {raw_redis:.0} writes/s)"
+         (raw pull read {raw_read:.0}/s, raw Redis {raw_redis:.0} writes/s, the least a \
+         projection can do {least:.0}/s)"
     );
     // Where the time went on Redis's side: the apply steps (EVALSHA) and how long they ran.
     let mut redis = setup.redis.connect().await?;
@@ -361,6 +380,7 @@ async fn catch_up(setup: &Setup, partitions: u32, instances: usize) -> Result<Ca
         processes,
         raw_read,
         raw_redis,
+        least,
         cpu,
         busy,
         raw_cpu,

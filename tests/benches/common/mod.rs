@@ -921,6 +921,100 @@ pub async fn raw_pull_read(
     Ok(rate)
 }
 
+/// The least a projection can do with a backlog of `messages` account events on `names`'s
+/// stream: a pull read (batch 500, no acks), each event decoded and run through the account
+/// projection's own writes, sent to Redis with its change-feed entry as one plain pipeline per
+/// batch while the next batch is read. No checkpoint, no checks, no ordering or exactly-once:
+/// what is left is what reading the events and writing their effects cost. Returns events/s and
+/// empties Redis again.
+pub async fn raw_least_projection(
+    client: &async_nats::Client,
+    redis_url: &str,
+    names: &AggregateNames,
+    messages: u64,
+) -> Result<f64> {
+    use jetfn::Projection;
+    const BATCH: usize = 500;
+    let js = jetstream::new(client.clone());
+    let stream = js.get_stream(&names.stream).await?;
+    let name = "bench-least-projection";
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(name.to_owned()),
+            ack_policy: consumer::AckPolicy::None,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    let mut redis = redis::Client::open(redis_url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let (batches, mut to_write) = tokio::sync::mpsc::channel::<redis::Pipeline>(2);
+    let mut writing = redis.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(pipe) = to_write.recv().await {
+            let () = pipe.query_async(&mut writing).await?;
+        }
+        anyhow::Ok(())
+    });
+    let started = Instant::now();
+    let mut read = consumer
+        .stream()
+        .max_messages_per_batch(BATCH)
+        .messages()
+        .await?;
+    let (mut n, mut pipe) = (0, redis::Pipeline::new());
+    while n < messages {
+        let message = read
+            .try_next()
+            .await?
+            .context("the pull consumer ended early")?;
+        n += 1;
+        let seq = message.info().map_err(anyhow::Error::msg)?.stream_sequence;
+        let stored = event::StoredEvent::read(seq, &message)?;
+        let id = message
+            .subject
+            .strip_prefix(names.event_prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .context("an event outside the account subjects")?;
+        let fields: serde_json::Value = serde_json::from_slice(&stored.payload)?;
+        let decoded: account::Event =
+            serde_json::from_value(serde_json::json!({ stored.event_type.as_str(): fields }))?;
+        let recorded = jetfn::Recorded::new(seq, id, stored.event_type.as_str(), decoded);
+        let mut writes = jetfn::RedisWrites::default();
+        account_projection::AccountBalances
+            .apply(&recorded, &mut writes)
+            .map_err(|refusal| anyhow::anyhow!("{refusal:?}"))?;
+        for argv in writes.argv() {
+            let mut command = redis::cmd(argv[0]);
+            command
+                .arg(format!("bench:least:{}", argv[1]))
+                .arg(&argv[2..]);
+            pipe.add_command(command).ignore();
+        }
+        pipe.cmd("XADD")
+            .arg("bench:least:changes")
+            .arg(&["MAXLEN", "~", "10000", "*", "seq"][..])
+            .arg(seq)
+            .arg("id")
+            .arg(id)
+            .arg("type")
+            .arg(&stored.event_type)
+            .ignore();
+        let full = n % BATCH as u64 == 0 || n == messages;
+        if full && batches.send(std::mem::take(&mut pipe)).await.is_err() {
+            break; // the writer failed: its error is returned below
+        }
+    }
+    drop(batches);
+    writer.await??;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    drop(read);
+    stream.delete_consumer(name).await?;
+    let () = redis::cmd("FLUSHALL").query_async(&mut redis).await?;
+    Ok(rate)
+}
+
 /// `rounds` MULTI/EXEC blocks of 100 `HSET`s each, one after another on one connection.
 /// Returns writes per second.
 pub async fn raw_redis_hset(redis_url: &str, rounds: usize) -> Result<f64> {
