@@ -518,8 +518,8 @@ pub(crate) enum Step {
 /// then the projection keys (each once). ARGV: partition field, generation, mode, expected
 /// checkpoint, feed length, event count, partition count, order (`seq`, `hole` or `cursor`),
 /// cursor tag, first delivery, the delivery before it, last delivery, floor, view position (the
-/// cursor's `v<k>`), then per event: seq,
-/// id, type, write flag, op count, then per op: command, key index, arg count, args.
+/// cursor's `v<k>`), then per event: seq, id, type, its layout (see [`event_layout`]), then its
+/// writes' arguments. The script starts with the table `COMMANDS` ([`apply_script`]).
 const APPLY_SCRIPT: &str = r#"
 local mode = ARGV[3]
 local failed = redis.call('GET', KEYS[4])
@@ -553,17 +553,22 @@ local i = 15
 local events = {}
 -- The writes, op j of the batch in ocmd[j], okey[j] and its arguments ARGV[ofirst[j]..olast[j]];
 -- event e has ops e.o1 .. e.o1 + e.on - 1. Flat arrays: a table per op costs more than the op.
+-- An event's layout is bytes (string.byte reads them without parsing a number): its write flag,
+-- then per op the command's code and its key's index, 4 bytes big-endian.
 local ocmd, okey, ofirst, olast = {}, {}, {}, {}
 local j = 0
 for e = 1, tonumber(ARGV[6]) do
-  local n = tonumber(ARGV[i + 4])
-  local event = {seq = tonumber(ARGV[i]), id = ARGV[i + 1], type = ARGV[i + 2], write = ARGV[i + 3], o1 = j + 1, on = n}
-  i = i + 5
-  for o = 1, n do
-    local nargs = tonumber(ARGV[i + 2])
+  local layout = ARGV[i + 3]
+  local event = {seq = tonumber(ARGV[i]), id = ARGV[i + 1], type = ARGV[i + 2],
+    write = string.byte(layout, 1) == 1, o1 = j + 1, on = (#layout - 1) / 5}
+  i = i + 4
+  for p = 2, #layout, 5 do
+    local c, k1, k2, k3, k4 = string.byte(layout, p, p + 4)
+    local command = COMMANDS[c] or {'?', 0}
     j = j + 1
-    ocmd[j], okey[j], ofirst[j], olast[j] = ARGV[i], KEYS[tonumber(ARGV[i + 1])], i + 3, i + 2 + nargs
-    i = i + 3 + nargs
+    ocmd[j], okey[j], ofirst[j] = command[1], KEYS[((k1 * 256 + k2) * 256 + k3) * 256 + k4], i
+    i = i + command[2]
+    olast[j] = i - 1
   end
   events[e] = event
 end
@@ -704,7 +709,7 @@ local function check(op)
   return nil
 end
 for _, event in ipairs(events) do
-  if event.fresh and event.write == '1' then
+  if event.fresh and event.write then
     for op = event.o1, event.o1 + event.on - 1 do
       local why = check(op)
       if why then return {'refused', tostring(event.seq), why} end
@@ -733,7 +738,7 @@ local ok, err = pcall(function()
     if event.fresh then
       fresh_count = fresh_count + 1
       if mode == 'replay' then write('SADD', KEYS[2], event.seq) end
-      if event.write == '1' then
+      if event.write then
         for op = event.o1, event.o1 + event.on - 1 do
           write(ocmd[op], okey[op], unpack(ARGV, ofirst[op], olast[op]))
         end
@@ -760,6 +765,52 @@ end
 if mode == 'replay' then return {'ok', tostring(fresh_count)} end
 return {'ok', tostring(last)}
 "#;
+
+/// The commands a batch may write, with their argument counts. An event's layout names each
+/// of its writes' commands by its position here, from 1.
+const WRITE_COMMANDS: [(&str, usize); 10] = [
+    ("HSET", 2),
+    ("HINCRBY", 2),
+    ("HDEL", 1),
+    ("ZADD", 2),
+    ("ZINCRBY", 2),
+    ("ZREM", 1),
+    ("SADD", 1),
+    ("SREM", 1),
+    ("SET", 1),
+    ("DEL", 0),
+];
+
+/// The apply script, its table of write commands made from [`WRITE_COMMANDS`].
+fn apply_script() -> String {
+    let commands: Vec<String> = WRITE_COMMANDS
+        .iter()
+        .map(|(command, args)| format!("{{'{command}', {args}}}"))
+        .collect();
+    format!(
+        "local COMMANDS = {{{}}}\n{APPLY_SCRIPT}",
+        commands.join(", ")
+    )
+}
+
+/// An event's layout in an apply batch: a byte for whether it writes, then per write its
+/// command's position in [`WRITE_COMMANDS`] (from 1) and its key's index in `KEYS` (4 bytes,
+/// big-endian). Numbers the script reads with `string.byte` cost far less than numbers it
+/// parses from strings, one argument each.
+fn event_layout(event: &AppliedEvent, key_index: impl Fn(&str) -> usize) -> Vec<u8> {
+    let mut layout = Vec::with_capacity(1 + 5 * event.ops.len());
+    layout.push(u8::from(event.write));
+    for op in &event.ops {
+        let code = WRITE_COMMANDS
+            .iter()
+            .position(|(command, _)| *command == op.command)
+            .map_or(0, |position| position + 1);
+        layout.push(u8::try_from(code).unwrap_or(0));
+        let index = u32::try_from(key_index(&op.key)).unwrap_or(0);
+        layout.extend_from_slice(&index.to_be_bytes());
+    }
+    layout
+}
 
 /// Commands the start-up check tries on a scratch key of the projection: everything the apply
 /// step and the runtime's reads and writes use.
@@ -931,7 +982,7 @@ impl ReadModel {
             connection,
             followers: std::sync::Arc::default(),
             keys: Keys::new(name),
-            apply: std::sync::Arc::new(redis::Script::new(APPLY_SCRIPT)),
+            apply: std::sync::Arc::new(redis::Script::new(&apply_script())),
         })
     }
 
@@ -1193,19 +1244,15 @@ impl ReadModel {
                 invocation.arg(batch.floor).arg(*position);
             }
         }
+        let key_index = |key: &str| key_indexes.get(key).copied().unwrap_or(0);
         for event in events {
             invocation
                 .arg(event.seq)
                 .arg(&event.aggregate_id)
                 .arg(&event.event_type)
-                .arg(if event.write { "1" } else { "0" })
-                .arg(event.ops.len());
-            for op in &event.ops {
-                let index = key_indexes.get(op.key.as_str()).copied().unwrap_or(0);
-                invocation.arg(op.command).arg(index).arg(op.args.len());
-                for arg in &op.args {
-                    invocation.arg(arg);
-                }
+                .arg(event_layout(event, key_index));
+            for arg in event.ops.iter().flat_map(|op| &op.args) {
+                invocation.arg(arg);
             }
         }
         let mut connection = self.connection.clone();
@@ -1345,6 +1392,51 @@ mod tests {
                 vec!["ZINCRBY", "open", "-3", "a"]
             ]
         );
+    }
+
+    #[test]
+    fn every_write_carries_the_argument_count_the_apply_step_reads() {
+        let mut writes = RedisWrites::default();
+        writes
+            .hset("h", "f", "v")
+            .hincr("h", "f", 1)
+            .hdel("h", "f")
+            .zadd("z", "m", 1)
+            .zincr("z", "m", 1)
+            .zrem("z", "m")
+            .sadd("s", "m")
+            .srem("s", "m")
+            .set("k", "v")
+            .del("k");
+        let ops = writes.into_ops().unwrap();
+        assert_eq!(ops.len(), WRITE_COMMANDS.len(), "one write of each command");
+        for op in ops {
+            let (_, args) = WRITE_COMMANDS
+                .iter()
+                .find(|(command, _)| *command == op.command)
+                .expect("a command of the apply step");
+            assert_eq!(op.args.len(), *args, "{}", op.command);
+        }
+    }
+
+    #[test]
+    fn an_event_layout_names_each_write_by_command_and_key_index() {
+        let mut writes = RedisWrites::default();
+        writes.hincr("h", "f", 1).zrem("z", "m");
+        let event = AppliedEvent {
+            seq: 9,
+            aggregate_id: "a".into(),
+            event_type: "Added".into(),
+            ops: writes.into_ops().unwrap(),
+            write: true,
+        };
+        let index = |key: &str| if key == "h" { 7 } else { 0x0102_0304 };
+        assert_eq!(
+            event_layout(&event, index),
+            [1, 2, 0, 0, 0, 7, 6, 1, 2, 3, 4],
+            "write flag, then HINCRBY (2) on key 7 and ZREM (6) on key 0x01020304"
+        );
+        assert!(apply_script().starts_with("local COMMANDS = {{'HSET', 2}, {'HINCRBY', 2}, "));
     }
 
     #[test]
