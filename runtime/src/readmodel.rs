@@ -661,19 +661,32 @@ local function short(s)
   return s
 end
 -- Simulates one write on what the batch has done so far; returns why it would fail, or nil.
+-- A key's first touch by an increment reads the value it needs, and that read tells the type:
+-- it fails on a key of another type, and finds a hash (or sorted set) or no key at all, which
+-- the increment makes one. Other first touches ask TYPE.
+local PROBE = {HINCRBY = 'HGET', ZINCRBY = 'ZSCORE'}
+local function first_touch(key, cmd, want, name)
+  values[key] = {}
+  local probe = PROBE[cmd]
+  if probe then
+    local v = redis.pcall(probe, key, name)
+    if not (type(v) == 'table' and v.err) then
+      types[key], values[key][name] = want, v
+      return
+    end
+  end
+  types[key] = redis.call('TYPE', key)['ok']
+end
 local function check(op)
   local cmd, key, first = ocmd[op], okey[op], ofirst[op]
   local want = WANT[cmd]
   if want == nil then return 'unknown command ' .. cmd end
-  if types[key] == nil then
-    types[key] = redis.call('TYPE', key)['ok']
-    values[key] = {}
-  end
+  local a, b = ARGV[first], ARGV[first + 1]
+  if types[key] == nil then first_touch(key, cmd, want, cmd == 'HINCRBY' and a or b) end
   local have = types[key]
   if want ~= 'any' and have ~= 'none' and have ~= want then
     return 'WRONGTYPE ' .. key .. ' is a ' .. have .. ', ' .. cmd .. ' needs a ' .. want
   end
-  local a, b = ARGV[first], ARGV[first + 1]
   if cmd == 'DEL' or cmd == 'SET' then
     types[key] = (cmd == 'SET') and 'string' or 'none'
     values[key], cleared[key] = {}, true

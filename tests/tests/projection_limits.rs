@@ -353,6 +353,47 @@ async fn scores_past_2_to_the_53_and_writes_of_the_wrong_type_are_dead_lettered(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn increments_on_keys_another_client_gave_another_type_are_dead_lettered() {
+    let side = Side::start().await;
+    let ready = side.send("ok", "add", json!({"by": 1})).await;
+    side.wait_for(ready).await;
+    // Someone with write access turns the counter hash into a string and the sorted set into
+    // a hash: the increments' own reads (HGET, ZSCORE) meet keys of the wrong type.
+    let keys = Keys::new(TOTALS_PROJECTION);
+    let mut connection = side.redis.connect().await.unwrap();
+    let () = connection
+        .set(keys.key(1, "tally:bad"), "not a hash")
+        .await
+        .unwrap();
+    let () = connection
+        .hset(keys.key(1, "ranks"), "x", "1")
+        .await
+        .unwrap();
+    let counter = side.send("bad", "add", json!({"by": 2})).await;
+    let rank = side.send("top", "rank", json!({"by": 3})).await;
+    let last = side.send("ok", "add", json!({"by": 4})).await;
+    side.wait_for(last).await;
+
+    assert_eq!(
+        side.hash("tally:ok").await,
+        fields(&[("sum", "5"), ("events", "2")])
+    );
+    assert_eq!(side.hash("totals").await, fields(&[("sum", "5")]));
+    side.expect_dead_letters(&[
+        (
+            counter,
+            &["WRONGTYPE", "tally:bad is a string", "HINCRBY needs a hash"],
+        ),
+        (
+            rank,
+            &["WRONGTYPE", "ranks is a hash", "ZINCRBY needs a zset"],
+        ),
+    ])
+    .await;
+    side.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_event_of_an_atomic_batch_is_dead_lettered_and_its_sibling_applies() {
     let side = Side::start().await;
     let last = side
