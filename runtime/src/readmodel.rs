@@ -732,34 +732,34 @@ end
 
 -- Nothing below may fail. If the first write does (out of memory: Redis checks that only before
 -- a script's first write), nothing was written and the step may run again. If a later write
--- fails, mark the version so that no later step builds on a half-applied batch.
-local written = false
-local function write(...)
-  local reply = redis.pcall(...)
-  if type(reply) == 'table' and reply.err then
-    if not written then error({untouched = reply.err}) end
-    local why = 'a write failed half-way through a batch: ' .. reply.err
-    redis.pcall('SET', KEYS[4], why)
-    error(why)
-  end
-  written = true
-  return reply
-end
+-- fails, mark the version so that no later step builds on a half-applied batch. `begun` counts
+-- the writes begun, so that a failure knows whether one went before it (a redis.call of its own
+-- rather than a checked redis.pcall per write: the writes are most of the script's work).
+local begun = 0
 local fresh_count = 0
 local ok, err = pcall(function()
   for _, event in ipairs(events) do
     if event.fresh then
       fresh_count = fresh_count + 1
-      if mode == 'replay' then write('SADD', KEYS[2], event.seq) end
+      if mode == 'replay' then
+        begun = begun + 1
+        redis.call('SADD', KEYS[2], event.seq)
+      end
       if event.write then
         for op = event.o1, event.o1 + event.on - 1 do
-          write(ocmd[op], okey[op], unpack(ARGV, ofirst[op], olast[op]))
+          begun = begun + 1
+          redis.call(ocmd[op], okey[op], unpack(ARGV, ofirst[op], olast[op]))
         end
-        write('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'seq', event.seq, 'id', event.id, 'type', event.type)
+        begun = begun + 1
+        redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'seq', event.seq, 'id', event.id, 'type', event.type)
       end
     end
   end
   if mode ~= 'replay' then
+    local function write(...)
+      begun = begun + 1
+      redis.call(...)
+    end
     if active == false and mode == 'live' then write('SET', KEYS[1], ARGV[2]) end
     write('HSET', KEYS[2], ARGV[1], last, 'partitions', ARGV[7])
     if order == 'cursor' and ARGV[10] ~= '0' then
@@ -771,8 +771,10 @@ local ok, err = pcall(function()
   end
 end)
 if not ok then
-  if type(err) == 'table' and err.untouched then return {'untouched', err.untouched} end
-  local why = redis.call('GET', KEYS[4]) or tostring(err)
+  local message = type(err) == 'table' and err.err or tostring(err)
+  if begun <= 1 then return {'untouched', message} end
+  local why = 'a write failed half-way through a batch: ' .. message
+  redis.pcall('SET', KEYS[4], why)
   return {'failed', why}
 end
 if mode == 'replay' then return {'ok', tostring(fresh_count)} end

@@ -14,6 +14,7 @@ use jetfn::readmodel::{Keys, ReadModel};
 use jetfn::{Aggregate, Projection, Recorded, RedisWrites, Refusal, Rejection};
 use jetfn_tests::commands::{send, send_raw, start_account};
 use jetfn_tests::readmodels::{PROJECTION, projection_config, start_projection};
+use jetfn_tests::workload::poll;
 use jetfn_tests::{NatsServer, RedisServer};
 use redis::AsyncCommands;
 use schemars::JsonSchema;
@@ -391,6 +392,48 @@ async fn increments_on_keys_another_client_gave_another_type_are_dead_lettered()
     ])
     .await;
     side.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_fails_after_the_checks_marks_the_version_and_stops_the_projection() {
+    let side = Side::start().await;
+    let ready = side.send("ok", "add", json!({"by": 1})).await;
+    side.wait_for(ready).await;
+    // The change feed is no read model key of the projection's, so the checks leave it alone;
+    // turned into a string behind the projection's back, its XADD fails after the event's
+    // counters were written.
+    let keys = Keys::new(TOTALS_PROJECTION);
+    let mut connection = side.redis.connect().await.unwrap();
+    let () = connection
+        .set(keys.changes(1), "not a stream")
+        .await
+        .unwrap();
+    side.send("ok", "add", json!({"by": 2})).await;
+
+    let mark: String = poll("the failure mark", Duration::from_secs(20), || {
+        let mut connection = connection.clone();
+        let key = keys.failed(1);
+        async move { Ok(connection.get(key).await?) }
+    })
+    .await
+    .unwrap();
+    assert!(
+        mark.contains("a write failed half-way through a batch"),
+        "{mark}"
+    );
+    assert!(mark.contains("WRONGTYPE"), "{mark}");
+    let checkpoint: String = connection.hget(keys.checkpoint(1), "p0").await.unwrap();
+    assert_eq!(
+        checkpoint,
+        ready.to_string(),
+        "the failed batch is not committed"
+    );
+    let stopped = side.projection.stop().await;
+    let error = stopped
+        .expect_err("the projection ends with the failure")
+        .to_string();
+    assert!(error.contains("half-way"), "{error}");
+    side.function.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
