@@ -518,8 +518,8 @@ pub(crate) enum Step {
 /// then the projection keys (each once). ARGV: partition field, generation, mode, expected
 /// checkpoint, feed length, event count, partition count, order (`seq`, `hole` or `cursor`),
 /// cursor tag, first delivery, the delivery before it, last delivery, floor, view position (the
-/// cursor's `v<k>`), then per event: seq, id, type, its layout (see [`event_layout`]), then its
-/// writes' arguments. The script starts with the table `COMMANDS` ([`apply_script`]).
+/// cursor's `v<k>`), then the events packed in one argument ([`batch_events`]). The script starts
+/// with the table `COMMANDS` ([`apply_script`]).
 const APPLY_SCRIPT: &str = r#"
 local mode = ARGV[3]
 local failed = redis.call('GET', KEYS[4])
@@ -549,17 +549,20 @@ if mode ~= 'replay' and order == 'cursor' and ARGV[10] ~= '0' then
   local starts = ARGV[10] == '1' and (not cursor or string.sub(cursor, 1, #tag) ~= tag)
   if not continues and not starts then return {'stale', tostring(checkpoint)} end
 end
-local i = 15
+-- The events, one MessagePack array (unpacked in C: Redis makes no object of each element, and
+-- numbers arrive as numbers): per event its seq, id, type, layout, then its writes' arguments.
+local B = cmsgpack.unpack(ARGV[15])
+local i = 1
 local events = {}
--- The writes, op j of the batch in ocmd[j], okey[j] and its arguments ARGV[ofirst[j]..olast[j]];
+-- The writes, op j of the batch in ocmd[j], okey[j] and its arguments B[ofirst[j]..olast[j]];
 -- event e has ops e.o1 .. e.o1 + e.on - 1. Flat arrays: a table per op costs more than the op.
 -- An event's layout is bytes (string.byte reads them without parsing a number): its write flag,
 -- then per op the command's code and its key's index, 4 bytes big-endian.
 local ocmd, okey, ofirst, olast = {}, {}, {}, {}
 local j = 0
 for e = 1, tonumber(ARGV[6]) do
-  local layout = ARGV[i + 3]
-  local event = {seq = tonumber(ARGV[i]), id = ARGV[i + 1], type = ARGV[i + 2],
+  local layout = B[i + 3]
+  local event = {seq = B[i], id = B[i + 1], type = B[i + 2],
     write = string.byte(layout, 1) == 1, o1 = j + 1, on = (#layout - 1) / 5}
   i = i + 4
   for p = 2, #layout, 5 do
@@ -681,7 +684,7 @@ local function check(op)
   local cmd, key, first = ocmd[op], okey[op], ofirst[op]
   local want = WANT[cmd]
   if want == nil then return 'unknown command ' .. cmd end
-  local a, b = ARGV[first], ARGV[first + 1]
+  local a, b = B[first], B[first + 1]
   if types[key] == nil then first_touch(key, cmd, want, cmd == 'HINCRBY' and a or b) end
   local have = types[key]
   if want ~= 'any' and have ~= 'none' and have ~= want then
@@ -748,7 +751,7 @@ local ok, err = pcall(function()
       if event.write then
         for op = event.o1, event.o1 + event.on - 1 do
           begun = begun + 1
-          redis.call(ocmd[op], okey[op], unpack(ARGV, ofirst[op], olast[op]))
+          redis.call(ocmd[op], okey[op], unpack(B, ofirst[op], olast[op]))
         end
         begun = begun + 1
         redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'seq', event.seq, 'id', event.id, 'type', event.type)
@@ -825,6 +828,104 @@ fn event_layout(event: &AppliedEvent, key_index: impl Fn(&str) -> usize) -> Vec<
         layout.extend_from_slice(&index.to_be_bytes());
     }
     layout
+}
+
+/// A batch's events as the apply script takes them: one MessagePack array holding, per event,
+/// its seq, aggregate id, type, [`event_layout`] and its writes' arguments.
+fn batch_events(events: &[AppliedEvent], key_index: impl Fn(&str) -> usize) -> Vec<u8> {
+    let elements: usize = events
+        .iter()
+        .map(|e| 4 + e.ops.iter().map(|op| op.args.len()).sum::<usize>())
+        .sum();
+    let mut packed = Vec::with_capacity(16 * elements);
+    msgpack::array_len(&mut packed, elements);
+    for event in events {
+        msgpack::uint(&mut packed, event.seq);
+        msgpack::str(&mut packed, event.aggregate_id.as_bytes());
+        msgpack::str(&mut packed, event.event_type.as_bytes());
+        msgpack::str(&mut packed, &event_layout(event, &key_index));
+        for arg in event.ops.iter().flat_map(|op| &op.args) {
+            msgpack::str(&mut packed, arg.as_bytes());
+        }
+    }
+    packed
+}
+
+/// The little of MessagePack the apply batch needs: arrays, strings (any bytes: Redis's
+/// `cmsgpack` takes them as Lua strings) and unsigned integers.
+mod msgpack {
+    /// The markers of one kind of sized value: the fix form (`fix | n`) for `n` below
+    /// `fix_below`, then the 8-bit length form if the kind has one, the 16-bit and the 32-bit.
+    struct Sized {
+        fix: u8,
+        fix_below: usize,
+        len8: Option<u8>,
+        len16: u8,
+        len32: u8,
+    }
+
+    const ARRAY: Sized = Sized {
+        fix: 0x90,
+        fix_below: 16,
+        len8: None,
+        len16: 0xdc,
+        len32: 0xdd,
+    };
+    const STR: Sized = Sized {
+        fix: 0xa0,
+        fix_below: 32,
+        len8: Some(0xd9),
+        len16: 0xda,
+        len32: 0xdb,
+    };
+
+    /// The head of a value of kind `kind` and size `n`. Sizes above `u32::MAX` cannot reach
+    /// Redis (its bulk strings end at 512 MB).
+    fn head(out: &mut Vec<u8>, kind: &Sized, n: usize) {
+        match (n, kind.len8) {
+            (n, _) if n < kind.fix_below => out.push(kind.fix | n as u8),
+            (0..=0xff, Some(len8)) => out.extend_from_slice(&[len8, n as u8]),
+            (0..=0xffff, _) => {
+                out.push(kind.len16);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            _ => {
+                out.push(kind.len32);
+                out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes());
+            }
+        }
+    }
+
+    /// The head of an array of `n` elements.
+    pub(super) fn array_len(out: &mut Vec<u8>, n: usize) {
+        head(out, &ARRAY, n);
+    }
+
+    /// A string of any bytes.
+    pub(super) fn str(out: &mut Vec<u8>, s: &[u8]) {
+        head(out, &STR, s.len());
+        out.extend_from_slice(s);
+    }
+
+    /// An unsigned integer, in the fewest bytes.
+    pub(super) fn uint(out: &mut Vec<u8>, v: u64) {
+        match v {
+            0..128 => out.push(v as u8),
+            128..=0xff => out.extend_from_slice(&[0xcc, v as u8]),
+            0x100..=0xffff => {
+                out.push(0xcd);
+                out.extend_from_slice(&(v as u16).to_be_bytes());
+            }
+            0x1_0000..=0xffff_ffff => {
+                out.push(0xce);
+                out.extend_from_slice(&(v as u32).to_be_bytes());
+            }
+            _ => {
+                out.push(0xcf);
+                out.extend_from_slice(&v.to_be_bytes());
+            }
+        }
+    }
 }
 
 /// Commands the start-up check tries on a scratch key of the projection: everything the apply
@@ -1260,16 +1361,7 @@ impl ReadModel {
             }
         }
         let key_index = |key: &str| key_indexes.get(key).copied().unwrap_or(0);
-        for event in events {
-            invocation
-                .arg(event.seq)
-                .arg(&event.aggregate_id)
-                .arg(&event.event_type)
-                .arg(event_layout(event, key_index));
-            for arg in event.ops.iter().flat_map(|op| &op.args) {
-                invocation.arg(arg);
-            }
-        }
+        invocation.arg(batch_events(events, key_index));
         let mut connection = self.connection.clone();
         let reply: Vec<String> = match invocation.query_async(&mut connection).await {
             // Redis lost its scripts (a restart): load it, and run the same invocation again.
@@ -1434,17 +1526,22 @@ mod tests {
         }
     }
 
+    /// Event `event_type` of aggregate `a` at `seq`, with `writes`.
+    fn written_event(seq: u64, event_type: &str, writes: RedisWrites) -> AppliedEvent {
+        AppliedEvent {
+            seq,
+            aggregate_id: "a".into(),
+            event_type: event_type.into(),
+            ops: writes.into_ops().unwrap(),
+            write: true,
+        }
+    }
+
     #[test]
     fn an_event_layout_names_each_write_by_command_and_key_index() {
         let mut writes = RedisWrites::default();
         writes.hincr("h", "f", 1).zrem("z", "m");
-        let event = AppliedEvent {
-            seq: 9,
-            aggregate_id: "a".into(),
-            event_type: "Added".into(),
-            ops: writes.into_ops().unwrap(),
-            write: true,
-        };
+        let event = written_event(9, "Added", writes);
         let index = |key: &str| if key == "h" { 7 } else { 0x0102_0304 };
         assert_eq!(
             event_layout(&event, index),
@@ -1452,6 +1549,59 @@ mod tests {
             "write flag, then HINCRBY (2) on key 7 and ZREM (6) on key 0x01020304"
         );
         assert!(apply_script().starts_with("local COMMANDS = {{'HSET', 2}, {'HINCRBY', 2}, "));
+    }
+
+    #[test]
+    fn a_batch_is_packed_as_one_messagepack_array_per_the_spec() {
+        let mut writes = RedisWrites::default();
+        writes.hset("h", "f", "v");
+        let event = written_event(300, "T", writes);
+        let packed = batch_events(&[event], |_| 7);
+        let expected: &[u8] = &[
+            0x96, // 6 elements: seq, id, type, layout, then HSET's field and value
+            0xcd, 0x01, 0x2c, // 300
+            0xa1, b'a', 0xa1, b'T', 0xa6, 1, 1, 0, 0, 0, 7, // written; HSET on key 7
+            0xa1, b'f', 0xa1, b'v',
+        ];
+        assert_eq!(packed, expected);
+    }
+
+    #[test]
+    fn messagepack_sizes_switch_at_the_spec_boundaries() {
+        let mut out = Vec::new();
+        for n in [15, 16, 65_535, 65_536] {
+            msgpack::array_len(&mut out, n);
+        }
+        let arrays: &[u8] = &[0x9f, 0xdc, 0, 16, 0xdc, 0xff, 0xff, 0xdd, 0, 1, 0, 0];
+        assert_eq!(out, arrays);
+
+        let mut out = Vec::new();
+        for v in [127, 128, 255, 256, 65_535, 65_536, 1 << 32] {
+            msgpack::uint(&mut out, v);
+        }
+        let uints: &[u8] = &[
+            0x7f, 0xcc, 0x80, 0xcc, 0xff, 0xcd, 1, 0, 0xcd, 0xff, 0xff, 0xce, 0, 1, 0, 0, 0xcf, 0,
+            0, 0, 1, 0, 0, 0, 0,
+        ];
+        assert_eq!(out, uints);
+
+        for (len, head) in [
+            (31, vec![0xbf]),
+            (32, vec![0xd9, 32]),
+            (255, vec![0xd9, 0xff]),
+            (256, vec![0xda, 1, 0]),
+            (65_535, vec![0xda, 0xff, 0xff]),
+            (65_536, vec![0xdb, 0, 1, 0, 0]),
+        ] {
+            let mut out = Vec::new();
+            msgpack::str(&mut out, &vec![b'x'; len]);
+            assert_eq!(
+                &out[..head.len()],
+                head.as_slice(),
+                "a string of {len} bytes"
+            );
+            assert_eq!(out.len(), head.len() + len);
+        }
     }
 
     #[test]

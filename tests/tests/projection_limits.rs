@@ -39,6 +39,8 @@ enum Command {
     AddPair { first: u64, second: u64 },
     /// Raises the id's rank score.
     Rank { by: u64 },
+    /// Notes a text of any length.
+    Note { text: String },
 }
 
 #[derive(Serialize, Deserialize, JsonSchema)]
@@ -46,6 +48,7 @@ enum Event {
     Added { by: u64 },
     Subtracted { by: u64 },
     Ranked { by: u64 },
+    Noted { text: String },
 }
 
 impl Aggregate for Tally {
@@ -61,6 +64,7 @@ impl Aggregate for Tally {
                 vec![Event::Added { by: first }, Event::Added { by: second }]
             }
             Command::Rank { by } => vec![Event::Ranked { by }],
+            Command::Note { text } => vec![Event::Noted { text }],
         })
     }
 
@@ -70,7 +74,8 @@ impl Aggregate for Tally {
 }
 
 /// The read side: `tally:<id>` counts `sum` and `events`, `totals` sums every tally, the sorted
-/// set `ranks` scores ids by their rankings. Two projection bugs on purpose: adding 0 deletes the
+/// set `ranks` scores ids by their rankings, the hash `notes` holds each id's last note. Two
+/// projection bugs on purpose: adding 0 deletes the
 /// runtime's checkpoint, and ranking by 0 writes `ranks` as a hash.
 struct Totals;
 
@@ -95,6 +100,10 @@ impl Projection for Totals {
             }
             Event::Ranked { by } => {
                 writes.zincr("ranks", &event.aggregate_id, by);
+                return Ok(());
+            }
+            Event::Noted { ref text } => {
+                writes.hset("notes", &event.aggregate_id, text);
                 return Ok(());
             }
         };
@@ -434,6 +443,30 @@ async fn a_write_that_fails_after_the_checks_marks_the_version_and_stops_the_pro
         .to_string();
     assert!(error.contains("half-way"), "{error}");
     side.function.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_of_every_length_reach_the_read_model_whole() {
+    let side = Side::start().await;
+    // Each length on both sides of a size class of the apply step's packed batch (MessagePack
+    // strings of up to 31 and 255 bytes, and up to 65,535: a command body is at most 65,536
+    // bytes), in bytes of a two-byte character.
+    let lengths = [0, 1, 31, 32, 255, 256, 65_500];
+    let text = |len: usize| "é".repeat(len / 2) + &"o".repeat(len % 2);
+    let mut last = 0;
+    for (k, len) in lengths.iter().enumerate() {
+        last = side
+            .send(&format!("n{k}"), "note", json!({"text": text(*len)}))
+            .await;
+    }
+    side.wait_for(last).await;
+    let notes = side.hash("notes").await;
+    for (k, len) in lengths.iter().enumerate() {
+        let note = &notes[&format!("n{k}")];
+        assert_eq!(note.len(), *len, "the note of n{k}");
+        assert_eq!(*note, text(*len));
+    }
+    side.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
