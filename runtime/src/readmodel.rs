@@ -663,7 +663,6 @@ local function short(s)
   if #s > 40 then return string.sub(s, 1, 40) .. '...' end
   return s
 end
--- Simulates one write on what the batch has done so far; returns why it would fail, or nil.
 -- A key's first touch by an increment reads the value it needs, and that read tells the type:
 -- it fails on a key of another type, and finds a hash (or sorted set) or no key at all, which
 -- the increment makes one. Other first touches ask TYPE.
@@ -680,6 +679,7 @@ local function first_touch(key, cmd, want, name)
   end
   types[key] = redis.call('TYPE', key)['ok']
 end
+-- Simulates one write on what the batch has done so far; returns why it would fail, or nil.
 local function check(op)
   local cmd, key, first = ocmd[op], okey[op], ofirst[op]
   local want = WANT[cmd]
