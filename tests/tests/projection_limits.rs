@@ -130,6 +130,15 @@ impl Side {
         Side::start_after(0, |_| async {}).await
     }
 
+    /// Starts, and waits until `ok` has one event applied, so that the version's keys exist;
+    /// returns the event's sequence too.
+    async fn start_with_one_applied() -> (Side, u64) {
+        let side = Side::start().await;
+        let ready = side.send("ok", "add", json!({"by": 1})).await;
+        side.wait_for(ready).await;
+        (side, ready)
+    }
+
     /// Starts the servers and the tally function, lets `backlog` send what it likes, then
     /// starts the projection with batches of `batch` events (0: the default).
     async fn start_after<F: Future<Output = ()>>(
@@ -364,9 +373,7 @@ async fn scores_past_2_to_the_53_and_writes_of_the_wrong_type_are_dead_lettered(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn increments_on_keys_another_client_gave_another_type_are_dead_lettered() {
-    let side = Side::start().await;
-    let ready = side.send("ok", "add", json!({"by": 1})).await;
-    side.wait_for(ready).await;
+    let (side, _) = Side::start_with_one_applied().await;
     // Someone with write access turns the counter hash into a string and the sorted set into
     // a hash: the increments' own reads (HGET, ZSCORE) meet keys of the wrong type.
     let keys = Keys::new(TOTALS_PROJECTION);
@@ -405,9 +412,7 @@ async fn increments_on_keys_another_client_gave_another_type_are_dead_lettered()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_fails_after_the_checks_marks_the_version_and_stops_the_projection() {
-    let side = Side::start().await;
-    let ready = side.send("ok", "add", json!({"by": 1})).await;
-    side.wait_for(ready).await;
+    let (side, ready) = Side::start_with_one_applied().await;
     // The change feed is no read model key of the projection's, so the checks leave it alone;
     // turned into a string behind the projection's back, its XADD fails after the event's
     // counters were written.

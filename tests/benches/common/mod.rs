@@ -891,17 +891,8 @@ pub async fn raw_pull_read(
     stream: &str,
     messages: u64,
 ) -> Result<f64> {
-    let js = jetstream::new(client.clone());
-    let stream = js.get_stream(stream).await?;
     let name = "bench-raw-read";
-    let consumer = stream
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some(name.to_owned()),
-            ack_policy: consumer::AckPolicy::None,
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await?;
+    let (stream, consumer) = raw_consumer(client, stream, name).await?;
     let started = Instant::now();
     let mut read = consumer
         .stream()
@@ -921,6 +912,25 @@ pub async fn raw_pull_read(
     Ok(rate)
 }
 
+/// A durable pull consumer `name` on `stream` that reads it all without acks (the raw reads'
+/// consumer; delete it with `stream.delete_consumer(name)` when done).
+async fn raw_consumer(
+    client: &async_nats::Client,
+    stream: &str,
+    name: &str,
+) -> Result<(jetstream::stream::Stream, consumer::PullConsumer)> {
+    let stream = jetstream::new(client.clone()).get_stream(stream).await?;
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(name.to_owned()),
+            ack_policy: consumer::AckPolicy::None,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    Ok((stream, consumer))
+}
+
 /// The least a projection can do with a backlog of `messages` account events on `names`'s
 /// stream: a pull read (batch 500, no acks), each event decoded and run through the account
 /// projection's own writes, sent to Redis with its change-feed entry as one plain pipeline per
@@ -935,17 +945,8 @@ pub async fn raw_least_projection(
 ) -> Result<f64> {
     use jetfn::Projection;
     const BATCH: usize = 500;
-    let js = jetstream::new(client.clone());
-    let stream = js.get_stream(&names.stream).await?;
     let name = "bench-least-projection";
-    let consumer = stream
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some(name.to_owned()),
-            ack_policy: consumer::AckPolicy::None,
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await?;
+    let (stream, consumer) = raw_consumer(client, &names.stream, name).await?;
     let mut redis = redis::Client::open(redis_url)?
         .get_multiplexed_async_connection()
         .await?;
