@@ -550,21 +550,23 @@ if mode ~= 'replay' and order == 'cursor' and ARGV[10] ~= '0' then
   if not continues and not starts then return {'stale', tostring(checkpoint)} end
 end
 -- The events, one MessagePack array (unpacked in C: Redis makes no object of each element, and
--- numbers arrive as numbers): per event its seq, id, type, layout, then its writes' arguments.
+-- numbers arrive as numbers): per event its seq as a number and as text, id, type, layout, then
+-- its writes' arguments. Per event e: eseq[e], etext[e], eid[e], etype[e], ewrite[e] and its ops
+-- eo1[e] .. eo1[e] + eon[e] - 1, in flat arrays: a table per event or op costs more than it holds.
 local B = cmsgpack.unpack(ARGV[15])
+local count = tonumber(ARGV[6])
 local i = 1
-local events = {}
--- The writes, op j of the batch in ocmd[j], okey[j] and its arguments B[ofirst[j]..olast[j]];
--- event e has ops e.o1 .. e.o1 + e.on - 1. Flat arrays: a table per op costs more than the op.
+local eseq, etext, eid, etype, ewrite, eo1, eon, efresh = {}, {}, {}, {}, {}, {}, {}, {}
+-- The writes, op j of the batch in ocmd[j], okey[j] and its arguments B[ofirst[j]..olast[j]].
 -- An event's layout is bytes (string.byte reads them without parsing a number): its write flag,
 -- then per op the command's code and its key's index, 4 bytes big-endian.
 local ocmd, okey, ofirst, olast = {}, {}, {}, {}
 local j = 0
-for e = 1, tonumber(ARGV[6]) do
-  local layout = B[i + 3]
-  local event = {seq = B[i], id = B[i + 1], type = B[i + 2],
-    write = string.byte(layout, 1) == 1, o1 = j + 1, on = (#layout - 1) / 5}
-  i = i + 4
+for e = 1, count do
+  local layout = B[i + 4]
+  eseq[e], etext[e], eid[e], etype[e] = B[i], B[i + 1], B[i + 2], B[i + 3]
+  ewrite[e], eo1[e], eon[e] = string.byte(layout, 1) == 1, j + 1, (#layout - 1) / 5
+  i = i + 5
   for p = 2, #layout, 5 do
     local c, k1, k2, k3, k4 = string.byte(layout, p, p + 4)
     local command = COMMANDS[c] or {'?', 0}
@@ -573,26 +575,25 @@ for e = 1, tonumber(ARGV[6]) do
     i = i + command[2]
     olast[j] = i - 1
   end
-  events[e] = event
 end
 -- Events must continue the checkpoint without a hole: a hole means messages another worker
 -- held were never applied, and they must come first.
 if mode ~= 'replay' and order == 'seq' then
   local expect = checkpoint + 1
-  for _, event in ipairs(events) do
-    if event.seq >= expect then
-      if event.seq ~= expect then return {'gap', tostring(checkpoint)} end
+  for e = 1, count do
+    if eseq[e] >= expect then
+      if eseq[e] ~= expect then return {'gap', tostring(checkpoint)} end
       expect = expect + 1
     end
   end
 end
 local last = checkpoint
-for _, event in ipairs(events) do
+for e = 1, count do
   if mode == 'replay' then
-    event.fresh = redis.call('SISMEMBER', KEYS[2], event.seq) == 0
+    efresh[e] = redis.call('SISMEMBER', KEYS[2], etext[e]) == 0
   else
-    event.fresh = event.seq > last
-    if event.fresh then last = event.seq end
+    efresh[e] = eseq[e] > last
+    if efresh[e] then last = eseq[e] end
   end
 end
 if mode ~= 'replay' and tonumber(ARGV[13]) > last then last = tonumber(ARGV[13]) end
@@ -659,6 +660,14 @@ local function value(key, name, cmd)
   end
   return v
 end
+-- Text Redis reads as an integer, as a number if it lies within 2^53 - 1 (exact as a double:
+-- rounding never carries a larger one inside); nil otherwise.
+local function small(s)
+  if #s > 17 or not (s == '0' or string.find(s, '^%-?[1-9]%d*$')) then return nil end
+  local n = tonumber(s)
+  if n >= -SAFE and n <= SAFE then return n end
+  return nil
+end
 local function short(s)
   if #s > 40 then return string.sub(s, 1, 40) .. '...' end
   return s
@@ -699,15 +708,24 @@ local function check(op)
     values[key][a] = false
   elseif cmd == 'HINCRBY' then
     local now = value(key, a, 'HGET')
-    if now == false then now = '0' end
-    if digits_of(now) == nil then
-      return 'HINCRBY ' .. key .. ' ' .. a .. ': the field holds ' .. short(now) .. ', not a 64-bit integer'
+    -- Most counters stay far below 2^53: kept as numbers, they add without a string in between.
+    local n = (now == false and 0) or (type(now) == 'number' and now) or small(now)
+    -- The increment is a canonical integer (RedisWrites made it): only its size is in doubt.
+    local by = tonumber(b)
+    local sum = n and by >= -SAFE and by <= SAFE and n + by
+    if sum and sum >= -SAFE and sum <= SAFE then
+      values[key][a] = sum
+    else
+      if now == false then now = '0' elseif type(now) == 'number' then now = string.format('%d', now) end
+      if digits_of(now) == nil then
+        return 'HINCRBY ' .. key .. ' ' .. a .. ': the field holds ' .. short(now) .. ', not a 64-bit integer'
+      end
+      sum = add_integers(now, b)
+      if sum == nil then
+        return 'HINCRBY ' .. key .. ' ' .. a .. ' ' .. b .. ' would overflow 64-bit integers (the field holds ' .. now .. ')'
+      end
+      values[key][a] = sum
     end
-    local sum = add_integers(now, b)
-    if sum == nil then
-      return 'HINCRBY ' .. key .. ' ' .. a .. ' ' .. b .. ' would overflow 64-bit integers (the field holds ' .. now .. ')'
-    end
-    values[key][a] = sum
   elseif cmd == 'ZADD' then
     values[key][b] = tonumber(a)
   elseif cmd == 'ZINCRBY' then
@@ -724,11 +742,11 @@ local function check(op)
   end
   return nil
 end
-for _, event in ipairs(events) do
-  if event.fresh and event.write then
-    for op = event.o1, event.o1 + event.on - 1 do
+for e = 1, count do
+  if efresh[e] and ewrite[e] then
+    for op = eo1[e], eo1[e] + eon[e] - 1 do
       local why = check(op)
-      if why then return {'refused', tostring(event.seq), why} end
+      if why then return {'refused', etext[e], why} end
     end
   end
 end
@@ -741,22 +759,28 @@ end
 local begun = 0
 local fresh_count = 0
 local ok, err = pcall(function()
-  for _, event in ipairs(events) do
-    if event.fresh then
+  local feed = false
+  for e = 1, count do
+    if efresh[e] then
       fresh_count = fresh_count + 1
       if mode == 'replay' then
         begun = begun + 1
-        redis.call('SADD', KEYS[2], event.seq)
+        redis.call('SADD', KEYS[2], etext[e])
       end
-      if event.write then
-        for op = event.o1, event.o1 + event.on - 1 do
+      if ewrite[e] then
+        for op = eo1[e], eo1[e] + eon[e] - 1 do
           begun = begun + 1
           redis.call(ocmd[op], okey[op], unpack(B, ofirst[op], olast[op]))
         end
-        begun = begun + 1
-        redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'seq', event.seq, 'id', event.id, 'type', event.type)
+        begun, feed = begun + 1, true
+        redis.call('XADD', KEYS[3], '*', 'seq', etext[e], 'id', eid[e], 'type', etype[e])
       end
     end
+  end
+  -- Trimmed once per step, not per entry: the same length, and nobody sees the step half done.
+  if feed then
+    begun = begun + 1
+    redis.call('XTRIM', KEYS[3], 'MAXLEN', '~', ARGV[5])
   end
   if mode ~= 'replay' then
     local function write(...)
@@ -831,16 +855,18 @@ fn event_layout(event: &AppliedEvent, key_index: impl Fn(&str) -> usize) -> Vec<
 }
 
 /// A batch's events as the apply script takes them: one MessagePack array holding, per event,
-/// its seq, aggregate id, type, [`event_layout`] and its writes' arguments.
+/// its seq (as a number and as text: the script compares the one and writes the other), aggregate
+/// id, type, [`event_layout`] and its writes' arguments.
 fn batch_events(events: &[AppliedEvent], key_index: impl Fn(&str) -> usize) -> Vec<u8> {
     let elements: usize = events
         .iter()
-        .map(|e| 4 + e.ops.iter().map(|op| op.args.len()).sum::<usize>())
+        .map(|e| 5 + e.ops.iter().map(|op| op.args.len()).sum::<usize>())
         .sum();
     let mut packed = Vec::with_capacity(16 * elements);
     msgpack::array_len(&mut packed, elements);
     for event in events {
         msgpack::uint(&mut packed, event.seq);
+        msgpack::str(&mut packed, event.seq.to_string().as_bytes());
         msgpack::str(&mut packed, event.aggregate_id.as_bytes());
         msgpack::str(&mut packed, event.event_type.as_bytes());
         msgpack::str(&mut packed, &event_layout(event, &key_index));
@@ -959,7 +985,8 @@ try('ZREM', key, 'm')
 try('SADD', key, 'm')
 try('SISMEMBER', key, 'm')
 try('SREM', key, 'm')
-try('XADD', key, 'MAXLEN', '~', '1', '*', 'f', 'v')
+try('XADD', key, '*', 'f', 'v')
+try('XTRIM', key, 'MAXLEN', '~', '1')
 try('UNLINK', key)
 redis.pcall('DEL', key)
 return denied
@@ -1558,9 +1585,10 @@ mod tests {
         let event = written_event(300, "T", writes);
         let packed = batch_events(&[event], |_| 7);
         let expected: &[u8] = &[
-            0x96, // 6 elements: seq, id, type, layout, then HSET's field and value
+            0x97, // 7 elements: seq, its text, id, type, layout, then HSET's field and value
             0xcd, 0x01, 0x2c, // 300
-            0xa1, b'a', 0xa1, b'T', 0xa6, 1, 1, 0, 0, 0, 7, // written; HSET on key 7
+            0xa3, b'3', b'0', b'0', 0xa1, b'a', 0xa1, b'T', 0xa6, 1, 1, 0, 0, 0,
+            7, // written; HSET on key 7
             0xa1, b'f', 0xa1, b'v',
         ];
         assert_eq!(packed, expected);

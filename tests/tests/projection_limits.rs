@@ -346,6 +346,45 @@ async fn counters_reach_both_ends_of_64_bits_exactly_and_no_further() {
     side.stop().await;
 }
 
+/// The apply step adds counters below 2^53 as doubles and larger ones digit by digit: a counter
+/// that crosses 2^53 and comes back, in a backlog applied in as few batches as it takes, stays
+/// exact on both sides of the line, and still stops at 2^63 - 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_crossing_2_to_the_53_in_a_backlog_stay_exact() {
+    const SAFE: u64 = (1 << 53) - 1;
+    let max = i64::MAX as u64;
+    let steps = [
+        ("add", SAFE - 1),
+        ("add", 1), // 2^53 - 1: the largest a double holds exactly with all below it
+        ("add", 1), // 2^53
+        ("add", 1), // 2^53 + 1, which no double holds
+        ("sub", SAFE + 2), // 0
+        ("add", 3),
+        ("add", max - 3), // 2^63 - 1
+        ("add", 1),       // would overflow: refused
+        ("sub", 1),
+    ];
+    let side = Side::start_after(0, |client| async move {
+        for (command, by) in steps {
+            let subject = format!("cmd.tally.big.{command}");
+            let body = json!({ "by": by }).to_string();
+            send_raw(&client, &subject, body, None).await.unwrap();
+        }
+    })
+    .await;
+    side.wait_for(steps.len() as u64).await;
+
+    let end = (max - 1).to_string();
+    assert_eq!(
+        side.hash("tally:big").await,
+        fields(&[("sum", &end), ("events", "8")])
+    );
+    assert_eq!(side.hash("totals").await, fields(&[("sum", &end)]));
+    side.expect_dead_letters(&[(8, &["holds 9223372036854775807"])])
+        .await;
+    side.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scores_past_2_to_the_53_and_writes_of_the_wrong_type_are_dead_lettered() {
     let side = Side::start().await;
