@@ -413,7 +413,8 @@ pub(crate) struct AppliedEvent {
     pub seq: u64,
     pub aggregate_id: String,
     pub event_type: String,
-    pub ops: Vec<Op>,
+    /// Shared with the pulled message it came from: a batch sent ahead copies no write.
+    pub ops: std::sync::Arc<[Op]>,
     /// Events of other partitions and dead letters advance the checkpoint but write nothing and
     /// are not in the change feed.
     pub write: bool,
@@ -842,7 +843,7 @@ fn apply_script() -> String {
 fn event_layout(event: &AppliedEvent, key_index: impl Fn(&str) -> usize) -> Vec<u8> {
     let mut layout = Vec::with_capacity(1 + 5 * event.ops.len());
     layout.push(u8::from(event.write));
-    for op in &event.ops {
+    for op in event.ops.iter() {
         let code = WRITE_COMMANDS
             .iter()
             .position(|(command, _)| *command == op.command)
@@ -1343,7 +1344,7 @@ impl ReadModel {
         ];
         // Each key is passed once, however many writes touch it.
         let mut key_indexes: HashMap<&str, usize> = HashMap::new();
-        for op in events.iter().flat_map(|event| &event.ops) {
+        for op in events.iter().flat_map(|event| event.ops.iter()) {
             key_indexes.entry(op.key.as_str()).or_insert_with(|| {
                 keys.push(self.keys.key(generation, &op.key));
                 keys.len()
@@ -1559,7 +1560,7 @@ mod tests {
             seq,
             aggregate_id: "a".into(),
             event_type: event_type.into(),
-            ops: writes.into_ops().unwrap(),
+            ops: writes.into_ops().unwrap().into(),
             write: true,
         }
     }

@@ -6,6 +6,7 @@
 use crate::Error;
 use crate::readmodel::{Applied, AppliedEvent, ReadModelError, Step};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -70,7 +71,7 @@ pub(crate) async fn commit(
                 };
                 around.dead_letter(index, &events[index], &reason).await?;
                 events[index].write = false;
-                events[index].ops.clear();
+                events[index].ops = Arc::default();
             }
             Err(error) if error.is_transient() => {
                 attempts += 1;
@@ -179,7 +180,7 @@ mod tests {
                 seq,
                 aggregate_id: "a".into(),
                 event_type: "Added".into(),
-                ops: Vec::new(),
+                ops: Arc::default(),
                 write: true,
             })
             .collect()

@@ -260,7 +260,7 @@ pub(crate) async fn replay<P: Projection>(
             seq: letter.seq,
             aggregate_id: aggregate_id.to_owned(),
             event_type: letter.event_type.clone(),
-            ops,
+            ops: ops.into(),
             write: true,
         };
         let applied = context

@@ -874,7 +874,7 @@ impl<P: Projection> Worker<P> {
             seq: pulled.seq,
             aggregate_id: pulled.aggregate_id.clone(),
             event_type: pulled.event_type.clone(),
-            ops: Vec::new(),
+            ops: Arc::default(),
             write: false,
         };
         let partitions = self.context.config.projection.partitions;
@@ -1054,7 +1054,7 @@ pub(crate) struct Pulled {
     aggregate_id: String,
     event_type: String,
     /// Its writes, or why every attempt failed.
-    writes: Result<Vec<Op>, String>,
+    writes: Result<Arc<[Op]>, String>,
 }
 
 /// What [`read_ahead`] needs to turn events into writes.
@@ -1237,7 +1237,7 @@ impl<P: Projection> Preparer<P> {
         seq: u64,
         aggregate_id: &str,
         event_type: &str,
-    ) -> Result<Vec<Op>, String> {
+    ) -> Result<Arc<[Op]>, String> {
         let recorded = decode_recorded::<P::Source>(
             &self.upcasters,
             StoredEvent::read(seq, message),
@@ -1264,7 +1264,7 @@ impl<P: Projection> Preparer<P> {
             .into_ops()
             .map_err(|refusal| format!("refused by the read model: {refusal}"))?;
         tracing::debug!(writes = ops.len(), "event projected");
-        Ok(ops)
+        Ok(ops.into())
     }
 }
 
