@@ -492,3 +492,35 @@ async fn a_projection_uses_redis_over_tls_as_an_acl_user_and_a_wrong_ca_fails_it
     assert!(!log.contains(PASSWORD), "the Redis password leaked");
     function.stop().await.unwrap();
 }
+
+/// At start a projection tries every command its apply step runs, as its Redis user: a user
+/// refused one (here `XTRIM`, which trims the change feed) fails the start naming it, instead
+/// of a batch failing later. The same user with every command passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_user_refused_a_command_of_the_apply_step_fails_the_check_naming_it() {
+    use jetfn::readmodel::{ReadModel, ReadModelError};
+    let redis = RedisServer::start().await.unwrap();
+    let mut admin = redis.connect().await.unwrap();
+    for (user, rule) in [("everything", "+@all"), ("no-trim", "-xtrim")] {
+        let _: () = redis::cmd("ACL")
+            .arg(&["SETUSER", user, "on", ">pw", "~*", "&*", "+@all", rule])
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    let as_user = |user: &str| format!("redis://{user}:pw@127.0.0.1:{}", redis.port());
+
+    let allowed = ReadModel::connect(&as_user("everything"), "account-balances")
+        .await
+        .unwrap();
+    allowed.check_permissions().await.unwrap();
+
+    let refused = ReadModel::connect(&as_user("no-trim"), "account-balances")
+        .await
+        .unwrap();
+    let error = refused.check_permissions().await.unwrap_err();
+    assert!(
+        matches!(&error, ReadModelError::MissingPermission { command, .. } if command == "XTRIM"),
+        "{error}"
+    );
+}
