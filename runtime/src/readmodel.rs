@@ -1343,7 +1343,7 @@ impl ReadModel {
             self.keys.cursor(generation),
         ];
         // Each key is passed once, however many writes touch it.
-        let mut key_indexes: HashMap<&str, usize> = HashMap::new();
+        let mut key_indexes: HashMap<&str, usize> = HashMap::with_capacity(events.len() + 8);
         for op in events.iter().flat_map(|event| event.ops.iter()) {
             key_indexes.entry(op.key.as_str()).or_insert_with(|| {
                 keys.push(self.keys.key(generation, &op.key));

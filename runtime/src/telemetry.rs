@@ -153,8 +153,7 @@ pub struct TraceContext {
 impl TraceContext {
     /// Reads `traceparent`/`tracestate` from headers; `None` when absent or malformed.
     pub fn from_headers(headers: Option<&HeaderMap>) -> Option<TraceContext> {
-        let headers = headers?;
-        let parent = headers.get(header::TRACEPARENT)?.as_str();
+        let parent = header::get(headers, header::TRACEPARENT)?;
         let mut parts = parent.trim().split('-');
         let (version, trace_id, parent_id, flags) =
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -174,9 +173,7 @@ impl TraceContext {
             trace_id: trace_id.to_owned(),
             parent_id: parent_id.to_owned(),
             flags: flags.to_owned(),
-            tracestate: headers
-                .get(header::TRACESTATE)
-                .map(|v| v.as_str().to_owned()),
+            tracestate: header::get(headers, header::TRACESTATE).map(str::to_owned),
         })
     }
 

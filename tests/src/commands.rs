@@ -106,7 +106,7 @@ pub async fn send_raw_within(
     let body: Value = serde_json::from_slice(&message.payload)
         .with_context(|| format!("reply body {:?}", String::from_utf8_lossy(&message.payload)))?;
     let reply = serde_json::from_value(body.clone()).context("reply shape")?;
-    let get = |name: &str| header::get(message.headers.as_ref(), name).map(str::to_owned);
+    let get = |name: &'static str| header::get(message.headers.as_ref(), name).map(str::to_owned);
     Ok(Sent {
         reply,
         body,

@@ -111,7 +111,7 @@ impl DeadLetters {
 }
 
 fn letter(dlq_seq: u64, headers: HeaderMap, payload: Bytes) -> DeadLetter {
-    let get = |name: &str| {
+    let get = |name: &'static str| {
         crate::wire::header::get(Some(&headers), name)
             .unwrap_or_default()
             .to_owned()

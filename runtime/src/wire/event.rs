@@ -77,7 +77,7 @@ impl StoredEvent {
                 .parse()
                 .map_err(|_| malformed(format!("{} is {v:?}", header::EVENT_VERSION)))?,
         };
-        let owned = |name: &str| header::get(headers, name).map(str::to_owned);
+        let owned = |name: &'static str| header::get(headers, name).map(str::to_owned);
         // The links only speed up reads: an unreadable one is treated as absent, never as a
         // malformed event.
         let index = match header::get(headers, header::EVENT_INDEX) {

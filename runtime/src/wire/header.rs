@@ -4,7 +4,7 @@
 //! under the names jetfn's code uses, so the rest of the crate never spells a header.
 
 use async_nats::HeaderMap;
-use async_nats::header::IntoHeaderName;
+use async_nats::HeaderName;
 pub use async_nats::header::{
     NATS_BATCH_COMMIT, NATS_BATCH_ID, NATS_BATCH_SEQUENCE,
     NATS_EXPECTED_LAST_SUBJECT_SEQUENCE as EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_LAST_SEQUENCE,
@@ -89,13 +89,32 @@ pub const DLQ_DELIVERIES: &str = "jetfn-dlq-deliveries";
 /// Dead letters: the prefix under which the original's JetStream (`Nats-*`) headers are kept.
 pub const DLQ_ORIGINAL_PREFIX: &str = "jetfn-dlq-orig-";
 
+/// A header name fixed at compile time (one of this module's constants): looked up without a
+/// copy of the name or a check of its characters, which a `&str` costs on every lookup.
+pub trait StaticName {
+    /// The name as async-nats keys it.
+    fn header_name(self) -> HeaderName;
+}
+
+impl StaticName for &'static str {
+    fn header_name(self) -> HeaderName {
+        HeaderName::from_static(self)
+    }
+}
+
+impl StaticName for HeaderName {
+    fn header_name(self) -> HeaderName {
+        self
+    }
+}
+
 /// The value of header `name`, if present.
-pub fn get(headers: Option<&HeaderMap>, name: impl IntoHeaderName) -> Option<&str> {
-    headers?.get(name).map(|v| v.as_str())
+pub fn get(headers: Option<&HeaderMap>, name: impl StaticName) -> Option<&str> {
+    headers?.get(name.header_name()).map(|v| v.as_str())
 }
 
 /// The value of header `name` as an unsigned integer, if present and numeric.
-pub fn get_u64(headers: Option<&HeaderMap>, name: impl IntoHeaderName) -> Option<u64> {
+pub fn get_u64(headers: Option<&HeaderMap>, name: impl StaticName) -> Option<u64> {
     get(headers, name)?.parse().ok()
 }
 
