@@ -713,7 +713,7 @@ local function check(op)
     local n = (now == false and 0) or (type(now) == 'number' and now) or small(now)
     -- The increment is a canonical integer (RedisWrites made it): only its size is in doubt.
     local by = tonumber(b)
-    local sum = n and by >= -SAFE and by <= SAFE and n + by
+    local sum = n and by and by >= -SAFE and by <= SAFE and n + by
     if sum and sum >= -SAFE and sum <= SAFE then
       values[key][a] = sum
     else
@@ -1588,8 +1588,9 @@ mod tests {
         let expected: &[u8] = &[
             0x97, // 7 elements: seq, its text, id, type, layout, then HSET's field and value
             0xcd, 0x01, 0x2c, // 300
-            0xa3, b'3', b'0', b'0', 0xa1, b'a', 0xa1, b'T', 0xa6, 1, 1, 0, 0, 0,
-            7, // written; HSET on key 7
+            0xa3, b'3', b'0', b'0', // "300"
+            0xa1, b'a', 0xa1, b'T', // id, type
+            0xa6, 1, 1, 0, 0, 0, 7, // written; HSET on key 7
             0xa1, b'f', 0xa1, b'v',
         ];
         assert_eq!(packed, expected);
