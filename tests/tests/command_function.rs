@@ -500,6 +500,100 @@ async fn a_repeated_command_id_after_the_duplicate_window_gets_the_first_reply_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeats_and_new_commands_sent_at_once_to_a_fresh_instance_each_get_their_own_answer() {
+    jetfn_tests::init_tracing();
+    let nats = NatsServer::start().await.unwrap();
+    let config = account_config(&nats);
+    let first = start_account(config.clone()).await.unwrap();
+    let client = nats.connect().await.unwrap();
+    const ACCOUNTS: usize = 40;
+    let mut rejections = Vec::new();
+    for k in 0..ACCOUNTS {
+        let id = format!("burst-{k}");
+        send(&client, &id, "open", json!({"owner": "Ann"}), None)
+            .await
+            .unwrap()
+            .accepted();
+        let withdraw = json!({"amount": 1});
+        let rejected = send(&client, &id, "withdraw", withdraw, Some(&format!("w-{k}")))
+            .await
+            .unwrap();
+        assert_eq!(
+            rejected.body["error"]["kind"], "rejected",
+            "{:?}",
+            rejected.body
+        );
+        rejections.push(rejected.body);
+    }
+    first.stop().await.unwrap();
+
+    // A new instance knows nothing in its cache: only the ledger remembers the rejections. Each
+    // account gets a new deposit and the repeated withdraw at once; the repeat must keep its
+    // rejection even where the deposit lands first and the withdraw would now be accepted.
+    let second = start_account(config).await.unwrap();
+    let ids: Vec<String> = (0..ACCOUNTS).map(|k| format!("burst-{k}")).collect();
+    let client = &client;
+    let before = ledger_counts(client).await;
+    let deposits = ids.iter().enumerate().map(|(k, id)| async move {
+        let command_id = format!("d-{k}");
+        send(
+            client,
+            id,
+            "deposit",
+            json!({"amount": 5}),
+            Some(&command_id),
+        )
+        .await
+    });
+    let repeats = ids.iter().enumerate().map(|(k, id)| async move {
+        let command_id = format!("w-{k}");
+        send(
+            client,
+            id,
+            "withdraw",
+            json!({"amount": 1}),
+            Some(&command_id),
+        )
+        .await
+    });
+    let (deposited, repeated) = tokio::join!(join_all(deposits), join_all(repeats));
+
+    for (k, (deposit, repeat)) in deposited.iter().zip(&repeated).enumerate() {
+        assert_eq!(
+            deposit.as_ref().unwrap().accepted().version,
+            2,
+            "account {k}"
+        );
+        assert_eq!(repeat.as_ref().unwrap().body, rejections[k], "account {k}");
+        let subject = format!("evt.account.{}", ids[k]);
+        let events = stored_messages(client, ACCOUNT_STREAM, Some(&subject))
+            .await
+            .unwrap();
+        assert_eq!(events.len(), 2, "account {k}: open and the deposit");
+        assert_eq!(balance(&events).unwrap(), 5, "account {k}");
+    }
+    // The lookups of commands that arrived together went out together.
+    let after = ledger_counts(client).await;
+    let (reads, requests) = (after.0 - before.0, after.1 - before.1);
+    assert_eq!(reads, 2 * ACCOUNTS as u64, "{before:?} then {after:?}");
+    assert!(
+        requests >= 1 && requests < reads,
+        "{before:?} then {after:?}"
+    );
+    second.stop().await.unwrap();
+}
+
+/// The one instance's ledger `reads` and `requests` (`$SRV.STATS`).
+async fn ledger_counts(client: &async_nats::Client) -> (u64, u64) {
+    let stats = service_stats(client, "account", 1).await.unwrap();
+    let ledger = &stats[0]["endpoints"][0]["data"]["ledger"];
+    (
+        ledger["reads"].as_u64().unwrap(),
+        ledger["requests"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_id_reused_for_a_different_command_is_invalid() {
     let (_nats, function, client) = server_with_account().await;
     send(

@@ -1404,6 +1404,7 @@ async fn p35_to_p41_p43_discovery() {
             "unavailable",
             "retries",
             "cache",
+            "ledger",
             "affinity"
         ]),
         "P39"
@@ -1412,6 +1413,18 @@ async fn p35_to_p41_p43_discovery() {
     assert_eq!(
         cache,
         BTreeSet::from(["hits", "misses", "evictions", "entries", "capacity"]),
+        "P39: {data}"
+    );
+    // Every command read the ledger; one request may carry several reads, never the reverse.
+    let ledger = &data["ledger"];
+    assert_eq!(
+        field_names(ledger),
+        BTreeSet::from(["reads", "requests"]),
+        "P39: {data}"
+    );
+    let (reads, requests) = (ledger["reads"].as_u64(), ledger["requests"].as_u64());
+    assert!(
+        matches!((reads, requests), (Some(r), Some(q)) if r >= 2 && q >= 1 && q <= r),
         "P39: {data}"
     );
     // One instance alone: it counts itself, and hands nothing on.

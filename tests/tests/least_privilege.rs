@@ -383,6 +383,27 @@ async fn assert_refused_to_start(function: &mut FunctionProcess, refusal: &str) 
     log
 }
 
+/// A command function that may not read its command ledger refuses to start, naming the
+/// subject to grant, instead of failing every command it is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_function_that_may_not_read_its_ledger_does_not_start() {
+    jetfn_tests::init_tracing();
+    let crippled = deploy_permissions_without("\"$JS.API.DIRECT.GET.KV_jetfn-ledger-account\"");
+    let nats = start_nats(&crippled).await;
+    let mut account = account_process(&nats, &[]);
+    let log = assert_refused_to_start(
+        &mut account,
+        "the ledger jetfn-ledger-account cannot be read",
+    )
+    .await;
+    assert!(
+        log.contains(
+            "Permissions Violation for Publish to \"$JS.API.DIRECT.GET.KV_jetfn-ledger-account\""
+        ),
+        "{log}"
+    );
+}
+
 /// A command function that may not subscribe to its commands refuses to start, naming the
 /// subject, instead of reporting ready while nobody answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,8 +5,8 @@
 use crate::direct::DirectGets;
 use crate::store::StoreError;
 use crate::wire::{header, names};
-use async_nats::StatusCode;
 use async_nats::jetstream::{self, kv};
+use async_nats::{Message, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
@@ -54,7 +54,7 @@ impl JsonBucket {
     /// The value of `key`; `None` when it is absent, removed, or unreadable (written by a
     /// future version, say).
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
-        let subject = names::kv_subject(&self.bucket, key);
+        let subject = self.subject(key);
         // The last-by-subject form in the subject itself, so least-privilege permissions can
         // name the bucket's keys.
         let mut replies = self
@@ -63,19 +63,23 @@ impl JsonBucket {
             .await?;
         let message = replies.next().await?;
         match message.status {
-            None | Some(StatusCode::OK) => {
-                let operation = header::get(message.headers.as_ref(), header::KV_OPERATION);
-                if operation.is_some_and(|op| op != "PUT") {
-                    return Ok(None);
-                }
-                Ok(serde_json::from_slice(&message.payload).ok())
-            }
+            None | Some(StatusCode::OK) => Ok(value(&message)),
             Some(StatusCode::NOT_FOUND) => Ok(None),
             Some(status) => Err(StoreError::Unavailable(format!(
                 "KV read of {subject} failed: {status} {}",
                 message.description.as_deref().unwrap_or_default()
             ))),
         }
+    }
+
+    /// The subject that stores `key`.
+    pub fn subject(&self, key: &str) -> String {
+        names::kv_subject(&self.bucket, key)
+    }
+
+    /// The direct get subject of the bucket's stream, and the reply subscription reads use.
+    pub fn direct_gets(&self) -> (&str, &Arc<DirectGets>) {
+        (&self.direct_get, &self.reads)
     }
 
     /// Stores `value` under `key`, waiting for JetStream's acknowledgement.
@@ -96,4 +100,13 @@ impl JsonBucket {
             .map_err(|e| failed(e.to_string()))?;
         Ok(())
     }
+}
+
+/// The value a stored entry holds; `None` for a removed key or a value that does not decode.
+pub(crate) fn value<T: DeserializeOwned>(message: &Message) -> Option<T> {
+    let operation = header::get(message.headers.as_ref(), header::KV_OPERATION);
+    if operation.is_some_and(|op| op != "PUT") {
+        return None;
+    }
+    serde_json::from_slice(&message.payload).ok()
 }

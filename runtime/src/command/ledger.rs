@@ -6,14 +6,16 @@
 //! header of their stored events, so their ledger entry may be written after the reply (see
 //! [`super::writer`]); rejections and empty decisions are recorded before it.
 //!
-//! Reads are direct gets of the bucket's stream over the function's one reply subscription, so
-//! a lookup is one round trip and needs no KV watcher or consumer.
+//! Reads are direct gets of the bucket's stream over the function's one reply subscription,
+//! with the reads of concurrent commands sent together (see [`super::batched`]), so a lookup is
+//! at most one round trip and needs no KV watcher or consumer.
 
-use super::kv::JsonBucket;
+use super::batched::BatchedReads;
+use super::kv::{self, JsonBucket};
 use super::reply::Reply;
 use crate::direct::DirectGets;
 use crate::store::StoreError;
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -44,12 +46,21 @@ pub(crate) trait CommandLedger: Send + Sync + 'static {
         command_id: &'a str,
         entry: &'a Entry,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Counters for `$SRV.STATS`, if it keeps any.
+    fn stats(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
+
+/// The key read at start to check that the ledger can be read (any key would do).
+const PROBE: (&str, &str) = ("jetfn-start", "probe");
 
 /// The ledger in a JetStream KV bucket.
 #[derive(Debug, Clone)]
 pub(crate) struct KvLedger {
     bucket: JsonBucket,
+    reads: Arc<BatchedReads>,
 }
 
 impl KvLedger {
@@ -62,7 +73,7 @@ impl KvLedger {
         ttl: Duration,
         replicas: usize,
     ) -> Result<KvLedger, StoreError> {
-        let config = kv::Config {
+        let config = jetstream::kv::Config {
             bucket: bucket.to_owned(),
             description: "jetfn command ledger: command id -> first reply".into(),
             history: 1,
@@ -71,8 +82,22 @@ impl KvLedger {
             num_replicas: replicas,
             ..Default::default()
         };
+        let config_bucket = config.bucket.clone();
         let bucket = JsonBucket::open(js, api_prefix, reads, config).await?;
-        Ok(KvLedger { bucket })
+        let (direct_get, replies) = bucket.direct_gets();
+        let direct_get = direct_get.to_owned();
+        let reads = Arc::new(BatchedReads::start(replies.clone(), direct_get.clone()));
+        let ledger = KvLedger { bucket, reads };
+        // One read now, so a function that may not read its ledger says so at start instead of
+        // failing every command.
+        if let Err(err) = ledger.get(PROBE.0, PROBE.1).await {
+            return Err(StoreError::Unavailable(format!(
+                "the ledger {} cannot be read: {err} (it needs publish on {direct_get}, see \
+                 deploy/README.md)",
+                config_bucket,
+            )));
+        }
+        Ok(ledger)
     }
 }
 
@@ -83,7 +108,13 @@ impl CommandLedger for KvLedger {
         command_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<Entry>, StoreError>> {
         // An unreadable entry is absent: the stored events still guard against double appends.
-        Box::pin(async move { self.bucket.get(&key(id, command_id)).await })
+        Box::pin(async move {
+            let message = self
+                .reads
+                .last(self.bucket.subject(&key(id, command_id)))
+                .await?;
+            Ok(message.and_then(|message| kv::value(&message)))
+        })
     }
 
     fn put<'a>(
@@ -93,6 +124,10 @@ impl CommandLedger for KvLedger {
         entry: &'a Entry,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move { self.bucket.put(&key(id, command_id), entry).await })
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        self.reads.to_json()
     }
 }
 

@@ -17,6 +17,7 @@
 //! Commands for one aggregate are processed one at a time per instance, so conflicts only arise
 //! between instances.
 
+mod batched;
 mod cache;
 pub mod decision;
 mod kv;
@@ -772,6 +773,10 @@ impl<A: Aggregate> Handler<A> {
     fn stats(&self) -> serde_json::Value {
         let mut stats = self.counters.to_json();
         stats["cache"] = self.cache.to_json();
+        let ledger = self.ledger.stats();
+        if !ledger.is_null() {
+            stats["ledger"] = ledger;
+        }
         stats
     }
 

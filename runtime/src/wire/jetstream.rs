@@ -111,6 +111,16 @@ pub fn direct_get_last(subject: &str) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The body of a direct get of the last message on each of `subjects` (`multi_last`). The
+/// server answers with those messages in stream order, then an end-of-batch status, or with one
+/// `404 No Results` when none has a message. Wildcards would match other subjects too, so
+/// callers pass literal subjects.
+pub fn direct_get_multi_last(subjects: &[&str]) -> Vec<u8> {
+    serde_json::json!({ "multi_last": subjects })
+        .to_string()
+        .into_bytes()
+}
+
 /// One reply of a direct get.
 #[derive(Debug)]
 pub enum DirectReply {
