@@ -77,8 +77,9 @@ pub(crate) struct Worker<P> {
     /// The bound consumer acknowledges every message up to the one acknowledged (`ack_policy`
     /// `all`): one ack per batch. Consumers created before are `explicit`: one ack per message.
     ack_all: bool,
-    /// The checkpoint the consumer was last recreated at because of a hole.
-    rewound_at: Option<u64>,
+    /// The checkpoint the bound consumer was created to start after, when this worker created
+    /// it (`None`: it bound one that was there).
+    created_after: Option<u64>,
     /// The incarnation of the bound consumer (its creation time), when reading a partitioned
     /// view: deliveries are numbered per incarnation.
     tag: String,
@@ -122,7 +123,7 @@ impl<P: Projection> Worker<P> {
             stats,
             commits: 0,
             ack_all: false,
-            rewound_at: None,
+            created_after: None,
             tag: String::new(),
             active: false,
             last_claim: None,
@@ -381,7 +382,6 @@ impl<P: Projection> Worker<P> {
         committed: u64,
     ) {
         *checkpoint = committed;
-        self.rewound_at = None;
         if let Order::Deliveries { position, .. } = order {
             self.position = *position;
         }
@@ -457,9 +457,10 @@ impl<P: Projection> Worker<P> {
                 Applied::Reset => return Ok(Some(Rebind::Reset)),
                 Applied::Moved(generation) => return Ok(Some(Rebind::Moved(generation))),
                 Applied::Stale(at) => return Ok(Some(Rebind::Rewind(at))),
-                // Delivered again from the checkpoint and the hole is still there: the stream
-                // itself has it (limits or deleted messages).
-                Applied::Gap(at) if self.rewound_at == Some(at) => {
+                // The first delivery of a consumer this worker created to start right after
+                // the checkpoint lies beyond it: the stream itself has the hole (limits or
+                // deleted messages).
+                Applied::Gap(at) if self.hole_is_in_the_stream(batch, at) => {
                     tracing::warn!(
                         projection = P::NAME,
                         partition = self.partition,
@@ -468,12 +469,19 @@ impl<P: Projection> Worker<P> {
                     );
                     order = Order::HoleAccepted;
                 }
-                Applied::Gap(at) => {
-                    self.rewound_at = Some(at);
-                    return Ok(Some(Rebind::Rewind(at)));
-                }
+                // Anything else holds the missing events: a consumer bound as it was (its
+                // earlier deliveries wait for their ack timeout), or one that delivered them
+                // to a pull that was lost. Only a consumer created at the checkpoint tells.
+                Applied::Gap(at) => return Ok(Some(Rebind::Rewind(at))),
             }
         }
+    }
+
+    /// Whether a hole after checkpoint `at` is in the stream rather than held elsewhere: `batch`
+    /// holds the first delivery of a consumer this worker created to start right after `at`,
+    /// which is the stream's first event after `at` that the consumer's filter takes.
+    fn hole_is_in_the_stream(&self, batch: &[Pulled], at: u64) -> bool {
+        self.created_after == Some(at) && batch.iter().any(|pulled| pulled.delivery == 1)
     }
 
     /// A batch of what the read-ahead has ready now, sorted, if it has anything; and whether
@@ -724,6 +732,7 @@ impl<P: Projection> Worker<P> {
             None => checkpoint,
         };
         self.position = position;
+        self.created_after = None;
         if let Some((existing, ack_floor)) = existing {
             if ack_floor <= position && !recreate {
                 return Ok((existing, checkpoint));
@@ -775,6 +784,7 @@ impl<P: Projection> Worker<P> {
             })
             .await
             .map_err(|e| Error::Service(format!("creating consumer {name}: {e}")))?;
+        self.created_after = Some(position);
         Ok((consumer, checkpoint))
     }
 
