@@ -222,14 +222,46 @@ async fn deposit_rate(
 ) -> Result<f64> {
     let command = |id: &str| deposit(id, 1);
     touch_all(bench, &command, accounts).await;
-    let cpu = |functions: &[&FunctionProcess]| -> Result<Duration> {
-        functions.iter().map(|f| cpu_time(f.pid())).sum()
+    let nats = bench.nats.pid().context("nats-server has no pid")?;
+    // CPU time of the functions, nats-server and this process (the client), in that order.
+    let cpu = || -> Result<[Duration; 3]> {
+        let functions = functions
+            .iter()
+            .map(|f| cpu_time(f.pid()))
+            .sum::<Result<_>>()?;
+        Ok([functions, cpu_time(nats)?, cpu_time(std::process::id())?])
     };
-    let cpu_before = cpu(functions)?;
+    let cpu_before = cpu()?;
+    let ledger_before = ledger_counts(bench, functions.len()).await?;
     let (rate, commands) = timed_rate(bench, &command, accounts, label).await;
-    let per_command = (cpu(functions)? - cpu_before).as_secs_f64() * 1e6 / commands as f64;
-    eprintln!("  {label}: function CPU {per_command:.0} µs per command");
+    let cpu_after = cpu()?;
+    let per_command =
+        |k: usize| (cpu_after[k] - cpu_before[k]).as_secs_f64() * 1e6 / commands as f64;
+    let ledger = ledger_counts(bench, functions.len()).await?;
+    let (reads, requests) = (ledger.0 - ledger_before.0, ledger.1 - ledger_before.1);
+    eprintln!(
+        "  {label}: CPU per command: function {:.0} µs, nats-server {:.0} µs, bench client \
+         {:.0} µs; {reads} ledger reads in {requests} requests ({:.1} each)",
+        per_command(0),
+        per_command(1),
+        per_command(2),
+        reads as f64 / requests.max(1) as f64
+    );
     Ok(rate)
+}
+
+/// The ledger reads and the requests that carried them, summed over `instances` instances
+/// (`$SRV.STATS`).
+async fn ledger_counts(bench: &Bench, instances: usize) -> Result<(u64, u64)> {
+    let stats = jetfn_tests::commands::service_stats(&bench.client, "account", instances).await?;
+    let count = |stats: &serde_json::Value, field: &str| {
+        stats["endpoints"][0]["data"]["ledger"][field]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    Ok(stats.iter().fold((0, 0), |(reads, requests), s| {
+        (reads + count(s, "reads"), requests + count(s, "requests"))
+    }))
 }
 
 /// Sends `command(id)` once for every account, 256 in flight.
