@@ -1,20 +1,27 @@
 //! The account projection under faults, against real nats-server, redis-server and the real
 //! `account-projection` binary: large workloads, crashes between the Redis commit and the acks,
-//! SIGKILL in the middle of a backlog, a Redis that lost everything, and read-your-writes waits.
+//! SIGKILL in the middle of a backlog, a Redis that lost everything, a consumer the projection
+//! cannot recreate, and read-your-writes waits.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PriorityPolicy, pull};
+use futures::StreamExt;
 use jetfn::command::RunningFunction;
 use jetfn::readmodel::{Keys, ReadModel, ReadModelError};
-use jetfn_tests::commands::{send, start_account};
+use jetfn_tests::commands::{ACCOUNT_STREAM, send, start_account};
+use jetfn_tests::faults::{assert_read_model_exact, function_process};
 use jetfn_tests::readmodels::{
     FeedOrder, PROJECTION, ReadSide, check_read_model, check_read_side, consumer_ack_floor,
     live_generation, projection_config, read_model_checkpoint, wait_until_caught_up,
 };
+use jetfn_tests::topology::{deploy_permissions, passwords};
 use jetfn_tests::workload::{poll, produce_events, stream_last_seq};
 use jetfn_tests::{FunctionProcess, NatsServer, RedisServer};
 use redis::AsyncCommands;
 use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// The projection binary.
@@ -264,6 +271,205 @@ async fn redis_restarted_empty_is_detected_and_the_read_model_is_rebuilt_exact()
     );
     stop_process(projection).await;
     function.stop().await.unwrap();
+}
+
+/// A client of `nats` logged in as `user` of `deploy/nats/permissions.conf`, with the inbox prefix
+/// that file grants it.
+async fn login(nats: &NatsServer, user: &str, password: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .custom_inbox_prefix(format!("_INBOX.{user}"))
+        .connect(nats.url())
+        .await
+        .unwrap()
+}
+
+/// A projection that may not delete (so cannot recreate) its consumer, bound to one whose first
+/// events went to a pull that is gone and wait, unacknowledged, for their ack timeout, while
+/// newer events keep arriving: every batch it is delivered skips the held events, at the same
+/// checkpoint, again after each failed attempt to recreate the consumer. That repeated hole is
+/// not one in the stream: the projection must wait for the held events (JetStream redelivers
+/// them) and skip none, and the read model and change feed end exact.
+///
+/// The held events are kept from redelivery (in-progress acks) until the projection has either
+/// committed past them or failed three times to recreate its consumer, then handed back (nak).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_that_cannot_recreate_its_consumer_skips_no_event() {
+    /// Events delivered to the pull that is gone.
+    const HELD: usize = 3;
+    /// The consumer's ack wait and pin timeout (the projection is configured alike). Each failed
+    /// attempt to recreate the consumer waits out the NATS request timeout (2 s) and then 0.5 s,
+    /// longer than the ack wait: by the next bind every event delivered to the pull before has
+    /// come due for redelivery, so, once the held events are handed back and no new ones arrive,
+    /// a bind is delivered everything pending at once, in order.
+    const ACK_WAIT: Duration = Duration::from_secs(1);
+    const PIN_TIMEOUT: Duration = Duration::from_secs(1);
+    /// The projection user's right to delete consumers of the stream.
+    const DELETE_LINE: &str = "\"$JS.API.CONSUMER.DELETE.ACCOUNT_EVENTS.*\"";
+    /// What the projection logs when binding (here: recreating) its consumer failed.
+    const BIND_FAILED: &str = "cannot bind consumer";
+    jetfn_tests::init_tracing();
+
+    let full = deploy_permissions().unwrap();
+    let permissions: String = full
+        .lines()
+        .filter(|line| line.trim() != DELETE_LINE)
+        .map(|line| format!("{line}\n"))
+        .collect();
+    assert_eq!(
+        full.lines().count(),
+        permissions.lines().count() + 1,
+        "permissions.conf grants {DELETE_LINE} on one line"
+    );
+    let nats =
+        NatsServer::start_with_config(&permissions, Some(("jetfn-deploy", passwords::DEPLOY)))
+            .await
+            .unwrap();
+    let redis = RedisServer::start().await.unwrap();
+    let login_env = |user: &str, password: &str| {
+        vec![
+            ("NATS_URL", nats.url()),
+            ("JETFN_NATS__USER", user.to_owned()),
+            ("JETFN_NATS__PASSWORD", password.to_owned()),
+            ("JETFN_NATS__INBOX_PREFIX", format!("_INBOX.{user}")),
+        ]
+    };
+    let mut account = function_process(
+        "account",
+        &login_env("account", passwords::ACCOUNT),
+        CATCH_UP,
+    )
+    .await
+    .unwrap();
+    let client = login(&nats, "jetfn-client", passwords::CLIENT).await;
+    let operator = login(&nats, "jetfn-deploy", passwords::DEPLOY).await;
+    let ids = ["ann", "ben", "cid", "dot"];
+    for id in ids {
+        send(
+            &client,
+            id,
+            "open",
+            json!({"owner": id, "initial_deposit": 100}),
+            None,
+        )
+        .await
+        .unwrap()
+        .accepted();
+    }
+
+    // An earlier instance of the projection: it created the live consumer as the projection
+    // does, pulled the first events under the pin, and is gone (its pin released) without
+    // acknowledging them. Under the projection's own user, which may do all that.
+    let holder = login(&nats, "account-balances", passwords::PROJECTION).await;
+    let stream = async_nats::jetstream::new(holder.clone())
+        .get_stream(ACCOUNT_STREAM)
+        .await
+        .unwrap();
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(CONSUMER.to_owned()),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::All,
+            ack_wait: ACK_WAIT,
+            max_deliver: -1,
+            filter_subject: "evt.account.*".to_owned(),
+            max_ack_pending: 1500,
+            priority_policy: PriorityPolicy::PinnedClient,
+            priority_groups: vec!["jetfn".to_owned()],
+            priority_timeout: PIN_TIMEOUT,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // One pull request for exactly the first events, in the pin group (async-nats's pull
+    // stream would ask for more), answered to an inbox of the holder's.
+    let inbox = holder.new_inbox();
+    let mut replies = holder.subscribe(inbox.clone()).await.unwrap();
+    let request = json!({"batch": HELD, "expires": 10_000_000_000_u64, "group": "jetfn"});
+    holder
+        .publish_with_reply(
+            format!("$JS.API.CONSUMER.MSG.NEXT.{ACCOUNT_STREAM}.{CONSUMER}"),
+            inbox,
+            request.to_string().into(),
+        )
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    while held.len() < HELD {
+        let message = tokio::time::timeout(CATCH_UP, replies.next())
+            .await
+            .expect("the first events")
+            .unwrap();
+        // Status messages (heartbeats) carry no ack subject.
+        if let Some(ack) = message.reply.filter(|r| r.starts_with("$JS.ACK.")) {
+            held.push(ack);
+        }
+    }
+    drop(replies);
+    stream.unpin_consumer(CONSUMER, "jetfn").await.unwrap();
+    // Kept from redelivery (in progress) while `holding`, then handed back (nak).
+    let holding = Arc::new(AtomicBool::new(true));
+    let keeper = tokio::spawn({
+        let holding = holding.clone();
+        async move {
+            while holding.load(Ordering::Relaxed) {
+                for ack in &held {
+                    holder.publish(ack.clone(), "+WPI".into()).await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            for ack in &held {
+                holder.publish(ack.clone(), "-NAK".into()).await.unwrap();
+            }
+            holder.flush().await.unwrap();
+        }
+    });
+
+    let mut env = login_env("account-balances", passwords::PROJECTION);
+    env.extend([
+        ("REDIS_URL", redis.url()),
+        ("JETFN_NATS__REQUEST_TIMEOUT", "2s".to_owned()),
+        ("JETFN_PROJECTION__ACK_WAIT", "1s".to_owned()),
+        ("JETFN_PROJECTION__PIN_TIMEOUT", "1s".to_owned()),
+    ]);
+    let projection = function_process("account-projection", &env, CATCH_UP)
+        .await
+        .unwrap();
+    // Newer events keep arriving while the first ones are held.
+    let url = redis.url();
+    let mut deposits = 0_usize;
+    poll(
+        "the projection past the held events, or failing to recreate its consumer",
+        CATCH_UP,
+        || {
+            let (client, url, projection) = (&client, &url, &projection);
+            deposits += 1;
+            let id = ids[deposits % ids.len()];
+            async move {
+                send(client, id, "deposit", json!({"amount": 1}), None)
+                    .await?
+                    .accepted();
+                let committed = read_model_checkpoint(url, 1)
+                    .await?
+                    .is_some_and(|(_, checkpoint)| checkpoint > 0);
+                let failed = projection.log().matches(BIND_FAILED).count() >= 3;
+                Ok((committed || failed).then_some(()))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    holding.store(false, Ordering::Relaxed);
+    keeper.await.unwrap();
+
+    assert_read_model_exact(&operator, &redis, CATCH_UP).await;
+    assert!(
+        projection.log().contains(BIND_FAILED),
+        "the projection should have failed to recreate its consumer; log:\n{}",
+        projection.log()
+    );
+    stop_process(projection).await;
+    account.terminate().unwrap();
+    assert!(account.wait(CATCH_UP).await.unwrap().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
