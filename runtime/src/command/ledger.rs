@@ -82,19 +82,20 @@ impl KvLedger {
             num_replicas: replicas,
             ..Default::default()
         };
-        let config_bucket = config.bucket.clone();
-        let bucket = JsonBucket::open(js, api_prefix, reads, config).await?;
-        let (direct_get, replies) = bucket.direct_gets();
+        let store = JsonBucket::open(js, api_prefix, reads, config).await?;
+        let (direct_get, replies) = store.direct_gets();
         let direct_get = direct_get.to_owned();
         let reads = Arc::new(BatchedReads::start(replies.clone(), direct_get.clone()));
-        let ledger = KvLedger { bucket, reads };
+        let ledger = KvLedger {
+            bucket: store,
+            reads,
+        };
         // One read now, so a function that may not read its ledger says so at start instead of
         // failing every command.
         if let Err(err) = ledger.get(PROBE.0, PROBE.1).await {
             return Err(StoreError::Unavailable(format!(
-                "the ledger {} cannot be read: {err} (it needs publish on {direct_get}, see \
-                 deploy/README.md)",
-                config_bucket,
+                "the ledger {bucket} cannot be read: {err} (it needs publish on {direct_get}, \
+                 see deploy/README.md)"
             )));
         }
         Ok(ledger)
