@@ -63,6 +63,25 @@ pub fn deploy_permissions() -> Result<String> {
     ))
 }
 
+/// [`deploy_permissions`] without every line that is exactly `line` (trimmed), and how many
+/// lines that removed.
+pub fn deploy_permissions_without(line: &str) -> Result<(String, usize)> {
+    let full = deploy_permissions()?;
+    let kept: Vec<&str> = full.lines().filter(|l| l.trim() != line).collect();
+    let removed = full.lines().count() - kept.len();
+    Ok((kept.iter().map(|l| format!("{l}\n")).collect(), removed))
+}
+
+/// A client of `nats` logged in as `user` of `deploy/nats/permissions.conf`, with the inbox
+/// prefix that file grants each user (`_INBOX.<user>`).
+pub async fn login(nats: &NatsServer, user: &str, password: &str) -> Result<async_nats::Client> {
+    async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .custom_inbox_prefix(format!("_INBOX.{user}"))
+        .connect(nats.url())
+        .await
+        .with_context(|| format!("logging in to {} as {user}", nats.url()))
+}
+
 /// A hub and an edge leaf node connected to it.
 #[derive(Debug)]
 pub struct Edge {

@@ -32,11 +32,9 @@ fn deploy_permissions() -> String {
 
 /// [`deploy_permissions`] without every line that is exactly `line` (trimmed).
 fn deploy_permissions_without(line: &str) -> String {
-    deploy_permissions()
-        .lines()
-        .filter(|l| l.trim() != line)
-        .map(|l| format!("{l}\n"))
-        .collect()
+    jetfn_tests::topology::deploy_permissions_without(line)
+        .unwrap()
+        .0
 }
 
 async fn start_nats(config: &str) -> NatsServer {
@@ -46,10 +44,7 @@ async fn start_nats(config: &str) -> NatsServer {
 }
 
 async fn login(nats: &NatsServer, user: &str, password: &str) -> async_nats::Client {
-    // Each user has its own inbox prefix, as permissions.conf grants it.
-    async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
-        .custom_inbox_prefix(format!("_INBOX.{user}"))
-        .connect(nats.url())
+    jetfn_tests::topology::login(nats, user, password)
         .await
         .unwrap()
 }

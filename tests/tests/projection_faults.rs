@@ -15,7 +15,7 @@ use jetfn_tests::readmodels::{
     FeedOrder, PROJECTION, ReadSide, check_read_model, check_read_side, consumer_ack_floor,
     live_generation, projection_config, read_model_checkpoint, wait_until_caught_up,
 };
-use jetfn_tests::topology::{deploy_permissions, passwords};
+use jetfn_tests::topology::{self, passwords};
 use jetfn_tests::workload::{poll, produce_events, stream_last_seq};
 use jetfn_tests::{FunctionProcess, NatsServer, RedisServer};
 use redis::AsyncCommands;
@@ -273,14 +273,9 @@ async fn redis_restarted_empty_is_detected_and_the_read_model_is_rebuilt_exact()
     function.stop().await.unwrap();
 }
 
-/// A client of `nats` logged in as `user` of `deploy/nats/permissions.conf`, with the inbox prefix
-/// that file grants it.
+/// A client of `nats` logged in as `user` of `deploy/nats/permissions.conf`.
 async fn login(nats: &NatsServer, user: &str, password: &str) -> async_nats::Client {
-    async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
-        .custom_inbox_prefix(format!("_INBOX.{user}"))
-        .connect(nats.url())
-        .await
-        .unwrap()
+    topology::login(nats, user, password).await.unwrap()
 }
 
 /// A projection that may not delete (so cannot recreate) its consumer, bound to one whose first
@@ -309,15 +304,9 @@ async fn a_projection_that_cannot_recreate_its_consumer_skips_no_event() {
     const BIND_FAILED: &str = "cannot bind consumer";
     jetfn_tests::init_tracing();
 
-    let full = deploy_permissions().unwrap();
-    let permissions: String = full
-        .lines()
-        .filter(|line| line.trim() != DELETE_LINE)
-        .map(|line| format!("{line}\n"))
-        .collect();
+    let (permissions, removed) = topology::deploy_permissions_without(DELETE_LINE).unwrap();
     assert_eq!(
-        full.lines().count(),
-        permissions.lines().count() + 1,
+        removed, 1,
         "permissions.conf grants {DELETE_LINE} on one line"
     );
     let nats =
