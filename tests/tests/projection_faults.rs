@@ -461,6 +461,97 @@ async fn a_projection_that_cannot_recreate_its_consumer_skips_no_event() {
     assert!(account.wait(CATCH_UP).await.unwrap().success());
 }
 
+/// Events the stream no longer holds (its limits removed them while the projection was stopped)
+/// are a hole in the stream itself: the projection says so, continues after it, and applies
+/// every event the stream still holds after its checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_the_stream_no_longer_holds_are_passed_and_the_rest_applied() {
+    let (nats, redis, function, client) = servers_and_account().await;
+    let start = || async {
+        let mut projection =
+            FunctionProcess::spawn(BINARY, &projection_env(&nats, &redis, &[])).unwrap();
+        projection
+            .wait_for_log("projection function ready", CATCH_UP)
+            .await
+            .unwrap();
+        projection
+    };
+    let deposit = || async {
+        send(&client, "h", "deposit", json!({"amount": 1}), None)
+            .await
+            .unwrap()
+            .accepted();
+    };
+    let projection = start().await;
+    send(&client, "h", "open", json!({"owner": "H"}), None)
+        .await
+        .unwrap()
+        .accepted();
+    for _ in 0..9 {
+        deposit().await;
+    }
+    wait_until_caught_up(&client, &redis, 1, CATCH_UP)
+        .await
+        .unwrap();
+    stop_process(projection).await;
+
+    // Twenty more deposits while no projection runs; then an operator limits the stream to its
+    // last five messages, dropping the oldest (jetfn's own stream discards new ones instead),
+    // so 11..=25 are gone for good and 26..=30 remain.
+    for _ in 0..20 {
+        deposit().await;
+    }
+    let js = async_nats::jetstream::new(client.clone());
+    let mut config = js
+        .get_stream(ACCOUNT_STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    config.max_messages = 5;
+    config.discard = async_nats::jetstream::stream::DiscardPolicy::Old;
+    js.update_stream(config).await.unwrap();
+    let state = js
+        .get_stream(ACCOUNT_STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .clone();
+    assert_eq!((state.first_sequence, state.last_sequence), (26, 30));
+
+    let projection = start().await;
+    wait_until_caught_up(&client, &redis, 1, CATCH_UP)
+        .await
+        .unwrap();
+    let generation = live_generation(&redis).await.unwrap();
+    let key = Keys::new(PROJECTION).key(generation, "account:h");
+    let balance: i64 = redis
+        .connect()
+        .await
+        .unwrap()
+        .hget(&key, "balance")
+        .await
+        .unwrap();
+    assert_eq!(
+        balance,
+        9 + 5,
+        "the first ten events, then the five the stream holds"
+    );
+    assert!(
+        projection.log().contains("continuing after the hole"),
+        "{}",
+        projection.log()
+    );
+    stop_process(projection).await;
+    function.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_for_returns_once_the_projection_reaches_the_token() {
     let side = ReadSide::start().await.unwrap();
