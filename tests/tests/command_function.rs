@@ -534,29 +534,17 @@ async fn repeats_and_new_commands_sent_at_once_to_a_fresh_instance_each_get_thei
     let ids: Vec<String> = (0..ACCOUNTS).map(|k| format!("burst-{k}")).collect();
     let client = &client;
     let before = ledger_counts(client).await;
-    let deposits = ids.iter().enumerate().map(|(k, id)| async move {
-        let command_id = format!("d-{k}");
-        send(
-            client,
-            id,
-            "deposit",
-            json!({"amount": 5}),
-            Some(&command_id),
-        )
-        .await
-    });
-    let repeats = ids.iter().enumerate().map(|(k, id)| async move {
-        let command_id = format!("w-{k}");
-        send(
-            client,
-            id,
-            "withdraw",
-            json!({"amount": 1}),
-            Some(&command_id),
-        )
-        .await
-    });
-    let (deposited, repeated) = tokio::join!(join_all(deposits), join_all(repeats));
+    // `command` with `body` to every account, under command id `<prefix>-<k>`.
+    let to_all = |command: &'static str, body: serde_json::Value, prefix: &'static str| {
+        let ids = &ids;
+        join_all(ids.iter().enumerate().map(move |(k, id)| {
+            let body = body.clone();
+            async move { send(client, id, command, body, Some(&format!("{prefix}-{k}"))).await }
+        }))
+    };
+    let deposits = to_all("deposit", json!({"amount": 5}), "d");
+    let repeats = to_all("withdraw", json!({"amount": 1}), "w");
+    let (deposited, repeated) = tokio::join!(deposits, repeats);
 
     for (k, (deposit, repeat)) in deposited.iter().zip(&repeated).enumerate() {
         assert_eq!(

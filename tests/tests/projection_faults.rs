@@ -67,6 +67,23 @@ async fn catch_up_then_check_exact(client: &async_nats::Client, redis: &RedisSer
         .unwrap();
 }
 
+/// An `account-projection` process against these servers, once it says it is ready.
+async fn ready_projection(nats: &NatsServer, redis: &RedisServer) -> FunctionProcess {
+    let mut projection = FunctionProcess::spawn(BINARY, &projection_env(nats, redis, &[])).unwrap();
+    projection
+        .wait_for_log("projection function ready", CATCH_UP)
+        .await
+        .unwrap();
+    projection
+}
+
+/// Panics with `why` and the log unless `process` has logged `line`.
+#[track_caller]
+fn assert_logged(process: &FunctionProcess, line: &str, why: &str) {
+    let log = process.log();
+    assert!(log.contains(line), "{why}; log:\n{log}");
+}
+
 /// Stops a projection process with SIGTERM and checks that it exits 0.
 async fn stop_process(mut process: FunctionProcess) {
     process.terminate().unwrap();
@@ -229,12 +246,7 @@ async fn a_graceful_restart_in_the_middle_of_a_backlog_ends_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty_is_detected_and_the_read_model_is_rebuilt_exact() {
     let (nats, mut redis, function, client) = servers_and_account().await;
-    let mut projection =
-        FunctionProcess::spawn(BINARY, &projection_env(&nats, &redis, &[])).unwrap();
-    projection
-        .wait_for_log("projection function ready", Duration::from_secs(30))
-        .await
-        .unwrap();
+    let projection = ready_projection(&nats, &redis).await;
 
     produce_events(&client, 8, 40, 300).await.unwrap();
     wait_until_caught_up(&client, &redis, 1, CATCH_UP)
@@ -264,10 +276,10 @@ async fn redis_restarted_empty_is_detected_and_the_read_model_is_rebuilt_exact()
     assert!(stream_last_seq(&client).await.unwrap() > before);
 
     catch_up_then_check_exact(&client, &redis).await;
-    assert!(
-        projection.log().contains("rebuilding from the first event"),
-        "the projection should say it rebuilds; log:\n{}",
-        projection.log()
+    assert_logged(
+        &projection,
+        "rebuilding from the first event",
+        "the projection should say it rebuilds",
     );
     stop_process(projection).await;
     function.stop().await.unwrap();
@@ -467,22 +479,13 @@ async fn a_projection_that_cannot_recreate_its_consumer_skips_no_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_the_stream_no_longer_holds_are_passed_and_the_rest_applied() {
     let (nats, redis, function, client) = servers_and_account().await;
-    let start = || async {
-        let mut projection =
-            FunctionProcess::spawn(BINARY, &projection_env(&nats, &redis, &[])).unwrap();
-        projection
-            .wait_for_log("projection function ready", CATCH_UP)
-            .await
-            .unwrap();
-        projection
-    };
     let deposit = || async {
         send(&client, "h", "deposit", json!({"amount": 1}), None)
             .await
             .unwrap()
             .accepted();
     };
-    let projection = start().await;
+    let projection = ready_projection(&nats, &redis).await;
     send(&client, "h", "open", json!({"owner": "H"}), None)
         .await
         .unwrap()
@@ -525,7 +528,7 @@ async fn events_the_stream_no_longer_holds_are_passed_and_the_rest_applied() {
         .clone();
     assert_eq!((state.first_sequence, state.last_sequence), (26, 30));
 
-    let projection = start().await;
+    let projection = ready_projection(&nats, &redis).await;
     wait_until_caught_up(&client, &redis, 1, CATCH_UP)
         .await
         .unwrap();
@@ -543,10 +546,10 @@ async fn events_the_stream_no_longer_holds_are_passed_and_the_rest_applied() {
         9 + 5,
         "the first ten events, then the five the stream holds"
     );
-    assert!(
-        projection.log().contains("continuing after the hole"),
-        "{}",
-        projection.log()
+    assert_logged(
+        &projection,
+        "continuing after the hole",
+        "the projection should say it passes the hole",
     );
     stop_process(projection).await;
     function.stop().await.unwrap();
