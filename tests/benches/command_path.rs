@@ -119,6 +119,10 @@ struct Raw {
     append: Samples,
     direct_get: Samples,
     concurrent_appends: f64,
+    /// The same appends carrying the headers the function writes on an event.
+    headed_appends: f64,
+    /// nats-server CPU per append, µs: plain, and carrying those headers.
+    append_cpu: [f64; 2],
 }
 
 async fn raw_limits(bench: &Bench) -> Result<Raw> {
@@ -127,24 +131,40 @@ async fn raw_limits(bench: &Bench) -> Result<Raw> {
     let append = raw_serial_appends(&bench.client, "raw.occ.serial", scaled(2000)).await?;
     let direct_get =
         raw_serial_direct_gets(&bench.client, "RAW_OCC", "raw.occ.serial", scaled(2000)).await?;
-    let mut rates = Vec::new();
+    let nats = bench.nats.pid().context("nats-server has no pid")?;
+    // Plain and headed rounds in turn, so that both see the same machine.
+    let (mut rates, mut cpu) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
     for round in 0..3 {
-        rates.push(
-            raw_concurrent_appends(
-                &bench.client,
-                &format!("raw.occ.r{round}-s"),
-                512,
-                256,
-                scaled(20_000),
-            )
-            .await?,
-        );
+        for (k, carrying) in [Carrying::Nothing, Carrying::EventHeaders]
+            .into_iter()
+            .enumerate()
+        {
+            let total = scaled(20_000);
+            let before = cpu_time(nats)?;
+            let prefix = format!("raw.occ.r{round}-{k}-s");
+            let rate =
+                raw_concurrent_appends(&bench.client, &prefix, (512, 256), total, carrying).await?;
+            cpu[k].push(micros_each(cpu_time(nats)? - before, total as u64));
+            rates[k].push(rate);
+        }
     }
+    let [plain, headed] = rates;
+    let [plain_cpu, headed_cpu] = cpu;
+    eprintln!(
+        "  OCC appends over 512 subjects: {:.0}/s plain, {:.0}/s with the event headers; \
+         nats-server {:.1} / {:.1} µs each",
+        median(plain.clone()),
+        median(headed.clone()),
+        median(plain_cpu.clone()),
+        median(headed_cpu.clone())
+    );
     Ok(Raw {
         request_reply,
         append,
         direct_get,
-        concurrent_appends: median(rates),
+        concurrent_appends: median(plain),
+        headed_appends: median(headed),
+        append_cpu: [median(plain_cpu), median(headed_cpu)],
     })
 }
 
@@ -219,7 +239,7 @@ async fn deposit_rate(
     functions: &[&FunctionProcess],
     accounts: usize,
     label: &str,
-) -> Result<f64> {
+) -> Result<Rated> {
     let command = |id: &str| deposit(id, 1);
     touch_all(bench, &command, accounts).await;
     let nats = bench.nats.pid().context("nats-server has no pid")?;
@@ -247,7 +267,19 @@ async fn deposit_rate(
         per_command(2),
         reads as f64 / requests.max(1) as f64
     );
-    Ok(rate)
+    Ok(Rated {
+        rate,
+        cpu: [0, 1, 2].map(per_command),
+        reads_per_request: reads as f64 / requests.max(1) as f64,
+    })
+}
+
+/// A deposit run: commands/s, CPU per command (µs: the functions, nats-server, the bench
+/// client) and ledger reads per request.
+struct Rated {
+    rate: f64,
+    cpu: [f64; 3],
+    reads_per_request: f64,
 }
 
 /// The ledger reads and the requests that carried them, summed over `instances` instances
@@ -312,11 +344,14 @@ async fn throughput(bench: &mut Bench, raw: &Raw) -> Result<()> {
         "opening {accounts} accounts: {}",
         opened.failures()
     );
-    let info_one = deposit_rate(bench, &[&function], accounts, "1 instance, RUST_LOG=info").await?;
+    let info = deposit_rate(bench, &[&function], accounts, "1 instance, RUST_LOG=info").await?;
+    let info_one = info.rate;
     stop(function).await?;
 
     let function = bench.start(&[("RUST_LOG", "warn")]).await?;
-    let warn_one = deposit_rate(bench, &[&function], accounts, "1 instance, RUST_LOG=warn").await?;
+    let warn_one = deposit_rate(bench, &[&function], accounts, "1 instance, RUST_LOG=warn")
+        .await?
+        .rate;
     stop(function).await?;
 
     let first = bench.start(&[]).await?;
@@ -327,7 +362,8 @@ async fn throughput(bench: &mut Bench, raw: &Raw) -> Result<()> {
         accounts,
         "2 instances, RUST_LOG=info",
     )
-    .await?;
+    .await?
+    .rate;
     stop(first).await?;
     stop(second).await?;
 
@@ -339,7 +375,8 @@ async fn throughput(bench: &mut Bench, raw: &Raw) -> Result<()> {
         accounts,
         "2 instances, affinity off",
     )
-    .await?;
+    .await?
+    .rate;
     stop(first).await?;
     stop(second).await?;
 
@@ -351,8 +388,14 @@ async fn throughput(bench: &mut Bench, raw: &Raw) -> Result<()> {
         (format!("rawcmd.{id}"), body)
     };
     touch_all(bench, &raw_command, accounts).await;
-    let (least, _) = timed_rate(bench, &raw_command, accounts, "the least a command can do").await;
+    let nats = bench.nats.pid().context("nats-server has no pid")?;
+    let cpu = || -> Result<[Duration; 2]> { Ok([cpu_time(nats)?, cpu_time(std::process::id())?]) };
+    let before = cpu()?;
+    let (least, commands) =
+        timed_rate(bench, &raw_command, accounts, "the least a command can do").await;
+    let after = cpu()?;
     responder.stop();
+    let least_cpu = [0, 1].map(|k| micros_each(after[k] - before[k], commands as u64));
 
     let raw_rate = rate(raw.concurrent_appends, "appends");
     bench.table.ratio(
@@ -361,10 +404,39 @@ async fn throughput(bench: &mut Bench, raw: &Raw) -> Result<()> {
         number(raw_rate.value, raw_rate.text.clone()),
         "-",
     );
+    bench.table.plain(
+        "  CPU per command in that least: nats-server / bench process (client and responder)",
+        format!("{:.0} / {:.0} µs", least_cpu[0], least_cpu[1]),
+        "-",
+    );
+    bench.table.ratio(
+        "raw OCC appends carrying the headers the function writes on an event (raw: plain OCC appends)",
+        rate(raw.headed_appends, "appends"),
+        number(raw_rate.value, raw_rate.text.clone()),
+        "-",
+    );
+    bench.table.plain(
+        "  nats-server CPU per append: plain / carrying the event headers",
+        format!("{:.1} / {:.1} µs", raw.append_cpu[0], raw.append_cpu[1]),
+        "-",
+    );
     bench.table.ratio(
         "  jetfn, 1 instance, against that least",
         rate(info_one, "commands"),
         rate(least, "commands"),
+        "-",
+    );
+    bench.table.plain(
+        "  CPU per command in the 1-instance run: function / nats-server / bench client",
+        format!(
+            "{:.0} / {:.0} / {:.0} µs",
+            info.cpu[0], info.cpu[1], info.cpu[2]
+        ),
+        "-",
+    );
+    bench.table.plain(
+        "  ledger lookups per request in that run (multi_last direct gets)",
+        format!("{:.1}", info.reads_per_request),
         "-",
     );
     for (what, value) in [

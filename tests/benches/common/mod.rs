@@ -760,15 +760,64 @@ pub async fn raw_serial_direct_gets(
     Ok(Samples::new(samples))
 }
 
-/// `total` OCC appends over `subjects` subjects (`<prefix><k>`) with `in_flight` outstanding:
-/// each of `in_flight` workers owns `subjects / in_flight` subjects and appends to them in turn,
-/// so no append conflicts. Returns appends per second.
+/// What each raw append carries besides its expectation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrying {
+    /// Nothing: the least an OCC append is.
+    Nothing,
+    /// The headers the account function writes on a deposit (`jetfn::wire::event::headers`:
+    /// `Nats-Msg-Id`, CloudEvents, command, fingerprint, links and a new `traceparent`).
+    EventHeaders,
+}
+
+/// One OCC append carrying `carrying`, as the `n`th command of `worker`.
+async fn occ_append_carrying(
+    js: &jetstream::Context,
+    subject: &str,
+    expected: u64,
+    carrying: Carrying,
+    (worker, n): (usize, usize),
+) -> Result<u64> {
+    if carrying == Carrying::Nothing {
+        return occ_append(js, subject, expected).await;
+    }
+    let command_id = format!("w{worker}-{n}");
+    let trace = jetfn::telemetry::TraceContext::new_root();
+    let meta = EventMeta {
+        source: "/jetfn/account",
+        aggregate_id: subject,
+        command_id: &command_id,
+        command: "deposit",
+        fingerprint: Some("0123456789abcdef"),
+        trace: Some(&trace),
+        time: &event::now_rfc3339(),
+        previous: Some(event::Previous {
+            seq: expected,
+            version: n as u64 + 1,
+        }),
+    };
+    let message = PublishMessage::build()
+        .headers(event::headers(&meta, 0, "MoneyDeposited", 1))
+        .expected_last_subject_sequence(expected)
+        .payload(Bytes::from_static(br#"{"amount":1}"#));
+    let ack = js
+        .send_publish(subject.to_owned(), message)
+        .await
+        .with_context(|| format!("a raw OCC append with headers to {subject}"))?
+        .await
+        .with_context(|| format!("the ack of a raw OCC append with headers to {subject}"))?;
+    Ok(ack.sequence)
+}
+
+/// `total` OCC appends over `subjects` subjects (`<prefix><k>`) with `in_flight` outstanding,
+/// each carrying `carrying`: each of `in_flight` workers owns `subjects / in_flight` subjects and
+/// appends to them in turn, so no append conflicts. Returns appends per second.
 pub async fn raw_concurrent_appends(
     client: &async_nats::Client,
     prefix: &str,
-    subjects: usize,
-    in_flight: usize,
+    (subjects, in_flight): (usize, usize),
     total: usize,
+    carrying: Carrying,
 ) -> Result<f64> {
     let js = jetstream::new(client.clone());
     let per_worker = total / in_flight;
@@ -784,7 +833,8 @@ pub async fn raw_concurrent_appends(
             let mut last = vec![0u64; owned.len()];
             for n in 0..per_worker {
                 let k = n % owned.len();
-                last[k] = occ_append(&js, &owned[k], last[k]).await?;
+                last[k] =
+                    occ_append_carrying(&js, &owned[k], last[k], carrying, (worker, n)).await?;
             }
             anyhow::Ok(())
         });
