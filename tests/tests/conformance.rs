@@ -780,6 +780,10 @@ async fn p14_to_p17_command_ids_and_trace_context() {
             "P17: {parts:?}"
         );
         assert_ne!(parts[1], trace_id, "P17: a new trace");
+        assert_eq!(
+            parts[3], "00",
+            "P17: not sampled, since no spans are exported"
+        );
         assert!(!event.headers.contains_key("tracestate"), "P17");
     }
 
