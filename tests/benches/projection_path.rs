@@ -197,7 +197,7 @@ async fn main() -> Result<()> {
         "-",
     );
     table.plain(
-        "  Redis's time per event in the apply steps: all told / in the Redis commands they call          (the rest is the Lua interpreter's)",
+        "  Redis's time per event in the apply steps (its own clock, so also while it waits for a core): all told / in the Redis commands they call (the rest is the Lua interpreter's)",
         format!(
             "{:.1} / {:.1} µs",
             script_one.total, script_one.commands
