@@ -191,6 +191,20 @@ async fn main() -> Result<()> {
         "-",
     );
     table.ratio(
+        "  the pull read through a consumer set up as a partition's (ack all, one ack per 500, max_ack_pending 1500, filtered, pinned) (raw: pull read)",
+        rate(one_run.acked_read, "events"),
+        rate(raw_read_one, "events"),
+        "-",
+    );
+    table.plain(
+        "  CPU per event in it: nats-server / reader",
+        format!(
+            "{:.1} / {:.1} µs",
+            one_run.acked_cpu[0], one_run.acked_cpu[1]
+        ),
+        "-",
+    );
+    table.ratio(
         "  the most the cores give at the catch-up's CPU per event (raw: pull read)",
         rate(ceiling_one, "events"),
         rate(raw_read_one, "events"),
@@ -318,6 +332,10 @@ struct CatchUp {
     processes: Vec<FunctionProcess>,
     /// The raw pull read of the same backlog, events/s.
     raw_read: f64,
+    /// The raw pull read through a consumer with a projection's settings, events/s.
+    acked_read: f64,
+    /// CPU per event in it, µs: nats-server, the reader.
+    acked_cpu: [f64; 2],
     /// Raw pipelined Redis writes/s.
     raw_redis: f64,
     /// The least a projection can do with the backlog, events/s (see `raw_least_projection`).
@@ -351,6 +369,16 @@ async fn catch_up(setup: &Setup, partitions: u32, instances: usize) -> Result<Ca
     let raw_read = raw_pull_read(&setup.client, &names.stream, setup.last_seq).await?;
     let (used, _) = reading.since_start()?;
     let raw_cpu = [0, 1].map(|i| micros_each(used[i], setup.last_seq));
+    let reading = CpuUse::start(&[nats_pid, std::process::id()])?;
+    let acked_read = raw_acked_pull_read(
+        &setup.client,
+        &names.stream,
+        &names.event_filter(),
+        setup.last_seq,
+    )
+    .await?;
+    let (used, _) = reading.since_start()?;
+    let acked_cpu = [0, 1].map(|i| micros_each(used[i], setup.last_seq));
     // Also empties Redis again.
     let raw_redis = raw_redis_hset(&setup.redis.url(), 1000).await?;
     let least =
@@ -388,6 +416,8 @@ async fn catch_up(setup: &Setup, partitions: u32, instances: usize) -> Result<Ca
         rate,
         processes,
         raw_read,
+        acked_read,
+        acked_cpu,
         raw_redis,
         least,
         cpu,

@@ -962,6 +962,58 @@ pub async fn raw_pull_read(
     Ok(rate)
 }
 
+/// As [`raw_pull_read`], through a consumer set up as a projection's partition sets up its own
+/// (`ack_policy: all` with one ack per 500 messages, `max_ack_pending` 1,500, filtered on
+/// `filter`, a pinned-client priority group) and nothing else: what reading with those settings
+/// costs nats-server and the reader. Returns events per second.
+pub async fn raw_acked_pull_read(
+    client: &async_nats::Client,
+    stream: &str,
+    filter: &str,
+    messages: u64,
+) -> Result<f64> {
+    const BATCH: usize = 500;
+    let (name, group) = ("bench-raw-acked-read", "bench");
+    let stream = jetstream::new(client.clone()).get_stream(stream).await?;
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(name.to_owned()),
+            ack_policy: consumer::AckPolicy::All,
+            deliver_policy: consumer::DeliverPolicy::All,
+            filter_subject: filter.to_owned(),
+            max_ack_pending: 3 * BATCH as i64,
+            priority_policy: consumer::PriorityPolicy::PinnedClient,
+            priority_groups: vec![group.to_owned()],
+            ..Default::default()
+        })
+        .await?;
+    let started = Instant::now();
+    let mut read = consumer
+        .stream()
+        .group(group)
+        .max_messages_per_batch(BATCH)
+        .messages()
+        .await?;
+    let mut n = 0;
+    while n < messages {
+        let message = read
+            .try_next()
+            .await?
+            .context("the pull consumer ended early")?;
+        n += 1;
+        if n % BATCH as u64 == 0 || n == messages {
+            message
+                .ack()
+                .await
+                .map_err(|e| anyhow::anyhow!("acknowledging a raw read: {e}"))?;
+        }
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    drop(read);
+    stream.delete_consumer(name).await?;
+    Ok(rate)
+}
+
 /// A durable pull consumer `name` on `stream` that reads it all without acks (the raw reads'
 /// consumer; delete it with `stream.delete_consumer(name)` when done).
 async fn raw_consumer(
