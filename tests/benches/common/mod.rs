@@ -944,22 +944,37 @@ pub async fn raw_pull_read(
     let name = "bench-raw-read";
     let (stream, consumer) = raw_consumer(client, stream, name).await?;
     let started = Instant::now();
-    let mut read = consumer
+    let read = consumer
         .stream()
         .max_messages_per_batch(500)
         .messages()
         .await?;
-    let mut n = 0;
-    while n < messages {
-        read.try_next()
-            .await?
-            .context("the pull consumer ended early")?;
-        n += 1;
-    }
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    drop(read);
+    let rate = timed_read(read, started, messages, None).await?;
     stream.delete_consumer(name).await?;
     Ok(rate)
+}
+
+/// Takes `messages` messages from `read`, acknowledging every `ack_every`th and the last (an
+/// `all` ack covers those before it); returns messages per second since `started`.
+async fn timed_read(
+    mut read: consumer::pull::Stream,
+    started: Instant,
+    messages: u64,
+    ack_every: Option<u64>,
+) -> Result<f64> {
+    for n in 1..=messages {
+        let message = read
+            .try_next()
+            .await?
+            .context("the pull consumer ended early")?;
+        if ack_every.is_some_and(|every| n % every == 0 || n == messages) {
+            message
+                .ack()
+                .await
+                .map_err(|e| anyhow::anyhow!("acknowledging a raw read: {e}"))?;
+        }
+    }
+    Ok(messages as f64 / started.elapsed().as_secs_f64())
 }
 
 /// As [`raw_pull_read`], through a consumer set up as a projection's partition sets up its own
@@ -988,28 +1003,13 @@ pub async fn raw_acked_pull_read(
         })
         .await?;
     let started = Instant::now();
-    let mut read = consumer
+    let read = consumer
         .stream()
         .group(group)
         .max_messages_per_batch(BATCH)
         .messages()
         .await?;
-    let mut n = 0;
-    while n < messages {
-        let message = read
-            .try_next()
-            .await?
-            .context("the pull consumer ended early")?;
-        n += 1;
-        if n % BATCH as u64 == 0 || n == messages {
-            message
-                .ack()
-                .await
-                .map_err(|e| anyhow::anyhow!("acknowledging a raw read: {e}"))?;
-        }
-    }
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    drop(read);
+    let rate = timed_read(read, started, messages, Some(BATCH as u64)).await?;
     stream.delete_consumer(name).await?;
     Ok(rate)
 }
