@@ -301,7 +301,8 @@ pub enum FeedOrder {
 
 /// Checks the change feed of read-model version `generation` against the account stream: every
 /// stream sequence has exactly one entry (the stream holds only account events, each of which
-/// writes, and denies deletes, so its sequences have no gaps), each entry names its account, each
+/// writes, and denies deletes, so its sequences have no gaps), except the oldest ones once the
+/// feed holds its configured length (those it trimmed), each entry names its account, each
 /// account's entries are in stream order and, with [`FeedOrder::Stream`], so is the whole feed.
 /// The error names what is missing, repeated, extra or out of order.
 pub async fn check_change_feed(
@@ -361,11 +362,16 @@ pub async fn check_change_feed(
         .filter(|(_, n)| **n > 1)
         .map(|(seq, _)| *seq)
         .collect();
-    let missing: Vec<u64> = events
-        .iter()
-        .copied()
-        .filter(|seq| !counts.contains_key(seq))
-        .collect();
+    let missing = not_trimmed(
+        events
+            .iter()
+            .copied()
+            .filter(|seq| !counts.contains_key(seq))
+            .collect(),
+        feed.len(),
+        counts.keys().next().copied(),
+        jetfn::Config::default().projection.change_feed_len,
+    );
     let extra: Vec<u64> = counts
         .keys()
         .copied()
@@ -401,6 +407,15 @@ pub async fn check_change_feed(
         account_disorder.len(),
         account_disorder.iter().take(10).collect::<Vec<_>>()
     )
+}
+
+/// The events `missing` from a change feed of `held` entries, the oldest at `oldest`, that it did
+/// not trim. The feed keeps about its last `kept` entries (`XTRIM MAXLEN ~`, which never trims
+/// below that): once it holds that many, the events older than all of them were trimmed, not
+/// lost. A hole anywhere else is lost.
+fn not_trimmed(missing: Vec<u64>, held: usize, oldest: Option<u64>, kept: u64) -> Vec<u64> {
+    let trimmed = held as u64 >= kept && oldest.is_some_and(|o| missing.iter().all(|m| *m < o));
+    if trimmed { Vec::new() } else { missing }
 }
 
 /// Checks version `generation` of the read model against the stream: its change feed with
@@ -441,4 +456,23 @@ pub async fn only_acl_user(redis: &RedisServer, user: &str, password: &str) -> R
         .query_async(&mut connection)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::not_trimmed;
+
+    #[test]
+    fn a_full_feed_may_lack_only_the_oldest_events() {
+        // Trimmed: the feed is full and lacks only what precedes all it holds.
+        assert_eq!(
+            not_trimmed(vec![1, 2, 3], 100, Some(4), 100),
+            Vec::<u64>::new()
+        );
+        // A hole after the oldest entry is lost, full feed or not.
+        assert_eq!(not_trimmed(vec![1, 7], 100, Some(4), 100), vec![1, 7]);
+        // A feed shorter than its length was never trimmed: what it lacks is lost.
+        assert_eq!(not_trimmed(vec![1, 2], 99, Some(3), 100), vec![1, 2]);
+        assert_eq!(not_trimmed(vec![1], 0, None, 100), vec![1]);
+    }
 }
