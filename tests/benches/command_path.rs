@@ -148,23 +148,20 @@ async fn raw_limits(bench: &Bench) -> Result<Raw> {
             rates[k].push(rate);
         }
     }
-    let [plain, headed] = rates;
-    let [plain_cpu, headed_cpu] = cpu;
+    let [plain, headed] = rates.map(median);
+    let append_cpu = cpu.map(median);
     eprintln!(
-        "  OCC appends over 512 subjects: {:.0}/s plain, {:.0}/s with the event headers; \
-         nats-server {:.1} / {:.1} µs each",
-        median(plain.clone()),
-        median(headed.clone()),
-        median(plain_cpu.clone()),
-        median(headed_cpu.clone())
+        "  OCC appends over 512 subjects: {plain:.0}/s plain, {headed:.0}/s with the event \
+         headers; nats-server {:.1} / {:.1} µs each",
+        append_cpu[0], append_cpu[1]
     );
     Ok(Raw {
         request_reply,
         append,
         direct_get,
-        concurrent_appends: median(plain),
-        headed_appends: median(headed),
-        append_cpu: [median(plain_cpu), median(headed_cpu)],
+        concurrent_appends: plain,
+        headed_appends: headed,
+        append_cpu,
     })
 }
 
@@ -259,19 +256,17 @@ async fn deposit_rate(
         |k: usize| (cpu_after[k] - cpu_before[k]).as_secs_f64() * 1e6 / commands as f64;
     let ledger = ledger_counts(bench, functions.len()).await?;
     let (reads, requests) = (ledger.0 - ledger_before.0, ledger.1 - ledger_before.1);
-    eprintln!(
-        "  {label}: CPU per command: function {:.0} µs, nats-server {:.0} µs, bench client \
-         {:.0} µs; {reads} ledger reads in {requests} requests ({:.1} each)",
-        per_command(0),
-        per_command(1),
-        per_command(2),
-        reads as f64 / requests.max(1) as f64
-    );
-    Ok(Rated {
+    let rated = Rated {
         rate,
         cpu: [0, 1, 2].map(per_command),
         reads_per_request: reads as f64 / requests.max(1) as f64,
-    })
+    };
+    eprintln!(
+        "  {label}: CPU per command: function {:.0} µs, nats-server {:.0} µs, bench client \
+         {:.0} µs; {reads} ledger reads in {requests} requests ({:.1} each)",
+        rated.cpu[0], rated.cpu[1], rated.cpu[2], rated.reads_per_request
+    );
+    Ok(rated)
 }
 
 /// A deposit run: commands/s, CPU per command (µs: the functions, nats-server, the bench
