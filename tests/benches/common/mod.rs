@@ -989,19 +989,20 @@ pub async fn raw_acked_pull_read(
 ) -> Result<f64> {
     const BATCH: usize = 500;
     let (name, group) = ("bench-raw-acked-read", "bench");
-    let stream = jetstream::new(client.clone()).get_stream(stream).await?;
-    let consumer = stream
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some(name.to_owned()),
+    let (stream, consumer) = raw_consumer_with(
+        client,
+        stream,
+        name,
+        consumer::pull::Config {
             ack_policy: consumer::AckPolicy::All,
-            deliver_policy: consumer::DeliverPolicy::All,
             filter_subject: filter.to_owned(),
             max_ack_pending: 3 * BATCH as i64,
             priority_policy: consumer::PriorityPolicy::PinnedClient,
             priority_groups: vec![group.to_owned()],
             ..Default::default()
-        })
-        .await?;
+        },
+    )
+    .await?;
     let started = Instant::now();
     let read = consumer
         .stream()
@@ -1021,13 +1022,26 @@ async fn raw_consumer(
     stream: &str,
     name: &str,
 ) -> Result<(jetstream::stream::Stream, consumer::PullConsumer)> {
+    let no_acks = consumer::pull::Config {
+        ack_policy: consumer::AckPolicy::None,
+        ..Default::default()
+    };
+    raw_consumer_with(client, stream, name, no_acks).await
+}
+
+/// A durable pull consumer `name` on `stream` with `config`, reading from the first message.
+async fn raw_consumer_with(
+    client: &async_nats::Client,
+    stream: &str,
+    name: &str,
+    config: consumer::pull::Config,
+) -> Result<(jetstream::stream::Stream, consumer::PullConsumer)> {
     let stream = jetstream::new(client.clone()).get_stream(stream).await?;
     let consumer = stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some(name.to_owned()),
-            ack_policy: consumer::AckPolicy::None,
             deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
+            ..config
         })
         .await?;
     Ok((stream, consumer))
